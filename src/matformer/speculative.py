@@ -1,0 +1,314 @@
+"""Self-speculative decoding: a nested submodel drafts, a larger one of the same weights verifies.
+
+Each round the drafter proposes ``k`` tokens one at a time, the target scores all of them in a
+single forward over ``k + 1`` positions, and the longest acceptable prefix is kept plus one
+token from the target (a correction or a bonus), so every round costs one target forward and
+emits between 1 and ``k + 1`` tokens (PAPER.md sec. 5; Leviathan et al. 2023).
+
+Three ways to hold the drafter's keys and values:
+
+* ``two-cache``: drafter and target are submodels of one model, each with its own KVCache;
+* ``shared-cache``: one KVCache for both. The drafter writes its K/V for the draft positions and
+  the target, verifying those positions, overwrites them with its own, so after every round the
+  cache holds exactly what the target alone would have written, and the drafter reads the
+  target's K/V for the whole context (one cache of memory, no extra compute);
+* ``external``: a separately trained model drafts with its own cache (the baseline).
+
+Greedy (``temperature=0``) keeps the target's greedy output token for token. Stochastic decoding
+uses rejection sampling (:func:`accept_reject`), which provably samples from the target's
+(temperature / top-k / top-p) distribution. Caches are indexed by position, so rejected draft
+tokens are rolled back for free. One sequence at a time (B = 1), like gpt-fast.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .cache import KVCache
+from .generate import HeadSpec, _check_sampling, logits_to_probs
+from .model import MatFormerLM, WidthSpec
+
+log = logging.getLogger(__name__)
+
+MODES = ("two-cache", "shared-cache", "external")
+
+
+@dataclass
+class SpecStats:
+    """What one speculative generation did; counts include the prefill."""
+
+    mode: str = "two-cache"
+    new_tokens: int = 0
+    rounds: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    target_forwards: int = 0
+    draft_forwards: int = 0
+    seconds: float = 0.0
+    draft_lens: list[int] = field(default_factory=list)
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Fraction of drafted tokens the target accepted."""
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def tokens_per_target_forward(self) -> float:
+        """New tokens per target forward; plain decoding gets exactly 1.0."""
+        return self.new_tokens / self.target_forwards if self.target_forwards else 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out.pop("draft_lens")
+        out.update(acceptance_rate=self.acceptance_rate, tokens_per_second=self.tokens_per_second,
+                   tokens_per_target_forward=self.tokens_per_target_forward,
+                   mean_draft_len=(sum(self.draft_lens) / len(self.draft_lens)
+                                   if self.draft_lens else 0.0))
+        return out
+
+
+def greedy_accept(draft_tokens: Tensor, target_logits: Tensor) -> Tensor:
+    """Keep draft tokens while they equal the target's argmax; then the target's own token.
+
+    Args:
+        draft_tokens: (k,) proposed ids.
+        target_logits: (k + 1, vocab): the target's logits after each prefix.
+
+    Returns:
+        The 1..k+1 emitted ids (accepted drafts, then the target's correction or bonus).
+    """
+    best = target_logits.argmax(-1)  # (k + 1,)
+    k = draft_tokens.shape[0]
+    miss = (best[:k] != draft_tokens).nonzero()
+    n = int(miss[0, 0]) if len(miss) else k
+    return best[: n + 1]  # best[:n] == draft_tokens[:n]
+
+
+def accept_reject(draft_tokens: Tensor, draft_probs: Tensor, target_probs: Tensor,
+                  generator: torch.Generator | None = None) -> Tensor:
+    """Speculative rejection sampling: the emitted tokens are distributed as the target's.
+
+    Draft token ``d_i ~ p_i`` is accepted with probability ``min(1, q_i(d_i) / p_i(d_i))``; at the
+    first rejection a token is drawn from the residual ``max(q_i - p_i, 0)`` (normalised) and the
+    round ends; if all ``k`` are accepted a bonus token is drawn from ``q_k``.
+
+    Args:
+        draft_tokens: (k,) ids drawn from ``draft_probs``.
+        draft_probs: (k, vocab) drafter distributions ``p_1..p_k``.
+        target_probs: (k + 1, vocab) target distributions ``q_1..q_{k+1}`` at the same prefixes.
+        generator: Random source.
+
+    Returns:
+        The 1..k+1 emitted ids.
+    """
+    k = draft_tokens.shape[0]
+    rows = torch.arange(k, device=draft_tokens.device)
+    q = target_probs[rows, draft_tokens]
+    p = draft_probs[rows, draft_tokens]
+    u = torch.rand(k, generator=generator, device=draft_tokens.device)
+    rejected = (u * p >= q).nonzero()  # accept iff u < q / p  (p > 0: d was drawn from p)
+    if not len(rejected):
+        extra = torch.multinomial(target_probs[k], 1, generator=generator)
+        return torch.cat([draft_tokens, extra])
+    n = int(rejected[0, 0])
+    residual = (target_probs[n] - draft_probs[n]).clamp_min(0)
+    if float(residual.sum()) <= 0:  # q == p: a rejection then has probability 0; be safe anyway
+        residual = target_probs[n]
+    extra = torch.multinomial(residual / residual.sum(), 1, generator=generator)
+    return torch.cat([draft_tokens[:n], extra])
+
+
+def _heads(model: MatFormerLM, widths: WidthSpec, heads: HeadSpec) -> tuple[int, ...] | None:
+    """Head counts; a granularity name given as widths also picks its heads when nested."""
+    if heads is None and isinstance(widths, str) and model.config.nest_heads:
+        heads = widths
+    return model.resolve_heads(heads)
+
+
+def _check_draft(model: MatFormerLM, draft: tuple[int, ...], target: tuple[int, ...],
+                 draft_heads: tuple[int, ...] | None, target_heads: tuple[int, ...] | None
+                 ) -> None:
+    full = model.config.n_head
+    dh = draft_heads or (full,) * len(draft)
+    th = target_heads or (full,) * len(target)
+    if any(d > t for d, t in zip(draft, target, strict=True)) or any(
+            d > t for d, t in zip(dh, th, strict=True)):
+        raise ValueError(f"the draft submodel (widths {draft}, heads {dh}) must be nested in the "
+                         f"target (widths {target}, heads {th}): no layer may be wider")
+    if draft == target and dh == th:
+        raise ValueError(f"draft and target are the same submodel (widths {draft}); "
+                         "drafting with the target itself cannot speed anything up")
+
+
+@torch.no_grad()
+def speculative_stream(
+    model: MatFormerLM, prompt: Tensor, max_new_tokens: int, *,
+    draft: WidthSpec = None, target: WidthSpec = None, draft_heads: HeadSpec = None,
+    target_heads: HeadSpec = None, draft_model: MatFormerLM | None = None,
+    shared_cache: bool = False, draft_len: int = 4, adaptive: bool = False,
+    max_draft_len: int = 16, temperature: float = 0.0, top_k: int | None = None,
+    top_p: float | None = None, eos_id: int | None = None,
+    generator: torch.Generator | None = None, stats: SpecStats | None = None,
+    cache: KVCache | None = None,
+) -> Iterator[Tensor]:
+    """Speculative decoding of one sequence; yields each round's emitted ids (1-D) as they come.
+
+    Args:
+        model: The target's weights (and the drafter's, unless ``draft_model`` is given).
+        prompt: (1, T) or (T,) ids.
+        max_new_tokens: Tokens to generate (fewer if ``eos_id`` appears).
+        draft: Drafter widths; default: ``model``'s smallest granularity, or the full
+            ``draft_model``. ``draft_heads`` likewise for nested heads.
+        target: Target widths; default: the full model. ``target_heads`` likewise.
+        draft_model: A separately trained drafter (same vocabulary) with its own cache.
+        shared_cache: One cache for drafter and target (nested drafter only).
+        draft_len: Tokens drafted per round (the starting value when ``adaptive``).
+        adaptive: Grow the draft by 2 after a fully accepted round, shrink it by 1 otherwise
+            (Hugging Face's assisted-generation rule), within 1..``max_draft_len``.
+        temperature, top_k, top_p, generator: The target distribution to sample from;
+            ``temperature=0`` is greedy.
+        eos_id: Stop after emitting it.
+        stats: Filled in as decoding goes (counts, acceptance, seconds).
+        cache: The target's cache (made here when None); with ``shared_cache`` the drafter's too.
+    """
+    _check_sampling(temperature, top_k, top_p)
+    if draft_len < 1 or max_draft_len < draft_len:
+        raise ValueError(f"need 1 <= draft_len ({draft_len}) <= max_draft_len ({max_draft_len})")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
+    ids = prompt.reshape(-1) if prompt.dim() == 1 or prompt.shape[0] == 1 else None
+    if ids is None or ids.numel() == 0:
+        raise ValueError(f"speculative decoding takes one non-empty prompt, got shape "
+                         f"{tuple(prompt.shape)}")
+    T, ctx = ids.numel(), model.config.max_seq_len
+    if T + max_new_tokens - 1 > ctx:
+        raise ValueError(f"prompt ({T} tokens) + max_new_tokens ({max_new_tokens}) - 1 exceeds "
+                         f"the context max_seq_len={ctx}")
+    tw, th = model.resolve_widths(target), _heads(model, target, target_heads)
+    if draft_model is None:
+        drafter = model
+        draft = model.config.names[0] if draft is None else draft
+        dw, dh = model.resolve_widths(draft), _heads(model, draft, draft_heads)
+        _check_draft(model, dw, tw, dh, th)
+        mode = "shared-cache" if shared_cache else "two-cache"
+    else:
+        if shared_cache:
+            raise ValueError("a separately trained drafter cannot share the target's cache")
+        if draft_model.config.vocab_size != model.config.vocab_size:
+            raise ValueError(f"drafter vocabulary ({draft_model.config.vocab_size}) differs from "
+                             f"the target's ({model.config.vocab_size})")
+        if T + max_new_tokens - 1 > draft_model.config.max_seq_len:
+            raise ValueError("prompt + max_new_tokens exceed the drafter's context")
+        drafter, mode = draft_model, "external"
+        dw, dh = drafter.resolve_widths(draft), _heads(drafter, draft, draft_heads)
+    stats = SpecStats() if stats is None else stats
+    stats.mode = mode
+    if max_new_tokens == 0:
+        return
+    model.eval()
+    drafter.eval()
+    n_slots = T + max_new_tokens - 1
+    tcache = KVCache.for_model(model, 1, max(n_slots, T)) if cache is None else cache
+    dcache = tcache if shared_cache else KVCache.for_model(drafter, 1, max(n_slots, T))
+    greedy = temperature == 0
+
+    def probs(logits: Tensor) -> Tensor:
+        return logits_to_probs(logits, temperature=temperature, top_k=top_k, top_p=top_p)
+
+    generated = 0  # local count: a caller's ``stats`` may already hold earlier calls' counts
+
+    def emit(tokens: Tensor) -> Tensor:
+        nonlocal generated
+        if eos_id is not None and bool((tokens == eos_id).any()):
+            tokens = tokens[: int((tokens == eos_id).nonzero()[0, 0]) + 1]
+        stats.new_tokens += tokens.numel()
+        generated += tokens.numel()
+        return tokens
+
+    t0, seconds0 = time.perf_counter(), stats.seconds
+    out = torch.empty(T + max_new_tokens, dtype=torch.long, device=tcache.k.device)
+    out[:T] = ids
+    logits = model(out[None, :T], widths=tw, heads=th, cache=tcache)[0, -1]  # prefill
+    stats.target_forwards += 1
+    first = logits.argmax(-1, keepdim=True) if greedy else torch.multinomial(
+        probs(logits), 1, generator=generator)
+    n = T + 1  # tokens in `out`; the last one is not in any cache yet
+    out[T] = first[0]
+    draft_valid = T if shared_cache else 0  # drafter cache slots that hold the current sequence
+    tokens = emit(first)
+    stats.seconds = seconds0 + time.perf_counter() - t0
+    yield tokens
+    k = draft_len
+    while generated < max_new_tokens and not (eos_id is not None and int(tokens[-1]) == eos_id):
+        k_now = min(k, max_new_tokens - generated - 1)
+        pos = n - 1  # slot of the newest token
+        draft_probs = []
+        for i in range(k_now):  # draft: feed everything the drafter's cache lacks
+            dl = drafter(out[None, draft_valid: n + i], widths=dw, heads=dh, cache=dcache,
+                         start_pos=draft_valid)[0, -1]
+            draft_valid = n + i
+            if greedy:
+                out[n + i] = dl.argmax()
+            else:
+                p = probs(dl)
+                out[n + i] = torch.multinomial(p, 1, generator=generator)[0]
+                draft_probs.append(p)
+        stats.draft_forwards += k_now
+        # Verify all drafts in one target forward over slots pos .. pos + k_now (in a shared
+        # cache this overwrites the drafter's K/V of those slots with the target's).
+        tl = model(out[None, pos: n + k_now], widths=tw, heads=th, cache=tcache,
+                   start_pos=pos)[0]
+        stats.target_forwards += 1
+        drafts = out[n: n + k_now]
+        if greedy:
+            accepted = greedy_accept(drafts, tl)
+        else:
+            dp = torch.stack(draft_probs) if draft_probs else tl.new_zeros(0, tl.shape[-1])
+            accepted = accept_reject(drafts, dp, probs(tl), generator)
+        a = accepted.numel() - 1  # drafts kept
+        out[n: n + a + 1] = accepted
+        n += a + 1
+        # Slots < n - 1 now hold the accepted sequence: the target's, and the drafter's too up
+        # to where it drafted. Anything later is stale and will be overwritten before it is read.
+        draft_valid = n - 1 if shared_cache else min(draft_valid, n - 1)
+        stats.rounds += 1
+        stats.drafted += k_now
+        stats.accepted += a
+        stats.draft_lens.append(k_now)
+        if adaptive:
+            k = min(k + 2, max_draft_len) if a == k_now else max(1, k - 1)
+        tokens = emit(accepted)
+        stats.seconds = seconds0 + time.perf_counter() - t0
+        yield tokens
+
+
+def speculative_generate(model: MatFormerLM, prompt: Tensor, max_new_tokens: int,
+                         on_tokens: Callable[[Tensor], None] | None = None,
+                         **kwargs: Any) -> tuple[Tensor, SpecStats]:
+    """Run :func:`speculative_stream` to the end.
+
+    Returns:
+        ``(ids (1, T + n), stats)``: the prompt and the new tokens, and what decoding cost.
+        ``on_tokens`` is called with each round's tokens (streaming).
+    """
+    stats = kwargs.pop("stats", None) or SpecStats()
+    pieces = [prompt.reshape(1, -1)]
+    for tokens in speculative_stream(model, prompt, max_new_tokens, stats=stats, **kwargs):
+        if on_tokens is not None:
+            on_tokens(tokens)
+        pieces.append(tokens[None].to(pieces[0].device))
+    log.info("speculative %s: %d tokens in %d rounds, acceptance %.2f, %.2f tokens per target "
+             "forward, %.1f tokens/s", stats.mode, stats.new_tokens, stats.rounds,
+             stats.acceptance_rate, stats.tokens_per_target_forward, stats.tokens_per_second)
+    return torch.cat(pieces, 1), stats

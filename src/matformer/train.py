@@ -1,0 +1,364 @@
+"""Training loop for nested LMs: ``sample``, ``joint`` and ``baseline`` modes.
+
+- ``sample`` (the paper's recipe, PAPER.md sec. 2): each optimizer step draws one granularity i
+  with probability p_i and trains on its loss. The draw depends only on (seed, step), so it is
+  the same on every rank and after a resume, and it is fixed across gradient-accumulation
+  micro-batches of the step.
+- ``joint``: every step runs all granularities on the same batch and minimises the weighted
+  mean of their losses (weights normalised to sum to 1; Adam is insensitive to the scale).
+- ``baseline``: an ordinary dense Transformer at one width. It is the same model class with a
+  single granularity, trained by the same loop: the independently trained counterpart the
+  paper compares with.
+
+Everything a step needs (batch, granularity, learning rate) is a function of the step number
+and the seed, so a run resumed from a checkpoint ends with bit-identical weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from . import checkpoint as ckpt
+from . import distributed as dist
+from .config import ModelConfig
+from .data import TokenDataset
+from .metrics import autocast, evaluate_granularities
+from .model import MatFormerLM, lm_loss
+from .tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+MODES = ("sample", "joint", "baseline")
+METRICS, TRAIN_CONFIG = "metrics.jsonl", "train_config.json"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to train. Token budget = steps x batch_size x seq_len.
+
+    Attributes:
+        mode: ``sample`` | ``joint`` | ``baseline`` (see module docstring).
+        data: Corpus spec (an embedded corpus name or a path/glob), recorded for eval/resume.
+        val_fraction: Tail fraction of every document held out for validation.
+        steps: Optimizer steps.
+        batch_size: Sequences per optimizer step (global, over all ranks and micro-batches).
+        grad_accum: Micro-batches per step; ``batch_size`` must divide evenly.
+        seq_len: Context length of training windows; None uses the model's ``max_seq_len``.
+        lr: Peak learning rate (AdamW), reached after ``warmup_steps`` linear warm-up.
+        min_lr_ratio: Cosine decay ends at ``lr * min_lr_ratio``.
+        weight_decay: Applied to matrices and embeddings, not to norms.
+        grad_clip: Max global gradient norm (0 disables clipping).
+        probs: Sampling probabilities per granularity (``sample`` mode); None is uniform.
+        loss_weights: Per-granularity loss weights (``joint`` mode); None is equal.
+        eval_interval / eval_batches: Validation of every granularity every N steps, on the first
+            ``eval_batches`` validation batches.
+        ckpt_interval / keep_checkpoints: Checkpoint every N steps, keeping the newest K.
+        seed: Seeds init, batches and granularity draws.
+        precision: ``bf16`` (autocast, ~2x faster on CPUs with AMX) or ``fp32``.
+        parallel: ``ddp``, ``fsdp`` or ``none``: data parallelism under torchrun.
+    """
+
+    mode: str = "sample"
+    data: str = "shakespeare"
+    val_fraction: float = 0.1
+    steps: int = 1000
+    batch_size: int = 16
+    grad_accum: int = 1
+    seq_len: int | None = None
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0
+    probs: tuple[float, ...] | None = None
+    loss_weights: tuple[float, ...] | None = None
+    eval_interval: int = 100
+    eval_batches: int = 20
+    ckpt_interval: int = 100
+    keep_checkpoints: int = 2
+    seed: int = 0
+    precision: str = "bf16"
+    parallel: str = "ddp"
+
+    def __post_init__(self) -> None:
+        for name in ("probs", "loss_weights", "betas"):
+            v = getattr(self, name)
+            if v is not None:
+                object.__setattr__(self, name, tuple(float(x) for x in v))
+        if self.parallel not in dist.PARALLEL:
+            raise ValueError(f"TrainConfig.parallel={self.parallel!r}: choose one of "
+                             f"{dist.PARALLEL}")
+        if self.mode not in MODES:
+            raise ValueError(f"TrainConfig.mode={self.mode!r}: choose one of {MODES}")
+        for name in ("steps", "batch_size", "grad_accum", "eval_interval", "eval_batches",
+                     "ckpt_interval"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TrainConfig.{name}={getattr(self, name)} must be >= 1")
+        if self.batch_size % self.grad_accum:
+            raise ValueError(f"TrainConfig.batch_size={self.batch_size} must be divisible by "
+                             f"grad_accum={self.grad_accum}")
+        if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1 or self.warmup_steps < 0:
+            raise ValueError("TrainConfig: need lr > 0, 0 <= min_lr_ratio <= 1, warmup_steps >= 0")
+        for name in ("probs", "loss_weights"):
+            v = getattr(self, name)
+            if v is not None and (any(p < 0 for p in v) or sum(v) <= 0):
+                raise ValueError(f"TrainConfig.{name}={v}: need non-negative values, sum > 0")
+        if self.precision not in ("bf16", "fp32"):
+            raise ValueError(f"TrainConfig.precision={self.precision!r}: choose 'bf16' or 'fp32'")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        return cls(**data)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up to ``lr``, then cosine decay to ``lr * min_lr_ratio`` at the last step."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
+
+
+def _normalised(values: tuple[float, ...] | None, g: int, what: str) -> list[float]:
+    if values is None:
+        return [1.0 / g] * g
+    if len(values) != g:
+        raise ValueError(f"{what} has {len(values)} values; the model has {g} granularities")
+    total = sum(values)
+    return [v / total for v in values]
+
+
+def granularities_for_step(step: int, cfg: TrainConfig, names: tuple[str, ...]
+                           ) -> list[tuple[str, float]]:
+    """(granularity, loss weight) pairs trained at ``step``; a pure function of (seed, step)."""
+    if cfg.mode == "joint":
+        return list(zip(names, _normalised(cfg.loss_weights, len(names), "loss_weights"),
+                        strict=True))
+    probs = torch.tensor(_normalised(cfg.probs, len(names), "probs"))
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+    return [(names[int(torch.multinomial(probs, 1, generator=gen))], 1.0)]
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices and embeddings only (not on norm gains)."""
+    decay, no_decay = [], []
+    for p in {id(p): p for p in model.parameters() if p.requires_grad}.values():
+        (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
+
+
+class LMTask:
+    """Next-token prediction on a token dataset: what a Trainer needs to know about the data.
+
+    A task supplies batches (a pure function of seed, step and rank), the loss of a submodel on
+    a batch, validation of every granularity, and the assets saved beside the weights. The
+    vision encoder brings its own task; the loop is shared.
+    """
+
+    def __init__(self, data: TokenDataset, tokenizer: Tokenizer, seq_len: int) -> None:
+        data.check_context(seq_len)
+        self.data, self.tokenizer, self.seq_len = data, tokenizer, seq_len
+
+    def check(self, model_cfg: ModelConfig) -> None:
+        """Fail early when the data does not fit the model."""
+        if self.seq_len > model_cfg.max_seq_len:
+            raise ValueError(f"seq_len={self.seq_len} exceeds the model's max_seq_len="
+                             f"{model_cfg.max_seq_len}")
+        top = max(int(self.data.train.max()), int(self.data.val.max()))
+        if top >= model_cfg.vocab_size:
+            raise ValueError(f"the data holds token id {top} but the model's vocab_size is "
+                             f"{model_cfg.vocab_size}")
+
+    @property
+    def tokens_per_sample(self) -> int:
+        return self.seq_len
+
+    def batch(self, step: int, batch_size: int, seed: int, rank: int, world_size: int
+              ) -> tuple[Tensor, Tensor]:
+        return self.data.train_batch(step, batch_size, self.seq_len, seed, rank=rank,
+                                     world_size=world_size)
+
+    def loss(self, model: nn.Module, x: Tensor, y: Tensor, name: str, heads: str | None
+             ) -> Tensor:
+        return lm_loss(model(x, widths=name, heads=heads), y)
+
+    def evaluate(self, model: MatFormerLM, cfg: TrainConfig) -> dict[str, float]:
+        batches = self.data.val_batches(cfg.batch_size, self.seq_len, cfg.eval_batches)
+        return evaluate_granularities(model, batches, precision=cfg.precision)
+
+
+class Trainer:
+    """Owns a model, its optimizer and a run directory; ``fit()`` trains to ``cfg.steps``.
+
+    Args:
+        model: The model, already wrapped for data parallelism if ``env`` is distributed
+            (``distributed.wrap``); its unwrapped module carries ``config``.
+        task: Batches, loss and evaluation (``LMTask`` for language models).
+        cfg: Training configuration.
+        run_dir: Where checkpoints, ``metrics.jsonl`` and ``train_config.json`` go.
+        env: This process's rank and device (default: one process on the model's device).
+        progress: Show a progress bar (rank 0 only).
+        on_step: Optional callback ``(step, record)`` after every optimizer step.
+    """
+
+    def __init__(self, model: nn.Module, task: LMTask, cfg: TrainConfig, run_dir: str | Path,
+                 *, env: dist.DistEnv | None = None, progress: bool = True,
+                 on_step: Callable[[int, dict], None] | None = None) -> None:
+        self.model, self.raw = model, dist.unwrap(model)
+        self.task, self.cfg = task, cfg
+        self.run_dir = Path(run_dir)
+        mcfg = self.raw.config
+        task.check(mcfg)
+        self.env = env or dist.DistEnv(device=next(self.raw.parameters()).device)
+        if cfg.batch_size % (self.env.world_size * cfg.grad_accum):
+            raise ValueError(f"batch_size={cfg.batch_size} must be divisible by world size "
+                             f"{self.env.world_size} x grad_accum={cfg.grad_accum}")
+        self.names = mcfg.names
+        _normalised(cfg.probs, len(self.names), "probs")  # fail now, not at step 0
+        _normalised(cfg.loss_weights, len(self.names), "loss_weights")
+        self.optimizer = make_optimizer(self.model, cfg)
+        self.step = 0
+        self.progress, self.on_step = progress, on_step
+
+    # ----------------------------------------------------------------- state
+    def save(self) -> None:
+        """Checkpoint weights and optimizer, consolidated (a collective: every rank calls it)."""
+        optim = dist.full_optimizer_state(self.model, self.optimizer)
+        weights = dist.full_model_state(self.model) if self.env.distributed else None
+        if not self.env.is_main:
+            return
+        model = self.raw
+        if weights is not None:  # sharded or replicated: save a plain CPU copy
+            model = type(self.raw)(self.raw.config)
+            model.load_state_dict(weights)
+        state = {"step": self.step, "optimizer": optim,
+                 "train_config": json.dumps(self.cfg.to_dict())}
+        meta = {"data": self.cfg.data, "val_fraction": self.cfg.val_fraction,
+                "seq_len": self.task.tokens_per_sample, "step": self.step}
+        ckpt.save_run_checkpoint(self.run_dir, self.step, model, self.task.tokenizer, state,
+                                 keep=self.cfg.keep_checkpoints, metadata=meta)
+
+    def resume(self) -> None:
+        """Load the latest checkpoint of ``run_dir``; works on any number of ranks."""
+        path = ckpt.resolve(self.run_dir)
+        model, _ = ckpt.load_checkpoint(path)
+        if model.config != self.raw.config:
+            raise ckpt.CheckpointError(f"{path} holds a different model config than this run")
+        dist.load_full_model_state(self.model, model.state_dict())
+        state = ckpt.load_train_state(path)
+        dist.load_full_optimizer_state(self.model, self.optimizer, state["optimizer"])
+        self.step = int(state["step"])
+        if self.env.is_main:
+            self._truncate_metrics(self.step)
+        log.info("resumed %s at step %d", path, self.step)
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Drop records logged after ``step`` (they will be produced again)."""
+        f = self.run_dir / METRICS
+        if not f.exists():
+            return
+        kept = []
+        for line in f.read_text().splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    kept.append(line)
+            except json.JSONDecodeError:  # a line torn by a kill mid-write
+                continue
+        f.write_text("".join(line + "\n" for line in kept))
+
+    def _log(self, record: dict[str, Any]) -> None:
+        if self.env.is_main:
+            with (self.run_dir / METRICS).open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    # ----------------------------------------------------------------- the loop
+    def train_step(self) -> dict[str, Any]:
+        """One optimizer step; returns the losses (averaged over ranks) per granularity."""
+        cfg, step, env = self.cfg, self.step, self.env
+        lr = lr_at(step, cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        x, y = self.task.batch(step, cfg.batch_size, cfg.seed, env.rank, env.world_size)
+        plan = granularities_for_step(step, cfg, self.names)
+        micro = cfg.grad_accum
+        losses = {name: 0.0 for name, _ in plan}
+        n_backward, k = micro * len(plan), 0
+        heads = self.raw.config.nest_heads
+        for xm, ym in zip(x.chunk(micro), y.chunk(micro), strict=True):
+            xm, ym = xm.to(env.device), ym.to(env.device)
+            for name, weight in plan:
+                k += 1
+                # Gradients are synchronised across ranks once, on the last backward of the step.
+                with dist.gradient_sync(self.model, enabled=k == n_backward):
+                    with autocast(cfg.precision, env.device):
+                        loss = self.task.loss(self.model, xm, ym, name, name if heads else None)
+                    (loss * weight / micro).backward()
+                losses[name] += loss.item() / micro
+        norm = None
+        if cfg.grad_clip > 0:
+            norm = nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+            norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return {"step": self.step, "lr": lr, "loss": dist.mean_across_ranks(losses, env),
+                "grad_norm": norm}
+
+    def evaluate(self) -> dict[str, float]:
+        """Validation loss of every granularity (every rank runs it: FSDP needs them all)."""
+        result = self.task.evaluate(self.raw, self.cfg)
+        dist.reshard(self.model)
+        return result
+
+    def fit(self) -> dict[str, float]:
+        """Train until ``cfg.steps``, evaluating and checkpointing on the way; return final eval."""
+        cfg = self.cfg
+        if self.env.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / TRAIN_CONFIG).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        self.model.train()
+        samples_per_s = cfg.batch_size * self.task.tokens_per_sample
+        ema: dict[str, float] = {}
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not self.progress
+                   or not self.env.is_main, desc=f"train[{cfg.mode}]", unit="step",
+                   dynamic_ncols=True)
+        final: dict[str, float] = {}
+        while self.step < cfg.steps:
+            t0 = time.perf_counter()
+            record = self.train_step()
+            dt = time.perf_counter() - t0
+            record.update(tokens=self.step * samples_per_s, tok_per_s=samples_per_s / dt)
+            for name, value in record["loss"].items():
+                ema[name] = value if name not in ema else 0.9 * ema[name] + 0.1 * value
+            if self.step % cfg.eval_interval == 0 or self.step == cfg.steps:
+                final = self.evaluate()
+                record["val_loss"] = final
+            self._log(record)
+            if self.on_step is not None:
+                self.on_step(self.step, record)
+            if self.step % cfg.ckpt_interval == 0 or self.step == cfg.steps:
+                self.save()
+            bar.set_postfix_str(" ".join(f"{n}={v:.3f}" for n, v in ema.items())
+                                + f" tok/s={record['tok_per_s']:.0f}")
+            bar.update(1)
+        bar.close()
+        return final or self.evaluate()

@@ -1,0 +1,182 @@
+"""``matformer vision train | eval | retrieve | mixnmatch``: the argument parsers.
+
+:mod:`matformer.cli` mounts them under ``matformer vision``; the commands themselves live in
+:mod:`matformer.vision_commands` and return ``(result, text)``: a JSON-serialisable result and
+its human-readable rendering, one of which the CLI prints (only the CLI prints).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+EXAMPLES = """\
+examples:
+  matformer vision train --out runs/vit                          # MatViT on the 8x8 digits
+  matformer vision train --mode baseline --granularity S --steps 500 --out runs/vit-S
+  matformer vision train --data photos/ --preset vit-small --image-size 32 --out runs/photos
+  matformer vision eval runs/vit                                  # top-1 of S/M/L/XL
+  matformer vision eval runs/vit --widths 32,64,128,256 --json
+  matformer vision eval runs/vit runs/vit-joint --baselines runs/vit-S runs/vit-M \\
+      runs/vit-L runs/vit-XL --plot acc.png                       # vs baselines
+  matformer vision retrieve runs/vit --baselines runs/vit-S runs/vit-M runs/vit-L runs/vit-XL
+  matformer vision mixnmatch runs/vit --baselines runs/vit-S runs/vit-XL --max-params 1.2e5
+  matformer extract runs/vit --granularity M --out runs/vit-M    # a dense ViT checkpoint
+"""
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected numbers separated by commas") from e
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected integers separated by commas") from e
+
+
+def _parser(sub: argparse._SubParsersAction, name: str, help_: str, desc: str
+            ) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=help_, description=desc, epilog=EXAMPLES,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def _data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", help="'digits' or an image folder (default: the checkpoint's)")
+    p.add_argument("--skip-unreadable", action="store_true",
+                   help="skip image files Pillow cannot read (default: stop with an error)")
+    p.add_argument("--precision", default="fp32", choices=("bf16", "fp32"))
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Add ``vision`` and its sub-commands to the top-level sub-parsers."""
+    from .train import MODES
+    from .vision import POS_EMBEDS, VIT_PRESETS
+
+    v = sub.add_parser("vision", help="MatViT: nested vision encoders (train, eval, retrieve, "
+                       "mixnmatch)", epilog=EXAMPLES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Nested ViT encoders (paper sec. 4.2): one set of weights, "
+                       "classifiers and [CLS] embedders at every FFN width per layer.")
+    vs = v.add_subparsers(dest="vision_command", required=True, metavar="VISION_COMMAND")
+    p = _parser(vs, "train", "train a MatViT (or a dense baseline ViT)",
+                "Train a nested ViT classifier. Modes as for LMs: 'sample' (one granularity "
+                "per step), 'joint' (all on every batch), 'baseline' (a dense ViT at one "
+                "granularity's width). Equal compute as in the paper: sample mode for 4X steps "
+                "vs each of 4 baselines for X steps (joint mode: X steps).")
+    p.add_argument("--out", required=True, type=Path, help="run directory (created)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--data", default="digits", help="'digits' (scikit-learn's 8x8 digits, "
+                   "embedded) or an image folder: one sub-folder of images per class")
+    p.add_argument("--val-fraction", type=float, default=0.2,
+                   help="held out per class (stratified, deterministic)")
+    p.add_argument("--skip-unreadable", action="store_true",
+                   help="skip image files Pillow cannot read (default: stop with an error)")
+    p.add_argument("--max-shift", type=int,
+                   help="augmentation: random shift of up to N pixels, 0 disables (default: "
+                   "image size // 16, so none on 8x8 digits, where one pixel is 12%% of the "
+                   "image and slowed learning in our runs; 2 at 32x32)")
+    m = p.add_argument_group("model")
+    m.add_argument("--preset", default="vit-digits", choices=sorted(VIT_PRESETS))
+    m.add_argument("--image-size", type=int, help="images are resized to this square size")
+    m.add_argument("--channels", type=int, choices=(1, 3))
+    m.add_argument("--patch-size", type=int)
+    m.add_argument("--pos-embed", choices=POS_EMBEDS)
+    m.add_argument("--d-model", type=int, help="width (d_ff = 4 x d_model unless --d-ff)")
+    m.add_argument("--d-ff", type=int)
+    m.add_argument("--n-layer", type=int)
+    m.add_argument("--n-head", type=int)
+    m.add_argument("--activation", choices=("swiglu", "gelu", "relu2"))
+    m.add_argument("--ratios", type=_floats, help="granularities as fractions of d_ff")
+    m.add_argument("--names", help="granularity names, comma separated")
+    m.add_argument("--nest-heads", action="store_true", help="nest attention heads too")
+    t = p.add_argument_group("training")
+    t.add_argument("--mode", default="sample", choices=MODES)
+    t.add_argument("--granularity", default="XL", help="baseline mode: which width to train")
+    t.add_argument("--steps", type=int, default=2000)
+    t.add_argument("--batch-size", type=int, default=64)
+    t.add_argument("--lr", type=float, default=3e-3)
+    t.add_argument("--warmup-steps", type=int, default=50)
+    t.add_argument("--weight-decay", type=float, default=0.05)
+    t.add_argument("--grad-clip", type=float, default=1.0)
+    t.add_argument("--probs", type=_floats, help="sample mode: per-granularity probabilities")
+    t.add_argument("--loss-weights", type=_floats, help="joint mode: per-granularity weights")
+    t.add_argument("--eval-interval", type=int, default=250)
+    t.add_argument("--ckpt-interval", type=int, default=500)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--precision", default="fp32", choices=("bf16", "fp32"),
+                   help="fp32 (default: faster than bf16 autocast for models this small)")
+    t.add_argument("--parallel", choices=("none", "ddp", "fsdp"))
+    t.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    t.add_argument("--no-progress", action="store_true")
+    t.add_argument("--json", action="store_true", help="print the final result as JSON")
+
+    p = _parser(vs, "eval", "top-1 accuracy of every granularity (or given widths)",
+                "Held-out top-1 accuracy and loss of MatViT submodels; with --baselines, of "
+                "independently trained ViTs too, side by side by granularity name.")
+    p.add_argument("checkpoints", nargs="+", type=Path, help="MatViT checkpoint(s) or run(s)")
+    p.add_argument("--granularity", help="only this granularity")
+    p.add_argument("--widths", action="append", default=[],
+                   help="per-layer FFN widths (repeatable): one int, or one per layer")
+    p.add_argument("--baselines", nargs="+", type=Path, default=[], metavar="CKPT")
+    p.add_argument("--labels", help="comma-separated names of the checkpoints' families "
+                   "(default: their run directory names)")
+    p.add_argument("--split", default="val", choices=("val", "train"))
+    p.add_argument("--plot", type=Path, help="write accuracy vs parameters to this PNG")
+    _data_args(p)
+
+    p = _parser(vs, "retrieve", "adaptive retrieval: XL gallery, cheaper query encoders",
+                "Embed the training images (gallery) once with the full model and the held-out "
+                "images (queries) with each submodel; report 1-NN accuracy and recall@k by "
+                "cosine similarity of [CLS] embeddings. With --baselines, the same with "
+                "independently trained ViTs as query encoders against the last baseline's "
+                "(their XL's) gallery. Writes retrieval.json/.png/.md.")
+    p.add_argument("checkpoint", type=Path, help="MatViT checkpoint or run directory")
+    p.add_argument("--baselines", nargs="+", type=Path, default=[], metavar="CKPT",
+                   help="dense baselines, smallest to largest; the last embeds their gallery")
+    p.add_argument("--widths", action="append", default=[],
+                   help="an extra MatViT query encoder (repeatable)")
+    p.add_argument("--mixnmatch", action="store_true",
+                   help="also every Mix'n'Match candidate of the paper's rule")
+    p.add_argument("--k", type=_ints, default=(1, 5, 10), help="recall@k (default 1,5,10)")
+    p.add_argument("--no-latency", action="store_true", help="skip latency measurement")
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--threads", type=int, help="torch threads while timing")
+    p.add_argument("--out", type=Path, help="report directory (default: CHECKPOINT/retrieval)")
+    _data_args(p)
+
+    from .mixnmatch import PATTERNS
+
+    p = _parser(vs, "mixnmatch", "Mix'n'Match sweep: accuracy vs params / FLOPs / latency",
+                "Evaluate the paper's Mix'n'Match candidates (and ablation patterns) of a "
+                "MatViT by held-out accuracy, with parameters, FLOPs per image and measured "
+                "batch-1 latency; writes mixnmatch.json/.png/.md; optionally picks the most "
+                "accurate submodel under a budget.")
+    p.add_argument("checkpoint", type=Path)
+    p.add_argument("--out", type=Path, help="output directory (default: CHECKPOINT/mixnmatch)")
+    p.add_argument("--patterns", default="rule", help=f"comma-separated, from {PATTERNS}")
+    p.add_argument("--widths", action="append", default=[], help="an extra candidate")
+    p.add_argument("--any-width", action="store_true", help="allow untrained widths")
+    p.add_argument("--baselines", nargs="+", type=Path, default=[], metavar="CKPT")
+    p.add_argument("--no-latency", action="store_true")
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--threads", type=int, help="torch threads while timing")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random pattern")
+    p.add_argument("--max-params", type=float, help="budget: total parameters")
+    p.add_argument("--max-flops", type=float, help="budget: FLOPs per image")
+    p.add_argument("--max-latency-ms", type=float, help="budget: measured latency (ms)")
+    _data_args(p)
+
+
+def run(args: argparse.Namespace) -> tuple[dict[str, Any] | None, str]:
+    """Run ``matformer vision <command>``; returns (result, text), result None on non-main
+    ranks of a distributed run."""
+    from .vision_commands import COMMANDS
+
+    return COMMANDS[args.vision_command](args)

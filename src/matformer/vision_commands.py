@@ -1,0 +1,311 @@
+"""The ``matformer vision`` commands: train, eval, retrieve, mixnmatch.
+
+Each takes the parsed arguments (:mod:`matformer.vision_cli` defines them) and returns
+``(result, text)``: a JSON-serialisable result and its human-readable rendering. Nothing here
+prints; :mod:`matformer.cli` prints one of the two.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+VISION_FILE = "vision.json"  # training-only data settings of a run (augmentation)
+
+
+# ----------------------------------------------------------------------------- helpers
+def _load_vit(path: Path) -> Any:
+    from . import checkpoint as ckpt
+
+    if ckpt.model_kind(path) != "vit":
+        raise ValueError(f"{path} is a language-model checkpoint; use the LM commands "
+                         "(matformer eval / mixnmatch) for it")
+    return ckpt.load_checkpoint(path)[0]
+
+
+def _dataset(path: Path, args: argparse.Namespace, model: Any) -> Any:
+    from . import checkpoint as ckpt
+    from .vision_data import load_images
+
+    meta = ckpt.read_metadata(path)
+    spec = args.data or meta.get("data")
+    if spec is None:
+        raise ValueError(f"{path} does not record its data; pass --data")
+    cfg = model.config
+    return load_images(spec, cfg.image_size, cfg.channels, meta.get("val_fraction", 0.2),
+                       skip_unreadable=args.skip_unreadable)
+
+
+def _widths_list(args: argparse.Namespace, cfg: Any, nested: bool = True) -> list[tuple]:
+    from .config import parse_widths
+    from .mixnmatch import check_widths
+
+    return [check_widths(cfg, parse_widths(w, cfg.n_layer), nested=nested) for w in args.widths]
+
+
+def _same_data(models: list[Any]) -> None:
+    shapes = {m.config.image_shape for m in models}
+    if len(shapes) > 1:
+        raise ValueError(f"the checkpoints take different image shapes {sorted(shapes)}")
+
+
+# ----------------------------------------------------------------------------- train
+def _train(args: argparse.Namespace) -> tuple[dict[str, Any] | None, str]:
+    from . import checkpoint as ckpt
+    from . import distributed as dist
+    from .train import TRAIN_CONFIG, TrainConfig, Trainer
+    from .vision import MatViT, VisionTask, evaluate_classifier, vit_preset
+    from .vision_data import load_images
+
+    env = dist.setup(args.device)
+    out: Path = args.out
+    if args.resume:
+        cfg = TrainConfig.from_dict(json.loads((out / TRAIN_CONFIG).read_text()))
+        vis = json.loads((out / VISION_FILE).read_text())
+        model = _load_vit(out)
+        mcfg = model.config
+    else:
+        if (out / ckpt.LATEST).exists():
+            raise ValueError(f"{out} already holds a run; pass --resume to continue it or "
+                             "choose another --out")
+        from .vision import VIT_PRESETS
+
+        base = VIT_PRESETS[args.preset]
+        size = args.image_size or base["image_size"]
+        channels = args.channels or base.get("channels", 1)
+        vis = {"data": args.data, "image_size": size, "channels": channels,
+               "val_fraction": args.val_fraction, "skip_unreadable": args.skip_unreadable,
+               "max_shift": size // 16 if args.max_shift is None else args.max_shift}
+    data = load_images(vis["data"], vis["image_size"], vis["channels"], vis["val_fraction"],
+                       skip_unreadable=vis["skip_unreadable"])
+    if not args.resume:
+        over: dict[str, Any] = {"image_size": vis["image_size"], "channels": vis["channels"],
+                                "num_classes": data.num_classes}
+        for key in ("patch_size", "pos_embed", "d_model", "n_layer", "n_head", "activation",
+                    "d_ff"):
+            if getattr(args, key) is not None:
+                over[key] = getattr(args, key)
+        if args.d_model and not args.d_ff:
+            over["d_ff"] = 4 * args.d_model
+        if args.ratios:
+            over["ratios"] = args.ratios
+            over["names"] = (tuple(args.names.split(",")) if args.names
+                             else tuple(f"g{i}" for i in range(len(args.ratios))))
+        elif args.names:
+            over["names"] = tuple(args.names.split(","))
+        if args.nest_heads:
+            over["nest_heads"] = True
+        mcfg = vit_preset(args.preset, **over)
+        if args.mode == "baseline":
+            mcfg = mcfg.dense(args.granularity)
+        cfg = TrainConfig(
+            mode=args.mode, data=args.data, val_fraction=args.val_fraction, steps=args.steps,
+            batch_size=args.batch_size, lr=args.lr,
+            warmup_steps=min(args.warmup_steps, max(1, args.steps // 10)),
+            weight_decay=args.weight_decay, grad_clip=args.grad_clip, probs=args.probs,
+            loss_weights=args.loss_weights, eval_interval=args.eval_interval,
+            eval_batches=max(1, math.ceil(len(data.val_y) / args.batch_size)),
+            ckpt_interval=args.ckpt_interval, seed=args.seed, precision=args.precision,
+            parallel=args.parallel or "ddp")
+        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+        model = MatViT(mcfg)
+        if env.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / VISION_FILE).write_text(json.dumps(vis, indent=2) + "\n")
+    task = VisionTask(data, mcfg, max_shift=vis["max_shift"])
+    wrapped = dist.wrap(model.to(env.device), cfg.parallel, env, cfg.precision)
+    trainer = Trainer(wrapped, task, cfg, out, env=env, progress=not args.no_progress)
+    if args.resume:
+        trainer.resume()
+    t0 = time.perf_counter()
+    final = trainer.fit()
+    elapsed = time.perf_counter() - t0
+    model = dist.unwrap(wrapped)
+    rows = []
+    for name in mcfg.names:  # every rank runs the forward passes (FSDP gathers weights)
+        ev = evaluate_classifier(model, data.val_x, data.val_y, widths=name,
+                                 heads=name if mcfg.nest_heads else None)
+        w = model.resolve_widths(name)
+        rows.append({"name": name, "widths": list(w), "params": mcfg.num_params(w),
+                     "val_loss": final.get(name, ev["loss"]), "accuracy": ev["accuracy"]})
+    dist.reshard(wrapped)
+    dist.teardown()
+    if not env.is_main:
+        return None, ""
+    result = {"out": str(out), "mode": cfg.mode, "steps": trainer.step, "seconds": elapsed,
+              "data": repr(data), "config": mcfg.to_dict(), "results": rows,
+              "checkpoint": str(ckpt.resolve(out))}
+    lines = [f"{data}", f"trained {cfg.mode} for {trainer.step} steps in {elapsed:.1f} s; "
+             f"checkpoint {result['checkpoint']}", f"{'granularity':<12}{'params':>10}"
+             f"{'val loss':>10}{'top-1':>9}"]
+    lines += [f"{r['name']:<12}{r['params'] / 1e3:>9.1f}K{r['val_loss']:>10.4f}"
+              f"{100 * r['accuracy']:>8.2f}%" for r in rows]
+    return result, "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- eval
+def _family(path: Path) -> str:
+    from . import checkpoint as ckpt
+
+    p = ckpt.resolve(path)
+    return (p.parent.parent.name if p.parent.name == ckpt.CHECKPOINTS else p.name) or str(p)
+
+
+def _eval(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
+    from .vision import evaluate_classifier
+    from .vision_eval import cost, plot_accuracy
+
+    models = [_load_vit(p) for p in args.checkpoints]
+    bases = [_load_vit(p) for p in args.baselines]
+    _same_data(models + bases)
+    data = _dataset(args.checkpoints[0], args, models[0])
+    x, y = (data.val_x, data.val_y) if args.split == "val" else (data.train_x, data.train_y)
+
+    def row(model: Any, name: str, widths: Any) -> dict[str, Any]:
+        heads = name if model.config.nest_heads and name in model.config.names else None
+        ev = evaluate_classifier(model, x, y, widths=widths, heads=heads,
+                                 precision=args.precision)
+        return {"name": name, "widths": list(model.resolve_widths(widths)),
+                **cost(model, widths), "accuracy": ev["accuracy"], "loss": ev["loss"]}
+
+    labels = [s.strip() for s in args.labels.split(",")] if args.labels else [
+        f"MatViT {_family(p)}" if len(m.config.names) > 1 else _family(p)
+        for p, m in zip(args.checkpoints, models, strict=True)]
+    if len(labels) != len(models) or len(set(labels)) != len(labels):
+        raise ValueError(f"--labels {args.labels!r}: need {len(models)} distinct names, one "
+                         "per checkpoint")
+    families: dict[str, list[dict[str, Any]]] = {}
+    for label, model in zip(labels, models, strict=True):
+        cfg = model.config
+        targets: dict[str, Any] = {}
+        if args.granularity:
+            targets[args.granularity] = cfg.ffn_widths(args.granularity)
+        for w in _widths_list(args, cfg, nested=False):
+            targets[",".join(map(str, w))] = w
+        if not targets:
+            targets = {n: n for n in cfg.names}
+        families[label] = [row(model, n, w) for n, w in targets.items()]
+    if bases:
+        families["baselines"] = [row(b, b.config.names[0], None) for b in bases]
+    result = {"data": repr(data), "split": args.split, "images": len(y), "families": families}
+    if args.plot:
+        result["plot"] = str(plot_accuracy(families, args.plot))
+    lines = [f"{data}: top-1 on {len(y)} {args.split} images"]
+    head = f"{'submodel':<22}{'FFN widths':<20}{'non-emb':>9}{'MFLOPs':>8}{'top-1':>9}{'loss':>8}"
+    for family, rows in families.items():
+        lines += ["", family, head]
+        for r in rows:
+            w = r["widths"]
+            ws = f"{w[0]} x{len(w)}" if len(set(w)) == 1 else ",".join(map(str, w))
+            lines.append(f"{r['name']:<22}{ws:<20}{r['non_embedding_params'] / 1e3:>8.1f}K"
+                         f"{r['flops_per_image'] / 1e6:>8.2f}{100 * r['accuracy']:>8.2f}%"
+                         f"{r['loss']:>8.4f}")
+    return result, "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- retrieve
+def _retrieve(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
+    from . import checkpoint as ckpt
+    from . import mixnmatch as mm
+    from .vision_eval import markdown_table, measure_latency, plot_retrieval, retrieval
+
+    model = _load_vit(args.checkpoint)
+    bases = [_load_vit(p) for p in args.baselines]
+    _same_data([model, *bases])
+    data = _dataset(args.checkpoint, args, model)
+    cfg = model.config
+    queries = [(f"MatViT {n}", model, cfg.ffn_widths(n)) for n in cfg.names]
+    groups = ["matvit"] * len(queries)
+    extra = _widths_list(args, cfg)
+    if args.mixnmatch:
+        extra += [c.widths for c in mm.rule_candidates(cfg) if len(set(c.widths)) > 1]
+    for w in dict.fromkeys(extra):
+        queries.append((f"MatViT {mm.describe(cfg, w)}", model, w))
+        groups.append("matvit-mixnmatch")
+    rows = retrieval(model, queries, data, ks=args.k, precision=args.precision)
+    if bases:
+        bq = [(f"baseline {b.config.names[0]}", b, None) for b in bases]
+        rows += retrieval(bases[-1], bq, data, ks=args.k, precision=args.precision)
+        groups += ["baseline"] * len(bq)
+        queries += bq
+    for r, g in zip(rows, groups, strict=True):
+        r["group"] = g
+    if not args.no_latency:
+        lat = measure_latency([(m, w) for _, m, w in queries], repeats=args.repeats,
+                              threads=args.threads)
+        for r, ms in zip(rows, lat, strict=True):
+            r["latency_ms"] = ms
+    out = args.out or args.checkpoint / "retrieval"
+    out.mkdir(parents=True, exist_ok=True)
+    result = {"checkpoint": str(ckpt.resolve(args.checkpoint)), "data": repr(data),
+              "gallery": len(data.train_y), "queries": len(data.val_y), "ks": list(args.k),
+              "baseline_gallery": str(args.baselines[-1]) if bases else None, "rows": rows}
+    cols = [("name", "query encoder", "s"), ("widths", "FFN widths", "s"),
+            ("non_embedding_params", "non-emb params", "k"),
+            ("flops_per_image", "MFLOPs/image", "m")]
+    cols += [("latency_ms", "latency ms", "ms")] if not args.no_latency else []
+    cols += [("top1_accuracy", "1-NN acc", "pct")]
+    cols += [(f"recall@{k}", f"recall@{k}", "pct") for k in args.k if k != 1]
+    cols += [("same_encoder_top1", "own-gallery 1-NN", "pct")]
+    table = markdown_table(rows, cols)
+    files = {"json": out / "retrieval.json", "plot": out / "retrieval.png",
+             "markdown": out / "retrieval.md"}
+    result["files"] = {k: str(v) for k, v in files.items()}
+    files["json"].write_text(json.dumps(result, indent=1) + "\n")
+    plot_retrieval(result, files["plot"])
+    gal = "MatViT XL" + (f" / baseline {bases[-1].config.names[0]}" if bases else "")
+    files["markdown"].write_text(
+        f"# Adaptive retrieval: {result['checkpoint']}\n\nGallery: {result['gallery']} "
+        f"training images embedded by {gal}; queries: {result['queries']} held-out images. "
+        f"Chance: {100 * rows[0]['chance']:.1f}%.\n\n![retrieval]({files['plot'].name})\n\n"
+        + table)
+    text = (f"{data}\ngallery: {result['gallery']} training images embedded once by {gal}; "
+            f"{result['queries']} held-out queries; chance {100 * rows[0]['chance']:.1f}%\n"
+            + table + f"wrote {', '.join(result['files'].values())}")
+    return result, text
+
+
+# ----------------------------------------------------------------------------- mixnmatch
+def _mixnmatch(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
+    from . import checkpoint as ckpt
+    from . import mixnmatch as mm
+    from .vision_eval import SWEEP_COLUMNS, markdown_table, select, sweep, write_sweep_report
+
+    model = _load_vit(args.checkpoint)
+    bases = [(f"baseline {b.config.names[0]} ({p.name})", b)
+             for p, b in zip(args.baselines, (_load_vit(p) for p in args.baselines),
+                             strict=True)]
+    _same_data([model, *(b for _, b in bases)])
+    data = _dataset(args.checkpoint, args, model)
+    cfg = model.config
+    cands = mm.candidates(cfg, [p.strip() for p in args.patterns.split(",") if p.strip()],
+                          widths=_widths_list(args, cfg, nested=not args.any_width),
+                          seed=args.seed, nested=not args.any_width)
+    rows = sweep(model, data, cands, baselines=bases, latency=not args.no_latency,
+                 repeats=args.repeats, threads=args.threads, precision=args.precision)
+    result = {"checkpoint": str(ckpt.resolve(args.checkpoint)), "data": repr(data),
+              "images": len(data.val_y), "config": cfg.to_dict(), "patterns": args.patterns,
+              "candidates": rows[: len(cands)], "baselines": rows[len(cands):]}
+    out = args.out or args.checkpoint / "mixnmatch"
+    result["files"] = {k: str(v) for k, v in write_sweep_report(result, out).items()}
+    budgets = (args.max_params, args.max_flops, args.max_latency_ms)
+    result["selected"] = (select(result["candidates"], *budgets)
+                          if any(b is not None for b in budgets) else None)
+    text = markdown_table(sorted(result["candidates"], key=lambda r: r["params"])
+                          + result["baselines"], SWEEP_COLUMNS)
+    text += (f"{len(cands)} submodels on {len(data.val_y)} held-out images of {data.name}; "
+             f"wrote {', '.join(result['files'].values())}")
+    if result["selected"]:
+        s = result["selected"]
+        text += (f"\nbest under the budget: {s['name']} (widths {','.join(map(str, s['widths']))}"
+                 f"), {s['params'] / 1e3:.1f}K params, top-1 {100 * s['accuracy']:.2f}%")
+    return result, text
+
+
+COMMANDS = {"train": _train, "eval": _eval, "retrieve": _retrieve, "mixnmatch": _mixnmatch}

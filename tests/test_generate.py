@@ -1,0 +1,171 @@
+"""Tests for matformer.generate: greedy, seeded sampling, top-k / top-p, EOS, argument checks."""
+
+from __future__ import annotations
+
+import collections
+
+import pytest
+import torch
+from helpers import random_tokens, tiny_model
+
+from matformer.generate import generate, sample_next
+from matformer.model import MatFormerLM
+
+
+@pytest.fixture(scope="module")
+def model() -> MatFormerLM:
+    # init_std 0.5: peaked, clearly different next-token distributions (no near-ties in argmax)
+    return tiny_model(seed=7, init_std=0.5).eval()
+
+
+def _greedy_reference(model: MatFormerLM, prompt: torch.Tensor, n: int, widths: object = None
+                      ) -> torch.Tensor:
+    """Argmax of a full forward over the (cropped) context, one token at a time."""
+    out, ctx = prompt, model.config.max_seq_len
+    with torch.no_grad():
+        for _ in range(n):
+            nxt = model(out[:, -ctx:], widths=widths)[:, -1].argmax(-1)
+            out = torch.cat([out, nxt[:, None]], dim=1)
+    return out
+
+
+# ----------------------------------------------------------------------------- greedy
+
+
+@pytest.mark.parametrize("widths", [None, "S", (8, 40)])
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_temperature_zero_is_argmax(model: MatFormerLM, widths: object, use_cache: bool) -> None:
+    prompt = random_tokens(2, 5, seed=1)
+    out = generate(model, prompt, 12, widths=widths, temperature=0, use_cache=use_cache)
+    assert out.shape == (2, 17)
+    assert torch.equal(out[:, :5], prompt)
+    assert torch.equal(out, _greedy_reference(model, prompt, 12, widths))
+    again = generate(model, prompt, 12, widths=widths, temperature=0, use_cache=use_cache)
+    assert torch.equal(out, again)
+
+
+def test_submodels_generate_differently(model: MatFormerLM) -> None:
+    prompt = random_tokens(4, 5, seed=2)
+    small = generate(model, prompt, 10, widths="S", temperature=0)
+    full = generate(model, prompt, 10, temperature=0)
+    assert not torch.equal(small, full)
+
+
+def test_generation_past_the_context_slides_the_window(model: MatFormerLM) -> None:
+    ctx = model.config.max_seq_len
+    prompt = random_tokens(1, ctx - 2, seed=3)
+    out = generate(model, prompt, 10, temperature=0)
+    assert out.shape == (1, ctx + 8)
+    assert torch.equal(out, _greedy_reference(model, prompt, 10))
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def test_seeded_sampling_is_reproducible(model: MatFormerLM) -> None:
+    prompt = random_tokens(2, 4, seed=4)
+    a = generate(model, prompt, 16, temperature=1.0, generator=_gen(0))
+    b = generate(model, prompt, 16, temperature=1.0, generator=_gen(0))
+    c = generate(model, prompt, 16, temperature=1.0, generator=_gen(1))
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    assert not torch.equal(a, generate(model, prompt, 16, temperature=0))
+
+
+def test_top_k_one_and_tiny_top_p_are_greedy(model: MatFormerLM) -> None:
+    prompt = random_tokens(3, 4, seed=5)
+    greedy = generate(model, prompt, 12, temperature=0)
+    for seed in range(3):
+        top1 = generate(model, prompt, 12, temperature=1.5, top_k=1, generator=_gen(seed))
+        assert torch.equal(top1, greedy)
+        nucleus = generate(model, prompt, 12, temperature=1.5, top_p=1e-6, generator=_gen(seed))
+        assert torch.equal(nucleus, greedy)
+
+
+def test_sample_next_top_k_support() -> None:
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.9, -1.0]]).repeat(500, 1)
+    draws = sample_next(logits, temperature=2.0, top_k=2, generator=_gen(0))
+    assert set(draws.tolist()) == {1, 3}
+    assert torch.equal(sample_next(logits, top_k=5, generator=_gen(1)),
+                       sample_next(logits, generator=_gen(1)))  # k = vocab: no filtering
+
+
+def test_sample_next_top_p_support_and_frequencies() -> None:
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    logits = probs.log().repeat(4000, 1)
+    # mass before token 1 is 0.5 < 0.6 (kept), before token 2 it is 0.8 >= 0.6 (dropped)
+    draws = sample_next(logits, top_p=0.6, generator=_gen(0))
+    counts = collections.Counter(draws.tolist())
+    assert set(counts) == {0, 1}
+    assert counts[0] / 4000 == pytest.approx(0.5 / 0.8, abs=0.03)  # renormalised
+    full = collections.Counter(sample_next(logits, generator=_gen(1)).tolist())
+    for token, p in enumerate(probs.tolist()):
+        assert full[token] / 4000 == pytest.approx(p, abs=0.03)
+
+
+def test_sample_next_temperature_sharpens() -> None:
+    logits = torch.tensor([[1.0, 0.0, -1.0]]).repeat(3000, 1)
+    cold = (sample_next(logits, temperature=0.25, generator=_gen(0)) == 0).float().mean()
+    hot = (sample_next(logits, temperature=4.0, generator=_gen(0)) == 0).float().mean()
+    assert cold > 0.95 and 0.33 < hot < 0.5
+    assert torch.equal(sample_next(logits[:2], temperature=0), torch.tensor([0, 0]))
+
+
+# ----------------------------------------------------------------------------- EOS
+
+
+def test_eos_stops_generation(model: MatFormerLM) -> None:
+    prompt = random_tokens(1, 4, seed=6)
+    greedy = generate(model, prompt, 12, temperature=0)[0, 4:].tolist()
+    k = 3
+    eos = greedy[k]
+    first = greedy.index(eos)  # the EOS token may already occur earlier
+    out = generate(model, prompt, 12, temperature=0, eos_id=eos)
+    assert out[0, 4:].tolist() == greedy[: first + 1]
+    assert out[0, -1].item() == eos
+    uncached = generate(model, prompt, 12, temperature=0, eos_id=eos, use_cache=False)
+    assert torch.equal(out, uncached)
+
+
+def test_eos_rows_finish_independently(model: MatFormerLM) -> None:
+    prompt = random_tokens(2, 4, seed=8)
+    greedy = generate(model, prompt, 10, temperature=0)[:, 4:]
+    row0 = greedy[0].tolist()
+    eos = row0[1]
+    if eos in greedy[1].tolist()[:2]:
+        pytest.skip("both rows hit the chosen EOS at once; choose another seed")
+    out = generate(model, prompt, 10, temperature=0, eos_id=eos)[:, 4:]
+    stop0 = row0.index(eos)
+    row1 = greedy[1].tolist()
+    stop1 = row1.index(eos) if eos in row1 else len(row1) - 1
+    assert out.shape[1] == max(stop0, stop1) + 1  # ends when the last row is done
+    assert out[0, : stop0 + 1].tolist() == row0[: stop0 + 1]
+    assert (out[0, stop0:] == eos).all()  # a finished row keeps emitting EOS
+    assert out[1, : stop1 + 1].tolist() == row1[: stop1 + 1]
+
+
+# ----------------------------------------------------------------------------- arguments
+
+
+@pytest.mark.parametrize(
+    ("kw", "pattern"),
+    [(dict(temperature=-0.1), r"temperature=-0\.1 must be >= 0"),
+     (dict(top_p=0.0), r"top_p=0\.0 must be in \(0, 1\]"),
+     (dict(top_p=1.5), r"top_p=1\.5 must be in \(0, 1\]"),
+     (dict(top_k=0), "top_k=0 must be >= 1")],
+)
+def test_bad_sampling_arguments(model: MatFormerLM, kw: dict, pattern: str) -> None:
+    with pytest.raises(ValueError, match=pattern):
+        sample_next(torch.zeros(1, 4), **kw)
+    for use_cache in (True, False):
+        with pytest.raises(ValueError, match=pattern):
+            generate(model, random_tokens(1, 3), 2, use_cache=use_cache, **kw)
+
+
+def test_bad_widths_in_generate(model: MatFormerLM) -> None:
+    with pytest.raises(ValueError, match="out of range"):
+        generate(model, random_tokens(1, 3), 2, widths=1000)

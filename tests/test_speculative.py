@@ -1,0 +1,212 @@
+"""Speculative decoding: greedy output equals the target's, rejection sampling keeps the target's
+distribution, and a shared cache holds exactly what the target alone would have written."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import random_tokens, tiny_model
+
+from matformer.cache import KVCache
+from matformer.generate import generate, logits_to_probs
+from matformer.speculative import (
+    SpecStats,
+    accept_reject,
+    greedy_accept,
+    speculative_generate,
+    speculative_stream,
+)
+
+# Untied embeddings and a larger init make the tiny random models disagree often enough that
+# both the accept and the reject paths run (tied, the argmax is mostly the input token).
+SPREAD = dict(tie_embeddings=False, init_std=0.1)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from 2 threads, and on a shared CPU every parallel region
+    waits for a busy core (10-20x slower tests); restore the setting afterwards."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model(**SPREAD).eval()
+
+
+MODES = {
+    "two-cache": dict(draft="S"),
+    "shared-cache": dict(draft="S", shared_cache=True),
+    "mixnmatch-draft": dict(draft=(8, 32), draft_len=3),
+    "M->L": dict(draft="M", target="L", shared_cache=True),
+    "adaptive": dict(draft="S", adaptive=True, draft_len=1, max_draft_len=6),
+    "long-draft": dict(draft="L", draft_len=9),
+}
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("seed", [0, 1])
+def test_greedy_speculative_equals_target_greedy(model, mode, seed) -> None:
+    kw = MODES[mode]
+    x = random_tokens(1, 5, seed=seed)
+    target = generate(model, x, 24, widths=kw.get("target"), temperature=0, use_cache=False)
+    out, stats = speculative_generate(model, x, 24, temperature=0, **kw)
+    assert out.tolist() == target.tolist()
+    assert stats.new_tokens == 24 and stats.target_forwards == stats.rounds + 1
+    assert stats.accepted <= stats.drafted
+    assert stats.tokens_per_target_forward == pytest.approx(24 / stats.target_forwards)
+
+
+def test_greedy_external_drafter_and_acceptance_range(model) -> None:
+    x = random_tokens(1, 5, seed=3)
+    target = generate(model, x, 24, temperature=0)
+    other = tiny_model(seed=7, **SPREAD)
+    out, ext = speculative_generate(model, x, 24, draft_model=other, temperature=0)
+    assert out.tolist() == target.tolist() and ext.mode == "external"
+    _, nested = speculative_generate(model, x, 24, draft="L", temperature=0)
+    assert 0 < nested.acceptance_rate < 1  # both paths of the verifier were exercised
+    assert nested.target_forwards < 24  # fewer target forwards than tokens
+
+
+def test_greedy_nested_heads_shared_cache() -> None:
+    model = tiny_model(n_head=8, n_kv_head=4, nest_heads=True, **SPREAD).eval()
+    x = random_tokens(1, 5, seed=2)
+    target = generate(model, x, 20, temperature=0)
+    for shared in (False, True):
+        out, _ = speculative_generate(model, x, 20, draft="M", shared_cache=shared, temperature=0)
+        assert out.tolist() == target.tolist()
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_shared_cache_holds_the_targets_kv_after_every_round(model, temperature) -> None:
+    x = random_tokens(1, 6, seed=4)
+    cache = KVCache.for_model(model, 1, 6 + 20)
+    seq = x[0].tolist()
+    g = torch.Generator().manual_seed(0)
+    for tokens in speculative_stream(model, x, 20, draft="S", shared_cache=True, draft_len=4,
+                                     temperature=temperature, generator=g, cache=cache):
+        seq += tokens.tolist()
+        n = len(seq) - 1  # the newest token is not in the cache yet
+        alone = KVCache.for_model(model, 1, n)
+        with torch.no_grad():
+            model(torch.tensor([seq[:n]]), cache=alone)
+        torch.testing.assert_close(cache.k[:, :, :, :n], alone.k, atol=2e-5, rtol=0)
+        torch.testing.assert_close(cache.v[:, :, :, :n], alone.v, atol=2e-5, rtol=0)
+
+
+# ------------------------------------------------------------------ rejection sampling
+def _tv(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    return 0.5 * float((counts / counts.sum() - probs).abs().sum())
+
+
+def _chi2(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    expected = counts.sum() * probs
+    keep = expected > 0
+    assert counts[~keep].sum() == 0, "a token with target probability 0 was emitted"
+    return float(((counts[keep] - expected[keep]) ** 2 / expected[keep]).sum())
+
+
+def test_accept_reject_reproduces_the_target_distribution() -> None:
+    """Fixed fake distributions, 3 draft tokens: every emitted position follows the target."""
+    p = torch.tensor([[0.50, 0.30, 0.10, 0.10, 0.00],
+                      [0.05, 0.05, 0.10, 0.40, 0.40],
+                      [0.20, 0.20, 0.20, 0.20, 0.20]])
+    q = torch.tensor([[0.10, 0.20, 0.30, 0.40, 0.00],
+                      [0.25, 0.25, 0.25, 0.00, 0.25],
+                      [0.70, 0.10, 0.10, 0.05, 0.05],
+                      [0.00, 0.00, 0.50, 0.50, 0.00]])
+    g = torch.Generator().manual_seed(0)
+    n = 10000
+    counts = torch.zeros(4, 5)
+    for _ in range(n):
+        drafts = torch.multinomial(p, 1, generator=g)[:, 0]
+        out = accept_reject(drafts, p, q, g)
+        assert 1 <= out.numel() <= 4
+        counts[torch.arange(out.numel()), out] += 1
+    for i in range(4):
+        # position i is emitted whenever drafts 0..i-1 were accepted; the target does not
+        # depend on the prefix here, so given that, it must still be distributed as q[i].
+        assert counts[i].sum() > 800
+        assert _tv(counts[i], q[i]) < 0.05, (i, counts[i] / counts[i].sum(), q[i])
+        # chi-square with <= 3 degrees of freedom: 16.3 is the 99.9% quantile
+        assert _chi2(counts[i], q[i]) < 16.3, i
+    # power check: the drafter's own distribution is far from the target's
+    assert _tv(p[0] * n, q[0]) > 0.3
+
+
+def test_accept_reject_with_one_hot_distributions_is_greedy() -> None:
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(5, 11, generator=g)
+    target = logits_to_probs(logits, temperature=0)
+    for drafts in (logits[:4].argmax(-1), torch.tensor([logits[0].argmax(), 3, 3, 3])):
+        draft_probs = torch.nn.functional.one_hot(drafts, 11).float()
+        assert accept_reject(drafts, draft_probs, target, g).tolist() == \
+            greedy_accept(drafts, logits).tolist()
+
+
+def test_stochastic_speculative_samples_from_the_target(model) -> None:
+    """End to end: the joint law of the first two speculative tokens equals the target's."""
+    x = random_tokens(1, 5, seed=5)
+    kw = dict(temperature=1.0, top_k=2)
+    with torch.no_grad():
+        q1 = logits_to_probs(model(x)[0, -1], **kw)
+        q2 = torch.stack([logits_to_probs(model(torch.cat([x, torch.tensor([[t]])], 1))[0, -1],
+                                          **kw) for t in range(64)])
+    joint = (q1[:, None] * q2).flatten()  # P(t1, t2)
+    g = torch.Generator().manual_seed(0)
+    counts = torch.zeros(64 * 64)
+    n = 500
+    for _ in range(n):
+        out, _ = speculative_generate(model, x, 3, draft="S", shared_cache=True, draft_len=2,
+                                      generator=g, **kw)
+        t1, t2 = out[0, 5:7].tolist()
+        counts[t1 * 64 + t2] += 1
+    assert _tv(counts, joint) < 0.1
+    assert _chi2(counts, joint) < 16.3  # <= 3 degrees of freedom (2 x 2 cells), 99.9%
+
+
+def test_eos_stops_speculative_decoding(model) -> None:
+    x = random_tokens(1, 5, seed=0)
+    free = generate(model, x, 20, temperature=0)
+    eos = int(free[0, 12])
+    first = free[0, 5:].tolist().index(eos)
+    out, stats = speculative_generate(model, x, 20, draft="S", eos_id=eos, temperature=0)
+    assert out[0, 5:].tolist() == free[0, 5:5 + first + 1].tolist()
+    assert stats.new_tokens == first + 1
+
+
+def test_streaming_yields_rounds(model) -> None:
+    x = random_tokens(1, 5, seed=0)
+    stats = SpecStats()
+    pieces = list(speculative_stream(model, x, 16, draft="S", temperature=0, stats=stats))
+    assert len(pieces) == stats.rounds + 1  # the prefill's token, then one piece per round
+    assert sum(p.numel() for p in pieces) == 16
+    assert stats.as_dict()["acceptance_rate"] == stats.accepted / stats.drafted
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(draft="L", target="M"), "nested"),
+    (dict(draft=(64, 8), target=(32, 64)), "nested"),
+    (dict(draft="XL"), "same submodel"),
+    (dict(draft_len=0), "draft_len"),
+    (dict(draft_len=5, max_draft_len=4), "draft_len"),
+    (dict(draft_model="self", shared_cache=True), "share"),
+    (dict(temperature=-1.0), "temperature"),
+])
+def test_invalid_arguments(model, kw, match) -> None:
+    if kw.get("draft_model") == "self":
+        kw = {**kw, "draft_model": tiny_model(seed=3)}
+    with pytest.raises(ValueError, match=match):
+        speculative_generate(model, random_tokens(1, 4), 4, **kw)
+
+
+def test_invalid_prompts(model) -> None:
+    with pytest.raises(ValueError, match="one non-empty prompt"):
+        speculative_generate(model, random_tokens(2, 4), 4)
+    with pytest.raises(ValueError, match="exceeds"):
+        speculative_generate(model, random_tokens(1, 30), 4)
+    with pytest.raises(ValueError, match="vocabulary"):
+        speculative_generate(model, random_tokens(1, 4), 4, draft_model=tiny_model(vocab_size=32))
