@@ -50,7 +50,8 @@ from matformer import checkpoint as ckpt
 from matformer.cache import KVCache
 from matformer.config import preset
 from matformer.generate import generate, left_pad
-from matformer.mixnmatch import extract, validation_batches
+from matformer.metrics import validation_batches
+from matformer.mixnmatch import extract
 from matformer.model import MatFormerLM
 from matformer.speculative import SpecStats, speculative_generate
 

@@ -12,16 +12,6 @@ from matformer.generate import generate, generate_stream, left_pad, logits_to_pr
 ATOL = 2e-5  # fp32; observed differences are ~1e-7
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from 2 threads, and on a shared CPU every parallel region
-    waits for a busy core (10-20x slower tests); restore the setting afterwards."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def _decode_logits(model, x, widths=None, heads=None, chunks=(5,)):
     """Logits of x computed through a cache: prefill chunks, then one token at a time."""
     cache = KVCache.for_model(model, x.shape[0], x.shape[1])

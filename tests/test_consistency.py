@@ -17,16 +17,6 @@ from matformer.tokenizer import Tokenizer
 SPREAD = dict(tie_embeddings=False, init_std=0.1)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from 2 threads, and on a shared CPU every parallel region
-    waits for a busy core (10-20x slower tests); restore the setting afterwards."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def _batches(n: int = 3, vocab: int = 64) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(random_tokens(2, 12, vocab, seed=i), random_tokens(2, 12, vocab, seed=i))
             for i in range(n)]

@@ -12,7 +12,7 @@ from helpers import pattern_dataset, random_tokens, tiny_config, tiny_model, wri
 from matformer import checkpoint as ckpt
 from matformer import mixnmatch as mm
 from matformer.cli import main
-from matformer.report import interpolate, line_analysis, load_sweep, write_report
+from matformer.report import interpolate, line_analysis, load_sweep
 from matformer.tokenizer import Tokenizer
 
 

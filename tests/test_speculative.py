@@ -22,16 +22,6 @@ from matformer.speculative import (
 SPREAD = dict(tie_embeddings=False, init_std=0.1)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from 2 threads, and on a shared CPU every parallel region
-    waits for a busy core (10-20x slower tests); restore the setting afterwards."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def model():
     return tiny_model(**SPREAD).eval()

@@ -427,20 +427,3 @@ def save_extracted(path: str | Path, model: MatFormerLM, tokenizer: Any, widths:
 
 
 # ----------------------------------------------------------------------------- data
-def validation_batches(checkpoint: str | Path, tokenizer: Any, *, data: str | None = None,
-                       batch_size: int = 16, max_batches: int | None = None
-                       ) -> tuple[list[tuple[Tensor, Tensor]], dict[str, Any]]:
-    """The held-out batches a checkpoint was validated on (its recorded corpus and split)."""
-    from . import checkpoint as ckpt
-    from .data import prepare_data
-
-    meta = ckpt.read_metadata(checkpoint)
-    corpus = data or meta.get("data")
-    if corpus is None:
-        raise ValueError(f"{checkpoint} does not record its training data; pass --data")
-    cfg_len = ModelConfig.load(ckpt.resolve(checkpoint) / ckpt.CONFIG).max_seq_len
-    seq_len = min(meta.get("seq_len", cfg_len), cfg_len)
-    ds = prepare_data(corpus, tokenizer, val_fraction=meta.get("val_fraction", 0.1))
-    batches = list(ds.val_batches(batch_size, seq_len, max_batches))
-    info = {"data": corpus, "seq_len": seq_len, "val_tokens": sum(y.numel() for _, y in batches)}
-    return batches, info

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -166,13 +166,32 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
 
 
-class LMTask:
-    """Next-token prediction on a token dataset: what a Trainer needs to know about the data.
+class Task(Protocol):
+    """What the training loop needs to know about a problem; LMs and ViTs share the loop.
 
-    A task supplies batches (a pure function of seed, step and rank), the loss of a submodel on
-    a batch, validation of every granularity, and the assets saved beside the weights. The
-    vision encoder brings its own task; the loop is shared.
+    A task supplies batches (a pure function of seed, step and rank, so resumes and ranks agree),
+    the loss of one submodel on a batch, validation of every granularity, and the tokenizer saved
+    beside the weights (None for images).
     """
+
+    tokenizer: Tokenizer | None
+
+    @property
+    def tokens_per_sample(self) -> int: ...
+
+    def check(self, model_cfg: ModelConfig) -> None: ...
+
+    def batch(self, step: int, batch_size: int, seed: int, rank: int, world_size: int
+              ) -> tuple[Tensor, Tensor]: ...
+
+    def loss(self, model: nn.Module, x: Tensor, y: Tensor, name: str, heads: str | None
+             ) -> Tensor: ...
+
+    def evaluate(self, model: nn.Module, cfg: TrainConfig) -> dict[str, float]: ...
+
+
+class LMTask:
+    """Next-token prediction on a token dataset (implements :class:`Task`)."""
 
     def __init__(self, data: TokenDataset, tokenizer: Tokenizer, seq_len: int) -> None:
         data.check_context(seq_len)
@@ -212,7 +231,7 @@ class Trainer:
     Args:
         model: The model, already wrapped for data parallelism if ``env`` is distributed
             (``distributed.wrap``); its unwrapped module carries ``config``.
-        task: Batches, loss and evaluation (``LMTask`` for language models).
+        task: Batches, loss and evaluation (``LMTask`` for language models, ``VisionTask``).
         cfg: Training configuration.
         run_dir: Where checkpoints, ``metrics.jsonl`` and ``train_config.json`` go.
         env: This process's rank and device (default: one process on the model's device).
@@ -220,7 +239,7 @@ class Trainer:
         on_step: Optional callback ``(step, record)`` after every optimizer step.
     """
 
-    def __init__(self, model: nn.Module, task: LMTask, cfg: TrainConfig, run_dir: str | Path,
+    def __init__(self, model: nn.Module, task: Task, cfg: TrainConfig, run_dir: str | Path,
                  *, env: dist.DistEnv | None = None, progress: bool = True,
                  on_step: Callable[[int, dict], None] | None = None) -> None:
         self.model, self.raw = model, dist.unwrap(model)

@@ -11,6 +11,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from .cli_common import add_training_args, floats
+
 EXAMPLES = """\
 examples:
   matformer vision train --out runs/vit                          # MatViT on the 8x8 digits
@@ -24,13 +26,6 @@ examples:
   matformer vision mixnmatch runs/vit --baselines runs/vit-S runs/vit-XL --max-params 1.2e5
   matformer extract runs/vit --granularity M --out runs/vit-M    # a dense ViT checkpoint
 """
-
-
-def _floats(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(v) for v in text.split(",") if v.strip())
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected numbers separated by commas") from e
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -56,7 +51,6 @@ def _data_args(p: argparse.ArgumentParser) -> None:
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Add ``vision`` and its sub-commands to the top-level sub-parsers."""
-    from .train import MODES
     from .vision import POS_EMBEDS, VIT_PRESETS
 
     v = sub.add_parser("vision", help="MatViT: nested vision encoders (train, eval, retrieve, "
@@ -93,28 +87,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--n-layer", type=int)
     m.add_argument("--n-head", type=int)
     m.add_argument("--activation", choices=("swiglu", "gelu", "relu2"))
-    m.add_argument("--ratios", type=_floats, help="granularities as fractions of d_ff")
+    m.add_argument("--ratios", type=floats, help="granularities as fractions of d_ff")
     m.add_argument("--names", help="granularity names, comma separated")
     m.add_argument("--nest-heads", action="store_true", help="nest attention heads too")
-    t = p.add_argument_group("training")
-    t.add_argument("--mode", default="sample", choices=MODES)
-    t.add_argument("--granularity", default="XL", help="baseline mode: which width to train")
-    t.add_argument("--steps", type=int, default=2000)
-    t.add_argument("--batch-size", type=int, default=64)
-    t.add_argument("--lr", type=float, default=3e-3)
-    t.add_argument("--warmup-steps", type=int, default=50)
-    t.add_argument("--weight-decay", type=float, default=0.05)
-    t.add_argument("--grad-clip", type=float, default=1.0)
-    t.add_argument("--probs", type=_floats, help="sample mode: per-granularity probabilities")
-    t.add_argument("--loss-weights", type=_floats, help="joint mode: per-granularity weights")
-    t.add_argument("--eval-interval", type=int, default=250)
-    t.add_argument("--ckpt-interval", type=int, default=500)
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--precision", default="fp32", choices=("bf16", "fp32"),
-                   help="fp32 (default: faster than bf16 autocast for models this small)")
-    t.add_argument("--parallel", choices=("none", "ddp", "fsdp"))
-    t.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    t.add_argument("--no-progress", action="store_true")
+    t = add_training_args(p, steps=2000, batch_size=64, weight_decay=0.05, eval_interval=250,
+                          ckpt_interval=500, precision="fp32")  # fp32: faster for tiny ViTs
     t.add_argument("--json", action="store_true", help="print the final result as JSON")
 
     p = _parser(vs, "eval", "top-1 accuracy of every granularity (or given widths)",

@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from .cli_common import model_overrides
+
 VISION_FILE = "vision.json"  # training-only data settings of a run (augmentation)
 
 
@@ -87,20 +89,10 @@ def _train(args: argparse.Namespace) -> tuple[dict[str, Any] | None, str]:
     if not args.resume:
         over: dict[str, Any] = {"image_size": vis["image_size"], "channels": vis["channels"],
                                 "num_classes": data.num_classes}
-        for key in ("patch_size", "pos_embed", "d_model", "n_layer", "n_head", "activation",
-                    "d_ff"):
-            if getattr(args, key) is not None:
-                over[key] = getattr(args, key)
+        over.update(model_overrides(args, ("patch_size", "pos_embed", "d_model", "n_layer",
+                                           "n_head", "activation", "d_ff")))
         if args.d_model and not args.d_ff:
             over["d_ff"] = 4 * args.d_model
-        if args.ratios:
-            over["ratios"] = args.ratios
-            over["names"] = (tuple(args.names.split(",")) if args.names
-                             else tuple(f"g{i}" for i in range(len(args.ratios))))
-        elif args.names:
-            over["names"] = tuple(args.names.split(","))
-        if args.nest_heads:
-            over["nest_heads"] = True
         mcfg = vit_preset(args.preset, **over)
         if args.mode == "baseline":
             mcfg = mcfg.dense(args.granularity)

@@ -200,42 +200,52 @@ AXES = {"non_embedding_params": ("non-embedding parameters (K)", 1e-3),
         "latency_ms": ("measured latency, batch 1 (ms)", 1.0)}
 
 
+def _xy(pts: list[dict[str, Any]], key: str, scale: float, metric: str, yscale: float
+        ) -> tuple[list[float], list[float]]:
+    return [r[key] * scale for r in pts], [yscale * r[metric] for r in pts]
+
+
 def plot_sweep(result: dict[str, Any], path: str | Path) -> Path:
-    """Accuracy against parameters, FLOPs and latency: candidates by pattern, Pareto front,
-    the uniform granularities joined, baselines as diamonds."""
+    """Accuracy (top row) and held-out loss (bottom row; it still separates submodels when
+    accuracy saturates) against parameters, FLOPs and latency: candidates by pattern, Pareto
+    front, the uniform granularities joined, baselines as diamonds."""
     plt = _plt()
     rows, base = result["candidates"], result.get("baselines", [])
     keys = [k for k in AXES if rows and all(k in r for r in rows)]
-    fig, axes = plt.subplots(1, len(keys), figsize=(5.6 * len(keys), 4.6), squeeze=False)
-    for ax, key in zip(axes[0], keys, strict=True):
-        label, scale = AXES[key]
-        for pattern, color in COLORS.items():
-            pts = [r for r in rows if r["pattern"] == pattern]
+    metrics = (("accuracy", "held-out top-1 accuracy (%)", 100.0, "error"),
+               ("val_loss", "held-out loss (nats)", 1.0, "val_loss"))
+    fig, axes = plt.subplots(2, len(keys), figsize=(5.6 * len(keys), 8.4), squeeze=False)
+    for row_axes, (metric, ylabel, yscale, order) in zip(axes, metrics, strict=True):
+        for ax, key in zip(row_axes, keys, strict=True):
+            label, scale = AXES[key]
+            spec = (key, scale, metric, yscale)
+            for pattern, color in COLORS.items():
+                pts = [r for r in rows if r["pattern"] == pattern]
+                if pts:
+                    ax.scatter(*_xy(pts, *spec), s=22, alpha=0.8, color=color, label=pattern,
+                               zorder=3)
+            cost_key = "params" if key == "non_embedding_params" else key
+            front = [rows[i] for i in mm.pareto_front(rows, cost_key, loss=order)]
+            ax.step(*_xy(front, *spec), where="post", color="tab:red", lw=1.2,
+                    label="Pareto front", zorder=2)
+            uni = sorted((r for r in rows if r["pattern"] == "uniform"),
+                         key=lambda r: r["params"])
+            ax.plot(*_xy(uni, *spec), "ks--", lw=1, ms=8, label="MatViT S/M/L/XL", zorder=4)
+            for r, x, y in zip(uni, *_xy(uni, *spec), strict=True):
+                ax.annotate(r["name"], (x, y), xytext=(5, 5), textcoords="offset points",
+                            weight="bold")
+            pts = sorted((r for r in base if key in r), key=lambda r, k=key: r[k])
             if pts:
-                ax.scatter([r[key] * scale for r in pts], [100 * r["accuracy"] for r in pts],
-                           s=22, alpha=0.8, color=color, label=pattern, zorder=3)
-        front = [rows[i] for i in mm.pareto_front(rows, key if key != "non_embedding_params"
-                                                  else "params", loss="error")]
-        ax.step([r[key] * scale for r in front], [100 * r["accuracy"] for r in front],
-                where="post", color="tab:red", lw=1.2, label="Pareto front", zorder=2)
-        uni = sorted((r for r in rows if r["pattern"] == "uniform"), key=lambda r: r["params"])
-        ax.plot([r[key] * scale for r in uni], [100 * r["accuracy"] for r in uni], "ks--",
-                lw=1, ms=8, label="MatViT S/M/L/XL", zorder=4)
-        for r in uni:
-            ax.annotate(r["name"], (r[key] * scale, 100 * r["accuracy"]), xytext=(5, 5),
-                        textcoords="offset points", weight="bold")
-        pts = [r for r in base if key in r]
-        if pts:
-            ax.plot([r[key] * scale for r in pts], [100 * r["accuracy"] for r in pts], "D:",
-                    color="tab:olive", mec="black", ms=8, label="baselines", zorder=5)
-        ax.set_xlabel(label)
-        ax.set_ylabel("held-out top-1 accuracy (%)")
-        ax.grid(alpha=0.3)
+                ax.plot(*_xy(pts, *spec), "D:", color="tab:olive", mec="black", ms=8,
+                        label="baselines", zorder=5)
+            ax.set_xlabel(label)
+            ax.set_ylabel(ylabel)
+            ax.grid(alpha=0.3)
     handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=9)
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 7), fontsize=9)
     fig.suptitle(f"MatViT Mix'n'Match: {result.get('checkpoint', '')}", fontsize=10)
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
-    fig.savefig(path, dpi=110)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return Path(path)
 

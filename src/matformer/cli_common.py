@@ -1,0 +1,80 @@
+"""Pieces shared by the command-line modules: the examples epilog and argument types."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+EXAMPLES = """\
+examples:
+  matformer train --preset demo --data shakespeare --out runs/demo      # nested LM, ~12 min CPU
+  matformer train --preset demo --mode baseline --granularity S --out runs/base-S
+  matformer train --out runs/demo --resume                             # continue a killed run
+  matformer eval runs/demo                                             # S/M/L/XL loss table
+  matformer eval runs/demo --widths 128,128,256,256,512,1024 --json
+  matformer generate runs/demo --prompt "ROMEO." --granularity S
+  matformer mixnmatch runs/demo                          # Mix'n'Match sweep, plot, Pareto front
+  matformer extract runs/demo --max-params 4.5e6 --out runs/demo-4.5M  # best submodel that fits
+  matformer export-hf runs/demo-4.5M --out hf/demo-4.5M --check        # transformers folder
+  matformer vision train --out runs/vit                                # MatViT on 8x8 digits
+"""
+
+
+def floats(text: str) -> tuple[float, ...]:
+    """argparse type: ``"0.25,0.75"`` -> (0.25, 0.75)."""
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected numbers separated by commas") from e
+
+
+def model_overrides(args: argparse.Namespace, keys: tuple[str, ...]) -> dict[str, Any]:
+    """ModelConfig fields given on the command line: ``keys`` copied when set, plus the
+    granularity flags (--ratios, --names: names default to g0, g1, ... for custom ratios) and
+    --nest-heads."""
+    over: dict[str, Any] = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
+    if args.ratios:
+        over["ratios"] = args.ratios
+        over["names"] = (tuple(args.names.split(",")) if args.names
+                         else tuple(f"g{i}" for i in range(len(args.ratios))))
+    elif args.names:
+        over["names"] = tuple(args.names.split(","))
+    if args.nest_heads:
+        over["nest_heads"] = True
+    return over
+
+
+def add_training_args(p: argparse.ArgumentParser, *, steps: int, batch_size: int,
+                      weight_decay: float, eval_interval: int, ckpt_interval: int,
+                      precision: str) -> argparse._ArgumentGroup:
+    """The training-loop flags shared by ``matformer train`` and ``matformer vision train``."""
+    from .train import MODES
+
+    t = p.add_argument_group("training")
+    t.add_argument("--mode", default="sample", choices=MODES,
+                   help="sample: one granularity per step (the paper); joint: all of them on "
+                   "every batch; baseline: a dense model at --granularity's width")
+    t.add_argument("--granularity", default="XL", help="baseline mode: which width to train")
+    t.add_argument("--steps", type=int, default=steps)
+    t.add_argument("--batch-size", type=int, default=batch_size,
+                   help="global batch (over all processes and micro-batches)")
+    t.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (AdamW)")
+    t.add_argument("--warmup-steps", type=int, default=50,
+                   help="linear warm-up (at most a tenth of --steps), then cosine decay")
+    t.add_argument("--weight-decay", type=float, default=weight_decay)
+    t.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: off)")
+    t.add_argument("--probs", type=floats, help="sample mode: per-granularity probabilities")
+    t.add_argument("--loss-weights", type=floats, help="joint mode: per-granularity weights")
+    t.add_argument("--eval-interval", type=int, default=eval_interval)
+    t.add_argument("--ckpt-interval", type=int, default=ckpt_interval)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--precision", default=precision, choices=("bf16", "fp32"),
+                   help="bf16 autocast (about 2x faster for mid-sized models on AMX CPUs and on "
+                   "GPUs) or fp32")
+    t.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    t.add_argument("--parallel", choices=("none", "ddp", "fsdp"),
+                   help="data parallelism when launched by torchrun with several processes "
+                   "(default ddp; may be changed on --resume, as may the number of processes)")
+    t.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="auto: CUDA (NCCL) when available, else CPU (gloo)")
+    return t

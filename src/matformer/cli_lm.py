@@ -1,0 +1,404 @@
+"""``matformer train | eval | generate | consistency``: language-model commands."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .cli_common import EXAMPLES, add_training_args, floats, model_overrides
+
+
+def add_train(sub: argparse._SubParsersAction) -> None:
+    from .config import PRESETS
+    from .data import CORPORA
+
+    p = sub.add_parser(
+        "train", help="train a nested LM (or a dense baseline)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train a MatFormer LM. Modes: 'sample' draws one granularity per step "
+        "(the paper's recipe), 'joint' trains all granularities on every batch, 'baseline' "
+        "trains an ordinary dense model at one granularity's width.\n\nToken budgets: the paper "
+        "gives a MatFormer 4X tokens when each of its 4 baselines gets X; use --tokens for that.",
+        epilog=EXAMPLES)
+    p.add_argument("--out", required=True, type=Path, help="run directory (created)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its latest checkpoint, with its saved "
+                   "settings (other flags are ignored)")
+    m = p.add_argument_group("model")
+    m.add_argument("--preset", default="demo", choices=sorted(PRESETS))
+    m.add_argument("--ratios", type=floats, help="granularities as fractions of d_ff, e.g. "
+                   "0.125,0.25,0.5,1 (default: the paper's S/M/L/XL)")
+    m.add_argument("--names", help="granularity names, comma separated (default S,M,L,XL)")
+    m.add_argument("--activation", choices=("swiglu", "gelu", "relu2"))
+    m.add_argument("--n-kv-head", type=int, help="key/value heads (grouped-query attention)")
+    m.add_argument("--nest-heads", action="store_true", help="nest attention heads too")
+    m.add_argument("--tokenizer", default="bpe", choices=("bpe", "byte"))
+    m.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size")
+    d = p.add_argument_group("data")
+    d.add_argument("--data", default="shakespeare",
+                   help=f"embedded corpus {CORPORA}, a text file, a directory or a glob")
+    d.add_argument("--val-fraction", type=float, default=0.1)
+    t = add_training_args(p, steps=600, batch_size=16, weight_decay=0.1, eval_interval=100,
+                          ckpt_interval=100, precision="bf16")
+    t.add_argument("--tokens", type=float, help="token budget; sets --steps")
+    t.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step")
+    t.add_argument("--seq-len", type=int, help="context of training windows (default: the "
+                   "model's max_seq_len)")
+    t.add_argument("--eval-batches", type=int, default=20)
+
+
+def add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="validation loss/perplexity of every granularity or widths",
+                       epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", type=Path, help="checkpoint or run directory")
+    p.add_argument("--granularity", help="only this granularity (default: all)")
+    p.add_argument("--widths", help="per-layer FFN widths: one int, or one per layer")
+    p.add_argument("--data", help="corpus (default: the one the checkpoint was trained on)")
+    p.add_argument("--batches", type=int, help="limit validation batches (default: all)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--precision", default="fp32", choices=("bf16", "fp32"))
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def add_generate(sub: argparse._SubParsersAction) -> None:
+    examples = """\
+examples:
+  matformer generate runs/demo --prompt "ROMEO." --granularity S --stream
+  matformer generate runs/demo --prompt "ROMEO." --prompt "JULIET." --temperature 0  # a batch
+  matformer generate runs/demo --prompt "ROMEO." --draft S --shared-cache --stats  # S drafts XL
+  matformer generate runs/demo --granularity L --draft M --adaptive --temperature 0.8
+  matformer generate runs/demo --draft-model runs/base-S --stats       # external drafter
+"""
+    p = sub.add_parser(
+        "generate", help="sample text from any submodel (KV cache; speculative with --draft)",
+        description="Generate with a KV cache from any submodel. With --draft, a smaller "
+        "submodel of the same weights drafts tokens that the target (--granularity/--widths, "
+        "default the full model) verifies: the output follows the target's distribution "
+        "(token for token at --temperature 0).",
+        epilog=examples, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", type=Path, help="checkpoint or run directory")
+    p.add_argument("--prompt", action="append",
+                   help="prompt text; repeat for a batch (left-padded; default: a newline)")
+    p.add_argument("--granularity", help="submodel by name (default: the full model)")
+    p.add_argument("--widths", help="per-layer FFN widths: one int, or one per layer")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    p.add_argument("--no-cache", action="store_true",
+                   help="the slow reference decoder (re-runs the whole context every token)")
+    p.add_argument("--stats", action="store_true",
+                   help="print tokens/s (and, speculative, acceptance) to stderr")
+    p.add_argument("--json", action="store_true")
+    s = p.add_argument_group("speculative decoding")
+    s.add_argument("--draft", help="drafter: a granularity name or per-layer widths of the "
+                   "same weights (or of --draft-model)")
+    s.add_argument("--draft-model", type=Path,
+                   help="a separately trained drafter checkpoint with the same tokenizer")
+    s.add_argument("--shared-cache", action="store_true",
+                   help="one KV cache for drafter and target (the target overwrites the draft's)")
+    s.add_argument("--draft-len", type=int, default=4, help="tokens drafted per round")
+    s.add_argument("--adaptive", action="store_true",
+                   help="grow/shrink the draft length with the acceptance")
+
+
+def add_consistency(sub: argparse._SubParsersAction) -> None:
+    examples = """\
+examples:
+  matformer consistency runs/demo                      # S/M/L vs XL on validation prefixes
+  matformer consistency runs/demo --widths 128,128,256,256,512,1024 --json
+  matformer consistency runs/demo --baselines runs/base-S runs/base-M runs/base-L runs/base-XL
+"""
+    p = sub.add_parser(
+        "consistency", help="how often submodels agree with the full model (hard %%, soft KL)",
+        description="Consistency (paper sec. 3.4): hard = %% of validation prefixes where a "
+        "submodel's greedy next token equals the full model's; soft = mean KL(full || "
+        "submodel) of the next-token distributions. With --baselines, the same numbers for "
+        "independently trained dense models against the last of them (their XL), side by side.",
+        epilog=examples, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", type=Path, help="checkpoint or run directory")
+    p.add_argument("--widths", action="append", default=[],
+                   help="also measure these per-layer FFN widths (repeatable)")
+    p.add_argument("--baselines", nargs="+", type=Path, metavar="CKPT",
+                   help="dense baselines, one per granularity; the last is their reference")
+    p.add_argument("--data", help="corpus (default: the one the checkpoint was trained on)")
+    p.add_argument("--batches", type=int, default=20, help="validation batches (default 20)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--precision", default="fp32", choices=("bf16", "fp32"))
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+
+# --------------------------------------------------------------------------- commands
+def train(args: argparse.Namespace) -> int:
+    from . import checkpoint as ckpt
+    from . import distributed as dist
+    from .config import preset
+    from .data import load_corpus, prepare_data
+    from .model import MatFormerLM
+    from .tokenizer import Tokenizer
+    from .train import TRAIN_CONFIG, LMTask, TrainConfig, Trainer
+
+    env = dist.setup(args.device)
+    say = print if env.is_main else (lambda *a, **k: None)
+    if args.resume:
+        cfg = TrainConfig.from_dict(json.loads((args.out / TRAIN_CONFIG).read_text()))
+        if args.parallel:
+            cfg = dataclasses.replace(cfg, parallel=args.parallel)
+        model, tokenizer = ckpt.load_checkpoint(args.out)
+        say(f"resuming {ckpt.resolve(args.out)} with its saved settings on {env.world_size} "
+            f"process(es)")
+    else:
+        if (args.out / ckpt.LATEST).exists():
+            say(f"error: {args.out} already holds a run; pass --resume to continue it or "
+                "choose another --out", file=sys.stderr)
+            return 2
+        tokenizer_file = args.out / "tokenizer.json"
+        if env.is_main:  # one rank trains the tokenizer, the others read it
+            docs = load_corpus(args.data)
+            train_text = [doc[: int(len(doc) * (1 - args.val_fraction))] for doc in docs]
+            tokenizer = (Tokenizer.train_bpe(train_text, args.vocab_size)
+                         if args.tokenizer == "bpe" else Tokenizer.byte_level())
+            tokenizer.save(tokenizer_file)
+        dist.barrier()
+        tokenizer = Tokenizer.load(tokenizer_file)
+        mcfg = preset(args.preset, vocab_size=tokenizer.vocab_size, **model_overrides(args, ("activation", "n_kv_head")))
+        if args.mode == "baseline":
+            mcfg = mcfg.dense(args.granularity)
+        seq_len = args.seq_len or mcfg.max_seq_len
+        steps = args.steps
+        if args.tokens:
+            steps = max(1, math.ceil(args.tokens / (args.batch_size * seq_len)))
+        cfg = TrainConfig(
+            mode=args.mode, data=args.data, val_fraction=args.val_fraction, steps=steps,
+            batch_size=args.batch_size, grad_accum=args.grad_accum, seq_len=args.seq_len,
+            lr=args.lr, warmup_steps=min(args.warmup_steps, max(1, steps // 10)),
+            weight_decay=args.weight_decay, grad_clip=args.grad_clip, probs=args.probs,
+            loss_weights=args.loss_weights, eval_interval=args.eval_interval,
+            eval_batches=args.eval_batches, ckpt_interval=args.ckpt_interval, seed=args.seed,
+            precision=args.precision, parallel=args.parallel or "ddp")
+        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+        model = MatFormerLM(mcfg)
+    if env.is_main:  # tokenise once into the shared cache before the other ranks read it
+        data = prepare_data(cfg.data, tokenizer, val_fraction=cfg.val_fraction)
+    dist.barrier()
+    if not env.is_main:
+        data = prepare_data(cfg.data, tokenizer, val_fraction=cfg.val_fraction)
+    mc = model.config
+    task = LMTask(data, tokenizer, cfg.seq_len or mc.max_seq_len)
+    wrapped = dist.wrap(model.to(env.device), cfg.parallel, env, cfg.precision)
+    trainer = Trainer(wrapped, task, cfg, args.out, env=env, progress=not args.no_progress)
+    if args.resume:
+        trainer.resume()
+    grans = ", ".join(f"{n}={mc.ffn_widths(n)[0]}" for n in mc.names)
+    say(f"model: {model.num_params() / 1e6:.2f}M params "
+        f"({mc.num_params(embedding=False) / 1e6:.2f}M non-embedding); FFN widths {grans}")
+    say(f"data: {cfg.data}: {len(data.train):,} train / {len(data.val):,} val tokens; "
+        f"{cfg.steps} steps x {cfg.batch_size} x {task.seq_len} tokens, mode={cfg.mode}"
+        + (f", {cfg.parallel} on {env.world_size} ranks" if env.distributed else ""))
+    t0 = time.perf_counter()
+    final = trainer.fit()
+    elapsed = time.perf_counter() - t0
+    if env.is_main:
+        _print_losses(final, data, tokenizer.vocab_size)
+        say(f"trained {trainer.step} steps in {elapsed / 60:.1f} min; checkpoint: "
+            f"{args.out / 'latest'} -> {(args.out / 'latest').read_text().strip()}")
+    dist.teardown()
+    return 0
+
+
+def _print_losses(losses: dict[str, float], data: Any, vocab_size: int) -> None:
+    from .data import unigram_entropy
+    from .metrics import perplexity
+
+    print(f"{'granularity':<12}{'val loss':>10}{'ppl':>10}")
+    for name, loss in losses.items():
+        print(f"{name:<12}{loss:>10.4f}{perplexity(loss):>10.2f}")
+    print(f"(unigram entropy of the validation tokens: {unigram_entropy(data.val, vocab_size):.4f})")
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    from . import checkpoint as ckpt
+    from .config import parse_widths
+    from .metrics import evaluate_loss, perplexity, validation_batches
+
+    model, tokenizer = ckpt.load_checkpoint(args.checkpoint)
+    batches, info = validation_batches(args.checkpoint, tokenizer, data=args.data,
+                                       batch_size=args.batch_size, max_batches=args.batches)
+    cfg = model.config
+    if args.widths:
+        targets = {"custom": parse_widths(args.widths, cfg.n_layer)}
+    elif args.granularity:
+        targets = {args.granularity: cfg.ffn_widths(args.granularity)}
+    else:
+        targets = {name: cfg.ffn_widths(name) for name in cfg.names}
+    rows = []
+    for name, widths in targets.items():
+        heads = name if cfg.nest_heads and name in cfg.names else None
+        loss = evaluate_loss(model, batches, widths=widths, heads=heads, precision=args.precision)
+        rows.append({"name": name, "widths": list(model.resolve_widths(widths)),
+                     "params": cfg.num_params(widths),
+                     "non_embedding_params": cfg.num_params(widths, embedding=False),
+                     "val_loss": loss, "perplexity": perplexity(loss)})
+    result = {"checkpoint": str(ckpt.resolve(args.checkpoint)), **info, "results": rows}
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"{result['checkpoint']} on {info['data']} ({result['val_tokens']:,} validation tokens)")
+    print(f"{'submodel':<10}{'FFN widths':<28}{'non-emb params':>15}{'val loss':>10}{'ppl':>9}")
+    for r in rows:
+        w = r["widths"]
+        ws = str(w[0]) + " (all layers)" if len(set(w)) == 1 else ",".join(map(str, w))
+        print(f"{r['name']:<10}{ws:<28}{r['non_embedding_params'] / 1e6:>14.2f}M"
+              f"{r['val_loss']:>10.4f}{r['perplexity']:>9.2f}")
+    print(f"(unigram entropy of the validation tokens: {result['unigram_entropy']:.4f} nats)")
+    return 0
+
+
+def generate(args: argparse.Namespace) -> int:
+    from . import checkpoint as ckpt
+    from .config import parse_widths
+    from .generate import generate, generate_stream
+    from .speculative import SpecStats, speculative_stream
+
+    model, tokenizer = ckpt.load_checkpoint(args.checkpoint)
+    cfg = model.config
+    widths: Any = args.granularity
+    if args.widths:
+        widths = parse_widths(args.widths, cfg.n_layer)
+    heads = args.granularity if cfg.nest_heads and args.granularity else None
+    prompts = [tokenizer.encode(p) or [tokenizer.eos_id] for p in args.prompt or ["\n"]]
+    gen = torch.Generator().manual_seed(args.seed)
+    sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                    eos_id=tokenizer.eos_id, generator=gen)
+    speculative = args.draft is not None or args.draft_model is not None
+    if speculative and (len(prompts) > 1 or args.no_cache):
+        raise ValueError("speculative decoding takes one --prompt and needs the KV cache")
+    stats: SpecStats | None = None
+    pieces: Any  # each piece: the new tokens of every row
+    if speculative:
+        draft_model = None
+        if args.draft_model:
+            draft_model, draft_tok = ckpt.load_checkpoint(args.draft_model)
+            if draft_tok != tokenizer:
+                raise ValueError(f"{args.draft_model} uses another tokenizer than the target")
+        dcfg = (draft_model or model).config
+        draft: Any = args.draft
+        if draft is not None and draft not in dcfg.names:
+            draft = parse_widths(draft, dcfg.n_layer)
+        stats = SpecStats()
+        pieces = ([t.tolist()] for t in speculative_stream(
+            model, torch.tensor(prompts[0]), args.max_new_tokens, draft=draft, target=widths,
+            target_heads=heads, draft_model=draft_model, shared_cache=args.shared_cache,
+            draft_len=args.draft_len, adaptive=args.adaptive, stats=stats, **sampling))
+    elif args.no_cache or (len(prompts) == 1 and
+                           len(prompts[0]) + args.max_new_tokens - 1 > cfg.max_seq_len):
+        # Longer than the context: the reference decoder slides its window (no cache).
+        out = generate(model, torch.tensor(prompts), args.max_new_tokens, widths=widths,
+                       heads=heads, use_cache=False, **sampling)
+        pieces = [out[:, len(prompts[0]):].tolist()]
+    else:
+        pieces = ([[t] for t in step.tolist()] for step in generate_stream(
+            model, prompts, args.max_new_tokens, widths=widths, heads=heads, **sampling))
+    new: list[list[int]] = [[] for _ in prompts]
+    streaming = args.stream and len(prompts) == 1 and not args.json
+    shown = tokenizer.decode(prompts[0], skip_special_tokens=True) if streaming else ""
+    print(shown, end="", flush=True)
+    t0 = time.perf_counter()
+    for piece in pieces:
+        for row, tokens in zip(new, piece, strict=True):
+            row.extend(tokens)
+        if streaming:
+            text = tokenizer.decode(prompts[0] + new[0], skip_special_tokens=True)
+            print(text[len(shown):], end="", flush=True)
+            shown = text
+    elapsed = time.perf_counter() - t0
+    texts = [tokenizer.decode(p + n, skip_special_tokens=True) for p, n in zip(prompts, new,
+                                                                              strict=True)]
+    n_new = sum(len(n) for n in new)
+    info: dict[str, Any] = {"new_tokens": n_new, "seconds": elapsed,
+                            "tokens_per_second": n_new / elapsed if elapsed else 0.0}
+    if stats is not None:
+        info.update(stats.as_dict())
+    if args.json:
+        print(json.dumps({"widths": list(model.resolve_widths(widths)), "text": texts[0],
+                          "texts": texts, "stats": info}))
+        return 0
+    if streaming:
+        print()
+    else:
+        print("\n\n".join(texts))
+    if args.stats:
+        line = f"{n_new} tokens in {elapsed:.2f}s ({info['tokens_per_second']:.1f} tokens/s)"
+        if stats is not None:
+            line += (f"; {stats.mode}: acceptance {stats.acceptance_rate:.1%}, "
+                     f"{stats.tokens_per_target_forward:.2f} tokens per target forward, "
+                     f"{stats.rounds} rounds")
+        print(line, file=sys.stderr)
+    return 0
+
+
+def consistency(args: argparse.Namespace) -> int:
+    from . import checkpoint as ckpt
+    from .config import parse_widths
+    from .metrics import (
+        Submodel,
+        evaluate_consistency,
+        granularity_consistency,
+        validation_batches,
+    )
+
+    model, tokenizer = ckpt.load_checkpoint(args.checkpoint)
+    cfg = model.config
+    extra = {w: parse_widths(w, cfg.n_layer) for w in args.widths}
+    bases = [ckpt.load_checkpoint(b) for b in args.baselines or []]
+    if len(bases) == 1:
+        raise ValueError("--baselines needs at least two checkpoints (the last is the reference)")
+    if any(tok != tokenizer for _, tok in bases):
+        raise ValueError("every baseline must use the checkpoint's tokenizer")
+    batches, info = validation_batches(args.checkpoint, tokenizer, data=args.data,
+                                       batch_size=args.batch_size, max_batches=args.batches)
+    rows = granularity_consistency(model, batches, extra=extra, precision=args.precision)
+    for name, r in rows.items():
+        w = model.resolve_widths(extra.get(name, name if name in cfg.names else None))
+        r.update(widths=list(w), non_embedding_params=cfg.num_params(w, embedding=False))
+    base_rows: dict[str, dict[str, Any]] = {}
+    if bases:
+        names = [b.config.names[-1] for b, _ in bases]
+        if len(set(names)) != len(names):
+            names = [f"{n}#{i}" for i, n in enumerate(names)]
+        base_rows = evaluate_consistency({n: Submodel(b) for n, (b, _) in zip(names, bases,
+                                                                             strict=True)},
+                                         Submodel(bases[-1][0]), batches,
+                                         precision=args.precision)
+        for n, (b, _) in zip(names, bases, strict=True):
+            base_rows[n]["non_embedding_params"] = b.config.num_params(embedding=False)
+    result = {"checkpoint": str(ckpt.resolve(args.checkpoint)), "data": info["data"],
+              "prefixes": next(iter(rows.values()))["tokens"], "matformer": rows,
+              "baselines": base_rows or None}
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"{result['checkpoint']} on {info['data']}: {result['prefixes']:,} validation prefixes; "
+          "hard = greedy next-token agreement with XL, soft = KL(XL || submodel) in nats")
+    head = f"{'submodel':<10}{'non-emb':>9}{'hard':>9}{'soft KL':>9}"
+    print(head + (f"   | {'baseline':<10}{'non-emb':>9}{'hard':>9}{'soft KL':>9}"
+                  if bases else ""))
+    for name in [*rows, *(n for n in base_rows if n not in rows)]:
+        r, b = rows.get(name), base_rows.get(name)
+        left = (f"{name:<10}{r['non_embedding_params'] / 1e6:>8.2f}M{r['hard']:>9.2%}"
+                f"{r['soft_kl']:>9.4f}" if r else " " * 37)
+        right = (f"   | {name:<10}{b['non_embedding_params'] / 1e6:>8.2f}M{b['hard']:>9.2%}"
+                 f"{b['soft_kl']:>9.4f}" if b else "")
+        print(left + right)
+    return 0
