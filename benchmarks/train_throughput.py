@@ -59,6 +59,12 @@ class Variant:
         return statistics.median(self.times)
 
 
+def sync() -> None:
+    """Wait for queued GPU work so a step's time is its own (a no-op on CPU)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -107,7 +113,7 @@ def build_variants(cfg: ModelConfig, args: argparse.Namespace, data: TokenDatase
 
     def trainer(model_cfg: ModelConfig, **kw) -> Trainer:
         torch.manual_seed(0)
-        model = MatFormerLM(model_cfg)
+        model = MatFormerLM(model_cfg).to(args.device)
         model.train()
         return Trainer(model, task, TrainConfig(**common, **kw), run_dir, progress=False)
 
@@ -132,8 +138,10 @@ def build_variants(cfg: ModelConfig, args: argparse.Namespace, data: TokenDatase
 
 
 def run_step(v: Variant) -> float:
+    sync()
     t0 = time.perf_counter()
     record = v.trainer.train_step()
+    sync()
     elapsed = time.perf_counter() - t0
     trained = list(record["loss"])
     expected = list(v.trainer.names) if v.kind == "joint" else [v.granularity]
@@ -217,6 +225,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--precision", default="bf16", choices=("bf16", "fp32"))
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--repeats", type=int, default=12, help="timed rounds (one step per variant)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant first")
     p.add_argument("--threads", type=int, default=None,

@@ -103,3 +103,17 @@ def test_single_process_checkpoint_resumes_on_two_ranks(runs: Path, tmp_path: Pa
     w_resumed, w_single = _weights(run), _weights(runs / "single")
     for k in w_single:
         torch.testing.assert_close(w_resumed[k], w_single[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL runs need two CUDA devices")
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_nccl_two_gpus_follow_single_process_trajectory(runs: Path, parallel: str) -> None:
+    """The same invariant on NCCL with bf16 off: 2 GPUs vs the single-process CPU run."""
+    out = f"nccl-{parallel}"
+    _train(runs, out, 2, *ARGS[:-2], "--device", "cuda", "--data", "c.txt",
+           "--parallel", parallel)
+    single, multi = _losses(runs / "single"), _losses(runs / out)
+    assert [n for n, _ in single] == [n for n, _ in multi]
+    for (name, a), (_, b) in zip(single, multi, strict=True):
+        assert abs(a - b) < 1e-3 * max(1.0, abs(a)), (name, a, b)
