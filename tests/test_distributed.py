@@ -27,7 +27,9 @@ ARGS = ["--preset", "tiny", "--tokenizer", "byte", "--steps", "8", "--batch-size
 
 
 def _run(cmd: list[str], cwd: Path) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # The token cache lives beside the runs (module-scoped fixtures start before the autouse
+    # fixture that isolates the cache for each test).
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MATFORMER_CACHE": str(cwd / "token-cache")}
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr[-4000:]}"
 

@@ -210,7 +210,7 @@ def save_run_checkpoint(run_dir: Path, step: int, model: MatFormerLM | MatViT,
                         tokenizer: Tokenizer | None,
                         train_state: dict[str, Any], keep: int = 2,
                         metadata: dict[str, Any] | None = None) -> Path:
-    """Save ``checkpoints/step_XXXXXX`` in a run directory, point ``latest`` at it, prune old."""
+    """Save ``checkpoints/step_NNNNNN`` in a run directory, point ``latest`` at it, prune old."""
     rel = Path(CHECKPOINTS) / f"step_{step:06d}"
     path = save_checkpoint(run_dir / rel, model, tokenizer, train_state=train_state,
                            metadata=metadata)
