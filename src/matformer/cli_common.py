@@ -69,8 +69,8 @@ def add_training_args(p: argparse.ArgumentParser, *, steps: int, batch_size: int
     t.add_argument("--ckpt-interval", type=int, default=ckpt_interval)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--precision", default=precision, choices=("bf16", "fp32"),
-                   help="bf16 autocast (about 2x faster for mid-sized models on AMX CPUs and on "
-                   "GPUs) or fp32")
+                   help="bf16 autocast or fp32; compare their speed on your machine with "
+                   "benchmarks/train_throughput.py --precision")
     t.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     t.add_argument("--parallel", choices=("none", "ddp", "fsdp"),
                    help="data parallelism when launched by torchrun with several processes "
@@ -78,3 +78,10 @@ def add_training_args(p: argparse.ArgumentParser, *, steps: int, batch_size: int
     t.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                    help="auto: CUDA (NCCL) when available, else CPU (gloo)")
     return t
+
+
+def add_command(sub: argparse._SubParsersAction, name: str, help_: str, epilog: str,
+                description: str | None = None) -> argparse.ArgumentParser:
+    """One subcommand, with its examples printed verbatim under ``--help``."""
+    return sub.add_parser(name, help=help_, description=description or help_, epilog=epilog,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)

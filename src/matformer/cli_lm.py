@@ -13,21 +13,19 @@ from typing import Any
 
 import torch
 
-from .cli_common import EXAMPLES, add_training_args, floats, model_overrides
+from .cli_common import EXAMPLES, add_command, add_training_args, floats, model_overrides
 
 
 def add_train(sub: argparse._SubParsersAction) -> None:
     from .config import PRESETS
     from .data import CORPORA
 
-    p = sub.add_parser(
-        "train", help="train a nested LM (or a dense baseline)",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = add_command(
+        sub, "train", "train a nested LM (or a dense baseline)", EXAMPLES,
         description="Train a MatFormer LM. Modes: 'sample' draws one granularity per step "
         "(the paper's recipe), 'joint' trains all granularities on every batch, 'baseline' "
         "trains an ordinary dense model at one granularity's width.\n\nToken budgets: the paper "
-        "gives a MatFormer 4X tokens when each of its 4 baselines gets X; use --tokens for that.",
-        epilog=EXAMPLES)
+        "gives a MatFormer 4X tokens when each of its 4 baselines gets X; use --tokens for that.")
     p.add_argument("--out", required=True, type=Path, help="run directory (created)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its latest checkpoint, with its saved "
@@ -56,8 +54,8 @@ def add_train(sub: argparse._SubParsersAction) -> None:
 
 
 def add_eval(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="validation loss/perplexity of every granularity or widths",
-                       epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = add_command(
+        sub, "eval", "validation loss/perplexity of every granularity or widths", EXAMPLES)
     p.add_argument("checkpoint", type=Path, help="checkpoint or run directory")
     p.add_argument("--granularity", help="only this granularity (default: all)")
     p.add_argument("--widths", help="per-layer FFN widths: one int, or one per layer")
@@ -77,13 +75,13 @@ examples:
   matformer generate runs/demo --granularity L --draft M --adaptive --temperature 0.8
   matformer generate runs/demo --draft-model runs/base-S --stats       # external drafter
 """
-    p = sub.add_parser(
-        "generate", help="sample text from any submodel (KV cache; speculative with --draft)",
+    p = add_command(
+        sub, "generate", "sample text from any submodel (KV cache; speculative with --draft)",
+        examples,
         description="Generate with a KV cache from any submodel. With --draft, a smaller "
         "submodel of the same weights drafts tokens that the target (--granularity/--widths, "
         "default the full model) verifies: the output follows the target's distribution "
-        "(token for token at --temperature 0).",
-        epilog=examples, formatter_class=argparse.RawDescriptionHelpFormatter)
+        "(token for token at --temperature 0).")
     p.add_argument("checkpoint", type=Path, help="checkpoint or run directory")
     p.add_argument("--prompt", action="append",
                    help="prompt text; repeat for a batch (left-padded; default: a newline)")
@@ -119,13 +117,13 @@ examples:
   matformer consistency runs/demo --widths 128,128,256,256,512,1024 --json
   matformer consistency runs/demo --baselines runs/base-S runs/base-M runs/base-L runs/base-XL
 """
-    p = sub.add_parser(
-        "consistency", help="how often submodels agree with the full model (hard %%, soft KL)",
+    p = add_command(
+        sub, "consistency", "how often submodels agree with the full model (hard %%, soft KL)",
+        examples,
         description="Consistency (paper sec. 3.4): hard = %% of validation prefixes where a "
         "submodel's greedy next token equals the full model's; soft = mean KL(full || "
         "submodel) of the next-token distributions. With --baselines, the same numbers for "
-        "independently trained dense models against the last of them (their XL), side by side.",
-        epilog=examples, formatter_class=argparse.RawDescriptionHelpFormatter)
+        "independently trained dense models against the last of them (their XL), side by side.")
     p.add_argument("checkpoint", type=Path, help="checkpoint or run directory")
     p.add_argument("--widths", action="append", default=[],
                    help="also measure these per-layer FFN widths (repeatable)")
@@ -172,7 +170,8 @@ def train(args: argparse.Namespace) -> int:
             tokenizer.save(tokenizer_file)
         dist.barrier()
         tokenizer = Tokenizer.load(tokenizer_file)
-        mcfg = preset(args.preset, vocab_size=tokenizer.vocab_size, **model_overrides(args, ("activation", "n_kv_head")))
+        over = model_overrides(args, ("activation", "n_kv_head"))
+        mcfg = preset(args.preset, vocab_size=tokenizer.vocab_size, **over)
         if args.mode == "baseline":
             mcfg = mcfg.dense(args.granularity)
         seq_len = args.seq_len or mcfg.max_seq_len
@@ -224,7 +223,8 @@ def _print_losses(losses: dict[str, float], data: Any, vocab_size: int) -> None:
     print(f"{'granularity':<12}{'val loss':>10}{'ppl':>10}")
     for name, loss in losses.items():
         print(f"{name:<12}{loss:>10.4f}{perplexity(loss):>10.2f}")
-    print(f"(unigram entropy of the validation tokens: {unigram_entropy(data.val, vocab_size):.4f})")
+    entropy = unigram_entropy(data.val, vocab_size)
+    print(f"(unigram entropy of the validation tokens: {entropy:.4f})")
 
 
 def evaluate(args: argparse.Namespace) -> int:

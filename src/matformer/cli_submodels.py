@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 
+from .cli_common import add_command
+
 MIXNMATCH_EXAMPLES = """\
 examples:
   matformer mixnmatch runs/demo                         # sweep -> runs/demo/mixnmatch/
@@ -57,13 +59,12 @@ def _add_eval_data(p: argparse.ArgumentParser, batches: int | None) -> None:
 def add_mixnmatch(sub: argparse._SubParsersAction) -> None:
     from .mixnmatch import PATTERNS
 
-    p = sub.add_parser("mixnmatch", help="sweep Mix'n'Match submodels: loss, size, latency",
-                       epilog=MIXNMATCH_EXAMPLES,
-                       formatter_class=argparse.RawDescriptionHelpFormatter,
-                       description="Evaluate per-layer-width submodels picked by the paper's "
-                       "rule (non-decreasing with depth, least slope; one per reachable size) "
-                       "on held-out data, measure their latency here, write mixnmatch.json, "
-                       "mixnmatch.png and mixnmatch.md, and optionally pick one for a budget.")
+    p = add_command(
+        sub, "mixnmatch", "sweep Mix'n'Match submodels: loss, size, latency", MIXNMATCH_EXAMPLES,
+        description="Evaluate per-layer-width submodels picked by the paper's "
+        "rule (non-decreasing with depth, least slope; one per reachable size) "
+        "on held-out data, measure their latency here, write mixnmatch.json, "
+        "mixnmatch.png and mixnmatch.md, and optionally pick one for a budget.")
     p.add_argument("checkpoint", type=Path, help="checkpoint or run directory")
     p.add_argument("--out", type=Path, help="output directory (default: CHECKPOINT/mixnmatch)")
     p.add_argument("--patterns", default="rule", help="comma-separated, from "
@@ -81,9 +82,8 @@ def add_mixnmatch(sub: argparse._SubParsersAction) -> None:
 
 
 def add_extract(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("extract", help="save any submodel as a standalone dense checkpoint",
-                       epilog=MIXNMATCH_EXAMPLES,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = add_command(
+        sub, "extract", "save any submodel as a standalone dense checkpoint", MIXNMATCH_EXAMPLES)
     p.add_argument("checkpoint", type=Path)
     p.add_argument("--out", type=Path, required=True, help="new checkpoint directory")
     p.add_argument("--name", help="granularity name stored in the config (default: derived)")
@@ -94,13 +94,12 @@ def add_extract(sub: argparse._SubParsersAction) -> None:
 
 
 def add_export_hf(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export-hf", help="write a Hugging Face transformers folder",
-                       epilog=MIXNMATCH_EXAMPLES,
-                       formatter_class=argparse.RawDescriptionHelpFormatter,
-                       description="Export a checkpoint (or one of its submodels) as a folder "
-                       "that stock transformers loads with AutoModelForCausalLM/AutoTokenizer "
-                       "(no trust_remote_code). swiglu -> Llama, gelu/relu2 -> Arcee. Per-layer "
-                       "widths are zero-padded to the widest layer: exact, but no faster than it.")
+    p = add_command(
+        sub, "export-hf", "write a Hugging Face transformers folder", MIXNMATCH_EXAMPLES,
+        description="Export a checkpoint (or one of its submodels) as a folder "
+        "that stock transformers loads with AutoModelForCausalLM/AutoTokenizer "
+        "(no trust_remote_code). swiglu -> Llama, gelu/relu2 -> Arcee. Per-layer "
+        "widths are zero-padded to the widest layer: exact, but no faster than it.")
     p.add_argument("checkpoint", type=Path)
     p.add_argument("--out", type=Path, required=True)
     _add_submodel(p)
@@ -112,9 +111,8 @@ def add_export_hf(sub: argparse._SubParsersAction) -> None:
 
 
 def add_import_hf(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("import-hf", help="convert a Llama/Arcee transformers folder to ours",
-                       epilog=MIXNMATCH_EXAMPLES,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = add_command(
+        sub, "import-hf", "convert a Llama/Arcee transformers folder to ours", MIXNMATCH_EXAMPLES)
     p.add_argument("folder", type=Path)
     p.add_argument("--out", type=Path, required=True, help="new checkpoint directory")
     p.add_argument("--data", help="record this corpus so `matformer eval` needs no --data")

@@ -66,7 +66,7 @@ class TrainConfig:
             ``eval_batches`` validation batches.
         ckpt_interval / keep_checkpoints: Checkpoint every N steps, keeping the newest K.
         seed: Seeds init, batches and granularity draws.
-        precision: ``bf16`` (autocast, ~2x faster on CPUs with AMX) or ``fp32``.
+        precision: ``bf16`` (autocast) or ``fp32`` (exact; what the equivalence tests use).
         parallel: ``ddp``, ``fsdp`` or ``none``: data parallelism under torchrun.
     """
 

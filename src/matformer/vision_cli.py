@@ -11,7 +11,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from .cli_common import add_training_args, floats
+from .cli_common import add_command, add_training_args, floats
 
 EXAMPLES = """\
 examples:
@@ -35,12 +35,6 @@ def _ints(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"{text!r}: expected integers separated by commas") from e
 
 
-def _parser(sub: argparse._SubParsersAction, name: str, help_: str, desc: str
-            ) -> argparse.ArgumentParser:
-    return sub.add_parser(name, help=help_, description=desc, epilog=EXAMPLES,
-                          formatter_class=argparse.RawDescriptionHelpFormatter)
-
-
 def _data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="'digits' or an image folder (default: the checkpoint's)")
     p.add_argument("--skip-unreadable", action="store_true",
@@ -59,11 +53,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        description="Nested ViT encoders (paper sec. 4.2): one set of weights, "
                        "classifiers and [CLS] embedders at every FFN width per layer.")
     vs = v.add_subparsers(dest="vision_command", required=True, metavar="VISION_COMMAND")
-    p = _parser(vs, "train", "train a MatViT (or a dense baseline ViT)",
-                "Train a nested ViT classifier. Modes as for LMs: 'sample' (one granularity "
-                "per step), 'joint' (all on every batch), 'baseline' (a dense ViT at one "
-                "granularity's width). Equal compute as in the paper: sample mode for 4X steps "
-                "vs each of 4 baselines for X steps (joint mode: X steps).")
+    p = add_command(
+        vs, "train", "train a MatViT (or a dense baseline ViT)", EXAMPLES,
+        description="Train a nested ViT classifier. Modes as for LMs: 'sample' (one granularity "
+        "per step), 'joint' (all on every batch), 'baseline' (a dense ViT at one "
+        "granularity's width). Equal compute as in the paper: sample mode for 4X steps "
+        "vs each of 4 baselines for X steps (joint mode: X steps).")
     p.add_argument("--out", required=True, type=Path, help="run directory (created)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--data", default="digits", help="'digits' (scikit-learn's 8x8 digits, "
@@ -91,12 +86,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--names", help="granularity names, comma separated")
     m.add_argument("--nest-heads", action="store_true", help="nest attention heads too")
     t = add_training_args(p, steps=2000, batch_size=64, weight_decay=0.05, eval_interval=250,
-                          ckpt_interval=500, precision="fp32")  # fp32: faster for tiny ViTs
+                          ckpt_interval=500, precision="fp32")  # tiny ViTs: bf16 was slower here (docs/vision.md)
     t.add_argument("--json", action="store_true", help="print the final result as JSON")
 
-    p = _parser(vs, "eval", "top-1 accuracy of every granularity (or given widths)",
-                "Held-out top-1 accuracy and loss of MatViT submodels; with --baselines, of "
-                "independently trained ViTs too, side by side by granularity name.")
+    p = add_command(
+        vs, "eval", "top-1 accuracy of every granularity (or given widths)", EXAMPLES,
+        description="Held-out top-1 accuracy and loss of MatViT submodels; with --baselines, of "
+        "independently trained ViTs too, side by side by granularity name.")
     p.add_argument("checkpoints", nargs="+", type=Path, help="MatViT checkpoint(s) or run(s)")
     p.add_argument("--granularity", help="only this granularity")
     p.add_argument("--widths", action="append", default=[],
@@ -108,12 +104,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--plot", type=Path, help="write accuracy vs parameters to this PNG")
     _data_args(p)
 
-    p = _parser(vs, "retrieve", "adaptive retrieval: XL gallery, cheaper query encoders",
-                "Embed the training images (gallery) once with the full model and the held-out "
-                "images (queries) with each submodel; report 1-NN accuracy and recall@k by "
-                "cosine similarity of [CLS] embeddings. With --baselines, the same with "
-                "independently trained ViTs as query encoders against the last baseline's "
-                "(their XL's) gallery. Writes retrieval.json/.png/.md.")
+    p = add_command(
+        vs, "retrieve", "adaptive retrieval: XL gallery, cheaper query encoders", EXAMPLES,
+        description="Embed the training images (gallery) once with the full model and the held-out "
+        "images (queries) with each submodel; report 1-NN accuracy and recall@k by "
+        "cosine similarity of [CLS] embeddings. With --baselines, the same with "
+        "independently trained ViTs as query encoders against the last baseline's "
+        "(their XL's) gallery. Writes retrieval.json/.png/.md.")
     p.add_argument("checkpoint", type=Path, help="MatViT checkpoint or run directory")
     p.add_argument("--baselines", nargs="+", type=Path, default=[], metavar="CKPT",
                    help="dense baselines, smallest to largest; the last embeds their gallery")
@@ -130,11 +127,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     from .mixnmatch import PATTERNS
 
-    p = _parser(vs, "mixnmatch", "Mix'n'Match sweep: accuracy vs params / FLOPs / latency",
-                "Evaluate the paper's Mix'n'Match candidates (and ablation patterns) of a "
-                "MatViT by held-out accuracy, with parameters, FLOPs per image and measured "
-                "batch-1 latency; writes mixnmatch.json/.png/.md; optionally picks the most "
-                "accurate submodel under a budget.")
+    p = add_command(
+        vs, "mixnmatch", "Mix'n'Match sweep: accuracy vs params / FLOPs / latency", EXAMPLES,
+        description="Evaluate the paper's Mix'n'Match candidates (and ablation patterns) of a "
+        "MatViT by held-out accuracy, with parameters, FLOPs per image and measured "
+        "batch-1 latency; writes mixnmatch.json/.png/.md; optionally picks the most "
+        "accurate submodel under a budget.")
     p.add_argument("checkpoint", type=Path)
     p.add_argument("--out", type=Path, help="output directory (default: CHECKPOINT/mixnmatch)")
     p.add_argument("--patterns", default="rule", help=f"comma-separated, from {PATTERNS}")
