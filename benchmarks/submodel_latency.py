@@ -7,7 +7,7 @@ side in one process, batch size 1, fp32:
 - (b) ``extracted``: ``mixnmatch.extract(model, G)``, a standalone dense copy;
 - (c) ``fresh``: ``MatFormerLM(cfg.dense(G))``, an ordinary dense model built from scratch.
 
-Measured per setup (``mixnmatch.measure_setups``): prefill = one forward of ``--prefill-len``
+Measured per setup (``latency.lm_latency``): prefill = one forward of ``--prefill-len``
 tokens; decode = one single-token step (with the KV cache when the model API has one, after a
 64-token context; otherwise a single-token forward). Rounds are interleaved over all setups
 (median of ``--repeats``), so load changes on a shared CPU hit every setup alike.
@@ -31,7 +31,8 @@ import torch
 
 from matformer import checkpoint as ckpt
 from matformer.config import preset
-from matformer.mixnmatch import extract, measure_setups, supports_cache
+from matformer.extract import extract
+from matformer.latency import lm_latency
 from matformer.model import MatFormerLM
 
 
@@ -62,13 +63,13 @@ def main(argv: list[str] | None = None) -> int:
             max_diff = max(max_diff, (ext(x) - model(x, widths=g)).abs().max().item())
         setups += [(model, g), (ext, None), (fresh, None)]
         labels += [(g, "in-place"), (g, "extracted"), (g, "fresh")]
-    res = measure_setups(setups, prefill_len=args.prefill_len, decode_steps=args.decode_steps,
-                         repeats=args.repeats, threads=args.threads)
+    res = lm_latency(setups, prefill_len=args.prefill_len, decode_steps=args.decode_steps,
+                     repeats=args.repeats, threads=args.threads)
     by = {lab: r for lab, r in zip(labels, res, strict=True)}
     seq = min(args.prefill_len, cfg.max_seq_len)
     flops = {g: cfg.flops_per_token(cfg.ffn_widths(g), seq) for g in cfg.names}
     threads = args.threads or torch.get_num_threads()
-    decode = "KV-cache step after 64 tokens" if supports_cache(model) else "single-token forward"
+    decode = "KV-cache step after 64 tokens"
     print(f"# submodel latency: d_model={cfg.d_model}, {cfg.n_layer} layers, d_ff={cfg.d_ff}, "
           f"vocab={cfg.vocab_size}; prefill {seq} tokens, decode = {decode}; batch 1, fp32, "
           f"{threads} thread(s), median of {args.repeats} interleaved rounds")

@@ -11,7 +11,8 @@ import torch
 from helpers import random_tokens, state_equal, tiny_model
 
 from matformer import checkpoint as ckpt
-from matformer.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from matformer.checkpoint import CheckpointError, save_checkpoint
+from matformer.families import load_checkpoint
 from matformer.tokenizer import Tokenizer
 
 

@@ -14,6 +14,7 @@ import torch
 from helpers import write_corpus
 
 from matformer import checkpoint as ckpt
+from matformer import families
 from matformer.cli import build_parser, main
 
 TINY_TRAIN = ["--preset", "tiny", "--tokenizer", "byte", "--steps", "4", "--batch-size", "4",
@@ -56,7 +57,7 @@ def test_train_writes_a_run(trained: tuple[Path, Path, str]) -> None:
                                                                        "step_000004"]
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
-    model, tok = ckpt.load_checkpoint(run)
+    model, tok = families.load_checkpoint(run)
     assert model.config.vocab_size == tok.vocab_size == 257
     assert model.config.d_model == 32 and model.config.max_seq_len == 64
     meta = ckpt.read_metadata(run)
@@ -67,11 +68,11 @@ def test_train_resume_of_finished_run(trained: tuple[Path, Path, str], tmp_path:
                                       capsys: pytest.CaptureFixture[str]) -> None:
     run = tmp_path / "copy"
     shutil.copytree(trained[0], run)
-    before = ckpt.load_checkpoint(run)[0].state_dict()
+    before = families.load_checkpoint(run)[0].state_dict()
     rc, out, err = _run(capsys, "train", "--out", run, "--resume", "--no-progress")
     assert rc == 0, err
     assert "resuming" in out and "trained 4 steps" in out
-    after = ckpt.load_checkpoint(run)[0].state_dict()
+    after = families.load_checkpoint(run)[0].state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
@@ -81,7 +82,7 @@ def test_train_baseline_mode(trained: tuple[Path, Path, str], tmp_path: Path,
                         "--granularity", "M", "--data", trained[1], "--out", tmp_path / "b")
     assert rc == 0, err
     assert "FFN widths M=32" in out
-    model, _ = ckpt.load_checkpoint(tmp_path / "b")
+    model, _ = families.load_checkpoint(tmp_path / "b")
     assert model.config.names == ("M",) and model.config.ffn_dims == (32, 32)
 
 
@@ -117,7 +118,7 @@ def test_eval_per_layer_widths(trained: tuple[Path, Path, str],
     assert rc == 0, err
     (row,) = json.loads(out)["results"]
     assert row["name"] == "custom" and row["widths"] == [16, 128]
-    cfg = ckpt.load_checkpoint(trained[0])[0].config
+    cfg = families.load_checkpoint(trained[0])[0].config
     assert row["non_embedding_params"] == cfg.num_params((16, 128), embedding=False)
 
     rc, out, _ = _run(capsys, "eval", trained[0], "--json", "--widths", "128", *EVAL_FAST)

@@ -17,7 +17,8 @@ import pytest
 import torch
 from helpers import write_corpus
 
-from matformer.checkpoint import LATEST, load_checkpoint
+from matformer.checkpoint import LATEST
+from matformer.families import load_checkpoint
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 

@@ -12,8 +12,9 @@ import torch
 from helpers import tiny_config
 
 from matformer.cache import KVCache
-from matformer.checkpoint import load_checkpoint, save_checkpoint
+from matformer.checkpoint import save_checkpoint
 from matformer.data import TokenDataset
+from matformer.families import load_checkpoint
 from matformer.generate import generate
 from matformer.model import MatFormerLM, lm_loss
 from matformer.speculative import speculative_generate

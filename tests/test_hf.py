@@ -9,6 +9,7 @@ import torch
 from helpers import random_tokens, tiny_model
 
 from matformer import checkpoint as ckpt
+from matformer import families
 from matformer.cli import main
 from matformer.hf import ExportError, export_hf, import_hf
 from matformer.tokenizer import Tokenizer
@@ -114,7 +115,7 @@ def test_cli_export_check_and_import(tmp_path, capsys):
     assert "one intermediate_size" in capsys.readouterr().err
     assert main(["import-hf", str(hf_dir), "--out", str(tmp_path / "back"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["widths"] == [32, 32, 32]
-    back, _ = ckpt.load_checkpoint(tmp_path / "back")
+    back, _ = families.load_checkpoint(tmp_path / "back")
     x = random_tokens(1, 9, vocab=257)
     with torch.no_grad():
         torch.testing.assert_close(back(x), model(x, widths="L"), rtol=0, atol=1e-6)

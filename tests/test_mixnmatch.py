@@ -10,9 +10,12 @@ import torch
 from helpers import pattern_dataset, random_tokens, tiny_config, tiny_model, write_corpus
 
 from matformer import checkpoint as ckpt
+from matformer import families
 from matformer import mixnmatch as mm
 from matformer.cli import main
+from matformer.extract import extract, save_extracted
 from matformer.report import interpolate, line_analysis, load_sweep
+from matformer.sweep import choose, lm_sweep, pareto_front, select
 from matformer.tokenizer import Tokenizer
 
 
@@ -112,22 +115,22 @@ ROWS = [
 
 
 def test_pareto_front():
-    assert [ROWS[i]["name"] for i in mm.pareto_front(ROWS, "params")] == ["a", "b", "d"]
-    assert [ROWS[i]["name"] for i in mm.pareto_front(ROWS, "prefill_ms")] == ["a", "c", "b", "d"]
+    assert [ROWS[i]["name"] for i in pareto_front(ROWS, "params")] == ["a", "b", "d"]
+    assert [ROWS[i]["name"] for i in pareto_front(ROWS, "prefill_ms")] == ["a", "c", "b", "d"]
 
 
 def test_select_picks_best_loss_under_budget():
-    assert mm.select(ROWS, max_params=14)["name"] == "b"
-    assert mm.select(ROWS, max_params=16)["name"] == "d"
-    assert mm.select(ROWS, max_latency_ms=1.3)["name"] == "c"
-    assert mm.select(ROWS, max_params=14, max_latency_ms=1.3)["name"] == "c"
-    assert mm.select(ROWS, max_flops=21)["name"] == "a"
+    assert select(ROWS, max_params=14)["name"] == "b"
+    assert select(ROWS, max_params=16)["name"] == "d"
+    assert select(ROWS, max_latency_ms=1.3)["name"] == "c"
+    assert select(ROWS, max_params=14, max_latency_ms=1.3)["name"] == "c"
+    assert select(ROWS, max_flops=21)["name"] == "a"
     with pytest.raises(ValueError, match=r"max_params=5 but the smallest achievable is 10 \(a\)"):
-        mm.select(ROWS, max_params=5)
+        select(ROWS, max_params=5)
     with pytest.raises(ValueError, match="unknown budget"):
-        mm.select(ROWS, max_memory=5)
+        select(ROWS, max_memory=5)
     with pytest.raises(ValueError, match="latency not measured"):
-        mm.select([{k: v for k, v in r.items() if k != "prefill_ms"} for r in ROWS],
+        select([{k: v for k, v in r.items() if k != "prefill_ms"} for r in ROWS],
                   max_latency_ms=2)
 
 
@@ -139,20 +142,20 @@ def test_sweep_and_on_the_fly_choice_agree():
     torch.manual_seed(0)
     model = tiny_model(n_layer=3)
     cands = mm.candidates(model.config)
-    rows = mm.sweep(model, _batches(), cands, latency=True, repeats=1, prefill_len=8,
+    rows = lm_sweep(model, _batches(), cands, latency=True, repeats=1, prefill_len=8,
                     progress=False)
     assert len(rows) == len(cands)
     for r in rows:
         assert r["prefill_ms"] > 0 and r["decode_ms"] > 0 and r["val_loss"] > 0
         assert "pareto_params" in r and "pareto_prefill_ms" in r
     budget = (rows[0]["params"] + rows[-1]["params"]) / 2
-    expected = mm.select(rows, max_params=budget)
+    expected = select(rows, max_params=budget)
     under = [r for r in rows if r["params"] <= budget]
     assert expected["val_loss"] == min(r["val_loss"] for r in under)
-    got = mm.choose(model, _batches(), cands, {"max_params": budget}, progress=False)
+    got = choose(model, _batches(), cands, {"max_params": budget}, progress=False)
     assert got["widths"] == expected["widths"]
     with pytest.raises(ValueError, match="smallest achievable"):
-        mm.choose(model, _batches(), cands, {"max_params": 10}, progress=False)
+        choose(model, _batches(), cands, {"max_params": 10}, progress=False)
 
 
 # ----------------------------------------------------------------------------- extract
@@ -161,7 +164,7 @@ def test_sweep_and_on_the_fly_choice_agree():
 @pytest.mark.parametrize("widths", ["S", "XL", (8, 64, 16), (64, 8, 32)])
 def test_extract_equals_in_place_submodel(widths, overrides):
     model = tiny_model(n_layer=3, **overrides).eval()
-    sub = mm.extract(model, widths).eval()
+    sub = extract(model, widths).eval()
     x = random_tokens(2, 20)
     with torch.no_grad():
         torch.testing.assert_close(sub(x), model(x, widths=widths), rtol=0, atol=1e-6)
@@ -174,7 +177,7 @@ def test_extract_equals_in_place_submodel(widths, overrides):
 
 def test_extract_copies_weights_and_closes():
     model = tiny_model(n_layer=2)
-    sub = mm.extract(model, (8, 32))
+    sub = extract(model, (8, 32))
     full_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
     assert not any(p.untyped_storage().data_ptr() in full_ptrs for p in sub.parameters())
     assert all(p.is_contiguous() for p in sub.parameters())
@@ -184,7 +187,7 @@ def test_extract_copies_weights_and_closes():
         before = sub(x).clone()
         model.blocks[0].ffn.up_proj.weight.add_(1.0)  # the source changes, the copy does not
         torch.testing.assert_close(sub(x), before, rtol=0, atol=0)
-        again = mm.extract(sub, (8, 16), name="smaller")  # closure: extract an extracted model
+        again = extract(sub, (8, 16), name="smaller")  # closure: extract an extracted model
         torch.testing.assert_close(again(x), sub(x, widths=(8, 16)), rtol=0, atol=1e-6)
     assert again.config.names == ("smaller",)
 
@@ -194,8 +197,8 @@ def test_save_extracted_checkpoint(tmp_path):
     src = ckpt.save_checkpoint(tmp_path / "src", model, tok,
                                metadata={"data": "corpus.txt", "val_fraction": 0.2,
                                          "seq_len": 16, "step": 5})
-    path = mm.save_extracted(tmp_path / "S", model, tok, "S", source=src)
-    loaded, tok2 = ckpt.load_checkpoint(path)
+    path = save_extracted(tmp_path / "S", model, tok, "S", source=src)
+    loaded, tok2 = families.load_checkpoint(path)
     x = random_tokens(2, 10, vocab=257)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model(x, widths="S"), rtol=0, atol=1e-6)
@@ -242,7 +245,7 @@ def test_cli_sweep_select_extract_eval(tmp_path, capsys):
     assert {p.name for p in out.iterdir()} >= {"mixnmatch.json", "mixnmatch.png", "mixnmatch.md"}
     assert (out / "mixnmatch.png").stat().st_size > 10_000
     assert len(result["baselines"]) == 1 and "analysis" in result
-    best = mm.select(result["candidates"], max_params=30000)
+    best = select(result["candidates"], max_params=30000)
     ex = tmp_path / "ex"
     assert main(["extract", str(src), "--max-params", "30000", "--sweep", str(out),
                  "--out", str(ex), "--json"]) == 0

@@ -19,6 +19,7 @@ import torch
 from helpers import pattern_dataset, state_equal, tiny_config, tiny_model, write_corpus
 
 from matformer import checkpoint as ckpt
+from matformer import families
 from matformer.data import TokenDataset
 from matformer.metrics import evaluate_granularities
 from matformer.model import MatFormerLM, lm_loss
@@ -253,7 +254,7 @@ def test_baseline_mode_trains_one_dense_model(tmp_path: Path) -> None:
     final = trainer.fit()
     assert list(final) == ["S"]
     assert all(list(r["loss"]) == ["S"] for r in _metrics(tmp_path))
-    loaded, _ = ckpt.load_checkpoint(tmp_path)
+    loaded, _ = families.load_checkpoint(tmp_path)
     assert loaded.config.ffn_dims == (8, 8) and state_equal(loaded, model) == []
 
 
@@ -289,8 +290,8 @@ def test_resume_equals_uninterrupted(tmp_path: Path) -> None:
     assert resumed.step == 8
 
     assert state_equal(a.raw, resumed.raw) == []
-    la, _ = ckpt.load_checkpoint(tmp_path / "a")
-    lb, _ = ckpt.load_checkpoint(tmp_path / "b")
+    la, _ = families.load_checkpoint(tmp_path / "a")
+    lb, _ = families.load_checkpoint(tmp_path / "b")
     assert state_equal(la, lb) == []
     opt_a = ckpt.load_train_state(tmp_path / "a")["optimizer"]["state"]
     opt_b = ckpt.load_train_state(tmp_path / "b")["optimizer"]["state"]
@@ -384,8 +385,8 @@ def test_sigkill_then_resume_is_bit_exact(tmp_path: Path) -> None:
 
     straight = tmp_path / "straight"
     _run_ok(_train_cmd(corpus, straight, steps))
-    a, _ = ckpt.load_checkpoint(straight)
-    b, _ = ckpt.load_checkpoint(killed)
+    a, _ = families.load_checkpoint(straight)
+    b, _ = families.load_checkpoint(killed)
     assert state_equal(a, b) == [], f"resumed from step {killed_at} differs from a straight run"
     recorded = [r["step"] for r in _metrics(killed)]
     assert recorded == list(range(1, steps + 1)), "metrics.jsonl has missing or repeated steps"

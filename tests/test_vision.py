@@ -12,8 +12,9 @@ import torch
 from helpers import state_equal
 
 from matformer import checkpoint as ckpt
-from matformer import mixnmatch as mm
+from matformer import families
 from matformer.cli import main
+from matformer.extract import extract
 from matformer.train import TrainConfig, Trainer
 from matformer.vision import (
     MatViT,
@@ -96,7 +97,7 @@ def test_param_count_matches_modules(pos: str) -> None:
     model = tiny_vit(pos_embed=pos)
     assert model.num_params() == sum(p.numel() for p in model.parameters())
     for g in model.config.names:
-        sub = mm.extract(model, g)
+        sub = extract(model, g)
         assert sub.num_params() == model.num_params(g) == sum(p.numel()
                                                                for p in sub.parameters())
 
@@ -162,11 +163,11 @@ def test_nested_heads_run() -> None:
 @pytest.mark.parametrize("widths", ["S", "XL", (8, 32, 64), (64, 16, 8)])
 def test_extract_equals_in_place_submodel(pos: str, widths: Any) -> None:
     model = tiny_vit(pos_embed=pos).eval()
-    sub = mm.extract(model, widths).eval()
+    sub = extract(model, widths).eval()
     x = images(3)
     with torch.no_grad():
         torch.testing.assert_close(sub(x), model(x, widths=widths), rtol=0, atol=1e-6)
-        again = mm.extract(sub, (8, 8, 8))  # closure: extract from an extracted ViT
+        again = extract(sub, (8, 8, 8))  # closure: extract from an extracted ViT
         torch.testing.assert_close(again(x), model(x, widths="S"), rtol=0, atol=1e-6)
     assert type(sub) is MatViT and isinstance(sub.config, ViTConfig)
     assert sub.config.ratios == (1.0,) and sub.config.ffn_dims == model.resolve_widths(widths)
@@ -178,8 +179,8 @@ def test_checkpoint_round_trip_bit_exact(tmp_path: Path, pos: str) -> None:
     path = ckpt.save_checkpoint(tmp_path / "c", model, None, metadata={"data": "digits"})
     assert not (path / ckpt.TOKENIZER).exists()
     assert json.loads((path / ckpt.CONFIG).read_text())["kind"] == "vit"
-    assert ckpt.model_kind(path) == "vit"
-    loaded, tok = ckpt.load_checkpoint(path)
+    assert families.model_kind(path) == "vit"
+    loaded, tok = families.load_checkpoint(path)
     assert tok is None and type(loaded) is MatViT and loaded.config == model.config
     assert state_equal(model, loaded) == []
     x = images(2)
@@ -192,7 +193,7 @@ def test_lm_checkpoint_without_tokenizer_is_refused(tmp_path: Path) -> None:
 
     path = ckpt.save_checkpoint(tmp_path / "lm", tiny_model(), None)
     with pytest.raises(ckpt.CheckpointError, match="needs its tokenizer"):
-        ckpt.load_checkpoint(path)
+        families.load_checkpoint(path)
 
 
 # ----------------------------------------------------------------------------- training
@@ -406,12 +407,12 @@ def test_cli_train_eval_retrieve_mixnmatch_extract(tmp_path: Path, capsys) -> No
 def test_select_most_accurate_under_budget() -> None:
     from matformer.vision_eval import select
 
-    rows = [{"name": n, "params": p, "flops_per_image": 10 * p, "accuracy": a}
+    rows = [{"name": n, "params": p, "flops_per_image": 10 * p, "accuracy": a, "error": 1 - a}
             for n, p, a in (("S", 100, 0.90), ("mix", 150, 0.95), ("M", 150, 0.95),
                             ("XL", 400, 0.97))]
     assert select(rows, max_params=200)["name"] == "mix"  # ties: first of the fewest params
     assert select(rows, max_flops=4000)["name"] == "XL"
-    with pytest.raises(ValueError, match="smallest achievable: params=100"):
+    with pytest.raises(ValueError, match="max_params=50 but the smallest achievable is 100"):
         select(rows, max_params=50)
-    with pytest.raises(ValueError, match="latency budget needs measured latency"):
+    with pytest.raises(ValueError, match="no latency_ms column"):
         select(rows, max_latency_ms=1.0)

@@ -2,8 +2,10 @@
 
 A checkpoint is a directory holding ``config.json`` (the ModelConfig; a ``"kind"`` field says
 which model it describes: absent or ``"lm"`` for the language model, ``"vit"`` for the vision
-encoder), ``model.safetensors``, ``tokenizer.json`` (language models only), ``manifest.json`` (sha256 of every file, so corruption is caught at load
+encoder), ``model.safetensors``, ``tokenizer.json`` (language models only),
+``manifest.json`` (sha256 of every file, so corruption is caught at load
 time with a clear message) and, for training runs, ``train_state.pt`` (optimizer, step).
+This module knows no model family: :mod:`matformer.families` picks the class from ``kind``.
 
 A training run directory keeps several: ``checkpoints/step_000100/`` ... plus a ``latest`` file
 naming the newest. Every checkpoint is first written to a temporary directory beside its final
@@ -19,19 +21,17 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, save_model
+from torch import nn
 
 from .config import ModelConfig
-from .model import MatFormerLM
 from .tokenizer import Tokenizer
-
-if TYPE_CHECKING:
-    from .vision import MatViT
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def save_checkpoint(path: str | Path, model: MatFormerLM | MatViT, tokenizer: Tokenizer | None,
+def save_checkpoint(path: str | Path, model: nn.Module, tokenizer: Tokenizer | None,
                     *,
                     train_state: dict[str, Any] | None = None,
                     metadata: dict[str, Any] | None = None) -> Path:
@@ -132,60 +132,80 @@ def verify(path: Path) -> dict[str, Any]:
     return manifest
 
 
-def model_kind(path: str | Path) -> str:
-    """``"lm"`` or ``"vit"``: the ``kind`` recorded in a checkpoint's config (default lm)."""
+def read_config(path: str | Path) -> dict[str, Any]:
+    """The raw ``config.json`` of a checkpoint (or a run directory's latest one)."""
     f = resolve(path) / CONFIG
     try:
-        kind = json.loads(f.read_text()).get("kind", "lm")
-    except (OSError, json.JSONDecodeError, AttributeError) as e:
+        data = json.loads(f.read_text())
+    except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{f} is not a valid model config: {e}") from e
-    if kind not in ("lm", "vit"):
-        raise CheckpointError(f"{f}: unknown model kind {kind!r} (known: 'lm', 'vit')")
-    return kind
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{f} is not a valid model config: not a JSON object")
+    return data
 
 
-def load_checkpoint(path: str | Path, *, device: str | torch.device = "cpu",
-                    check: bool = True) -> tuple[MatFormerLM | MatViT, Tokenizer | None]:
-    """Load model and tokenizer from a checkpoint (or a run directory's latest checkpoint).
+def materialize(model_cls: Callable[[Any], nn.Module], cfg: Any,
+                state: Mapping[str, torch.Tensor]) -> nn.Module:
+    """``model_cls(cfg)`` built on the meta device with ``state`` assigned to it.
 
-    The model class follows the config's ``kind``: a :class:`MatFormerLM` with its tokenizer,
-    or a :class:`~matformer.vision.MatViT` with None. The model is built on the meta device and
-    the saved tensors are assigned to it, so loading never allocates the weights twice.
+    The tensors of ``state`` become the parameters (no second copy is allocated). A tied output
+    head, stored once under either name, is tied again; buffers that are not saved (the LM's
+    rotary tables) are rebuilt. CheckpointError when ``state`` does not fit the config.
+    """
+    state = dict(state)
+    tied = getattr(cfg, "tie_embeddings", False)
+    if tied:
+        head = state.pop("lm_head.weight", None)
+        if "embed.weight" not in state and head is not None:
+            state["embed.weight"] = head
+    with torch.device("meta"):
+        model = model_cls(cfg)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as e:  # shape mismatches
+        raise CheckpointError(f"does not fit its config: {e}") from e
+    if tied:
+        model.lm_head.weight = model.embed.weight
+        missing = [k for k in missing if k != "lm_head.weight"]
+    if missing or unexpected:
+        raise CheckpointError(f"does not fit its config: missing {missing}, "
+                              f"unexpected {unexpected}")
+    if hasattr(model, "reset_rope"):  # rotary tables are not saved: build them for real
+        model.reset_rope()
+    return model
+
+
+def load_model(path: str | Path, config_cls: type[ModelConfig],
+               model_cls: Callable[[Any], nn.Module], *, device: str | torch.device = "cpu",
+               check: bool = True) -> nn.Module:
+    """The model stored in a checkpoint (or a run directory's latest one), as ``model_cls``.
+
+    Which class fits a checkpoint is the caller's knowledge (:mod:`matformer.families` reads
+    the config's ``kind``); this module only moves tensors in and out of directories.
     """
     ckpt = resolve(path)
     if check:
         verify(ckpt)
-    kind = model_kind(ckpt)
-    config_cls: type[ModelConfig] = ModelConfig
-    model_cls: type[MatFormerLM | MatViT] = MatFormerLM
-    if kind == "vit":
-        from . import vision
-
-        config_cls, model_cls = vision.ViTConfig, vision.MatViT
     try:
         cfg = config_cls.load(ckpt / CONFIG)
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, KeyError, OSError) as e:
         raise CheckpointError(f"{ckpt / CONFIG} is not a valid model config: {e}") from e
-    with torch.device("meta"):
-        model = model_cls(cfg)
-    model = model.to_empty(device=device)
     try:
-        missing, unexpected = load_model(model, str(ckpt / WEIGHTS), strict=False,
-                                         device=str(device))
+        state = load_file(str(ckpt / WEIGHTS), device=str(device))
     except (SafetensorError, OSError, RuntimeError) as e:
         raise CheckpointError(f"cannot read weights {ckpt / WEIGHTS}: {e}") from e
-    if cfg.tie_embeddings:
-        model.lm_head.weight = model.embed.weight
-        missing = [k for k in missing if k != "lm_head.weight"]
-    if missing or unexpected:
-        raise CheckpointError(f"{ckpt / WEIGHTS} does not fit its config: missing {missing}, "
-                              f"unexpected {unexpected}")
-    if kind == "vit":
-        return model, None
-    model.reset_rope()
+    try:
+        return materialize(model_cls, cfg, state)
+    except CheckpointError as e:
+        raise CheckpointError(f"{ckpt / WEIGHTS}: {e}") from e
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """The tokenizer saved in a checkpoint (or a run directory's latest one)."""
+    ckpt = resolve(path)
     if not (ckpt / TOKENIZER).exists():
         raise CheckpointError(f"{ckpt} has no {TOKENIZER}: a language model needs its tokenizer")
-    return model, Tokenizer.load(ckpt / TOKENIZER)
+    return Tokenizer.load(ckpt / TOKENIZER)
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:
@@ -206,7 +226,7 @@ def load_train_state(path: str | Path) -> dict[str, Any]:
     return torch.load(f, map_location="cpu", weights_only=True)
 
 
-def save_run_checkpoint(run_dir: Path, step: int, model: MatFormerLM | MatViT,
+def save_run_checkpoint(run_dir: Path, step: int, model: nn.Module,
                         tokenizer: Tokenizer | None,
                         train_state: dict[str, Any], keep: int = 2,
                         metadata: dict[str, Any] | None = None) -> Path:

@@ -2,7 +2,8 @@
 
 The commands live in ``cli_lm`` (train, eval, generate, consistency), ``cli_submodels``
 (mixnmatch, extract, export-hf, import-hf) and ``vision_cli`` (``matformer vision ...``).
-Only the command-line modules print; the library logs.
+Every command returns ``(result, text)``; :func:`main` prints one of them. Only the
+command-line modules print; the library logs.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import sys
 import torch
 
 from . import cli_lm, cli_submodels
-from .cli_common import EXAMPLES
+from .cli_common import EXAMPLES, Result
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,27 +36,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-
 def _add_vision(sub: argparse._SubParsersAction) -> None:
     from .vision_cli import add_parser
 
     add_parser(sub)
 
 
-def _vision(args: argparse.Namespace) -> int:
-    """``matformer vision ...``: the commands live in vision_cli and return (result, text)."""
+def _vision(args: argparse.Namespace) -> Result:
     from .vision_cli import run
 
-    result, text = run(args)
-    if result is not None:  # None: a non-main rank of a distributed run
-        print(json.dumps(result, indent=1) if args.json else text)
-    return 0
+    return run(args)
 
 
 def _refuse_vision(args: argparse.Namespace) -> None:
     """Language-model commands given a MatViT checkpoint: say which commands fit it."""
     if args.command in ("eval", "generate", "consistency", "mixnmatch", "export-hf"):
-        from .checkpoint import CheckpointError, model_kind
+        from .checkpoint import CheckpointError
+        from .families import model_kind
 
         try:
             kind = model_kind(args.checkpoint)
@@ -87,10 +84,16 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         _refuse_vision(args)
-        return COMMANDS[args.command](args)
+        result, text = COMMANDS[args.command](args)
     except (ValueError, FileNotFoundError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if result is not None:  # None: a non-main rank of a distributed run
+        if getattr(args, "json", False):
+            print(json.dumps(result, indent=1))
+        elif text:
+            print(text)
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,9 +1,18 @@
-"""Pieces shared by the command-line modules: the examples epilog and argument types."""
+"""Pieces shared by the command-line modules: the convention, argument groups and helpers.
+
+The convention: every command takes the parsed arguments and returns ``(result, text)``, a
+JSON-serialisable result and its human-readable rendering; :func:`matformer.cli.main` prints
+one of them (``--json`` picks the result). Non-main ranks of a distributed run return
+``(None, "")``. Only the command-line modules print; the library logs.
+"""
 
 from __future__ import annotations
 
 import argparse
 from typing import Any
+
+#: What a command returns: (JSON-serialisable result or None, text for people).
+Result = tuple[dict[str, Any] | None, str]
 
 EXAMPLES = """\
 examples:
@@ -85,3 +94,52 @@ def add_command(sub: argparse._SubParsersAction, name: str, help_: str, epilog: 
     """One subcommand, with its examples printed verbatim under ``--help``."""
     return sub.add_parser(name, help=help_, description=description or help_, epilog=epilog,
                           formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def add_eval_data(p: argparse.ArgumentParser, batches: int | None) -> None:
+    """Validation-data flags of the commands that evaluate a language-model checkpoint."""
+    p.add_argument("--data", help="corpus (default: the one the checkpoint was trained on)")
+    p.add_argument("--batches", type=int, default=batches, help="validation batches "
+                   f"(default: {batches or 'all'})")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--precision", default="fp32", choices=("bf16", "fp32"))
+
+
+def add_latency(p: argparse.ArgumentParser, *, prefill: bool) -> None:
+    """Latency-measurement flags (threads: the global ``matformer --threads``)."""
+    p.add_argument("--repeats", type=int, default=7,
+                   help="latency: timed rounds, interleaved over submodels (median)")
+    if prefill:
+        p.add_argument("--prefill-len", type=int, default=128, help="latency: prompt tokens")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def load_checkpoint(path: Any) -> tuple[Any, Any]:
+    """The model and tokenizer of a checkpoint (see :func:`matformer.families.load_checkpoint`)."""
+    from .families import load_checkpoint as load
+
+    return load(path)
+
+
+def checkpoint_batches(args: argparse.Namespace, model: Any, tokenizer: Any
+                       ) -> tuple[list[Any], dict[str, Any]]:
+    """The validation batches of ``args.checkpoint`` (its recorded corpus unless --data)."""
+    from .checkpoint import read_metadata
+    from .data import validation_batches
+
+    return validation_batches(tokenizer, read_metadata(args.checkpoint),
+                              model.config.max_seq_len, data=args.data,
+                              batch_size=args.batch_size, max_batches=args.batches)
+
+
+def train_config(args: argparse.Namespace, config_cls: Any, *, steps: int, **extra: Any) -> Any:
+    """The TrainConfig of a new run from the shared training flags (warm-up at most a tenth of
+    the steps), plus command-specific fields in ``extra``."""
+    return config_cls(
+        mode=args.mode, data=args.data, val_fraction=args.val_fraction, steps=steps,
+        batch_size=args.batch_size, lr=args.lr,
+        warmup_steps=min(args.warmup_steps, max(1, steps // 10)),
+        weight_decay=args.weight_decay, grad_clip=args.grad_clip, probs=args.probs,
+        loss_weights=args.loss_weights, eval_interval=args.eval_interval,
+        ckpt_interval=args.ckpt_interval, seed=args.seed, precision=args.precision,
+        parallel=args.parallel or "ddp", **extra)

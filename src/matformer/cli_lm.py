@@ -1,4 +1,6 @@
-"""``matformer train | eval | generate | consistency``: language-model commands."""
+"""``matformer train | eval | generate | consistency``: language-model commands.
+
+Each command returns ``(result, text)`` (see :mod:`matformer.cli_common`)."""
 
 from __future__ import annotations
 
@@ -13,7 +15,18 @@ from typing import Any
 
 import torch
 
-from .cli_common import EXAMPLES, add_command, add_training_args, floats, model_overrides
+from .cli_common import (
+    EXAMPLES,
+    Result,
+    add_command,
+    add_eval_data,
+    add_training_args,
+    checkpoint_batches,
+    floats,
+    load_checkpoint,
+    model_overrides,
+    train_config,
+)
 
 
 def add_train(sub: argparse._SubParsersAction) -> None:
@@ -59,10 +72,7 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("checkpoint", type=Path, help="checkpoint or run directory")
     p.add_argument("--granularity", help="only this granularity (default: all)")
     p.add_argument("--widths", help="per-layer FFN widths: one int, or one per layer")
-    p.add_argument("--data", help="corpus (default: the one the checkpoint was trained on)")
-    p.add_argument("--batches", type=int, help="limit validation batches (default: all)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--precision", default="fp32", choices=("bf16", "fp32"))
+    add_eval_data(p, batches=None)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
@@ -129,112 +139,96 @@ examples:
                    help="also measure these per-layer FFN widths (repeatable)")
     p.add_argument("--baselines", nargs="+", type=Path, metavar="CKPT",
                    help="dense baselines, one per granularity; the last is their reference")
-    p.add_argument("--data", help="corpus (default: the one the checkpoint was trained on)")
-    p.add_argument("--batches", type=int, default=20, help="validation batches (default 20)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--precision", default="fp32", choices=("bf16", "fp32"))
+    add_eval_data(p, batches=20)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
-
 # --------------------------------------------------------------------------- commands
-def train(args: argparse.Namespace) -> int:
+def train(args: argparse.Namespace) -> Result:
     from . import checkpoint as ckpt
     from . import distributed as dist
     from .config import preset
     from .data import load_corpus, prepare_data
     from .model import MatFormerLM
     from .tokenizer import Tokenizer
-    from .train import TRAIN_CONFIG, LMTask, TrainConfig, Trainer
+    from .train import TRAIN_CONFIG, LMTask, TrainConfig, run
 
-    env = dist.setup(args.device)
-    say = print if env.is_main else (lambda *a, **k: None)
-    if args.resume:
-        cfg = TrainConfig.from_dict(json.loads((args.out / TRAIN_CONFIG).read_text()))
-        if args.parallel:
-            cfg = dataclasses.replace(cfg, parallel=args.parallel)
-        model, tokenizer = ckpt.load_checkpoint(args.out)
-        say(f"resuming {ckpt.resolve(args.out)} with its saved settings on {env.world_size} "
-            f"process(es)")
-    else:
-        if (args.out / ckpt.LATEST).exists():
-            say(f"error: {args.out} already holds a run; pass --resume to continue it or "
-                "choose another --out", file=sys.stderr)
-            return 2
-        tokenizer_file = args.out / "tokenizer.json"
-        if env.is_main:  # one rank trains the tokenizer, the others read it
-            docs = load_corpus(args.data)
-            train_text = [doc[: int(len(doc) * (1 - args.val_fraction))] for doc in docs]
-            tokenizer = (Tokenizer.train_bpe(train_text, args.vocab_size)
-                         if args.tokenizer == "bpe" else Tokenizer.byte_level())
-            tokenizer.save(tokenizer_file)
+    with dist.session(args.device) as env:
+        say = print if env.is_main else (lambda *a, **k: None)
+        if args.resume:
+            cfg = TrainConfig.from_dict(json.loads((args.out / TRAIN_CONFIG).read_text()))
+            if args.parallel:
+                cfg = dataclasses.replace(cfg, parallel=args.parallel)
+            model, tokenizer = load_checkpoint(args.out)
+            say(f"resuming {ckpt.resolve(args.out)} with its saved settings on "
+                f"{env.world_size} process(es)")
+        else:
+            if (args.out / ckpt.LATEST).exists():
+                raise ValueError(f"{args.out} already holds a run; pass --resume to continue it "
+                                 "or choose another --out")
+            tokenizer_file = args.out / "tokenizer.json"
+            if env.is_main:  # one rank trains the tokenizer, the others read it
+                docs = load_corpus(args.data)
+                train_text = [doc[: int(len(doc) * (1 - args.val_fraction))] for doc in docs]
+                tokenizer = (Tokenizer.train_bpe(train_text, args.vocab_size)
+                             if args.tokenizer == "bpe" else Tokenizer.byte_level())
+                tokenizer.save(tokenizer_file)
+            dist.barrier()
+            tokenizer = Tokenizer.load(tokenizer_file)
+            over = model_overrides(args, ("activation", "n_kv_head"))
+            mcfg = preset(args.preset, vocab_size=tokenizer.vocab_size, **over)
+            if args.mode == "baseline":
+                mcfg = mcfg.dense(args.granularity)
+            seq_len = args.seq_len or mcfg.max_seq_len
+            steps = args.steps
+            if args.tokens:
+                steps = max(1, math.ceil(args.tokens / (args.batch_size * seq_len)))
+            cfg = train_config(args, TrainConfig, steps=steps, grad_accum=args.grad_accum,
+                               seq_len=args.seq_len, eval_batches=args.eval_batches)
+            torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+            model = MatFormerLM(mcfg)
+        if env.is_main:  # tokenise once into the shared cache before the other ranks read it
+            data = prepare_data(cfg.data, tokenizer, val_fraction=cfg.val_fraction)
         dist.barrier()
-        tokenizer = Tokenizer.load(tokenizer_file)
-        over = model_overrides(args, ("activation", "n_kv_head"))
-        mcfg = preset(args.preset, vocab_size=tokenizer.vocab_size, **over)
-        if args.mode == "baseline":
-            mcfg = mcfg.dense(args.granularity)
-        seq_len = args.seq_len or mcfg.max_seq_len
-        steps = args.steps
-        if args.tokens:
-            steps = max(1, math.ceil(args.tokens / (args.batch_size * seq_len)))
-        cfg = TrainConfig(
-            mode=args.mode, data=args.data, val_fraction=args.val_fraction, steps=steps,
-            batch_size=args.batch_size, grad_accum=args.grad_accum, seq_len=args.seq_len,
-            lr=args.lr, warmup_steps=min(args.warmup_steps, max(1, steps // 10)),
-            weight_decay=args.weight_decay, grad_clip=args.grad_clip, probs=args.probs,
-            loss_weights=args.loss_weights, eval_interval=args.eval_interval,
-            eval_batches=args.eval_batches, ckpt_interval=args.ckpt_interval, seed=args.seed,
-            precision=args.precision, parallel=args.parallel or "ddp")
-        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-        model = MatFormerLM(mcfg)
-    if env.is_main:  # tokenise once into the shared cache before the other ranks read it
-        data = prepare_data(cfg.data, tokenizer, val_fraction=cfg.val_fraction)
-    dist.barrier()
+        if not env.is_main:
+            data = prepare_data(cfg.data, tokenizer, val_fraction=cfg.val_fraction)
+        mc = model.config
+        task = LMTask(data, tokenizer, cfg.seq_len or mc.max_seq_len)
+        grans = ", ".join(f"{n}={mc.ffn_widths(n)[0]}" for n in mc.names)
+        say(f"model: {model.num_params() / 1e6:.2f}M params "
+            f"({mc.num_params(embedding=False) / 1e6:.2f}M non-embedding); FFN widths {grans}")
+        say(f"data: {cfg.data}: {len(data.train):,} train / {len(data.val):,} val tokens; "
+            f"{cfg.steps} steps x {cfg.batch_size} x {task.seq_len} tokens, mode={cfg.mode}"
+            + (f", {cfg.parallel} on {env.world_size} ranks" if env.distributed else ""))
+        trainer, _, final, elapsed = run(model, task, cfg, args.out, env, resume=args.resume,
+                                         progress=not args.no_progress)
     if not env.is_main:
-        data = prepare_data(cfg.data, tokenizer, val_fraction=cfg.val_fraction)
-    mc = model.config
-    task = LMTask(data, tokenizer, cfg.seq_len or mc.max_seq_len)
-    wrapped = dist.wrap(model.to(env.device), cfg.parallel, env, cfg.precision)
-    trainer = Trainer(wrapped, task, cfg, args.out, env=env, progress=not args.no_progress)
-    if args.resume:
-        trainer.resume()
-    grans = ", ".join(f"{n}={mc.ffn_widths(n)[0]}" for n in mc.names)
-    say(f"model: {model.num_params() / 1e6:.2f}M params "
-        f"({mc.num_params(embedding=False) / 1e6:.2f}M non-embedding); FFN widths {grans}")
-    say(f"data: {cfg.data}: {len(data.train):,} train / {len(data.val):,} val tokens; "
-        f"{cfg.steps} steps x {cfg.batch_size} x {task.seq_len} tokens, mode={cfg.mode}"
-        + (f", {cfg.parallel} on {env.world_size} ranks" if env.distributed else ""))
-    t0 = time.perf_counter()
-    final = trainer.fit()
-    elapsed = time.perf_counter() - t0
-    if env.is_main:
-        _print_losses(final, data, tokenizer.vocab_size)
-        say(f"trained {trainer.step} steps in {elapsed / 60:.1f} min; checkpoint: "
-            f"{args.out / 'latest'} -> {(args.out / 'latest').read_text().strip()}")
-    dist.teardown()
-    return 0
+        return None, ""
+    latest = (args.out / "latest").read_text().strip()
+    result = {"out": str(args.out), "steps": trainer.step, "seconds": elapsed,
+              "val_loss": final, "checkpoint": latest}
+    return result, (_loss_table(final, data, tokenizer.vocab_size)
+                    + f"\ntrained {trainer.step} steps in {elapsed / 60:.1f} min; checkpoint: "
+                    f"{args.out / 'latest'} -> {latest}")
 
 
-def _print_losses(losses: dict[str, float], data: Any, vocab_size: int) -> None:
+def _loss_table(losses: dict[str, float], data: Any, vocab_size: int) -> str:
     from .data import unigram_entropy
     from .metrics import perplexity
 
-    print(f"{'granularity':<12}{'val loss':>10}{'ppl':>10}")
-    for name, loss in losses.items():
-        print(f"{name:<12}{loss:>10.4f}{perplexity(loss):>10.2f}")
+    lines = [f"{'granularity':<12}{'val loss':>10}{'ppl':>10}"]
+    lines += [f"{name:<12}{loss:>10.4f}{perplexity(loss):>10.2f}" for name, loss in losses.items()]
     entropy = unigram_entropy(data.val, vocab_size)
-    print(f"(unigram entropy of the validation tokens: {entropy:.4f})")
+    return "\n".join([*lines, f"(unigram entropy of the validation tokens: {entropy:.4f})"])
 
 
-def evaluate(args: argparse.Namespace) -> int:
+def evaluate(args: argparse.Namespace) -> Result:
     from . import checkpoint as ckpt
     from .config import parse_widths
-    from .metrics import evaluate_loss, perplexity, validation_batches
+    from .metrics import evaluate_loss, perplexity
 
-    model, tokenizer = ckpt.load_checkpoint(args.checkpoint)
-    batches, info = validation_batches(args.checkpoint, tokenizer, data=args.data,
-                                       batch_size=args.batch_size, max_batches=args.batches)
+    model, tokenizer = load_checkpoint(args.checkpoint)
+    batches, info = checkpoint_batches(args, model, tokenizer)
     cfg = model.config
     if args.widths:
         targets = {"custom": parse_widths(args.widths, cfg.n_layer)}
@@ -251,27 +245,25 @@ def evaluate(args: argparse.Namespace) -> int:
                      "non_embedding_params": cfg.num_params(widths, embedding=False),
                      "val_loss": loss, "perplexity": perplexity(loss)})
     result = {"checkpoint": str(ckpt.resolve(args.checkpoint)), **info, "results": rows}
-    if args.json:
-        print(json.dumps(result, indent=2))
-        return 0
-    print(f"{result['checkpoint']} on {info['data']} ({result['val_tokens']:,} validation tokens)")
-    print(f"{'submodel':<10}{'FFN widths':<28}{'non-emb params':>15}{'val loss':>10}{'ppl':>9}")
+    lines = [f"{result['checkpoint']} on {info['data']} ({result['val_tokens']:,} validation "
+             "tokens)",
+             f"{'submodel':<10}{'FFN widths':<28}{'non-emb params':>15}{'val loss':>10}{'ppl':>9}"]
     for r in rows:
         w = r["widths"]
         ws = str(w[0]) + " (all layers)" if len(set(w)) == 1 else ",".join(map(str, w))
-        print(f"{r['name']:<10}{ws:<28}{r['non_embedding_params'] / 1e6:>14.2f}M"
-              f"{r['val_loss']:>10.4f}{r['perplexity']:>9.2f}")
-    print(f"(unigram entropy of the validation tokens: {result['unigram_entropy']:.4f} nats)")
-    return 0
+        lines.append(f"{r['name']:<10}{ws:<28}{r['non_embedding_params'] / 1e6:>14.2f}M"
+                     f"{r['val_loss']:>10.4f}{r['perplexity']:>9.2f}")
+    lines.append(f"(unigram entropy of the validation tokens: {result['unigram_entropy']:.4f} "
+                 "nats)")
+    return result, "\n".join(lines)
 
 
-def generate(args: argparse.Namespace) -> int:
-    from . import checkpoint as ckpt
+def generate(args: argparse.Namespace) -> Result:
     from .config import parse_widths
     from .generate import generate, generate_stream
     from .speculative import SpecStats, speculative_stream
 
-    model, tokenizer = ckpt.load_checkpoint(args.checkpoint)
+    model, tokenizer = load_checkpoint(args.checkpoint)
     cfg = model.config
     widths: Any = args.granularity
     if args.widths:
@@ -289,7 +281,7 @@ def generate(args: argparse.Namespace) -> int:
     if speculative:
         draft_model = None
         if args.draft_model:
-            draft_model, draft_tok = ckpt.load_checkpoint(args.draft_model)
+            draft_model, draft_tok = load_checkpoint(args.draft_model)
             if draft_tok != tokenizer:
                 raise ValueError(f"{args.draft_model} uses another tokenizer than the target")
         dcfg = (draft_model or model).config
@@ -313,7 +305,7 @@ def generate(args: argparse.Namespace) -> int:
     new: list[list[int]] = [[] for _ in prompts]
     streaming = args.stream and len(prompts) == 1 and not args.json
     shown = tokenizer.decode(prompts[0], skip_special_tokens=True) if streaming else ""
-    print(shown, end="", flush=True)
+    print(shown, end="", flush=True)  # streaming: the text is printed as it grows
     t0 = time.perf_counter()
     for piece in pieces:
         for row, tokens in zip(new, piece, strict=True):
@@ -322,6 +314,8 @@ def generate(args: argparse.Namespace) -> int:
             text = tokenizer.decode(prompts[0] + new[0], skip_special_tokens=True)
             print(text[len(shown):], end="", flush=True)
             shown = text
+    if streaming:
+        print()
     elapsed = time.perf_counter() - t0
     texts = [tokenizer.decode(p + n, skip_special_tokens=True) for p, n in zip(prompts, new,
                                                                               strict=True)]
@@ -330,44 +324,32 @@ def generate(args: argparse.Namespace) -> int:
                             "tokens_per_second": n_new / elapsed if elapsed else 0.0}
     if stats is not None:
         info.update(stats.as_dict())
-    if args.json:
-        print(json.dumps({"widths": list(model.resolve_widths(widths)), "text": texts[0],
-                          "texts": texts, "stats": info}))
-        return 0
-    if streaming:
-        print()
-    else:
-        print("\n\n".join(texts))
-    if args.stats:
+    result = {"widths": list(model.resolve_widths(widths)), "text": texts[0], "texts": texts,
+              "stats": info}
+    if args.stats and not args.json:
         line = f"{n_new} tokens in {elapsed:.2f}s ({info['tokens_per_second']:.1f} tokens/s)"
         if stats is not None:
             line += (f"; {stats.mode}: acceptance {stats.acceptance_rate:.1%}, "
                      f"{stats.tokens_per_target_forward:.2f} tokens per target forward, "
                      f"{stats.rounds} rounds")
         print(line, file=sys.stderr)
-    return 0
+    return result, "" if streaming else "\n\n".join(texts)
 
 
-def consistency(args: argparse.Namespace) -> int:
+def consistency(args: argparse.Namespace) -> Result:
     from . import checkpoint as ckpt
     from .config import parse_widths
-    from .metrics import (
-        Submodel,
-        evaluate_consistency,
-        granularity_consistency,
-        validation_batches,
-    )
+    from .metrics import Submodel, evaluate_consistency, granularity_consistency
 
-    model, tokenizer = ckpt.load_checkpoint(args.checkpoint)
+    model, tokenizer = load_checkpoint(args.checkpoint)
     cfg = model.config
     extra = {w: parse_widths(w, cfg.n_layer) for w in args.widths}
-    bases = [ckpt.load_checkpoint(b) for b in args.baselines or []]
+    bases = [load_checkpoint(b) for b in args.baselines or []]
     if len(bases) == 1:
         raise ValueError("--baselines needs at least two checkpoints (the last is the reference)")
     if any(tok != tokenizer for _, tok in bases):
         raise ValueError("every baseline must use the checkpoint's tokenizer")
-    batches, info = validation_batches(args.checkpoint, tokenizer, data=args.data,
-                                       batch_size=args.batch_size, max_batches=args.batches)
+    batches, info = checkpoint_batches(args, model, tokenizer)
     rows = granularity_consistency(model, batches, extra=extra, precision=args.precision)
     for name, r in rows.items():
         w = model.resolve_widths(extra.get(name, name if name in cfg.names else None))
@@ -386,19 +368,17 @@ def consistency(args: argparse.Namespace) -> int:
     result = {"checkpoint": str(ckpt.resolve(args.checkpoint)), "data": info["data"],
               "prefixes": next(iter(rows.values()))["tokens"], "matformer": rows,
               "baselines": base_rows or None}
-    if args.json:
-        print(json.dumps(result, indent=2))
-        return 0
-    print(f"{result['checkpoint']} on {info['data']}: {result['prefixes']:,} validation prefixes; "
-          "hard = greedy next-token agreement with XL, soft = KL(XL || submodel) in nats")
+    lines = [f"{result['checkpoint']} on {info['data']}: {result['prefixes']:,} validation "
+             "prefixes; hard = greedy next-token agreement with XL, soft = KL(XL || submodel) "
+             "in nats"]
     head = f"{'submodel':<10}{'non-emb':>9}{'hard':>9}{'soft KL':>9}"
-    print(head + (f"   | {'baseline':<10}{'non-emb':>9}{'hard':>9}{'soft KL':>9}"
-                  if bases else ""))
+    lines.append(head + (f"   | {'baseline':<10}{'non-emb':>9}{'hard':>9}{'soft KL':>9}"
+                         if bases else ""))
     for name in [*rows, *(n for n in base_rows if n not in rows)]:
         r, b = rows.get(name), base_rows.get(name)
         left = (f"{name:<10}{r['non_embedding_params'] / 1e6:>8.2f}M{r['hard']:>9.2%}"
                 f"{r['soft_kl']:>9.4f}" if r else " " * 37)
         right = (f"   | {name:<10}{b['non_embedding_params'] / 1e6:>8.2f}M{b['hard']:>9.2%}"
                  f"{b['soft_kl']:>9.4f}" if b else "")
-        print(left + right)
-    return 0
+        lines.append(left + right)
+    return result, "\n".join(lines)

@@ -1,20 +1,28 @@
-"""``matformer mixnmatch | extract | export-hf | import-hf``: submodels out of one checkpoint."""
+"""``matformer mixnmatch | extract | export-hf | import-hf``: submodels out of one checkpoint.
+
+Each command returns ``(result, text)`` (see :mod:`matformer.cli_common`)."""
 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .cli_common import add_command
+from .cli_common import (
+    Result,
+    add_command,
+    add_eval_data,
+    add_latency,
+    checkpoint_batches,
+    load_checkpoint,
+)
 
 MIXNMATCH_EXAMPLES = """\
 examples:
   matformer mixnmatch runs/demo                         # sweep -> runs/demo/mixnmatch/
-  matformer mixnmatch runs/demo --patterns rule,decreasing,random --batches 10 --threads 1
+  matformer --threads 1 mixnmatch runs/demo --patterns rule,decreasing,random --batches 10
   matformer mixnmatch runs/demo --baselines runs/base-S runs/base-XL
   matformer mixnmatch runs/demo --sweep runs/demo/mixnmatch --max-params 3e6   # pick, no sweep
   matformer extract runs/demo --granularity M --out runs/demo-M
@@ -43,19 +51,6 @@ def _add_submodel(p: argparse.ArgumentParser) -> None:
                    help="allow widths outside the trained nested set (untrained submodels)")
 
 
-def _add_eval_data(p: argparse.ArgumentParser, batches: int | None) -> None:
-    p.add_argument("--data", help="corpus (default: the one the checkpoint was trained on)")
-    p.add_argument("--batches", type=int, default=batches, help="validation batches "
-                   f"(default: {batches or 'all'})")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--precision", default="fp32", choices=("bf16", "fp32"))
-    p.add_argument("--repeats", type=int, default=7, help="latency: timed rounds (median)")
-    p.add_argument("--prefill-len", type=int, default=128, help="latency: prompt tokens")
-    p.add_argument("--threads", type=int, help="latency: torch threads while timing "
-                   "(1 is steadier on a shared CPU; default: torch's setting)")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-
-
 def add_mixnmatch(sub: argparse._SubParsersAction) -> None:
     from .mixnmatch import PATTERNS
 
@@ -76,7 +71,8 @@ def add_mixnmatch(sub: argparse._SubParsersAction) -> None:
                    help="independently trained dense checkpoints to overlay")
     p.add_argument("--no-latency", action="store_true", help="skip latency measurement")
     p.add_argument("--seed", type=int, default=0, help="seed of the random pattern")
-    _add_eval_data(p, batches=None)
+    add_eval_data(p, batches=None)
+    add_latency(p, prefill=True)
     _add_budgets(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
@@ -89,7 +85,8 @@ def add_extract(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--name", help="granularity name stored in the config (default: derived)")
     _add_submodel(p)
     _add_budgets(p)
-    _add_eval_data(p, batches=20)
+    add_eval_data(p, batches=20)
+    add_latency(p, prefill=True)
     p.add_argument("--json", action="store_true")
 
 
@@ -138,124 +135,113 @@ def _submodel_widths(args: argparse.Namespace, model: Any) -> Any:
 
 def _sweep_kw(args: argparse.Namespace) -> dict[str, Any]:
     return {"precision": args.precision, "prefill_len": args.prefill_len,
-            "repeats": args.repeats, "threads": args.threads, "progress": not args.no_progress}
+            "repeats": args.repeats, "progress": not args.no_progress}
 
 
-def _print_row(r: dict[str, Any], prefix: str = "") -> None:
+def _describe_row(r: dict[str, Any], prefix: str = "") -> str:
     lat = (f", prefill {r['prefill_ms']:.2f} ms, decode {r['decode_ms']:.3f} ms"
            if "prefill_ms" in r else "")
-    print(f"{prefix}{r['name']}: widths {','.join(map(str, r['widths']))}; "
-          f"{r['params'] / 1e6:.3f}M params ({r['non_embedding_params'] / 1e6:.3f}M "
-          f"non-embedding), {r['flops_per_token'] / 1e6:.1f} MFLOPs/token{lat}; "
-          f"val loss {r['val_loss']:.4f}")
+    return (f"{prefix}{r['name']}: widths {','.join(map(str, r['widths']))}; "
+            f"{r['params'] / 1e6:.3f}M params ({r['non_embedding_params'] / 1e6:.3f}M "
+            f"non-embedding), {r['flops_per_token'] / 1e6:.1f} MFLOPs/token{lat}; "
+            f"val loss {r['val_loss']:.4f}")
 
 
-def mixnmatch(args: argparse.Namespace) -> int:
+def mixnmatch(args: argparse.Namespace) -> Result:
     from . import checkpoint as ckpt
     from . import mixnmatch as mm
     from .config import parse_widths
-    from .metrics import validation_batches
-    from .report import load_sweep, markdown_table, write_report
+    from .latency import settings
+    from .report import line_analysis, load_sweep, markdown_table, write_report
+    from .sweep import lm_sweep, select
 
     budgets = _budgets(args)
     if args.sweep:
         result = load_sweep(args.sweep)
     else:
-        model, tokenizer = ckpt.load_checkpoint(args.checkpoint)
+        model, tokenizer = load_checkpoint(args.checkpoint)
         cfg = model.config
-        batches, info = validation_batches(args.checkpoint, tokenizer, data=args.data,
-                                              batch_size=args.batch_size,
-                                              max_batches=args.batches)
+        batches, info = checkpoint_batches(args, model, tokenizer)
         extra = [parse_widths(w, cfg.n_layer) for w in args.widths]
         cands = mm.candidates(cfg, [p.strip() for p in args.patterns.split(",") if p.strip()],
                               widths=extra, seed=args.seed, nested=not args.any_width)
-        kw = {**_sweep_kw(args), "seq_len": info["seq_len"], "latency": not args.no_latency}
         baselines = []
         for path in args.baselines:
-            bm, btok = ckpt.load_checkpoint(path)
+            bm, btok = load_checkpoint(path)
             if btok != tokenizer:
                 raise ValueError(f"baseline {path} uses a different tokenizer: losses would "
                                  "not be comparable")
             baselines.append((f"baseline {bm.config.names[0]} ({path.name})", bm))
-        rows = mm.sweep(model, batches, cands, baselines=baselines, **kw)
+        rows = lm_sweep(model, batches, cands, baselines=baselines, seq_len=info["seq_len"],
+                        latency=not args.no_latency, **_sweep_kw(args))
         rows, base_rows = rows[: len(cands)], rows[len(cands):]
         result = {"checkpoint": str(ckpt.resolve(args.checkpoint)), **info,
                   "config": cfg.to_dict(), "patterns": args.patterns,
-                  "latency": None if args.no_latency else {
-                      "prefill_len": args.prefill_len, "repeats": args.repeats,
-                      "threads": args.threads or torch.get_num_threads(),
-                      "decode": "one token step" + (" with KV cache"
-                                                    if mm.supports_cache(model) else
-                                                    " (single-token forward, no cache)")},
-                  "candidates": rows, "baselines": base_rows}
+                  "latency": None if args.no_latency else settings(
+                      None, args.repeats, prefill_len=args.prefill_len,
+                      decode="one token step with KV cache"),
+                  "candidates": rows, "baselines": base_rows,
+                  "analysis": line_analysis(rows)}
         out = args.out or args.checkpoint / "mixnmatch"
         result["files"] = {k: str(v) for k, v in write_report(result, out).items()}
     chosen = None
     if any(v is not None for v in budgets.values()):
-        chosen = mm.select(result["candidates"], **budgets)
-    if args.json:
-        print(json.dumps({**result, "selected": chosen}, indent=1))
-        return 0
+        chosen = select(result["candidates"], **budgets)
+    lines = []
     if not args.sweep:
-        print(markdown_table(result["candidates"] + result.get("baselines", [])), end="")
-        n = len(result["candidates"])
-        print(f"{n} submodels on {result['val_tokens']:,} validation tokens of "
-              f"{result['data']}; wrote {', '.join(result['files'].values())}")
+        lines.append(markdown_table(result["candidates"] + result.get("baselines", []))
+                     + f"{len(result['candidates'])} submodels on {result['val_tokens']:,} "
+                     f"validation tokens of {result['data']}; wrote "
+                     f"{', '.join(result['files'].values())}")
     if chosen is not None:
-        _print_row(chosen, "best under the budget: ")
-    return 0
+        lines.append(_describe_row(chosen, "best under the budget: "))
+    return {**result, "selected": chosen}, "\n".join(lines)
 
 
-def extract(args: argparse.Namespace) -> int:
+def extract(args: argparse.Namespace) -> Result:
     from . import checkpoint as ckpt
     from . import mixnmatch as mm
-    from .metrics import validation_batches
+    from .extract import save_extracted
     from .report import load_sweep
+    from .sweep import choose, select
 
-    model, tokenizer = ckpt.load_checkpoint(args.checkpoint)
+    model, tokenizer = load_checkpoint(args.checkpoint)
     budgets = _budgets(args)
     chosen = None
     if any(v is not None for v in budgets.values()):
         if args.widths or args.granularity:
             raise ValueError("give a submodel (--granularity/--widths) or a budget, not both")
         if args.sweep:
-            chosen = mm.select(load_sweep(args.sweep)["candidates"], **budgets)
+            chosen = select(load_sweep(args.sweep)["candidates"], **budgets)
         else:
-            batches, info = validation_batches(args.checkpoint, tokenizer, data=args.data,
-                                                  batch_size=args.batch_size,
-                                                  max_batches=args.batches)
-            chosen = mm.choose(model, batches, mm.candidates(model.config), budgets,
-                               seq_len=info["seq_len"], **_sweep_kw(args))
+            batches, info = checkpoint_batches(args, model, tokenizer)
+            chosen = choose(model, batches, mm.candidates(model.config), budgets,
+                            seq_len=info["seq_len"], **_sweep_kw(args))
         widths = tuple(chosen["widths"])
     else:
         widths = _submodel_widths(args, model)
         if widths is None:
             raise ValueError("choose a submodel: --granularity, --widths or a budget "
                              "(--max-params / --max-flops / --max-latency-ms)")
-    path = mm.save_extracted(args.out, model, tokenizer, widths, source=args.checkpoint,
-                             name=args.name)
-    sub = ckpt.load_checkpoint(path)[0]
+    path = save_extracted(args.out, model, tokenizer, widths, source=args.checkpoint,
+                          name=args.name)
+    sub = load_checkpoint(path)[0]
     size = (path / ckpt.WEIGHTS).stat().st_size
     full = (ckpt.resolve(args.checkpoint) / ckpt.WEIGHTS).stat().st_size
     res = {"out": str(path), "name": sub.config.names[0], "widths": list(sub.config.ffn_dims),
            "params": sub.num_params(), "weights_bytes": size, "source_weights_bytes": full,
            "selected": chosen}
-    if args.json:
-        print(json.dumps(res, indent=1))
-        return 0
-    if chosen is not None:
-        _print_row(chosen, "best under the budget: ")
-    print(f"extracted {res['name']} (FFN widths {','.join(map(str, res['widths']))}, "
-          f"{res['params'] / 1e6:.3f}M params) to {path}; weights {size / 1e6:.2f} MB vs "
-          f"{full / 1e6:.2f} MB for the source")
-    return 0
+    lines = [_describe_row(chosen, "best under the budget: ")] if chosen is not None else []
+    lines.append(f"extracted {res['name']} (FFN widths {','.join(map(str, res['widths']))}, "
+                 f"{res['params'] / 1e6:.3f}M params) to {path}; weights {size / 1e6:.2f} MB "
+                 f"vs {full / 1e6:.2f} MB for the source")
+    return res, "\n".join(lines)
 
 
-def export_hf(args: argparse.Namespace) -> int:
-    from . import checkpoint as ckpt
+def export_hf(args: argparse.Namespace) -> Result:
     from .hf import export_hf
 
-    model, tokenizer = ckpt.load_checkpoint(args.checkpoint)
+    model, tokenizer = load_checkpoint(args.checkpoint)
     info = export_hf(model, tokenizer, args.out, widths=_submodel_widths(args, model),
                      pad=not args.no_pad)
     if args.check:
@@ -269,21 +255,18 @@ def export_hf(args: argparse.Namespace) -> int:
         with torch.no_grad():
             diff = (hf(x).logits - model(x, widths=widths)).abs().max().item()
         info["check_max_abs_logit_diff"] = diff
-    if args.json:
-        print(json.dumps(info, indent=1))
-        return 0
-    print(f"exported {info['architecture']} ({info['params'] / 1e6:.3f}M params) to "
-          f"{info['out']}: {info['note']}")
+    lines = [f"exported {info['architecture']} ({info['params'] / 1e6:.3f}M params) to "
+             f"{info['out']}: {info['note']}"]
     if info["padded"]:
-        print(f"note: the folder holds {info['exported_params'] / 1e6:.3f}M parameters, "
-              "zero padding included; load it with AutoModelForCausalLM.from_pretrained")
+        lines.append(f"note: the folder holds {info['exported_params'] / 1e6:.3f}M parameters, "
+                     "zero padding included; load it with AutoModelForCausalLM.from_pretrained")
     if "check_max_abs_logit_diff" in info:
-        print(f"check: transformers logits vs ours, max abs diff "
-              f"{info['check_max_abs_logit_diff']:.2e}")
-    return 0
+        lines.append(f"check: transformers logits vs ours, max abs diff "
+                     f"{info['check_max_abs_logit_diff']:.2e}")
+    return info, "\n".join(lines)
 
 
-def import_hf(args: argparse.Namespace) -> int:
+def import_hf(args: argparse.Namespace) -> Result:
     from . import checkpoint as ckpt
     from .hf import import_hf
 
@@ -294,9 +277,5 @@ def import_hf(args: argparse.Namespace) -> int:
     path = ckpt.save_checkpoint(args.out, model, tokenizer, metadata=meta)
     res = {"out": str(path), "params": model.num_params(),
            "widths": list(model.config.ffn_dims)}
-    if args.json:
-        print(json.dumps(res, indent=1))
-    else:
-        print(f"imported {args.folder} ({res['params'] / 1e6:.3f}M params, FFN widths "
-              f"{','.join(map(str, res['widths']))}) to {path}")
-    return 0
+    return res, (f"imported {args.folder} ({res['params'] / 1e6:.3f}M params, FFN widths "
+                 f"{','.join(map(str, res['widths']))}) to {path}")

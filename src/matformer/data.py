@@ -21,11 +21,12 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from matformer.tokenizer import Tokenizer
+from .tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -402,3 +403,26 @@ def prepare_data(
         _open_tokens(folder / "val.bin", dtype, len(val)),
         name=corpus,
     )
+
+
+def validation_batches(tokenizer: Tokenizer, meta: dict[str, Any], max_seq_len: int, *,
+                       data: str | None = None, batch_size: int = 16,
+                       max_batches: int | None = None
+                       ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], dict[str, Any]]:
+    """The held-out batches a checkpoint was validated on, from the facts its manifest records
+    (``meta``: corpus, validation fraction, context); ``data`` overrides the corpus.
+
+    Returns ``(batches, info)``; info holds the corpus, seq_len, token count and the unigram
+    entropy of the validation tokens (the loss of a model that learned only token frequencies).
+    """
+    corpus = data or meta.get("data")
+    if corpus is None:
+        raise ValueError("the checkpoint does not record its training data; pass --data")
+    if batch_size < 1 or (max_batches is not None and max_batches < 1):
+        raise ValueError(f"batch_size={batch_size} and batches={max_batches} must be >= 1")
+    seq_len = min(meta.get("seq_len", max_seq_len), max_seq_len)
+    ds = prepare_data(corpus, tokenizer, val_fraction=meta.get("val_fraction", 0.1))
+    batches = list(ds.val_batches(batch_size, seq_len, max_batches))
+    info = {"data": corpus, "seq_len": seq_len, "val_tokens": sum(y.numel() for _, y in batches),
+            "unigram_entropy": unigram_entropy(ds.val, tokenizer.vocab_size)}
+    return batches, info

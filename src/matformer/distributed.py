@@ -77,6 +77,17 @@ def setup(device: str = "auto") -> DistEnv:
     return DistEnv(rank=rank, world_size=world, local_rank=local, device=dev)
 
 
+@contextlib.contextmanager
+def session(device: str = "auto") -> Iterator[DistEnv]:
+    """:func:`setup` on entry and :func:`teardown` on exit, errors included, so a failing rank
+    leaves the process group instead of hanging the others."""
+    env = setup(device)
+    try:
+        yield env
+    finally:
+        teardown()
+
+
 def teardown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from .checkpoint import CheckpointError, materialize
 from .config import ModelConfig
 from .model import MatFormerLM, WidthSpec
 from .tokenizer import EOS_TOKEN, Tokenizer
@@ -91,26 +92,41 @@ def hf_config(cfg: ModelConfig, eos_id: int, *, pad: bool = True) -> tuple[Any, 
     return hf, info
 
 
-def _hf_state(model: MatFormerLM) -> dict[str, torch.Tensor]:
-    cfg = model.config
-    width = max(cfg.ffn_dims)
-    out = {"model.embed_tokens.weight": model.embed.weight, "model.norm.weight": model.norm.weight}
+def _name_map(cfg: ModelConfig) -> list[tuple[str, str]]:
+    """(our name, transformers name) of every stored tensor, used both ways."""
+    pairs = [("embed.weight", "model.embed_tokens.weight"), ("norm.weight", "model.norm.weight")]
     if not cfg.tie_embeddings:
-        out["lm_head.weight"] = model.lm_head.weight
-    for i, b in enumerate(model.blocks):
-        p = f"model.layers.{i}."
-        out[p + "input_layernorm.weight"] = b.attn_norm.weight
-        out[p + "post_attention_layernorm.weight"] = b.ffn_norm.weight
-        for n in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            out[p + f"self_attn.{n}.weight"] = getattr(b.attn, n).weight
-        w, pad = b.ffn.d_ff, width - b.ffn.d_ff
-        for n in ("gate_proj", "up_proj"):
-            t = getattr(b.ffn, n)
-            if t is not None:  # (w, d) -> (width, d): zero rows for the padded units
-                out[p + f"mlp.{n}.weight"] = torch.nn.functional.pad(t.weight[:w], (0, 0, 0, pad))
-        out[p + "mlp.down_proj.weight"] = torch.nn.functional.pad(b.ffn.down_proj.weight,
-                                                                  (0, pad))
-    return {k: v.detach().to("cpu", torch.float32).contiguous().clone() for k, v in out.items()}
+        pairs.append(("lm_head.weight", "lm_head.weight"))
+    ffn = ("gate_proj", "up_proj", "down_proj") if cfg.activation == "swiglu" else (
+        "up_proj", "down_proj")
+    for i in range(cfg.n_layer):
+        q, p = f"blocks.{i}.", f"model.layers.{i}."
+        pairs += [(q + "attn_norm.weight", p + "input_layernorm.weight"),
+                  (q + "ffn_norm.weight", p + "post_attention_layernorm.weight")]
+        pairs += [(q + f"attn.{m}.weight", p + f"self_attn.{m}.weight")
+                  for m in ("q_proj", "k_proj", "v_proj", "o_proj")]
+        pairs += [(q + f"ffn.{m}.weight", p + f"mlp.{m}.weight") for m in ffn]
+    return pairs
+
+
+def _resize_ffn(name: str, t: torch.Tensor, width: int) -> torch.Tensor:
+    """An FFN matrix cut or zero-padded to ``width`` hidden units (rows of gate/up, columns of
+    down); other tensors unchanged. Zero units contribute exactly nothing."""
+    if ".ffn." not in name:
+        return t
+    dim = 1 if name.endswith("down_proj.weight") else 0
+    have = t.shape[dim]
+    if have >= width:
+        return t.narrow(dim, 0, width)
+    pad = (0, width - have, 0, 0) if dim == 1 else (0, 0, 0, width - have)
+    return torch.nn.functional.pad(t, pad)
+
+
+def _hf_state(model: MatFormerLM) -> dict[str, torch.Tensor]:
+    """Our weights under transformers' names, every FFN padded to the widest layer."""
+    width, state = max(model.config.ffn_dims), model.state_dict()
+    return {theirs: _resize_ffn(ours, state[ours], width).detach().to("cpu", torch.float32)
+            .contiguous().clone() for ours, theirs in _name_map(model.config)}
 
 
 def _patch_json(path: Path, **changes: Any) -> None:
@@ -148,7 +164,7 @@ def export_hf(model: MatFormerLM, tokenizer: Tokenizer, out: str | Path, *,
     """
     from transformers import GenerationConfig
 
-    from .mixnmatch import extract
+    from .extract import extract
 
     sub = model if widths is None else extract(model, widths)
     hf_cfg, info = hf_config(sub.config, tokenizer.eos_id, pad=pad)
@@ -193,6 +209,13 @@ def import_hf(folder: str | Path, *, name: str = "hf") -> tuple[MatFormerLM, Tok
         c = json.loads((folder / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"{folder}: cannot read config.json ({e})") from e
+    need = ("hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size",
+            "max_position_embeddings", "rms_norm_eps")
+    lacking = [k for k in need if k not in c] + (
+        [] if "intermediate_size" in c or "matformer_ffn_widths" in c else ["intermediate_size"])
+    if lacking:
+        raise ExportError(f"{folder}/config.json lacks {lacking}: not a complete Llama/Arcee "
+                          "config")
     act = {v[1:]: k for k, v in ARCHITECTURES.items()}.get((c.get("model_type"),
                                                            c.get("hidden_act")))
     if act is None:
@@ -219,29 +242,17 @@ def import_hf(folder: str | Path, *, name: str = "hf") -> tuple[MatFormerLM, Tok
         rope_theta=float(rope["rope_theta"]), norm_eps=c["rms_norm_eps"],
         tie_embeddings=bool(c.get("tie_word_embeddings", False)))
     hf = _read_weights(folder)
-    state = {"embed.weight": hf["model.embed_tokens.weight"], "norm.weight": hf["model.norm.weight"]}
-    if not cfg.tie_embeddings:
-        state["lm_head.weight"] = hf["lm_head.weight"]
-    for i, w in enumerate(cfg.ffn_dims):
-        p, q = f"model.layers.{i}.", f"blocks.{i}."
-        state[q + "attn_norm.weight"] = hf[p + "input_layernorm.weight"]
-        state[q + "ffn_norm.weight"] = hf[p + "post_attention_layernorm.weight"]
-        for m in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            state[q + f"attn.{m}.weight"] = hf[p + f"self_attn.{m}.weight"]
-        for m in ("gate_proj", "up_proj") if act == "swiglu" else ("up_proj",):
-            state[q + f"ffn.{m}.weight"] = hf[p + f"mlp.{m}.weight"][:w]
-        state[q + "ffn.down_proj.weight"] = hf[p + "mlp.down_proj.weight"][:, :w]
-    state = {k: v.float().contiguous().clone() for k, v in state.items()}
-    with torch.device("meta"):
-        model = MatFormerLM(cfg)
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    if cfg.tie_embeddings:
-        model.lm_head.weight = model.embed.weight
-        missing = [k for k in missing if k != "lm_head.weight"]
-    if missing or unexpected:
-        raise ExportError(f"{folder}: weights do not fit: missing {missing}, "
-                          f"unexpected {unexpected}")
-    model.reset_rope()
+    missing = sorted(theirs for _, theirs in _name_map(cfg) if theirs not in hf)
+    if missing:
+        raise ExportError(f"{folder}: the weights lack {len(missing)} tensor(s) the config "
+                          f"needs, e.g. {missing[:3]}")
+    state = {ours: _resize_ffn(ours, hf[theirs], cfg.ffn_dims[int(ours.split(".")[1])]
+                               if ours.startswith("blocks.") else 0).float().contiguous().clone()
+             for ours, theirs in _name_map(cfg)}
+    try:
+        model = materialize(MatFormerLM, cfg, state)
+    except CheckpointError as e:
+        raise ExportError(f"{folder}: {e}") from e
     tok_file = folder / "tokenizer.json"
     if not tok_file.exists():
         raise FileNotFoundError(f"{folder} has no tokenizer.json (a fast tokenizer is needed)")

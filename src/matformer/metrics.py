@@ -1,27 +1,17 @@
 """Quality metrics of submodels, any widths, in place: validation loss and perplexity, and
-consistency (hard: greedy next-token agreement; soft: KL) with the full model or any reference."""
+consistency (hard: greedy next-token agreement; soft: KL) with the full model or any reference.
+Metrics take a model and batches; where the batches come from is the caller's business."""
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor
 
-from .model import MatFormerLM, WidthSpec, lm_loss
-
-
-def autocast(precision: str, device: torch.device | str = "cpu") -> contextlib.AbstractContextManager:
-    """bf16 autocast for ``precision="bf16"``, nothing for ``"fp32"``."""
-    if precision not in ("bf16", "fp32"):
-        raise ValueError(f"precision={precision!r}: choose 'bf16' or 'fp32'")
-    device_type = torch.device(device).type
-    return torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bf16")
+from .model import MatFormerLM, WidthSpec, autocast, lm_loss
 
 
 @torch.no_grad()
@@ -59,7 +49,6 @@ def evaluate_granularities(model: MatFormerLM, batches: Iterable[tuple[Tensor, T
 
 def perplexity(loss: float) -> float:
     return math.exp(min(loss, 700.0))
-
 
 
 # --------------------------------------------------------------------------- consistency
@@ -133,28 +122,3 @@ def granularity_consistency(model: MatFormerLM, batches: Iterable[tuple[Tensor, 
     for name, widths in (extra or {}).items():
         candidates[name] = Submodel(model, model.resolve_widths(widths))
     return evaluate_consistency(candidates, Submodel(model), batches, precision=precision)
-
-
-def validation_batches(checkpoint: str | Path, tokenizer: Any, *, data: str | None = None,
-                       batch_size: int = 16, max_batches: int | None = None
-                       ) -> tuple[list[tuple[Tensor, Tensor]], dict[str, Any]]:
-    """The held-out batches a checkpoint was validated on (its recorded corpus and split).
-
-    Returns ``(batches, info)``; info holds the corpus, seq_len, token count and the unigram
-    entropy of the validation tokens (the loss of a model that learned only token frequencies).
-    """
-    from . import checkpoint as ckpt
-    from .config import ModelConfig
-    from .data import prepare_data, unigram_entropy
-
-    meta = ckpt.read_metadata(checkpoint)
-    corpus = data or meta.get("data")
-    if corpus is None:
-        raise ValueError(f"{checkpoint} does not record its training data; pass --data")
-    cfg_len = ModelConfig.load(ckpt.resolve(checkpoint) / ckpt.CONFIG).max_seq_len
-    seq_len = min(meta.get("seq_len", cfg_len), cfg_len)
-    ds = prepare_data(corpus, tokenizer, val_fraction=meta.get("val_fraction", 0.1))
-    batches = list(ds.val_batches(batch_size, seq_len, max_batches))
-    info = {"data": corpus, "seq_len": seq_len, "val_tokens": sum(y.numel() for _, y in batches),
-            "unigram_entropy": unigram_entropy(ds.val, tokenizer.vocab_size)}
-    return batches, info

@@ -12,6 +12,7 @@ toolkits is a renaming, not a reshuffle.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -278,3 +279,12 @@ class MatFormerLM(nn.Module):
 def lm_loss(logits: Tensor, targets: Tensor) -> Tensor:
     """Mean next-token cross-entropy in nats, computed in fp32."""
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+
+def autocast(precision: str, device: torch.device | str = "cpu"
+             ) -> contextlib.AbstractContextManager:
+    """bf16 autocast for ``precision="bf16"``, nothing for ``"fp32"``."""
+    if precision not in ("bf16", "fp32"):
+        raise ValueError(f"precision={precision!r}: choose 'bf16' or 'fp32'")
+    device_type = torch.device(device).type
+    return torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bf16")

@@ -1,8 +1,9 @@
-"""Reports of a Mix'n'Match sweep: the plot, a markdown table and a line/pattern analysis.
+"""Reports of a Mix'n'Match sweep, language model or ViT: plot, markdown table, files.
 
-A sweep result is a dict with ``candidates`` (rows from :func:`matformer.mixnmatch.sweep`) and
+A sweep result is a dict with ``candidates`` (rows from :func:`matformer.sweep.sweep`) and
 optionally ``baselines`` (rows of independently trained dense models evaluated the same way).
-Plots use matplotlib's Agg backend (no display needed).
+What differs between the families (which metrics and costs to plot, which columns to print) is
+passed in as :class:`Axis` and column lists. Plots use matplotlib's Agg backend.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import json
 import logging
 import statistics
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +21,28 @@ log = logging.getLogger(__name__)
 
 COLORS = {"rule": "tab:blue", "decreasing": "tab:orange", "inc-dec": "tab:green",
           "dec-inc": "tab:purple", "random": "tab:gray", "explicit": "tab:brown"}
-AXES = (("non_embedding_params", "non-embedding parameters (M)", 1e-6),
-        ("prefill_ms", "measured prefill latency (ms)", 1.0),
-        ("decode_ms", "measured decode-step latency (ms)", 1.0))
+
+
+@dataclass(frozen=True)
+class Axis:
+    """A plotted quantity: row column, axis label, scale; ``order`` is the column the Pareto
+    front minimises along this axis (the cost itself on x, the loss or error on y)."""
+
+    key: str
+    label: str
+    scale: float = 1.0
+    order: str | None = None
+
+
+LM_X = (Axis("non_embedding_params", "non-embedding parameters (M)", 1e-6, "params"),
+        Axis("prefill_ms", "measured prefill latency (ms)"),
+        Axis("decode_ms", "measured decode-step latency (ms)"))
+LM_Y = (Axis("val_loss", "validation loss (nats/token)", 1.0, "val_loss"),)
+LM_COLUMNS = (("name", "submodel", "s"), ("pattern", "pattern", "s"),
+              ("widths", "FFN widths", "s"), ("non_embedding_params", "non-emb params", "m"),
+              ("flops_per_token", "MFLOPs/token", "m1"), ("prefill_ms", "prefill ms", "ms"),
+              ("decode_ms", "decode ms", ".3f"), ("val_loss", "val loss", ".4f"),
+              ("pareto", "Pareto (params/latency)", "pareto"))
 
 
 def _uniform(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -75,126 +96,157 @@ def _summary(values: list[float]) -> dict[str, float]:
             "fraction_below": sum(v < 0 for v in values) / len(values)}
 
 
-def plot_sweep(result: dict[str, Any], path: str | Path, title: str | None = None) -> Path:
-    """Validation loss against parameters and measured latencies; Pareto front, S/M/L/XL."""
+def pyplot() -> Any:
+    """matplotlib.pyplot on the Agg backend (files only, no display)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .mixnmatch import pareto_front
+    return plt
 
+
+def _points(ax: Any, rows: Sequence[dict[str, Any]], x: Axis, y: Axis, **kw: Any) -> None:
+    """Scatter rows; latency axes get horizontal bars from the first to the third quartile."""
+    xs, ys = [r[x.key] * x.scale for r in rows], [r[y.key] * y.scale for r in rows]
+    if rows and all(f"{x.key}_q1" in r for r in rows):
+        err = [[(r[x.key] - r[f"{x.key}_q1"]) * x.scale for r in rows],
+               [(r[f"{x.key}_q3"] - r[x.key]) * x.scale for r in rows]]
+        ax.errorbar(xs, ys, xerr=err, fmt="none", ecolor=kw.get("edgecolors", "gray"),
+                    alpha=0.35, lw=0.8, zorder=2)
+    ax.scatter(xs, ys, **kw)
+
+
+def plot_sweep(result: dict[str, Any], path: str | Path, *, xs: Sequence[Axis] = LM_X,
+               ys: Sequence[Axis] = LM_Y, title: str | None = None) -> Path:
+    """Each metric in ``ys`` (rows of panels) against each cost in ``xs`` present in the rows
+    (columns of panels): candidates by pattern (the rule split by span), the Pareto front, the
+    uniform granularities joined, baselines overlaid."""
+    plt = pyplot()
     rows, base = result["candidates"], result.get("baselines", [])
-    axes_spec = [a for a in AXES if all(a[0] in r for r in rows)]
-    fig, axes = plt.subplots(1, len(axes_spec), figsize=(6.2 * len(axes_spec), 5.2),
-                             squeeze=False)
-    for ax, (key, label, scale) in zip(axes[0], axes_spec, strict=True):
-        for pattern, color in COLORS.items():
-            for wide in (False, True) if pattern == "rule" else (None,):
-                pts = [r for r in rows if r["pattern"] == pattern
-                       and (wide is None or ((r.get("span") or 0) >= 2) == wide)]
-                if not pts:
-                    continue
-                name = pattern if pattern != "rule" else (
-                    "rule (least slope, span<=1)" if not wide else "rule (span>=2: gap fillers)")
-                main = pattern == "rule"
-                ax.scatter([r[key] * scale for r in pts], [r["val_loss"] for r in pts],
-                           s=30 if main else 16, alpha=0.9 if main else 0.45, zorder=3,
-                           facecolors="none" if wide else color, edgecolors=color, label=name)
-        front = [rows[i] for i in pareto_front(rows, key)]
-        ax.step([r[key] * scale for r in front], [r["val_loss"] for r in front], where="post",
-                color="tab:red", lw=1.4, zorder=2, label="Pareto front")
-        uni = _uniform(rows)  # joined in size order S -> XL, also on the latency axes
-        ax.plot([r[key] * scale for r in uni], [r["val_loss"] for r in uni], "k--", lw=1,
-                zorder=2, label="line joining S/M/L/XL")
-        ax.scatter([r[key] * scale for r in uni], [r["val_loss"] for r in uni], s=110,
-                   marker="s", color="black", zorder=4)
-        for r in uni:
-            ax.annotate(r["name"], (r[key] * scale, r["val_loss"]), xytext=(6, 6),
-                        textcoords="offset points", fontsize=11, weight="bold")
-        _baselines(ax, [r for r in base if key in r], rows, key, scale)
-        ax.set_xlabel(label)
-        ax.set_ylabel("validation loss (nats/token)")
-        ax.grid(alpha=0.3)
-        ax.ticklabel_format(axis="y", useOffset=False)
+    xs = [a for a in xs if rows and all(a.key in r for r in rows)]
+    fig, axes = plt.subplots(len(ys), len(xs), figsize=(max(6.4, 5.8 * len(xs)), 4.6 * len(ys)),
+                             squeeze=False, layout="constrained")
+    for row_axes, y in zip(axes, ys, strict=True):
+        for ax, x in zip(row_axes, xs, strict=True):
+            _panel(ax, rows, base, x, y)
     handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 5), fontsize=9)
+    ncol = max(1, min(len(labels), int(fig.get_figwidth() // 2.4)))
+    fig.legend(handles, labels, loc="outside lower center", ncol=ncol, fontsize=9)
     fig.suptitle(title or f"Mix'n'Match sweep: {result.get('checkpoint', '')}", fontsize=11)
-    fig.tight_layout(rect=(0, 0.1, 1, 1))
     path = Path(path)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
 
-def _baselines(ax: Any, base: list[dict[str, Any]], rows: Sequence[dict[str, Any]], key: str,
-               scale: float) -> None:
-    """Overlay baselines; ones far outside the candidates' loss range are drawn at the top edge
-    (marker ^, true loss in the label) so the Mix'n'Match detail stays readable."""
+def _panel(ax: Any, rows: Sequence[dict[str, Any]], base: Sequence[dict[str, Any]], x: Axis,
+           y: Axis) -> None:
+    for pattern, color in COLORS.items():
+        for wide in (False, True) if pattern == "rule" else (None,):
+            pts = [r for r in rows if r["pattern"] == pattern
+                   and (wide is None or ((r.get("span") or 0) >= 2) == wide)]
+            if not pts:
+                continue
+            name = pattern if pattern != "rule" else (
+                "rule (least slope, span<=1)" if not wide else "rule (span>=2: gap fillers)")
+            main = pattern == "rule"
+            _points(ax, pts, x, y, s=30 if main else 16, alpha=0.9 if main else 0.45, zorder=3,
+                    facecolors="none" if wide else color, edgecolors=color, label=name)
+    from .sweep import pareto_front
+
+    front = [rows[i] for i in pareto_front(rows, x.order or x.key, y.order or y.key)]
+    ax.step([r[x.key] * x.scale for r in front], [r[y.key] * y.scale for r in front],
+            where="post", color="tab:red", lw=1.4, zorder=2, label="Pareto front")
+    uni = _uniform(rows)  # joined in size order S -> XL, also on the latency axes
+    ax.plot([r[x.key] * x.scale for r in uni], [r[y.key] * y.scale for r in uni], "k--", lw=1,
+            zorder=2, label="line joining the uniform granularities")
+    ax.scatter([r[x.key] * x.scale for r in uni], [r[y.key] * y.scale for r in uni], s=110,
+               marker="s", color="black", zorder=4)
+    for r in uni:
+        ax.annotate(r["name"], (r[x.key] * x.scale, r[y.key] * y.scale), xytext=(6, 6),
+                    textcoords="offset points", fontsize=11, weight="bold")
+    _baselines(ax, [r for r in base if x.key in r], rows, x, y)
+    ax.set_xlabel(x.label)
+    ax.set_ylabel(y.label)
+    ax.grid(alpha=0.3)
+    ax.ticklabel_format(axis="y", useOffset=False)
+
+
+def _baselines(ax: Any, base: list[dict[str, Any]], rows: Sequence[dict[str, Any]], x: Axis,
+               y: Axis) -> None:
+    """Overlay baselines; ones far outside the candidates' range are drawn at the top edge
+    (marker ^, true value in the label) so the Mix'n'Match detail stays readable."""
     if not base:
         return
-    losses = [r["val_loss"] for r in rows]
-    lo, hi = min(losses), max(losses)
+    vals = [r[y.key] * y.scale for r in rows]
+    lo, hi = min(vals), max(vals)
     pad = 0.08 * (hi - lo or 1.0)
-    far = [r for r in base if not lo - 2 * (hi - lo) - pad <= r["val_loss"] <= hi + 2 * (hi - lo)]
+    far = [r for r in base
+           if not lo - 2 * (hi - lo) - pad <= r[y.key] * y.scale <= hi + 2 * (hi - lo)]
     if far:
-        ax.set_ylim(min([lo] + [r["val_loss"] for r in base if r not in far]) - pad,
-                    max([hi] + [r["val_loss"] for r in base if r not in far]) + 2.5 * pad)
+        near = [r[y.key] * y.scale for r in base if r not in far]
+        ax.set_ylim(min([lo, *near]) - pad, max([hi, *near]) + 2.5 * pad)
     top = ax.get_ylim()[1]
     for r in base:
         off = r in far
-        y = top - 0.6 * pad if off else r["val_loss"]
-        ax.scatter([r[key] * scale], [y], s=90, marker="^" if off else "D", color="tab:olive",
-                   edgecolors="black", zorder=5, clip_on=False,
+        yv = top - 0.6 * pad if off else r[y.key] * y.scale
+        ax.scatter([r[x.key] * x.scale], [yv], s=90, marker="^" if off else "D",
+                   color="tab:olive", edgecolors="black", zorder=5, clip_on=False,
                    label="independently trained baselines" if r is base[0] else None)
         short = r["name"].split(" (")[0].replace("baseline ", "base ")
-        ax.annotate(short, (r[key] * scale, y), xytext=(4, -12), textcoords="offset points",
-                    fontsize=8, color="olive")
+        ax.annotate(short, (r[x.key] * x.scale, yv), xytext=(4, -12),
+                    textcoords="offset points", fontsize=8, color="olive")
     if far:
-        ax.text(0.98, 0.6, "baselines off scale (loss):\n" + "\n".join(
-                f"{r['name'].split(' (')[0]}: {r['val_loss']:.3f}" for r in far),
+        ax.text(0.98, 0.6, "baselines off scale:\n" + "\n".join(
+                f"{r['name'].split(' (')[0]}: {r[y.key] * y.scale:.3f}" for r in far),
                 transform=ax.transAxes, ha="right", va="top", fontsize=8, color="olive")
 
 
-def _fmt_widths(w: Sequence[int]) -> str:
-    return f"{w[0]} x{len(w)}" if len(set(w)) == 1 else ",".join(map(str, w))
+def _cell(r: dict[str, Any], key: str, fmt: str) -> str:
+    if fmt == "pareto":
+        lat = r.get("pareto_prefill_ms", r.get("pareto_latency_ms"))
+        return ("P" if r.get("pareto_params") else "-") + "/" + ("L" if lat else "-")
+    v = r.get(key)
+    if v is None:
+        return "-"
+    if key == "widths":
+        return f"{v[0]} x{len(v)}" if len(set(v)) == 1 else ",".join(map(str, v))
+    special = {"pct": lambda: f"{100 * v:.1f}%", "k": lambda: f"{v / 1e3:.1f}K",
+               "m": lambda: f"{v / 1e6:.3f}M", "m1": lambda: f"{v / 1e6:.1f}",
+               "ms": lambda: f"{v:.2f}"}
+    return special[fmt]() if fmt in special else format(v, fmt)
 
 
-def markdown_table(rows: Sequence[dict[str, Any]], *, patterns: Sequence[str] | None = None
-                   ) -> str:
-    """A markdown table of candidates, sorted by parameters (``*``: on the Pareto front)."""
-    lat = all("prefill_ms" in r for r in rows)
-    head = ["submodel", "pattern", "FFN widths", "non-emb params", "MFLOPs/token"]
-    head += ["prefill ms", "decode ms"] if lat else []
-    head += ["val loss", "Pareto (params/latency)"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in sorted(rows, key=lambda r: (r["params"], r["val_loss"])):
-        if patterns is not None and r["pattern"] not in patterns:
-            continue
-        cells = [r["name"], r["pattern"], _fmt_widths(r["widths"]),
-                 f"{r['non_embedding_params'] / 1e6:.3f}M", f"{r['flops_per_token'] / 1e6:.1f}"]
-        if lat:
-            cells += [f"{r['prefill_ms']:.2f}", f"{r['decode_ms']:.3f}"]
-        marks = ("P" if r.get("pareto_params") else "-") + "/" + (
-            "L" if r.get("pareto_prefill_ms") else "-")
-        cells += [f"{r['val_loss']:.4f}", marks]
-        lines.append("| " + " | ".join(cells) + " |")
+def markdown_table(rows: Sequence[dict[str, Any]],
+                   columns: Sequence[tuple[str, str, str]] = LM_COLUMNS) -> str:
+    """A markdown table: ``columns`` are (key, header, format) with format ``pct``, ``k``
+    (thousands), ``m`` (millions), ``ms``, ``pareto`` or a Python format spec. Columns no row
+    has are left out (e.g. latency when it was not measured)."""
+    cols = [c for c in columns if c[2] == "pareto" or any(c[0] in r for r in rows)]
+    lines = ["| " + " | ".join(h for _, h, _ in cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(_cell(r, k, f) for k, _, f in cols) + " |" for r in rows]
     return "\n".join(lines) + "\n"
 
 
-def write_report(result: dict[str, Any], out: str | Path) -> dict[str, Path]:
-    """Write ``mixnmatch.json``, ``mixnmatch.png`` and ``mixnmatch.md`` into ``out``."""
+def write_report(result: dict[str, Any], out: str | Path, *, xs: Sequence[Axis] = LM_X,
+                 ys: Sequence[Axis] = LM_Y,
+                 columns: Sequence[tuple[str, str, str]] = LM_COLUMNS,
+                 title: str = "Mix'n'Match sweep") -> dict[str, Path]:
+    """Write ``mixnmatch.json``, ``mixnmatch.png`` and ``mixnmatch.md`` into ``out``; an
+    ``analysis`` entry of the result is appended to the markdown."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    result = {**result, "analysis": line_analysis(result["candidates"])}
     paths = {"json": out / "mixnmatch.json", "plot": out / "mixnmatch.png",
              "markdown": out / "mixnmatch.md"}
     paths["json"].write_text(json.dumps(result, indent=1) + "\n")
-    plot_sweep(result, paths["plot"])
-    rows = result["candidates"] + result.get("baselines", [])
-    text = [f"# Mix'n'Match sweep of {result.get('checkpoint', '?')}\n",
-            f"![sweep]({paths['plot'].name})\n", markdown_table(rows), "\n## Analysis\n",
-            "```json", json.dumps(result["analysis"], indent=1), "```\n"]
+    plot_sweep(result, paths["plot"], xs=xs, ys=ys,
+               title=f"{title}: {result.get('checkpoint', '')}")
+    rows = sorted(result["candidates"], key=lambda r: (r["params"], r[ys[0].order or ys[0].key]))
+    text = [f"# {title} of {result.get('checkpoint', '?')}\n", f"![sweep]({paths['plot'].name})\n",
+            markdown_table(rows + result.get("baselines", []), columns)]
+    if "analysis" in result:
+        text += ["\n## Analysis\n", "```json", json.dumps(result["analysis"], indent=1), "```\n"]
     paths["markdown"].write_text("\n".join(text))
     log.info("wrote %s", ", ".join(str(p) for p in paths.values()))
     return paths
@@ -209,6 +261,6 @@ def load_sweep(path: str | Path) -> dict[str, Any]:
         data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"cannot read sweep {path}: {e}") from e
-    if "candidates" not in data:
+    if not isinstance(data, dict) or "candidates" not in data:
         raise ValueError(f"{path} is not a mixnmatch.json (no 'candidates')")
     return data

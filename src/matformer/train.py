@@ -34,8 +34,8 @@ from . import checkpoint as ckpt
 from . import distributed as dist
 from .config import ModelConfig
 from .data import TokenDataset
-from .metrics import autocast, evaluate_granularities
-from .model import MatFormerLM, lm_loss
+from .metrics import evaluate_granularities
+from .model import MatFormerLM, autocast, lm_loss
 from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -124,6 +124,10 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown TrainConfig field(s) {unknown}; known: {sorted(known)}")
         return cls(**data)
 
 
@@ -279,7 +283,7 @@ class Trainer:
     def resume(self) -> None:
         """Load the latest checkpoint of ``run_dir``; works on any number of ranks."""
         path = ckpt.resolve(self.run_dir)
-        model, _ = ckpt.load_checkpoint(path)
+        model = ckpt.load_model(path, type(self.raw.config), type(self.raw))
         if model.config != self.raw.config:
             raise ckpt.CheckpointError(f"{path} holds a different model config than this run")
         dist.load_full_model_state(self.model, model.state_dict())
@@ -381,3 +385,17 @@ class Trainer:
             bar.update(1)
         bar.close()
         return final or self.evaluate()
+
+
+def run(model: nn.Module, task: Task, cfg: TrainConfig, run_dir: str | Path,
+        env: dist.DistEnv, *, resume: bool = False, progress: bool = True
+        ) -> tuple[Trainer, nn.Module, dict[str, float], float]:
+    """Wrap ``model`` for ``cfg.parallel``, train it (resuming ``run_dir``'s latest checkpoint
+    when asked) and return (trainer, wrapped model, final validation losses, seconds)."""
+    wrapped = dist.wrap(model.to(env.device), cfg.parallel, env, cfg.precision)
+    trainer = Trainer(wrapped, task, cfg, run_dir, env=env, progress=progress)
+    if resume:
+        trainer.resume()
+    t0 = time.perf_counter()
+    final = trainer.fit()
+    return trainer, wrapped, final, time.perf_counter() - t0

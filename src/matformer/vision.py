@@ -25,8 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import ModelConfig
-from .metrics import autocast
-from .model import Block, MatFormerLM, RMSNorm, WidthSpec
+from .model import Block, MatFormerLM, RMSNorm, WidthSpec, autocast
 from .vision_data import ImageDataset, random_shift
 
 POS_EMBEDS = ("learned", "sincos")

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
 
-from .cli_common import add_command, add_training_args, floats
+from .cli_common import Result, add_command, add_latency, add_training_args, floats
 
 EXAMPLES = """\
 examples:
@@ -50,7 +49,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     v = sub.add_parser("vision", help="MatViT: nested vision encoders (train, eval, retrieve, "
                        "mixnmatch)", epilog=EXAMPLES,
                        formatter_class=argparse.RawDescriptionHelpFormatter,
-                       description="Nested ViT encoders (paper sec. 4.2): one set of weights, "
+                       description="Nested ViT encoders (arXiv 2310.07707, sec. 4.2): one set of weights, "
                        "classifiers and [CLS] embedders at every FFN width per layer.")
     vs = v.add_subparsers(dest="vision_command", required=True, metavar="VISION_COMMAND")
     p = add_command(
@@ -120,8 +119,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="also every Mix'n'Match candidate of the paper's rule")
     p.add_argument("--k", type=_ints, default=(1, 5, 10), help="recall@k (default 1,5,10)")
     p.add_argument("--no-latency", action="store_true", help="skip latency measurement")
-    p.add_argument("--repeats", type=int, default=7)
-    p.add_argument("--threads", type=int, help="torch threads while timing")
+    add_latency(p, prefill=False)
     p.add_argument("--out", type=Path, help="report directory (default: CHECKPOINT/retrieval)")
     _data_args(p)
 
@@ -140,8 +138,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--any-width", action="store_true", help="allow untrained widths")
     p.add_argument("--baselines", nargs="+", type=Path, default=[], metavar="CKPT")
     p.add_argument("--no-latency", action="store_true")
-    p.add_argument("--repeats", type=int, default=7)
-    p.add_argument("--threads", type=int, help="torch threads while timing")
+    add_latency(p, prefill=False)
     p.add_argument("--seed", type=int, default=0, help="seed of the random pattern")
     p.add_argument("--max-params", type=float, help="budget: total parameters")
     p.add_argument("--max-flops", type=float, help="budget: FLOPs per image")
@@ -149,7 +146,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     _data_args(p)
 
 
-def run(args: argparse.Namespace) -> tuple[dict[str, Any] | None, str]:
+def run(args: argparse.Namespace) -> Result:
     """Run ``matformer vision <command>``; returns (result, text), result None on non-main
     ranks of a distributed run."""
     from .vision_commands import COMMANDS

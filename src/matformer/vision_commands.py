@@ -1,8 +1,7 @@
 """The ``matformer vision`` commands: train, eval, retrieve, mixnmatch.
 
 Each takes the parsed arguments (:mod:`matformer.vision_cli` defines them) and returns
-``(result, text)``: a JSON-serialisable result and its human-readable rendering. Nothing here
-prints; :mod:`matformer.cli` prints one of the two.
+``(result, text)``, the convention of every command (:mod:`matformer.cli_common`).
 """
 
 from __future__ import annotations
@@ -10,25 +9,24 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .cli_common import model_overrides
+from .cli_common import Result, model_overrides, train_config
 
 VISION_FILE = "vision.json"  # training-only data settings of a run (augmentation)
 
 
 # ----------------------------------------------------------------------------- helpers
 def _load_vit(path: Path) -> Any:
-    from . import checkpoint as ckpt
+    from .families import load_checkpoint, model_kind
 
-    if ckpt.model_kind(path) != "vit":
+    if model_kind(path) != "vit":
         raise ValueError(f"{path} is a language-model checkpoint; use the LM commands "
                          "(matformer eval / mixnmatch) for it")
-    return ckpt.load_checkpoint(path)[0]
+    return load_checkpoint(path)[0]
 
 
 def _dataset(path: Path, args: argparse.Namespace, model: Any) -> Any:
@@ -58,76 +56,61 @@ def _same_data(models: list[Any]) -> None:
 
 
 # ----------------------------------------------------------------------------- train
-def _train(args: argparse.Namespace) -> tuple[dict[str, Any] | None, str]:
+def _train(args: argparse.Namespace) -> Result:
     from . import checkpoint as ckpt
     from . import distributed as dist
-    from .train import TRAIN_CONFIG, TrainConfig, Trainer
-    from .vision import MatViT, VisionTask, evaluate_classifier, vit_preset
+    from .train import TRAIN_CONFIG, TrainConfig, run
+    from .vision import VIT_PRESETS, MatViT, VisionTask, evaluate_classifier, vit_preset
     from .vision_data import load_images
 
-    env = dist.setup(args.device)
     out: Path = args.out
-    if args.resume:
-        cfg = TrainConfig.from_dict(json.loads((out / TRAIN_CONFIG).read_text()))
-        vis = json.loads((out / VISION_FILE).read_text())
-        model = _load_vit(out)
+    with dist.session(args.device) as env:
+        if args.resume:
+            cfg = TrainConfig.from_dict(json.loads((out / TRAIN_CONFIG).read_text()))
+            vis = json.loads((out / VISION_FILE).read_text())
+            model = _load_vit(out)
+        else:
+            if (out / ckpt.LATEST).exists():
+                raise ValueError(f"{out} already holds a run; pass --resume to continue it or "
+                                 "choose another --out")
+            base = VIT_PRESETS[args.preset]
+            size = args.image_size or base["image_size"]
+            channels = args.channels or base.get("channels", 1)
+            vis = {"data": args.data, "image_size": size, "channels": channels,
+                   "val_fraction": args.val_fraction, "skip_unreadable": args.skip_unreadable,
+                   "max_shift": size // 16 if args.max_shift is None else args.max_shift}
+        data = load_images(vis["data"], vis["image_size"], vis["channels"],
+                           vis["val_fraction"], skip_unreadable=vis["skip_unreadable"])
+        if not args.resume:
+            over: dict[str, Any] = {"image_size": vis["image_size"],
+                                    "channels": vis["channels"], "num_classes": data.num_classes}
+            over.update(model_overrides(args, ("patch_size", "pos_embed", "d_model", "n_layer",
+                                               "n_head", "activation", "d_ff")))
+            if args.d_model and not args.d_ff:
+                over["d_ff"] = 4 * args.d_model
+            mcfg = vit_preset(args.preset, **over)
+            if args.mode == "baseline":
+                mcfg = mcfg.dense(args.granularity)
+            cfg = train_config(args, TrainConfig, steps=args.steps, eval_batches=max(
+                1, math.ceil(len(data.val_y) / args.batch_size)))
+            torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+            model = MatViT(mcfg)
+            if env.is_main:
+                out.mkdir(parents=True, exist_ok=True)
+                (out / VISION_FILE).write_text(json.dumps(vis, indent=2) + "\n")
         mcfg = model.config
-    else:
-        if (out / ckpt.LATEST).exists():
-            raise ValueError(f"{out} already holds a run; pass --resume to continue it or "
-                             "choose another --out")
-        from .vision import VIT_PRESETS
-
-        base = VIT_PRESETS[args.preset]
-        size = args.image_size or base["image_size"]
-        channels = args.channels or base.get("channels", 1)
-        vis = {"data": args.data, "image_size": size, "channels": channels,
-               "val_fraction": args.val_fraction, "skip_unreadable": args.skip_unreadable,
-               "max_shift": size // 16 if args.max_shift is None else args.max_shift}
-    data = load_images(vis["data"], vis["image_size"], vis["channels"], vis["val_fraction"],
-                       skip_unreadable=vis["skip_unreadable"])
-    if not args.resume:
-        over: dict[str, Any] = {"image_size": vis["image_size"], "channels": vis["channels"],
-                                "num_classes": data.num_classes}
-        over.update(model_overrides(args, ("patch_size", "pos_embed", "d_model", "n_layer",
-                                           "n_head", "activation", "d_ff")))
-        if args.d_model and not args.d_ff:
-            over["d_ff"] = 4 * args.d_model
-        mcfg = vit_preset(args.preset, **over)
-        if args.mode == "baseline":
-            mcfg = mcfg.dense(args.granularity)
-        cfg = TrainConfig(
-            mode=args.mode, data=args.data, val_fraction=args.val_fraction, steps=args.steps,
-            batch_size=args.batch_size, lr=args.lr,
-            warmup_steps=min(args.warmup_steps, max(1, args.steps // 10)),
-            weight_decay=args.weight_decay, grad_clip=args.grad_clip, probs=args.probs,
-            loss_weights=args.loss_weights, eval_interval=args.eval_interval,
-            eval_batches=max(1, math.ceil(len(data.val_y) / args.batch_size)),
-            ckpt_interval=args.ckpt_interval, seed=args.seed, precision=args.precision,
-            parallel=args.parallel or "ddp")
-        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-        model = MatViT(mcfg)
-        if env.is_main:
-            out.mkdir(parents=True, exist_ok=True)
-            (out / VISION_FILE).write_text(json.dumps(vis, indent=2) + "\n")
-    task = VisionTask(data, mcfg, max_shift=vis["max_shift"])
-    wrapped = dist.wrap(model.to(env.device), cfg.parallel, env, cfg.precision)
-    trainer = Trainer(wrapped, task, cfg, out, env=env, progress=not args.no_progress)
-    if args.resume:
-        trainer.resume()
-    t0 = time.perf_counter()
-    final = trainer.fit()
-    elapsed = time.perf_counter() - t0
-    model = dist.unwrap(wrapped)
-    rows = []
-    for name in mcfg.names:  # every rank runs the forward passes (FSDP gathers weights)
-        ev = evaluate_classifier(model, data.val_x, data.val_y, widths=name,
-                                 heads=name if mcfg.nest_heads else None)
-        w = model.resolve_widths(name)
-        rows.append({"name": name, "widths": list(w), "params": mcfg.num_params(w),
-                     "val_loss": final.get(name, ev["loss"]), "accuracy": ev["accuracy"]})
-    dist.reshard(wrapped)
-    dist.teardown()
+        task = VisionTask(data, mcfg, max_shift=vis["max_shift"])
+        trainer, wrapped, final, elapsed = run(model, task, cfg, out, env, resume=args.resume,
+                                               progress=not args.no_progress)
+        model = dist.unwrap(wrapped)
+        rows = []
+        for name in mcfg.names:  # every rank runs the forward passes (FSDP gathers weights)
+            ev = evaluate_classifier(model, data.val_x, data.val_y, widths=name,
+                                     heads=name if mcfg.nest_heads else None)
+            w = model.resolve_widths(name)
+            rows.append({"name": name, "widths": list(w), "params": mcfg.num_params(w),
+                         "val_loss": final.get(name, ev["loss"]), "accuracy": ev["accuracy"]})
+        dist.reshard(wrapped)
     if not env.is_main:
         return None, ""
     result = {"out": str(out), "mode": cfg.mode, "steps": trainer.step, "seconds": elapsed,
@@ -149,7 +132,7 @@ def _family(path: Path) -> str:
     return (p.parent.parent.name if p.parent.name == ckpt.CHECKPOINTS else p.name) or str(p)
 
 
-def _eval(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
+def _eval(args: argparse.Namespace) -> Result:
     from .vision import evaluate_classifier
     from .vision_eval import cost, plot_accuracy
 
@@ -202,10 +185,12 @@ def _eval(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
 
 
 # ----------------------------------------------------------------------------- retrieve
-def _retrieve(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
+def _retrieve(args: argparse.Namespace) -> Result:
     from . import checkpoint as ckpt
     from . import mixnmatch as mm
-    from .vision_eval import markdown_table, measure_latency, plot_retrieval, retrieval
+    from .latency import forward_latency
+    from .report import markdown_table
+    from .vision_eval import plot_retrieval, retrieval
 
     model = _load_vit(args.checkpoint)
     bases = [_load_vit(p) for p in args.baselines]
@@ -229,10 +214,12 @@ def _retrieve(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     for r, g in zip(rows, groups, strict=True):
         r["group"] = g
     if not args.no_latency:
-        lat = measure_latency([(m, w) for _, m, w in queries], repeats=args.repeats,
-                              threads=args.threads)
-        for r, ms in zip(rows, lat, strict=True):
-            r["latency_ms"] = ms
+        setups = [(m, w) for _, m, w in queries]
+        inputs = [torch.rand(1, *m.config.image_shape,
+                             generator=torch.Generator().manual_seed(0)) for m, _ in setups]
+        for r, lat in zip(rows, forward_latency(setups, inputs, repeats=args.repeats),
+                          strict=True):
+            r.update(lat)
     out = args.out or args.checkpoint / "retrieval"
     out.mkdir(parents=True, exist_ok=True)
     result = {"checkpoint": str(ckpt.resolve(args.checkpoint)), "data": repr(data),
@@ -264,10 +251,11 @@ def _retrieve(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
 
 
 # ----------------------------------------------------------------------------- mixnmatch
-def _mixnmatch(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
+def _mixnmatch(args: argparse.Namespace) -> Result:
     from . import checkpoint as ckpt
     from . import mixnmatch as mm
-    from .vision_eval import SWEEP_COLUMNS, markdown_table, select, sweep, write_sweep_report
+    from .report import markdown_table
+    from .vision_eval import SWEEP_COLUMNS, select, vit_sweep, write_sweep_report
 
     model = _load_vit(args.checkpoint)
     bases = [(f"baseline {b.config.names[0]} ({p.name})", b)
@@ -279,16 +267,18 @@ def _mixnmatch(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     cands = mm.candidates(cfg, [p.strip() for p in args.patterns.split(",") if p.strip()],
                           widths=_widths_list(args, cfg, nested=not args.any_width),
                           seed=args.seed, nested=not args.any_width)
-    rows = sweep(model, data, cands, baselines=bases, latency=not args.no_latency,
-                 repeats=args.repeats, threads=args.threads, precision=args.precision)
+    rows = vit_sweep(model, data, cands, baselines=bases, latency=not args.no_latency,
+                     repeats=args.repeats, precision=args.precision,
+                     progress=not args.no_progress)
     result = {"checkpoint": str(ckpt.resolve(args.checkpoint)), "data": repr(data),
               "images": len(data.val_y), "config": cfg.to_dict(), "patterns": args.patterns,
               "candidates": rows[: len(cands)], "baselines": rows[len(cands):]}
     out = args.out or args.checkpoint / "mixnmatch"
     result["files"] = {k: str(v) for k, v in write_sweep_report(result, out).items()}
-    budgets = (args.max_params, args.max_flops, args.max_latency_ms)
-    result["selected"] = (select(result["candidates"], *budgets)
-                          if any(b is not None for b in budgets) else None)
+    budgets = {"max_params": args.max_params, "max_flops": args.max_flops,
+               "max_latency_ms": args.max_latency_ms}
+    result["selected"] = (select(result["candidates"], **budgets)
+                          if any(b is not None for b in budgets.values()) else None)
     text = markdown_table(sorted(result["candidates"], key=lambda r: r["params"])
                           + result["baselines"], SWEEP_COLUMNS)
     text += (f"{len(cands)} submodels on {len(data.val_y)} held-out images of {data.name}; "
