@@ -51,9 +51,9 @@ from matformer.cache import KVCache
 from matformer.config import preset
 from matformer.generate import generate, left_pad
 from matformer.metrics import validation_batches
-from matformer.mixnmatch import extract
 from matformer.model import MatFormerLM
 from matformer.speculative import SpecStats, speculative_generate
+from matformer.submodels.candidates import extract
 
 
 @dataclass

@@ -31,9 +31,9 @@ import torch
 
 from matformer import checkpoint as ckpt
 from matformer.config import preset
-from matformer.extract import extract
-from matformer.latency import lm_latency
 from matformer.model import MatFormerLM
+from matformer.submodels.extract import extract
+from matformer.submodels.latency import lm_latency
 
 
 def main(argv: list[str] | None = None) -> int:

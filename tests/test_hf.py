@@ -11,7 +11,7 @@ from helpers import random_tokens, tiny_model
 from matformer import checkpoint as ckpt
 from matformer import families
 from matformer.cli import main
-from matformer.hf import ExportError, export_hf, import_hf
+from matformer.submodels.hf import ExportError, export_hf, import_hf
 from matformer.tokenizer import Tokenizer
 
 transformers = pytest.importorskip("transformers")

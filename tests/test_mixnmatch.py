@@ -11,11 +11,11 @@ from helpers import pattern_dataset, random_tokens, tiny_config, tiny_model, wri
 
 from matformer import checkpoint as ckpt
 from matformer import families
-from matformer import mixnmatch as mm
 from matformer.cli import main
-from matformer.extract import extract, save_extracted
-from matformer.report import interpolate, line_analysis, load_sweep
-from matformer.sweep import choose, lm_sweep, pareto_front, select
+from matformer.submodels import candidates as mm
+from matformer.submodels.extract import extract, save_extracted
+from matformer.submodels.report import interpolate, line_analysis, load_sweep
+from matformer.submodels.sweep import choose, lm_sweep, pareto_front, select
 from matformer.tokenizer import Tokenizer
 
 

@@ -14,7 +14,7 @@ from helpers import state_equal
 from matformer import checkpoint as ckpt
 from matformer import families
 from matformer.cli import main
-from matformer.extract import extract
+from matformer.submodels.extract import extract
 from matformer.train import TrainConfig, Trainer
 from matformer.vision import (
     MatViT,
@@ -23,8 +23,8 @@ from matformer.vision import (
     evaluate_classifier,
     vit_preset,
 )
-from matformer.vision_data import ImageDataset, load_image_folder, random_shift
-from matformer.vision_eval import knn_retrieval
+from matformer.vision.data import ImageDataset, load_image_folder, random_shift
+from matformer.vision.evaluate import knn_retrieval
 
 TINY: dict[str, Any] = dict(image_size=8, patch_size=2, d_model=16, n_layer=3, n_head=2,
                             d_ff=64, num_classes=3)  # FFN widths S/M/L/XL = 8/16/32/64
@@ -405,7 +405,7 @@ def test_cli_train_eval_retrieve_mixnmatch_extract(tmp_path: Path, capsys) -> No
 
 
 def test_select_most_accurate_under_budget() -> None:
-    from matformer.vision_eval import select
+    from matformer.vision.evaluate import select
 
     rows = [{"name": n, "params": p, "flops_per_image": 10 * p, "accuracy": a, "error": 1 - a}
             for n, p, a in (("S", 100, 0.90), ("mix", 150, 0.95), ("M", 150, 0.95),

@@ -1,7 +1,7 @@
 """Pieces shared by the command-line modules: the convention, argument groups and helpers.
 
 The convention: every command takes the parsed arguments and returns ``(result, text)``, a
-JSON-serialisable result and its human-readable rendering; :func:`matformer.cli.main` prints
+JSON-serialisable result and its human-readable rendering; :func:`matformer.cli.main.main` prints
 one of them (``--json`` picks the result). Non-main ranks of a distributed run return
 ``(None, "")``. Only the command-line modules print; the library logs.
 """
@@ -57,7 +57,7 @@ def add_training_args(p: argparse.ArgumentParser, *, steps: int, batch_size: int
                       weight_decay: float, eval_interval: int, ckpt_interval: int,
                       precision: str) -> argparse._ArgumentGroup:
     """The training-loop flags shared by ``matformer train`` and ``matformer vision train``."""
-    from .train import MODES
+    from ..train import MODES
 
     t = p.add_argument_group("training")
     t.add_argument("--mode", default="sample", choices=MODES,
@@ -116,7 +116,7 @@ def add_latency(p: argparse.ArgumentParser, *, prefill: bool) -> None:
 
 def load_checkpoint(path: Any) -> tuple[Any, Any]:
     """The model and tokenizer of a checkpoint (see :func:`matformer.families.load_checkpoint`)."""
-    from .families import load_checkpoint as load
+    from ..families import load_checkpoint as load
 
     return load(path)
 
@@ -124,8 +124,8 @@ def load_checkpoint(path: Any) -> tuple[Any, Any]:
 def checkpoint_batches(args: argparse.Namespace, model: Any, tokenizer: Any
                        ) -> tuple[list[Any], dict[str, Any]]:
     """The validation batches of ``args.checkpoint`` (its recorded corpus unless --data)."""
-    from .checkpoint import read_metadata
-    from .data import validation_batches
+    from ..checkpoint import read_metadata
+    from ..data import validation_batches
 
     return validation_batches(tokenizer, read_metadata(args.checkpoint),
                               model.config.max_seq_len, data=args.data,

@@ -1,7 +1,7 @@
 """``matformer vision train | eval | retrieve | mixnmatch``: the argument parsers.
 
-:mod:`matformer.cli` mounts them under ``matformer vision``; the commands themselves live in
-:mod:`matformer.vision_commands` and return ``(result, text)``: a JSON-serialisable result and
+:mod:`matformer.cli.main` mounts them under ``matformer vision``; the commands themselves live in
+:mod:`matformer.cli.vision_commands` and return ``(result, text)``: a JSON-serialisable result and
 its human-readable rendering, one of which the CLI prints (only the CLI prints).
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .cli_common import Result, add_command, add_latency, add_training_args, floats
+from .common import Result, add_command, add_latency, add_training_args, floats
 
 EXAMPLES = """\
 examples:
@@ -44,7 +44,7 @@ def _data_args(p: argparse.ArgumentParser) -> None:
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Add ``vision`` and its sub-commands to the top-level sub-parsers."""
-    from .vision import POS_EMBEDS, VIT_PRESETS
+    from ..vision import POS_EMBEDS, VIT_PRESETS
 
     v = sub.add_parser("vision", help="MatViT: nested vision encoders (train, eval, retrieve, "
                        "mixnmatch)", epilog=EXAMPLES,
@@ -123,7 +123,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, help="report directory (default: CHECKPOINT/retrieval)")
     _data_args(p)
 
-    from .mixnmatch import PATTERNS
+    from ..submodels.candidates import PATTERNS
 
     p = add_command(
         vs, "mixnmatch", "Mix'n'Match sweep: accuracy vs params / FLOPs / latency", EXAMPLES,

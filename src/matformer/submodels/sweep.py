@@ -2,10 +2,10 @@
 
 One machinery for language models and ViTs. A sweep calls ``score(model, widths)`` (validation
 loss for an LM, accuracy for a ViT) and ``cost(model, widths)`` (parameters, FLOPs) for every
-candidate and baseline, then times them all together (:mod:`matformer.latency`). An
+candidate and baseline, then times them all together (:mod:`matformer.submodels.latency`). An
 :class:`Objective` says which row column is minimised and which column each budget limits; the
 two families differ only there. :func:`lm_sweep` and :func:`choose` are the language model's
-ready-made glue; the ViT's lives in :mod:`matformer.vision_eval`.
+ready-made glue; the ViT's lives in :mod:`matformer.vision.evaluate`.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from .candidates import Candidate, span, static_cost
 from .latency import Setup, lm_latency
-from .mixnmatch import Candidate, span, static_cost
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +148,7 @@ def lm_sweep(model: nn.Module, batches: Sequence[tuple[Tensor, Tensor]],
              baselines: Sequence[tuple[str, nn.Module]] = ()) -> list[Row]:
     """Validation loss, parameters, FLOPs per token and (optionally) measured prefill/decode
     latency of every candidate submodel of a language model (and of dense ``baselines``)."""
-    from .metrics import evaluate_loss, perplexity
+    from ..metrics import evaluate_loss, perplexity
 
     seq_len = seq_len or model.config.max_seq_len
 

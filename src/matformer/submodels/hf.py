@@ -30,10 +30,10 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from .checkpoint import CheckpointError, materialize
-from .config import ModelConfig
-from .model import MatFormerLM, WidthSpec
-from .tokenizer import EOS_TOKEN, Tokenizer
+from ..checkpoint import CheckpointError, materialize
+from ..config import ModelConfig
+from ..model import MatFormerLM, WidthSpec
+from ..tokenizer import EOS_TOKEN, Tokenizer
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """``matformer train | eval | generate | consistency``: language-model commands.
 
-Each command returns ``(result, text)`` (see :mod:`matformer.cli_common`)."""
+Each command returns ``(result, text)`` (see :mod:`matformer.cli.common`)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .cli_common import (
+from .common import (
     EXAMPLES,
     Result,
     add_command,
@@ -30,8 +30,8 @@ from .cli_common import (
 
 
 def add_train(sub: argparse._SubParsersAction) -> None:
-    from .config import PRESETS
-    from .data import CORPORA
+    from ..config import PRESETS
+    from ..data import CORPORA
 
     p = add_command(
         sub, "train", "train a nested LM (or a dense baseline)", EXAMPLES,
@@ -145,13 +145,13 @@ examples:
 
 # --------------------------------------------------------------------------- commands
 def train(args: argparse.Namespace) -> Result:
-    from . import checkpoint as ckpt
-    from . import distributed as dist
-    from .config import preset
-    from .data import load_corpus, prepare_data
-    from .model import MatFormerLM
-    from .tokenizer import Tokenizer
-    from .train import TRAIN_CONFIG, LMTask, TrainConfig, run
+    from .. import checkpoint as ckpt
+    from .. import distributed as dist
+    from ..config import preset
+    from ..data import load_corpus, prepare_data
+    from ..model import MatFormerLM
+    from ..tokenizer import Tokenizer
+    from ..train import TRAIN_CONFIG, LMTask, TrainConfig, run
 
     with dist.session(args.device) as env:
         say = print if env.is_main else (lambda *a, **k: None)
@@ -213,8 +213,8 @@ def train(args: argparse.Namespace) -> Result:
 
 
 def _loss_table(losses: dict[str, float], data: Any, vocab_size: int) -> str:
-    from .data import unigram_entropy
-    from .metrics import perplexity
+    from ..data import unigram_entropy
+    from ..metrics import perplexity
 
     lines = [f"{'granularity':<12}{'val loss':>10}{'ppl':>10}"]
     lines += [f"{name:<12}{loss:>10.4f}{perplexity(loss):>10.2f}" for name, loss in losses.items()]
@@ -223,9 +223,9 @@ def _loss_table(losses: dict[str, float], data: Any, vocab_size: int) -> str:
 
 
 def evaluate(args: argparse.Namespace) -> Result:
-    from . import checkpoint as ckpt
-    from .config import parse_widths
-    from .metrics import evaluate_loss, perplexity
+    from .. import checkpoint as ckpt
+    from ..config import parse_widths
+    from ..metrics import evaluate_loss, perplexity
 
     model, tokenizer = load_checkpoint(args.checkpoint)
     batches, info = checkpoint_batches(args, model, tokenizer)
@@ -259,9 +259,9 @@ def evaluate(args: argparse.Namespace) -> Result:
 
 
 def generate(args: argparse.Namespace) -> Result:
-    from .config import parse_widths
-    from .generate import generate, generate_stream
-    from .speculative import SpecStats, speculative_stream
+    from ..config import parse_widths
+    from ..generate import generate, generate_stream
+    from ..speculative import SpecStats, speculative_stream
 
     model, tokenizer = load_checkpoint(args.checkpoint)
     cfg = model.config
@@ -337,9 +337,9 @@ def generate(args: argparse.Namespace) -> Result:
 
 
 def consistency(args: argparse.Namespace) -> Result:
-    from . import checkpoint as ckpt
-    from .config import parse_widths
-    from .metrics import Submodel, evaluate_consistency, granularity_consistency
+    from .. import checkpoint as ckpt
+    from ..config import parse_widths
+    from ..metrics import Submodel, evaluate_consistency, granularity_consistency
 
     model, tokenizer = load_checkpoint(args.checkpoint)
     cfg = model.config

@@ -73,7 +73,7 @@ def _device(model: nn.Module) -> torch.device:
 @torch.no_grad()
 def _decode_step_fn(model: nn.Module, widths: Any, context: int) -> Callable[[], Any]:
     """One cached decode step of ``widths`` at position ``context`` (the cache is filled once)."""
-    from .cache import KVCache
+    from ..cache import KVCache
 
     device = _device(model)
     ctx = max(1, min(context, model.config.max_seq_len - 1))

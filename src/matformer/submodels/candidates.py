@@ -6,7 +6,7 @@ layers). The paper (arXiv 2310.07707, sec. 3.3 and App. D) finds the good ones a
 one of least slope, so candidates fill the range S..XL as densely as the rule can. The other
 orders the paper compared (decreasing, inc-dec, dec-inc, random) re-order the same widths, so
 each ablation point has a rule point of exactly its size. Static costs are parameters and FLOPs per token;
-:mod:`matformer.sweep` scores and times candidates, :mod:`matformer.extract` copies one out.
+:mod:`matformer.submodels.sweep` scores and times candidates, :mod:`matformer.submodels.extract` copies one out.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from itertools import combinations_with_replacement, groupby, pairwise
 from typing import Any
 
-from .config import ModelConfig
+from ..config import ModelConfig
 
 log = logging.getLogger(__name__)
 

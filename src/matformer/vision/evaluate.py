@@ -6,7 +6,7 @@ encoder; each query is embedded by a cheaper one and matched to its nearest gall
 gallery encoder, so their embedding spaces agree; an independently trained small ViT has a
 space of its own, and its queries land next to unrelated gallery images.
 
-**Mix'n'Match for ViTs**: the candidates of :mod:`matformer.mixnmatch` (the paper's rule and its
+**Mix'n'Match for ViTs**: the candidates of :mod:`matformer.submodels.candidates` (the paper's rule and its
 ablations), scored by held-out top-1 accuracy instead of loss, with parameters, FLOPs per image
 and measured latency, through the same sweep, Pareto front, selection and report as the LM.
 """
@@ -22,14 +22,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .latency import Setup, forward_latency
-from .mixnmatch import Candidate
-from .model import WidthSpec
-from .report import Axis, pyplot, write_report
-from .sweep import VIT_OBJECTIVE, sweep
-from .sweep import select as select_row
-from .vision import MatViT, embed_images, evaluate_classifier
-from .vision_data import ImageDataset
+from ..model import WidthSpec
+from ..submodels.candidates import Candidate
+from ..submodels.latency import Setup, forward_latency
+from ..submodels.report import Axis, pyplot, write_report
+from ..submodels.sweep import VIT_OBJECTIVE, sweep
+from ..submodels.sweep import select as select_row
+from .data import ImageDataset
+from .model import MatViT, embed_images, evaluate_classifier
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ def vit_sweep(model: MatViT, data: ImageDataset, cands: Sequence[Candidate], *,
               repeats: int = 7, threads: int | None = None, precision: str = "fp32",
               progress: bool = True) -> list[dict[str, Any]]:
     """Held-out accuracy, error, loss, parameters, FLOPs per image and (optionally) measured
-    batch-1 latency of every candidate (then of each baseline) by :func:`matformer.sweep.sweep`;
+    batch-1 latency of every candidate (then of each baseline) by :func:`matformer.submodels.sweep.sweep`;
     the Pareto fronts minimise the error."""
 
     def score(m: MatViT, widths: WidthSpec) -> dict[str, float]:

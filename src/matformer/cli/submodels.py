@@ -1,6 +1,6 @@
 """``matformer mixnmatch | extract | export-hf | import-hf``: submodels out of one checkpoint.
 
-Each command returns ``(result, text)`` (see :mod:`matformer.cli_common`)."""
+Each command returns ``(result, text)`` (see :mod:`matformer.cli.common`)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from .cli_common import (
+from .common import (
     Result,
     add_command,
     add_eval_data,
@@ -52,7 +52,7 @@ def _add_submodel(p: argparse.ArgumentParser) -> None:
 
 
 def add_mixnmatch(sub: argparse._SubParsersAction) -> None:
-    from .mixnmatch import PATTERNS
+    from ..submodels.candidates import PATTERNS
 
     p = add_command(
         sub, "mixnmatch", "sweep Mix'n'Match submodels: loss, size, latency", MIXNMATCH_EXAMPLES,
@@ -122,8 +122,8 @@ def _budgets(args: argparse.Namespace) -> dict[str, float | None]:
 
 
 def _submodel_widths(args: argparse.Namespace, model: Any) -> Any:
-    from .config import parse_widths
-    from .mixnmatch import check_widths
+    from ..config import parse_widths
+    from ..submodels.candidates import check_widths
 
     if args.widths and args.granularity:
         raise ValueError("give --granularity or --widths, not both")
@@ -148,12 +148,12 @@ def _describe_row(r: dict[str, Any], prefix: str = "") -> str:
 
 
 def mixnmatch(args: argparse.Namespace) -> Result:
-    from . import checkpoint as ckpt
-    from . import mixnmatch as mm
-    from .config import parse_widths
-    from .latency import settings
-    from .report import line_analysis, load_sweep, markdown_table, write_report
-    from .sweep import lm_sweep, select
+    from .. import checkpoint as ckpt
+    from ..config import parse_widths
+    from ..submodels import candidates as mm
+    from ..submodels.latency import settings
+    from ..submodels.report import line_analysis, load_sweep, markdown_table, write_report
+    from ..submodels.sweep import lm_sweep, select
 
     budgets = _budgets(args)
     if args.sweep:
@@ -199,11 +199,11 @@ def mixnmatch(args: argparse.Namespace) -> Result:
 
 
 def extract(args: argparse.Namespace) -> Result:
-    from . import checkpoint as ckpt
-    from . import mixnmatch as mm
-    from .extract import save_extracted
-    from .report import load_sweep
-    from .sweep import choose, select
+    from .. import checkpoint as ckpt
+    from ..submodels import candidates as mm
+    from ..submodels.extract import save_extracted
+    from ..submodels.report import load_sweep
+    from ..submodels.sweep import choose, select
 
     model, tokenizer = load_checkpoint(args.checkpoint)
     budgets = _budgets(args)
@@ -239,7 +239,7 @@ def extract(args: argparse.Namespace) -> Result:
 
 
 def export_hf(args: argparse.Namespace) -> Result:
-    from .hf import export_hf
+    from ..submodels.hf import export_hf
 
     model, tokenizer = load_checkpoint(args.checkpoint)
     info = export_hf(model, tokenizer, args.out, widths=_submodel_widths(args, model),
@@ -267,8 +267,8 @@ def export_hf(args: argparse.Namespace) -> Result:
 
 
 def import_hf(args: argparse.Namespace) -> Result:
-    from . import checkpoint as ckpt
-    from .hf import import_hf
+    from .. import checkpoint as ckpt
+    from ..submodels.hf import import_hf
 
     model, tokenizer = import_hf(args.folder, name=args.folder.name)
     meta: dict[str, Any] = {"origin": {"hf_folder": str(args.folder)}}

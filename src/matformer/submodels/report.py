@@ -1,6 +1,6 @@
 """Reports of a Mix'n'Match sweep, language model or ViT: plot, markdown table, files.
 
-A sweep result is a dict with ``candidates`` (rows from :func:`matformer.sweep.sweep`) and
+A sweep result is a dict with ``candidates`` (rows from :func:`matformer.submodels.sweep.sweep`) and
 optionally ``baselines`` (rows of independently trained dense models evaluated the same way).
 What differs between the families (which metrics and costs to plot, which columns to print) is
 passed in as :class:`Axis` and column lists. Plots use matplotlib's Agg backend.

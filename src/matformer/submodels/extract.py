@@ -8,9 +8,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import checkpoint as ckpt
-from .mixnmatch import describe
-from .model import WidthSpec
+from .. import checkpoint as ckpt
+from ..model import WidthSpec
+from .candidates import describe
 
 
 @torch.no_grad()

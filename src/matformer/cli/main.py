@@ -15,8 +15,9 @@ import sys
 
 import torch
 
-from . import cli_lm, cli_submodels
-from .cli_common import EXAMPLES, Result
+from . import lm as cli_lm
+from . import submodels as cli_submodels
+from .common import EXAMPLES, Result
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,13 +38,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_vision(sub: argparse._SubParsersAction) -> None:
-    from .vision_cli import add_parser
+    from .vision import add_parser
 
     add_parser(sub)
 
 
 def _vision(args: argparse.Namespace) -> Result:
-    from .vision_cli import run
+    from .vision import run
 
     return run(args)
 
@@ -51,8 +52,8 @@ def _vision(args: argparse.Namespace) -> Result:
 def _refuse_vision(args: argparse.Namespace) -> None:
     """Language-model commands given a MatViT checkpoint: say which commands fit it."""
     if args.command in ("eval", "generate", "consistency", "mixnmatch", "export-hf"):
-        from .checkpoint import CheckpointError
-        from .families import model_kind
+        from ..checkpoint import CheckpointError
+        from ..families import model_kind
 
         try:
             kind = model_kind(args.checkpoint)
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    from .checkpoint import CheckpointError
+    from ..checkpoint import CheckpointError
 
     try:
         _refuse_vision(args)

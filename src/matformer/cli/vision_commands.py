@@ -1,7 +1,7 @@
 """The ``matformer vision`` commands: train, eval, retrieve, mixnmatch.
 
-Each takes the parsed arguments (:mod:`matformer.vision_cli` defines them) and returns
-``(result, text)``, the convention of every command (:mod:`matformer.cli_common`).
+Each takes the parsed arguments (:mod:`matformer.cli.vision` defines them) and returns
+``(result, text)``, the convention of every command (:mod:`matformer.cli.common`).
 """
 
 from __future__ import annotations
@@ -14,14 +14,14 @@ from typing import Any
 
 import torch
 
-from .cli_common import Result, model_overrides, train_config
+from .common import Result, model_overrides, train_config
 
 VISION_FILE = "vision.json"  # training-only data settings of a run (augmentation)
 
 
 # ----------------------------------------------------------------------------- helpers
 def _load_vit(path: Path) -> Any:
-    from .families import load_checkpoint, model_kind
+    from ..families import load_checkpoint, model_kind
 
     if model_kind(path) != "vit":
         raise ValueError(f"{path} is a language-model checkpoint; use the LM commands "
@@ -30,8 +30,8 @@ def _load_vit(path: Path) -> Any:
 
 
 def _dataset(path: Path, args: argparse.Namespace, model: Any) -> Any:
-    from . import checkpoint as ckpt
-    from .vision_data import load_images
+    from .. import checkpoint as ckpt
+    from ..vision.data import load_images
 
     meta = ckpt.read_metadata(path)
     spec = args.data or meta.get("data")
@@ -43,8 +43,8 @@ def _dataset(path: Path, args: argparse.Namespace, model: Any) -> Any:
 
 
 def _widths_list(args: argparse.Namespace, cfg: Any, nested: bool = True) -> list[tuple]:
-    from .config import parse_widths
-    from .mixnmatch import check_widths
+    from ..config import parse_widths
+    from ..submodels.candidates import check_widths
 
     return [check_widths(cfg, parse_widths(w, cfg.n_layer), nested=nested) for w in args.widths]
 
@@ -57,11 +57,11 @@ def _same_data(models: list[Any]) -> None:
 
 # ----------------------------------------------------------------------------- train
 def _train(args: argparse.Namespace) -> Result:
-    from . import checkpoint as ckpt
-    from . import distributed as dist
-    from .train import TRAIN_CONFIG, TrainConfig, run
-    from .vision import VIT_PRESETS, MatViT, VisionTask, evaluate_classifier, vit_preset
-    from .vision_data import load_images
+    from .. import checkpoint as ckpt
+    from .. import distributed as dist
+    from ..train import TRAIN_CONFIG, TrainConfig, run
+    from ..vision import VIT_PRESETS, MatViT, VisionTask, evaluate_classifier, vit_preset
+    from ..vision.data import load_images
 
     out: Path = args.out
     with dist.session(args.device) as env:
@@ -126,15 +126,15 @@ def _train(args: argparse.Namespace) -> Result:
 
 # ----------------------------------------------------------------------------- eval
 def _family(path: Path) -> str:
-    from . import checkpoint as ckpt
+    from .. import checkpoint as ckpt
 
     p = ckpt.resolve(path)
     return (p.parent.parent.name if p.parent.name == ckpt.CHECKPOINTS else p.name) or str(p)
 
 
 def _eval(args: argparse.Namespace) -> Result:
-    from .vision import evaluate_classifier
-    from .vision_eval import cost, plot_accuracy
+    from ..vision import evaluate_classifier
+    from ..vision.evaluate import cost, plot_accuracy
 
     models = [_load_vit(p) for p in args.checkpoints]
     bases = [_load_vit(p) for p in args.baselines]
@@ -186,11 +186,11 @@ def _eval(args: argparse.Namespace) -> Result:
 
 # ----------------------------------------------------------------------------- retrieve
 def _retrieve(args: argparse.Namespace) -> Result:
-    from . import checkpoint as ckpt
-    from . import mixnmatch as mm
-    from .latency import forward_latency
-    from .report import markdown_table
-    from .vision_eval import plot_retrieval, retrieval
+    from .. import checkpoint as ckpt
+    from ..submodels import candidates as mm
+    from ..submodels.latency import forward_latency
+    from ..submodels.report import markdown_table
+    from ..vision.evaluate import plot_retrieval, retrieval
 
     model = _load_vit(args.checkpoint)
     bases = [_load_vit(p) for p in args.baselines]
@@ -252,10 +252,10 @@ def _retrieve(args: argparse.Namespace) -> Result:
 
 # ----------------------------------------------------------------------------- mixnmatch
 def _mixnmatch(args: argparse.Namespace) -> Result:
-    from . import checkpoint as ckpt
-    from . import mixnmatch as mm
-    from .report import markdown_table
-    from .vision_eval import SWEEP_COLUMNS, select, vit_sweep, write_sweep_report
+    from .. import checkpoint as ckpt
+    from ..submodels import candidates as mm
+    from ..submodels.report import markdown_table
+    from ..vision.evaluate import SWEEP_COLUMNS, select, vit_sweep, write_sweep_report
 
     model = _load_vit(args.checkpoint)
     bases = [(f"baseline {b.config.names[0]} ({p.name})", b)

@@ -1,0 +1,6 @@
+"""The ``matformer`` command line (parser and dispatch in :mod:`.main`; one module per group
+of commands; :mod:`.common` holds the convention every command follows)."""
+
+from .main import build_parser, main
+
+__all__ = ["build_parser", "main"]

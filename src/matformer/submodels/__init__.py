@@ -1,0 +1,10 @@
+"""Submodels out of one nested checkpoint, for language models and ViTs alike.
+
+- :mod:`.candidates`: which per-layer widths to try (the paper's Mix'n'Match rule and its
+  ablations, arXiv 2310.07707 sec. 3.3), their names and static costs;
+- :mod:`.latency`: the one routine that measures latency;
+- :mod:`.sweep`: score and cost every candidate, Pareto fronts, the best under a budget;
+- :mod:`.report`: plots, tables and report files of a sweep;
+- :mod:`.extract`: any submodel as a standalone dense model;
+- :mod:`.hf`: export to and import from Hugging Face ``transformers`` folders.
+"""
