@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # MatViT on scikit-learn's 8x8 digits: the numbers and plots of docs/vision.md.
 #
-# Equal compute (PAPER.md sec. 2): each of the 4 dense baselines trains X steps, MatViT in
+# Equal compute (arXiv 2310.07707, sec. 3.2): each of the 4 dense baselines trains X steps, MatViT in
 # sample mode 4X steps (one granularity per step), MatViT in joint mode X steps (all four
 # granularities on every batch). Preset vit-digits (4 layers, 4 heads, patch 4, GELU FFN with
 # d_ff = 4 d_model; S/M/L/XL = d_ff/8 .. d_ff), batch 64, lr 3e-3, fp32, no augmentation (the

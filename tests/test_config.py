@@ -179,7 +179,7 @@ def test_unknown_preset() -> None:
         preset("huge")
 
 
-#: PAPER.md sec. 6: non-embedding parameters of the 78M MatLM's XL / L / M / S submodels.
+#: arXiv 2310.07707, App. B.1: non-embedding parameters of the 78M MatLM's XL / L / M / S submodels.
 PAPER_78M = {"XL": 12.6e6, "L": 8.4e6, "M": 6.3e6, "S": 5.3e6}
 
 

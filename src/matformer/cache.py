@@ -2,7 +2,7 @@
 
 The cache is plain state owned by whoever decodes; it is never stored on the modules, so one
 set of weights can serve as drafter and target at the same time, with one cache or two
-(PAPER.md sec. 5). Like gpt-fast's cache it is preallocated, ``(n_layer, B, n_kv_head, max_len,
+(arXiv 2310.07707, sec. 4.1.1). Like gpt-fast's cache it is preallocated, ``(n_layer, B, n_kv_head, max_len,
 head_dim)``, and indexed by position: a forward call at ``start_pos`` writes slots
 ``start_pos .. start_pos + T - 1`` and attends to slots ``0 .. start_pos + T - 1``. Rolling back
 rejected draft tokens therefore costs nothing: the next call simply writes at an earlier position

@@ -18,7 +18,7 @@ ACTIVATIONS = ("swiglu", "gelu", "relu2")
 #: The paper's default nesting: FFN widths {1/8, 1/4, 1/2, 1} x d_ff, named S, M, L, XL.
 DEFAULT_RATIOS = (0.125, 0.25, 0.5, 1.0)
 DEFAULT_NAMES = ("S", "M", "L", "XL")
-#: MatLM-Attn (PAPER.md sec. 1): heads n/4, n/2, 3n/4, n for S..XL when head nesting is on.
+#: MatLM-Attn (arXiv 2310.07707, App. F.2): heads n/4, n/2, 3n/4, n for S..XL when head nesting is on.
 DEFAULT_HEAD_RATIOS = (0.25, 0.5, 0.75, 1.0)
 
 
@@ -233,7 +233,7 @@ def _lm(d_model: int, n_layer: int, n_head: int, **kw: Any) -> dict[str, Any]:
 
 
 #: Presets. ``tiny`` is for tests (seconds), ``demo`` is the README's main job on 2 CPU cores,
-#: the ``paper-*`` shapes follow PAPER.md sec. 6 (16 layers, 16 heads, d_ff = 4 d_model,
+#: the ``paper-*`` shapes follow the paper's App. B.1 / Table 4 (16 layers, 16 heads, d_ff = 4 d_model,
 #: context 1024) with the vocabulary left to the tokenizer.
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": _lm(32, 2, 2, max_seq_len=64),

@@ -3,7 +3,7 @@
 Each round the drafter proposes ``k`` tokens one at a time, the target scores all of them in a
 single forward over ``k + 1`` positions, and the longest acceptable prefix is kept plus one
 token from the target (a correction or a bonus), so every round costs one target forward and
-emits between 1 and ``k + 1`` tokens (PAPER.md sec. 5; Leviathan et al. 2023).
+emits between 1 and ``k + 1`` tokens (arXiv 2310.07707 sec. 4.1.1 and App. C.1; Leviathan et al. 2023).
 
 Three ways to hold the drafter's keys and values:
 

@@ -1,6 +1,6 @@
 """Training loop for nested LMs: ``sample``, ``joint`` and ``baseline`` modes.
 
-- ``sample`` (the paper's recipe, PAPER.md sec. 2): each optimizer step draws one granularity i
+- ``sample`` (the paper's recipe, arXiv 2310.07707 sec. 3.2): each optimizer step draws one granularity i
   with probability p_i and trains on its loss. The draw depends only on (seed, step), so it is
   the same on every rank and after a resume, and it is fixed across gradient-accumulation
   micro-batches of the step.

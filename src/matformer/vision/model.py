@@ -1,4 +1,4 @@
-"""MatViT: a nested vision Transformer encoder (PAPER.md sec. 7) built from the LM's parts.
+"""MatViT: a nested vision Transformer encoder (arXiv 2310.07707, sec. 4.2) built from the LM's parts.
 
 The image is cut into ``patch_size`` squares, each linearly embedded (a strided convolution);
 a learned [CLS] token is prepended and absolute positions (learned, or fixed 2-D sin-cos) are

@@ -1,0 +1,101 @@
+"""The package's shape: no import cycles between its modules, and the layers it promises.
+
+Imports are read from the source (module level and inside functions alike: a deferred import
+is still a dependency; only ``if TYPE_CHECKING:`` imports are left out), so a new cycle fails
+here before it surprises anyone at run time.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import matformer
+
+ROOT = Path(matformer.__file__).parent
+
+
+def _module(path: Path) -> str:
+    parts = ["matformer", *path.relative_to(ROOT).with_suffix("").parts]
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _graph() -> dict[str, set[str]]:
+    """module -> the package modules it imports (a package stands for its ``__init__``)."""
+    files = {_module(p): p for p in ROOT.rglob("*.py")}
+    graph: dict[str, set[str]] = {m: set() for m in files}
+    for mod, path in files.items():
+        package = mod.split(".") if path.name == "__init__.py" else mod.split(".")[:-1]
+        tree = ast.parse(path.read_text())
+        typing_only = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If)
+                       and ast.unparse(block.test).endswith("TYPE_CHECKING")
+                       for stmt in block.body for n in ast.walk(stmt)}
+        for node in ast.walk(tree):
+            if not isinstance(node, (ast.ImportFrom, ast.Import)) or id(node) in typing_only:
+                continue
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            else:
+                base = (package[: len(package) - node.level + 1] if node.level else [])
+                stem = ".".join([*base, *(node.module.split(".") if node.module else [])])
+                subs = [f"{stem}.{a.name}" for a in node.names]
+                # `from . import x` names submodules; `from .m import x` depends on m itself
+                targets = subs if node.module is None else [stem, *subs]
+            graph[mod] |= {t for t in targets if t in files and t != mod}
+    return graph
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(m: str) -> list[str] | None:
+        state[m] = 1
+        stack.append(m)
+        for n in sorted(graph[m]):
+            if state.get(n) == 1:
+                return [*stack[stack.index(n):], n]
+            if n not in state and (found := visit(n)):
+                return found
+        stack.pop()
+        state[m] = 2
+        return None
+
+    for m in sorted(graph):
+        if m not in state and (found := visit(m)):
+            return found
+    return None
+
+
+def _reaches(graph: dict[str, set[str]], start: str) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        for n in graph[todo.pop()] - seen:
+            seen.add(n)
+            todo.append(n)
+    return seen
+
+
+def test_no_import_cycles() -> None:
+    graph = _graph()
+    assert len(graph) > 20  # the walk found the package
+    assert _cycle(graph) is None, f"import cycle: {' -> '.join(_cycle(graph) or [])}"
+
+
+def test_cycle_detector_finds_a_cycle() -> None:
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert _cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_layers() -> None:
+    """The checkpoint format knows no model family; metrics know no files; the core never
+    reaches up into the command line, and only the command line reaches the vision commands."""
+    graph = _graph()
+    families = {"matformer.model", "matformer.vision", "matformer.vision.model",
+                "matformer.families"}
+    assert not _reaches(graph, "matformer.checkpoint") & families
+    assert "matformer.checkpoint" not in _reaches(graph, "matformer.metrics")
+    for core in ("model", "cache", "generate", "speculative", "train", "data", "checkpoint",
+                 "metrics", "config", "distributed", "tokenizer", "families"):
+        reached = _reaches(graph, f"matformer.{core}")
+        assert not {m for m in reached if m.startswith("matformer.cli")}, core
