@@ -144,7 +144,7 @@ def test_json_round_trip(tmp_path: Path, kw: dict) -> None:
 
 def test_from_dict_rejects_unknown_fields() -> None:
     data = tiny_config().to_dict() | {"n_layers": 3}
-    with pytest.raises(ValueError, match=r"unknown ModelConfig fields \['n_layers'\]"):
+    with pytest.raises(ValueError, match=r"unknown ModelConfig field\(s\) \['n_layers'\]"):
         ModelConfig.from_dict(data)
 
 

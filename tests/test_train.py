@@ -390,3 +390,10 @@ def test_sigkill_then_resume_is_bit_exact(tmp_path: Path) -> None:
     assert state_equal(a, b) == [], f"resumed from step {killed_at} differs from a straight run"
     recorded = [r["step"] for r in _metrics(killed)]
     assert recorded == list(range(1, steps + 1)), "metrics.jsonl has missing or repeated steps"
+
+
+def test_train_config_from_dict_rejects_unknown_fields() -> None:
+    data = TrainConfig(steps=5).to_dict()
+    assert TrainConfig.from_dict(data) == TrainConfig(steps=5)
+    with pytest.raises(ValueError, match=r"unknown TrainConfig field\(s\) \['stepz'\]"):
+        TrainConfig.from_dict({**data, "stepz": 3})

@@ -26,6 +26,16 @@ def _fail(field_name: str, value: Any, allowed: str) -> ValueError:
     return ValueError(f"ModelConfig.{field_name}={value!r} is invalid: {allowed}")
 
 
+def dataclass_from_dict(cls: Any, data: dict[str, Any]) -> Any:
+    """``cls(**data)`` for a config dataclass, refusing keys it does not know (a typo or a
+    file from another version) with a message that lists the known ones."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} field(s) {unknown}; known: {sorted(known)}")
+    return cls(**data)
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Shape of a (nested) decoder-only Transformer.
@@ -200,11 +210,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown ModelConfig fields {unknown}; known: {sorted(known)}")
-        return cls(**data)
+        return dataclass_from_dict(cls, data)
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
 from . import distributed as dist
-from .config import ModelConfig
+from .config import ModelConfig, dataclass_from_dict
 from .data import TokenDataset
 from .metrics import evaluate_granularities
 from .model import MatFormerLM, autocast, lm_loss
@@ -124,11 +124,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown TrainConfig field(s) {unknown}; known: {sorted(known)}")
-        return cls(**data)
+        return dataclass_from_dict(cls, data)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
