@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import io
+import itertools
 import json
+import random
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import models
+from tokenizers import models, pre_tokenizers, trainers
 
-from matformer.tokenizer import EOS_TOKEN, Tokenizer
+from matformer import tokenizer as tokenizer_module
+from matformer.tokenizer import EOS_TOKEN, MAX_PRETOKEN_CHARS, Tokenizer
 
 TRICKY = [
     "",
@@ -33,6 +38,35 @@ SAMPLE = (
     "Or to take arms against a sea of troubles\n"
     "And by opposing end them. Café, naïve, 😀.\n"
 )
+
+
+# Ids the fixture BPE gave these sentences before pre-tokens were capped (commit c520c0a).
+IDS_BEFORE_CAP = {
+    "To be, or not to be, that is the question:\n": [
+        287, 276, 12, 259, 82, 277, 84, 267, 276, 12, 257, 301, 221, 272, 263, 282, 271, 313,
+        78, 26, 199,
+    ],
+    "The quick brown fox jumps over the lazy dog; Café naïve 😀!\n": [
+        288, 282, 73, 67, 75, 262, 283, 78, 281, 88, 221, 74, 85, 77, 80, 83, 259, 86, 268, 263,
+        221, 76, 65, 90, 89, 221, 68, 79, 71, 27, 221, 285, 299, 103, 265, 293, 108, 86, 69, 221,
+        173, 254, 247, 223, 1, 199,
+    ],
+}
+
+
+def _long_runs(n: int) -> list[str]:
+    """Whitespace-free (or whitespace-only) runs of ``n`` characters of every regex class."""
+    rng = random.Random(0)
+    return [
+        "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(n)),
+        "".join(rng.choice("0123456789") for _ in range(n)),
+        "".join(rng.choice("+/=-_.,;!") for _ in range(n)),
+        "".join(rng.choice("日本語の文章中国") for _ in range(n)),
+        "😀" * n,
+        " " * n,
+        "\n" * n,
+        " " * n + "word",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +158,12 @@ def test_save_load(tmp_path: Path, bpe: Tokenizer, kind: str) -> None:
     assert sorted(p.name for p in path.parent.iterdir()) == ["tokenizer.json"]  # no temp files
     data = json.loads(path.read_text(encoding="utf-8"))
     assert data["model"]["type"] == "BPE"
-    assert data["pre_tokenizer"]["type"] == "ByteLevel"
+    if kind == "byte":  # no merges, so no cap needed: the format is unchanged
+        assert data["pre_tokenizer"]["type"] == "ByteLevel"
+    else:
+        steps = data["pre_tokenizer"]["pretokenizers"]
+        assert [step["type"] for step in steps] == ["Split", "ByteLevel"]
+        assert f"{{1,{MAX_PRETOKEN_CHARS - 1}}}" in steps[0]["pattern"]["Regex"]
     loaded = Tokenizer.load(path)
     assert loaded == tok
     assert loaded.to_json() == tok.to_json()
@@ -161,3 +200,110 @@ def test_transformers_can_load(tmp_path: Path, bpe: Tokenizer) -> None:
     assert fast.eos_token_id == bpe.eos_id
     assert fast.encode(SAMPLE, add_special_tokens=False) == bpe.encode(SAMPLE)
     assert fast.decode(bpe.encode(SAMPLE)) == SAMPLE
+
+
+# ------------------------------------------------------------------- capped pre-tokens
+def test_bpe_normal_text_ids_unchanged_by_cap(bpe: Tokenizer) -> None:
+    for text, ids in IDS_BEFORE_CAP.items():
+        assert bpe.encode(text) == ids
+        assert bpe.decode(ids) == text
+
+
+def test_capped_pretokenizer_matches_gpt2_below_cap(bpe: Tokenizer) -> None:
+    """Below the cap the pre-tokens are exactly those of plain ``ByteLevel(use_regex=True)``."""
+    plain = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    capped = bpe.backend.pre_tokenizer
+    rng = random.Random(1)
+    alphabet = [*"ab Z'srevmld 09\t\n\r.,!-_😀é日\u00a0\u2003", "'s", "'re", "  ", "\n\n"]
+    for text in [*TRICKY, SAMPLE]:
+        assert capped.pre_tokenize_str(text) == plain.pre_tokenize_str(text)
+    for _ in range(2000):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 60)))
+        assert capped.pre_tokenize_str(text) == plain.pre_tokenize_str(text), repr(text)
+
+
+@pytest.mark.parametrize("n", [MAX_PRETOKEN_CHARS - 1, MAX_PRETOKEN_CHARS + 1, 20_000])
+def test_pretoken_length_is_capped(bpe: Tokenizer, n: int) -> None:
+    for text in _long_runs(n):
+        pieces = bpe.backend.pre_tokenizer.pre_tokenize_str(text)
+        spans = [offsets for _, offsets in pieces]
+        # The pieces tile the text, in order, and none is longer than the cap.
+        assert spans[0][0] == 0 and spans[-1][1] == len(text)
+        assert all(a[1] == b[0] for a, b in itertools.pairwise(spans))
+        assert max(end - start for start, end in spans) <= MAX_PRETOKEN_CHARS
+        if n > MAX_PRETOKEN_CHARS:
+            assert len(pieces) > 1
+
+
+@pytest.mark.parametrize("kind", ["trained-on-runs", "fixture"])
+def test_bpe_round_trip_long_whitespace_free(bpe: Tokenizer, kind: str) -> None:
+    runs = _long_runs(20_000)
+    tok = Tokenizer.train_bpe(runs, 400) if kind == "trained-on-runs" else bpe
+    assert tok.vocab_size > 257 or kind == "fixture"
+    for text in [*runs, "".join(runs), "x" * 100_000]:
+        ids = tok.encode(text)
+        assert tok.decode(ids) == text
+        assert tok.encode_batch([text]) == [ids]
+    # Merges never span a cut, so no token decodes to more than the cap's bytes.
+    longest = max(len(tok.decode([i]).encode()) for i in range(256, tok.vocab_size))
+    assert longest <= 4 * MAX_PRETOKEN_CHARS
+
+
+def test_old_uncapped_tokenizer_json_still_loads_unchanged(tmp_path: Path, bpe: Tokenizer) -> None:
+    """A tokenizer.json saved before the cap (plain ByteLevel) keeps its pre-tokenizer."""
+    data = json.loads(bpe.to_json())
+    data["pre_tokenizer"] = {
+        "type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True,
+    }
+    path = tmp_path / "tokenizer.json"
+    path.write_text(json.dumps(data), encoding="utf-8")
+    old = Tokenizer.load(path)
+    assert json.loads(old.to_json())["pre_tokenizer"]["type"] == "ByteLevel"  # not upgraded
+    for text, ids in IDS_BEFORE_CAP.items():
+        assert old.encode(text) == ids
+    assert old.encode_batch([*TRICKY, SAMPLE]) == bpe.encode_batch([*TRICKY, SAMPLE])
+    long_run = _long_runs(2_000)[0]
+    assert len(old.backend.pre_tokenizer.pre_tokenize_str(long_run)) == 1  # as before
+    assert old.decode(old.encode(long_run)) == long_run
+    old.save(tmp_path / "again.json")
+    assert Tokenizer.load(tmp_path / "again.json") == old
+
+
+# ------------------------------------------------------------------- progress
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.fixture
+def trainer_progress(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """Record the ``show_progress`` every BpeTrainer is built with."""
+    seen: list[bool] = []
+    real = trainers.BpeTrainer
+
+    def spy(**kwargs: object) -> trainers.BpeTrainer:
+        seen.append(bool(kwargs["show_progress"]))
+        return real(**{**kwargs, "show_progress": False})  # keep test output clean
+
+    monkeypatch.setattr(tokenizer_module.trainers, "BpeTrainer", spy)
+    return seen
+
+
+def test_progress_shown_for_large_corpus_on_a_terminal(
+    monkeypatch: pytest.MonkeyPatch, trainer_progress: list[bool]
+) -> None:
+    monkeypatch.setattr(tokenizer_module, "PROGRESS_MIN_CHARS", len(SAMPLE) * 3)
+
+    def docs() -> Iterator[str]:
+        yield SAMPLE
+
+    monkeypatch.setattr("sys.stderr", io.StringIO())  # not a terminal: never by default
+    Tokenizer.train_bpe([SAMPLE] * 3, 300)
+    monkeypatch.setattr("sys.stderr", _Terminal())
+    Tokenizer.train_bpe([SAMPLE] * 2, 300)  # small
+    Tokenizer.train_bpe([SAMPLE] * 3, 300)  # large
+    Tokenizer.train_bpe(docs(), 300)  # unknown size
+    Tokenizer.train_bpe([SAMPLE] * 3, 300, show_progress=False)
+    monkeypatch.setattr("sys.stderr", io.StringIO())
+    Tokenizer.train_bpe([SAMPLE], 300, show_progress=True)
+    assert trainer_progress == [False, False, True, True, False, True]

@@ -9,17 +9,28 @@ Two kinds of tokenizer share one class and one on-disk format:
 Both use the GPT-2 style ByteLevel pre-tokenizer and decoder with no normaliser, so
 ``decode(encode(text)) == text`` for every string. The saved ``tokenizer.json`` can be loaded
 by ``transformers.PreTrainedTokenizerFast(tokenizer_file=...)``.
+
+A trained BPE caps pre-tokens at :data:`MAX_PRETOKEN_CHARS` characters: it splits text with
+GPT-2's pre-tokenizer regex, every ``+`` bounded, in a ``Split`` step followed by a
+``ByteLevel`` step that only maps bytes (both stored in ``tokenizer.json``, so training and
+encoding agree). Without the cap a long stretch of text with no whitespace (CJK prose, base64,
+a minified file) is one pre-token and BPE training slows down quadratically with its length.
+Pre-tokens shorter than the cap -- all of ordinary text -- are exactly GPT-2's, so their tokens
+are unchanged. Tokenizers saved before the cap (plain ``ByteLevel`` pre-tokenizer) load and
+encode exactly as before.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
+import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers, trainers
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +39,41 @@ EOS_TOKEN = "<|endoftext|>"
 
 MIN_BPE_VOCAB_SIZE = 257
 """Smallest BPE vocabulary: 256 byte tokens plus ``<|endoftext|>``."""
+
+MAX_PRETOKEN_CHARS = 256
+"""Longest pre-token (in characters) of a trained BPE; longer runs are cut into pieces.
+
+Keeps BPE training near-linear in the corpus size on text without whitespace, and bounds the
+longest possible BPE token (at most 4 bytes per character)."""
+
+PROGRESS_MIN_CHARS = 1_000_000
+"""Corpora at least this large (characters) show the trainer's progress bar by default."""
+
+_GPT2_PATTERN = (
+    r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{{L}}{{1,{run}}}| ?\p{{N}}{{1,{run}}}"
+    r"| ?[^\s\p{{L}}\p{{N}}]{{1,{run}}}|\s{{1,{ws}}}(?!\S)|\s{{1,{ws}}}"
+)
+"""GPT-2's pre-tokenizer regex (as in ``ByteLevel(use_regex=True)``) with bounded repeats."""
+
+
+def _capped_gpt2_regex(max_chars: int) -> str:
+    """GPT-2's pre-tokenizer regex with every run limited so no match exceeds ``max_chars``.
+
+    Matches shorter than ``max_chars`` are the same as the unbounded regex's, as are the
+    pieces a text is split into when none of its pieces reaches the cap.
+
+    Args:
+        max_chars: The longest match, in characters.
+
+    Returns:
+        The regex, for a ``tokenizers`` ``Split`` pre-tokenizer.
+
+    Raises:
+        ValueError: If ``max_chars`` is below 4.
+    """
+    if max_chars < 4:  # the longest contraction, "'re", plus room for " x"
+        raise ValueError(f"max_chars must be >= 4, got {max_chars}")
+    return _GPT2_PATTERN.format(run=max_chars - 1, ws=max_chars)
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -46,10 +92,26 @@ def _bytes_to_unicode() -> dict[int, str]:
     return mapping
 
 
-def _configure_byte_level(tok: HFTokenizer) -> None:
-    """Attach the ByteLevel pre-tokenizer and decoder (no normaliser, no prefix space)."""
+def _configure_byte_level(tok: HFTokenizer, max_pretoken_chars: int | None = None) -> None:
+    """Attach the ByteLevel pre-tokenizer and decoder (no normaliser, no prefix space).
+
+    Args:
+        tok: The tokenizer to configure in place.
+        max_pretoken_chars: ``None``: plain ``ByteLevel(use_regex=True)``. Otherwise split with
+            :func:`_capped_gpt2_regex` first, then ``ByteLevel(use_regex=False)`` (which only
+            maps bytes to characters), so no pre-token is longer than this many characters.
+            Splitting happens between characters, and the decoder is unchanged, so
+            ``decode(encode(text)) == text`` still holds.
+    """
     tok.normalizer = None
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if max_pretoken_chars is None:
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    else:
+        split = pre_tokenizers.Split(
+            Regex(_capped_gpt2_regex(max_pretoken_chars)), behavior="isolated", invert=False
+        )
+        byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        tok.pre_tokenizer = pre_tokenizers.Sequence([split, byte_level])
     tok.decoder = decoders.ByteLevel()
 
 
@@ -88,14 +150,23 @@ class Tokenizer:
         return cls(tok)
 
     @classmethod
-    def train_bpe(cls, texts: Iterable[str], vocab_size: int) -> Tokenizer:
+    def train_bpe(
+        cls, texts: Iterable[str], vocab_size: int, *, show_progress: bool | None = None
+    ) -> Tokenizer:
         """Train a byte-level BPE tokenizer on ``texts``.
+
+        Pre-tokens are capped at :data:`MAX_PRETOKEN_CHARS` characters (module docstring),
+        so training time grows about linearly with the corpus even without whitespace.
 
         Args:
             texts: Training documents.
             vocab_size: Target vocabulary size, including the 256 byte tokens and
                 ``<|endoftext|>``; at least 257. A tiny corpus may yield fewer merges, so the
                 final :attr:`vocab_size` can be smaller.
+            show_progress: Show the ``tokenizers`` progress bars (drawn on stderr when it is a
+                terminal; the trainer also prints a blank line to stdout after each stage).
+                ``None`` (default): show them when stderr is a terminal and ``texts`` is a
+                sequence of at least :data:`PROGRESS_MIN_CHARS` characters or of unknown size.
 
         Returns:
             The trained tokenizer.
@@ -112,18 +183,32 @@ class Tokenizer:
                 f"vocab_size must be >= {MIN_BPE_VOCAB_SIZE} (256 bytes + {EOS_TOKEN}), "
                 f"got {vocab_size}"
             )
+        length: int | None = None
+        chars: int | None = None
+        if isinstance(texts, Sequence):
+            length = len(texts)
+            chars = sum(len(t) for t in texts if isinstance(t, str))
+        if show_progress is None:
+            large = chars is None or chars >= PROGRESS_MIN_CHARS
+            show_progress = large and sys.stderr is not None and sys.stderr.isatty()
+        size = "unknown size" if chars is None else f"{chars / 1e6:.1f}M characters"
+        logger.info("training byte-level BPE (%d tokens) on %s", vocab_size, size)
+        start = time.perf_counter()
         tok = HFTokenizer(models.BPE())
-        _configure_byte_level(tok)
+        _configure_byte_level(tok, MAX_PRETOKEN_CHARS)
         trainer = trainers.BpeTrainer(
             vocab_size=vocab_size,
             min_frequency=2,
-            show_progress=False,
+            show_progress=bool(show_progress),
             special_tokens=[EOS_TOKEN],
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         )
-        tok.train_from_iterator(texts, trainer=trainer)
+        tok.train_from_iterator(texts, trainer=trainer, length=length)
         result = cls(tok)
-        logger.info("trained byte-level BPE: %d tokens (asked %d)", result.vocab_size, vocab_size)
+        logger.info(
+            "trained byte-level BPE: %d tokens (asked %d) in %.1fs",
+            result.vocab_size, vocab_size, time.perf_counter() - start,
+        )
         return result
 
     # ----------------------------------------------------------------------------- properties
