@@ -170,7 +170,9 @@ def train(args: argparse.Namespace) -> Result:
             if env.is_main:  # one rank trains the tokenizer, the others read it
                 docs = load_corpus(args.data)
                 train_text = [doc[: int(len(doc) * (1 - args.val_fraction))] for doc in docs]
-                tokenizer = (Tokenizer.train_bpe(train_text, args.vocab_size)
+                tokenizer = (Tokenizer.train_bpe(train_text, args.vocab_size,
+                                                 show_progress=None if not args.no_progress
+                                                 else False)
                              if args.tokenizer == "bpe" else Tokenizer.byte_level())
                 tokenizer.save(tokenizer_file)
             dist.barrier()
