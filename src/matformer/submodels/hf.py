@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,9 @@ from safetensors.torch import load_file, save_file
 from ..checkpoint import CheckpointError, materialize
 from ..config import ModelConfig
 from ..model import MatFormerLM, WidthSpec
+from ..outputs import atomic_output
 from ..tokenizer import EOS_TOKEN, Tokenizer
+from .extract import HeadSpec
 
 log = logging.getLogger(__name__)
 
@@ -156,28 +159,32 @@ def save_hf_tokenizer(tokenizer: Tokenizer, out: Path, max_len: int | None = Non
 
 @torch.no_grad()
 def export_hf(model: MatFormerLM, tokenizer: Tokenizer, out: str | Path, *,
-              widths: WidthSpec = None, pad: bool = True) -> dict[str, Any]:
+              widths: WidthSpec = None, heads: HeadSpec = None, pad: bool = True,
+              overwrite: bool = False, sources: Iterable[str | Path] = ()) -> dict[str, Any]:
     """Write a transformers folder (config, safetensors weights, tokenizer) for a submodel.
 
-    ``widths`` picks the submodel (extracted first); None exports the model as it is (the full
-    model of a nested checkpoint). Returns facts about the export (architecture, padding).
+    ``widths`` (and, for a head-nested model, ``heads``) pick the submodel, extracted first
+    (:func:`~matformer.submodels.extract.extract`); None exports the model as it is (the full
+    model of a nested checkpoint). The folder is written atomically: an existing ``out`` is
+    refused unless ``overwrite`` (then replaced as a whole: no stale file survives), and it
+    may never be one of ``sources``. Returns facts about the export (architecture, padding).
     """
     from transformers import GenerationConfig
 
     from .extract import extract
 
-    sub = model if widths is None else extract(model, widths)
+    sub = model if widths is None and heads is None else extract(model, widths, heads=heads)
     hf_cfg, info = hf_config(sub.config, tokenizer.eos_id, pad=pad)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    hf_cfg.save_pretrained(str(out))
-    # Legacy spellings for transformers 4.x loaders (5.x reads rope_parameters and dtype).
-    _patch_json(out / "config.json", rope_theta=float(sub.config.rope_theta),
-                torch_dtype="float32")
-    save_file(_hf_state(sub), str(out / "model.safetensors"), metadata={"format": "pt"})
-    GenerationConfig(bos_token_id=tokenizer.eos_id, eos_token_id=tokenizer.eos_id,
-                     pad_token_id=tokenizer.eos_id).save_pretrained(str(out))
-    save_hf_tokenizer(tokenizer, out, sub.config.max_seq_len)
+    with atomic_output(out, overwrite=overwrite, sources=sources) as tmp:
+        hf_cfg.save_pretrained(str(tmp))
+        # Legacy spellings for transformers 4.x loaders (5.x reads rope_parameters and dtype).
+        _patch_json(tmp / "config.json", rope_theta=float(sub.config.rope_theta),
+                    torch_dtype="float32")
+        save_file(_hf_state(sub), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        GenerationConfig(bos_token_id=tokenizer.eos_id, eos_token_id=tokenizer.eos_id,
+                         pad_token_id=tokenizer.eos_id).save_pretrained(str(tmp))
+        save_hf_tokenizer(tokenizer, tmp, sub.config.max_seq_len)
     info |= {"out": str(out), "params": sub.num_params(),
              "exported_params": sub.config.replace(d_ff=max(sub.config.ffn_dims)).num_params()}
     log.info("exported %s to %s (%s)", info["architecture"], out, info["note"])
