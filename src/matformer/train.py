@@ -311,7 +311,7 @@ class Trainer:
         try:
             return f"the last good checkpoint is kept: {latest} -> {latest.read_text().strip()}"
         except OSError:
-            return "no checkpoint had been written yet"
+            return "there is no earlier checkpoint"
 
     def _check_finite_weights(self) -> None:
         """NonFiniteError (on every rank) when a weight is NaN or infinite."""
@@ -321,9 +321,9 @@ class Trainer:
         if agreed > 0:
             raise NonFiniteError(
                 f"training diverged by step {self.step}: weights became NaN or infinite "
-                f"({', '.join(bad[:3]) or 'on another rank'}) although the loss was finite; "
-                f"lr={self.cfg.lr}, weight_decay={self.cfg.weight_decay}; "
-                f"{self._last_good()} (no checkpoint of step {self.step} was written)")
+                f"({', '.join(bad[:3]) or 'on another rank'}) although the loss was finite "
+                f"(lr={self.cfg.lr}, weight_decay={self.cfg.weight_decay}); step {self.step} "
+                f"was not saved and {self._last_good()}; lower --lr or check --weight-decay")
 
     def _truncate_metrics(self, step: int) -> None:
         """Drop records logged after ``step`` (they will be produced again)."""
