@@ -427,3 +427,21 @@ def test_damaged_run_files_give_clear_errors(lm_run: Path, tmp_path: Path,
     manifest["files"]["train_state.pt"] = hashlib.sha256(state.read_bytes()).hexdigest()
     (last / "manifest.json").write_text(json.dumps(manifest))
     _refused(_run(capsys, "train", "--out", run, "--resume"), f"cannot read {state}")
+
+
+def test_import_hf_of_a_damaged_folder_is_a_clear_error(tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("transformers")
+    src = ckpt.save_checkpoint(tmp_path / "src", tiny_model(vocab_size=257), TOK)
+    hf = tmp_path / "hf"
+    assert _run(capsys, "export-hf", src, "--out", hf)[0] == 0
+    weights = hf / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:200])
+    _refused(_run(capsys, "import-hf", hf, "--out", tmp_path / "a"), f"cannot read weights {weights}")
+    (hf / "model.safetensors.index.json").write_text("{}")
+    _refused(_run(capsys, "import-hf", hf, "--out", tmp_path / "b"), "not a valid safetensors index")
+    config = json.loads((hf / "config.json").read_text())
+    del config["rms_norm_eps"]
+    (hf / "config.json").write_text(json.dumps(config))
+    _refused(_run(capsys, "import-hf", hf, "--out", tmp_path / "c"), "lacks ['rms_norm_eps']")
+    assert not any((tmp_path / n).exists() for n in "abc")

@@ -300,11 +300,11 @@ def step_dirs(folder: Path) -> dict[int, Path]:
 
 
 def clean_run_leftovers(run_dir: str | Path) -> list[str]:
-    """Remove what interrupted checkpoint writes left in a run directory (``.step_*.tmp-*``,
-    ``.step_*.old-*``, ``.latest.tmp``); return their names. Called when training starts or
-    resumes."""
+    """Remove what interrupted writes left in a run directory (``.step_*.tmp-*``,
+    ``.step_*.old-*``, ``.latest.tmp``, ``.metrics.jsonl.tmp-*``...); return their names.
+    Called when training starts or resumes."""
     run_dir = Path(run_dir)
-    done = clean_leftovers(run_dir / CHECKPOINTS, ".step_*")
+    done = clean_leftovers(run_dir / CHECKPOINTS, ".step_*") + clean_leftovers(run_dir, ".*.tmp-*")
     tmp = run_dir / f".{LATEST}.tmp"
     if tmp.is_file():
         tmp.unlink()

@@ -130,9 +130,10 @@ def load_corpus(spec: str) -> list[str]:
 def absolute_spec(spec: str, embedded: tuple[str, ...] = CORPORA) -> str:
     """``spec`` as a run records it: an embedded name unchanged, a path or glob made absolute
     (so evaluating or resuming from another directory reads the same files)."""
-    if spec in embedded:
-        return spec
-    return os.path.abspath(os.path.expanduser(spec))
+    path = os.path.expanduser(spec)
+    if spec in embedded or not (os.path.exists(path) or glob.has_magic(spec)):
+        return spec  # a name, or nothing there: the loader's error names it as it was given
+    return os.path.abspath(path)
 
 
 def corpus_digest(texts: list[str]) -> str:

@@ -22,6 +22,11 @@ METRICS, TRAIN_CONFIG = "metrics.jsonl", "train_config.json"
 FRESH_RUN_FILES = (TRAIN_CONFIG, METRICS, ckpt.TOKENIZER, ckpt.CHECKPOINTS, f".{ckpt.LATEST}.tmp")
 
 
+def _leftover_of(name: str, names: tuple[str, ...]) -> bool:
+    """Whether ``name`` is a temporary file of an atomic write of one of ``names``."""
+    return name.startswith(".") and ".tmp-" in name and name[1:].split(".tmp-")[0] in names
+
+
 def check_new_run_dir(run_dir: str | Path, extra: tuple[str, ...] = ()) -> None:
     """Refuse to start a new run where it would overwrite something.
 
@@ -41,7 +46,9 @@ def check_new_run_dir(run_dir: str | Path, extra: tuple[str, ...] = ()) -> None:
     if (run_dir / ckpt.LATEST).exists() or (run_dir / ckpt.LATEST).is_symlink():
         raise ValueError(f"{run_dir} already holds a run; pass --resume to continue it or choose "
                          "another --out")
-    others = sorted(p.name for p in run_dir.iterdir() if p.name not in (*FRESH_RUN_FILES, *extra))
+    ours = (*FRESH_RUN_FILES, *extra)
+    others = sorted(p.name for p in run_dir.iterdir()
+                    if p.name not in ours and not _leftover_of(p.name, ours))
     if others:
         shown = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
         raise ValueError(f"--out {run_dir} is not empty and not a training run (it holds "

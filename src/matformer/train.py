@@ -36,6 +36,7 @@ from .config import ModelConfig
 from .data import TokenDataset
 from .metrics import evaluate_granularities
 from .model import MatFormerLM, autocast, lm_loss
+from .outputs import write_text_atomic
 from .runs import METRICS, TRAIN_CONFIG, check_same_data, data_facts
 from .tokenizer import Tokenizer
 
@@ -337,7 +338,7 @@ class Trainer:
                     kept.append(line)
             except json.JSONDecodeError:  # a line torn by a kill mid-write
                 continue
-        f.write_text("".join(line + "\n" for line in kept))
+        write_text_atomic(f, "".join(line + "\n" for line in kept))  # a kill keeps them all
 
     def _log(self, record: dict[str, Any]) -> None:
         if self.env.is_main:
@@ -399,7 +400,8 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             ckpt.clean_run_leftovers(self.run_dir)  # of writes a kill interrupted
             self._truncate_metrics(self.step)  # a new run killed before its first checkpoint
-            (self.run_dir / TRAIN_CONFIG).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+            write_text_atomic(self.run_dir / TRAIN_CONFIG,
+                              json.dumps(cfg.to_dict(), indent=2) + "\n")
         self.model.train()
         samples_per_s = cfg.batch_size * self.task.tokens_per_sample
         ema: dict[str, float] = {}

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..checkpoint import CheckpointError, materialize
@@ -194,14 +195,20 @@ def export_hf(model: MatFormerLM, tokenizer: Tokenizer, out: str | Path, *,
 def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
     index = folder / "model.safetensors.index.json"
     if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ExportError(f"{index} is not a valid safetensors index: {e!r}") from e
     elif (folder / "model.safetensors").exists():
         files = ["model.safetensors"]
     else:
         raise FileNotFoundError(f"{folder} has no model.safetensors (or its index)")
     state: dict[str, torch.Tensor] = {}
     for f in files:
-        state |= load_file(str(folder / f))
+        try:
+            state |= load_file(str(folder / f))
+        except (SafetensorError, OSError, RuntimeError, TypeError) as e:
+            raise ExportError(f"cannot read weights {folder / f}: {e}") from e
     return state
 
 
@@ -214,8 +221,10 @@ def import_hf(folder: str | Path, *, name: str = "hf") -> tuple[MatFormerLM, Tok
     folder = Path(folder)
     try:
         c = json.loads((folder / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{folder}: cannot read config.json ({e})") from e
+    if not isinstance(c, dict):
+        raise ExportError(f"{folder}/config.json is not a JSON object")
     need = ("hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size",
             "max_position_embeddings", "rms_norm_eps")
     lacking = [k for k in need if k not in c] + (
