@@ -148,6 +148,14 @@ def _submodel_heads(args: argparse.Namespace, model: Any) -> str | None:
     return args.granularity if model.config.nest_heads and args.granularity else None
 
 
+def _heads_note(model: Any, heads: str) -> tuple[list[int], str]:
+    """Per-layer head counts of a head-nested granularity and what shipping it means."""
+    from ..submodels.extract import HEADS_NOTE
+
+    counts = model.config.head_counts(heads)
+    return list(counts), HEADS_NOTE.format(n=model.config.n_head, h=counts[0])
+
+
 def _check_out(args: argparse.Namespace, source: Path) -> None:
     """Refuse --out before any work: it exists (without --force) or is the input."""
     from .. import checkpoint as ckpt
@@ -247,7 +255,7 @@ def extract(args: argparse.Namespace) -> Result:
         if widths is None:
             raise ValueError("choose a submodel: --granularity, --widths or a budget "
                              "(--max-params / --max-flops / --max-latency-ms)")
-    heads = None if chosen is not None else _submodel_heads(args, model)
+    heads = _submodel_heads(args, model)
     path = save_extracted(args.out, model, tokenizer, widths, heads=heads,
                           source=args.checkpoint, name=args.name, overwrite=args.force)
     sub = load_checkpoint(path)[0]
@@ -261,11 +269,8 @@ def extract(args: argparse.Namespace) -> Result:
                  f"{res['params'] / 1e6:.3f}M params) to {path}; weights {size / 1e6:.2f} MB "
                  f"vs {full / 1e6:.2f} MB for the source")
     if heads is not None:
-        from ..submodels.extract import HEADS_NOTE
-
-        counts = model.config.head_counts(heads)
-        res["heads"] = list(counts)
-        lines.append("note: " + HEADS_NOTE.format(n=model.config.n_head, h=counts[0]))
+        res["heads"], note = _heads_note(model, heads)
+        lines.append("note: " + note)
     return res, "\n".join(lines)
 
 
@@ -280,11 +285,8 @@ def export_hf(args: argparse.Namespace) -> Result:
                      pad=not args.no_pad, overwrite=args.force,
                      sources=ckpt.inputs(args.checkpoint))
     if heads is not None:
-        from ..submodels.extract import HEADS_NOTE
-
-        counts = model.config.head_counts(heads)
-        info["heads"] = list(counts)
-        info["note"] += "; " + HEADS_NOTE.format(n=model.config.n_head, h=counts[0])
+        info["heads"], note = _heads_note(model, heads)
+        info["note"] += "; " + note
     if args.check:
         from transformers import AutoModelForCausalLM
 
