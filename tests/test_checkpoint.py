@@ -13,6 +13,7 @@ from helpers import random_tokens, state_equal, tiny_model
 from matformer import checkpoint as ckpt
 from matformer.checkpoint import CheckpointError, save_checkpoint
 from matformer.families import load_checkpoint
+from matformer.outputs import OutputExistsError
 from matformer.tokenizer import Tokenizer
 
 
@@ -73,7 +74,9 @@ def test_replace_existing_checkpoint(tmp_path: Path, tok: Tokenizer) -> None:
     path = tmp_path / "ck"
     save_checkpoint(path, tiny_model(seed=0), tok, train_state={"step": 1})
     new = tiny_model(seed=1, d_ff=(64, 32))
-    save_checkpoint(path, new, tok)
+    with pytest.raises(OutputExistsError, match=r"ck already exists .*pass --force"):
+        save_checkpoint(path, new, tok)
+    save_checkpoint(path, new, tok, overwrite=True)
     loaded, _ = load_checkpoint(path)
     assert loaded.config == new.config and state_equal(loaded, new) == []
     assert not (path / "train_state.pt").exists()  # replaced as a whole, not merged
@@ -91,8 +94,8 @@ def test_failed_save_keeps_previous_checkpoint(tmp_path: Path, tok: Tokenizer,
         raise OSError("disk full")
 
     monkeypatch.setattr(Tokenizer, "save", boom)
-    with pytest.raises(OSError, match="disk full"):
-        save_checkpoint(path, tiny_model(seed=1), tok)
+    with pytest.raises(CheckpointError, match=r"cannot write .*ck/tokenizer\.json: disk full"):
+        save_checkpoint(path, tiny_model(seed=1), tok, overwrite=True)
     monkeypatch.undo()
     assert (path / "manifest.json").read_text() == digest_before
     loaded, _ = load_checkpoint(path)

@@ -107,7 +107,7 @@ def test_cli_export_check_and_import(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "zero-padded" in text and "no speed gain" in text and "max abs diff" in text
     assert main(["export-hf", str(src), "--granularity", "L", "--out", str(hf_dir),
-                 "--check", "--json"]) == 0
+                 "--check", "--json", "--force"]) == 0  # replaces the folder as a whole
     info = json.loads(capsys.readouterr().out)
     assert info["check_max_abs_logit_diff"] < 1e-5 and not info["padded"]
     assert main(["export-hf", str(src), "--widths", "8,64,16", "--no-pad",

@@ -7,6 +7,7 @@ import copy
 import itertools
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -352,6 +353,8 @@ def _run_ok(cmd: list[str]) -> None:
 
 @pytest.mark.slow
 def test_sigkill_then_resume_is_bit_exact(tmp_path: Path) -> None:
+    """kill -9 mid-run, resume: bit-identical to a straight run, leftovers of interrupted
+    checkpoint writes cleaned."""
     corpus = write_corpus(tmp_path / "corpus.txt")
     steps = 100
     for attempt in range(3):
@@ -379,9 +382,18 @@ def test_sigkill_then_resume_is_bit_exact(tmp_path: Path) -> None:
 
     killed_at = _latest_step(killed)
     assert 4 <= killed_at < steps
+    # What a kill in the middle of a checkpoint write leaves (the kill above may have, too): a
+    # half-written temporary directory, a moved-aside old one, a half-written latest.
+    cdir = killed / "checkpoints"
+    (cdir / f".step_{killed_at + 2:06d}.tmp-killed").mkdir(exist_ok=True)
+    (cdir / f".step_{killed_at + 2:06d}.tmp-killed" / "model.safetensors").write_bytes(b"\0")
+    shutil.copytree(cdir / f"step_{killed_at:06d}", cdir / f".step_{killed_at:06d}.old-1-dead")
+    (killed / ".latest.tmp").write_text("checkpoints/step_9")
     _run_ok([sys.executable, "-m", "matformer", "train", "--out", str(killed), "--resume",
              "--no-progress"])
     assert _latest_step(killed) == steps
+    leftovers = [p.name for d in (killed, cdir) for p in d.iterdir() if p.name.startswith(".")]
+    assert leftovers == [], f"leftovers of interrupted writes survived the resume: {leftovers}"
 
     straight = tmp_path / "straight"
     _run_ok(_train_cmd(corpus, straight, steps))

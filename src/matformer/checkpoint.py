@@ -9,8 +9,14 @@ This module knows no model family: :mod:`matformer.families` picks the class fro
 
 A training run directory keeps several: ``checkpoints/step_000100/`` ... plus a ``latest`` file
 naming the newest. Every checkpoint is first written to a temporary directory beside its final
-place and then renamed, and ``latest`` is replaced with ``os.replace``; a crash at any moment
-leaves the previous good checkpoint where it was.
+place and then renamed (:func:`matformer.outputs.atomic_output`: an existing directory is only
+replaced when asked, never when it is the command's input), and ``latest`` is replaced with
+``os.replace``; a crash at any moment leaves the previous good checkpoint where it was, and the
+leftovers of the interrupted write are cleaned when training starts or resumes. Pruning keeps
+the newest checkpoints of the run's own history and never touches ``latest``'s target.
+
+Loading checks every file against the manifest first; ``train_state.pt`` is read with
+``torch.load(weights_only=True)`` only after its checksum matched.
 """
 
 from __future__ import annotations
@@ -19,9 +25,10 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 import shutil
-import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +38,7 @@ from safetensors.torch import load_file, save_model
 from torch import nn
 
 from .config import ModelConfig
+from .outputs import atomic_output, clean_leftovers
 from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -41,7 +49,7 @@ LATEST, CHECKPOINTS = "latest", "checkpoints"
 
 
 class CheckpointError(ValueError):
-    """A checkpoint directory is missing, incomplete or corrupt."""
+    """A checkpoint directory is missing, incomplete or corrupt, or cannot be written."""
 
 
 def _sha256(path: Path) -> str:
@@ -55,45 +63,63 @@ def _sha256(path: Path) -> str:
 def save_checkpoint(path: str | Path, model: nn.Module, tokenizer: Tokenizer | None,
                     *,
                     train_state: dict[str, Any] | None = None,
-                    metadata: dict[str, Any] | None = None) -> Path:
-    """Write a checkpoint directory atomically; an existing one at ``path`` is replaced.
+                    metadata: dict[str, Any] | None = None,
+                    overwrite: bool = False,
+                    sources: Iterable[str | Path] = ()) -> Path:
+    """Write a checkpoint directory atomically (:func:`matformer.outputs.atomic_output`).
 
     Args:
-        path: Destination directory.
+        path: Destination directory. An existing one is refused unless ``overwrite`` (then it is
+            replaced as a whole, atomically); it may never be one of ``sources``.
         model: The model (its ``config`` is saved beside the weights).
         tokenizer: Saved as ``tokenizer.json``; None for models without one (vision).
         train_state: Optional resume state (optimizer state dict, step, ...), saved with
             ``torch.save``.
         metadata: Optional JSON-serialisable facts stored in the manifest (e.g. the widths an
             extracted model came from).
+        overwrite: Replace an existing ``path``.
+        sources: The checkpoints (or run directories) the command read: never replaced.
+
+    Raises:
+        OutputExistsError: ``path`` exists (without ``overwrite``) or is one of ``sources``.
+        CheckpointError: A file cannot be written (a full disk); the message names it, and
+            whatever was at ``path`` is kept.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        model.config.save(tmp / CONFIG)
+    writers: list[tuple[str, Callable[[Path], Any]]] = [
+        (CONFIG, model.config.save),
         # save_model de-duplicates tied tensors (embedding and head) and writes contiguous copies.
-        save_model(model, str(tmp / WEIGHTS))
-        if tokenizer is not None:
-            tokenizer.save(tmp / TOKENIZER)
-        if train_state is not None:
-            torch.save(train_state, tmp / TRAIN_STATE)
-        files = sorted(p.name for p in tmp.iterdir())
-        manifest = {"files": {name: _sha256(tmp / name) for name in files},
-                    "metadata": metadata or {}}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        (WEIGHTS, lambda f: save_model(model, str(f)))]
+    if tokenizer is not None:
+        writers.append((TOKENIZER, tokenizer.save))
+    if train_state is not None:
+        writers.append((TRAIN_STATE, lambda f: torch.save(train_state, f)))
+
+    def manifest(f: Path) -> None:
+        files = sorted(p.name for p in f.parent.iterdir())
+        f.write_text(json.dumps({"files": {n: _sha256(f.parent / n) for n in files},
+                                 "metadata": metadata or {}}, indent=2) + "\n")
+
+    with atomic_output(path, overwrite=overwrite, sources=inputs(*sources)) as tmp:
+        for name, write in [*writers, (MANIFEST, manifest)]:
+            try:
+                write(tmp / name)
+            except (OSError, RuntimeError, SafetensorError) as e:  # torch.save: RuntimeError
+                raise CheckpointError(f"cannot write {path / name}: {e}; nothing was replaced"
+                                      ) from e
     log.info("saved checkpoint %s", path)
     return path
+
+
+def inputs(*paths: str | Path) -> list[Path]:
+    """The paths a command reads when given these checkpoints or run directories: each path
+    and, for a run directory, the checkpoint its ``latest`` names (to refuse as outputs)."""
+    out = []
+    for p in paths:
+        out.append(Path(p))
+        with suppress(CheckpointError):
+            out.append(resolve(p))
+    return out
 
 
 def resolve(path: str | Path) -> Path:
@@ -105,30 +131,61 @@ def resolve(path: str | Path) -> Path:
         return path
     latest = path / LATEST
     if latest.exists():
-        target = path / latest.read_text().strip()
-        if not (target / CONFIG).exists():
+        if not latest.is_file():
+            raise CheckpointError(f"{latest} should be a file naming the newest checkpoint "
+                                  "(e.g. checkpoints/step_000100), but it is a directory")
+        try:
+            name = latest.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"cannot read {latest}: {e}") from e
+        target = path / name
+        if not name or not (target / CONFIG).exists():
             raise CheckpointError(f"{latest} points to {target}, which is not a checkpoint")
         return target
     raise CheckpointError(f"{path} is neither a checkpoint directory (no {CONFIG}) nor a training "
                           f"run directory (no {LATEST} file)")
 
 
-def verify(path: Path) -> dict[str, Any]:
-    """Check every file against the manifest; return the manifest."""
-    manifest_path = path / MANIFEST
-    if not manifest_path.exists():
+def _manifest(path: Path) -> dict[str, Any]:
+    """The manifest of checkpoint ``path``, checked for shape (not yet against the files)."""
+    f = path / MANIFEST
+    if not f.exists():
         raise CheckpointError(f"{path} has no {MANIFEST}: the checkpoint is incomplete")
     try:
-        manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{manifest_path} is corrupt: {e}") from e
+        manifest = json.loads(f.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{f} is corrupt: {e}") from e
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
+        raise CheckpointError(f"{f} has no file list ('files': name -> sha256): the checkpoint "
+                              "is incomplete or corrupt")
+    if not isinstance(manifest.get("metadata", {}), dict):
+        raise CheckpointError(f"{f} is corrupt: 'metadata' is not a JSON object")
+    unlisted = [name for name in (CONFIG, WEIGHTS) if name not in files]
+    if unlisted:
+        raise CheckpointError(f"{f} does not list {unlisted}: the checkpoint is incomplete or "
+                              "corrupt")
+    return manifest
+
+
+def _check_file(path: Path, name: str, digest: str) -> None:
+    f = path / name
+    if not f.is_file():
+        raise CheckpointError(f"{path} is missing {name}")
+    try:
+        ok = _sha256(f) == digest
+    except OSError as e:
+        raise CheckpointError(f"cannot read {f}: {e}") from e
+    if not ok:
+        raise CheckpointError(f"{f} does not match its checksum: the file is corrupt or "
+                              f"truncated; use an earlier checkpoint")
+
+
+def verify(path: Path) -> dict[str, Any]:
+    """Check every file against the manifest; return the manifest."""
+    manifest = _manifest(path)
     for name, digest in manifest["files"].items():
-        f = path / name
-        if not f.exists():
-            raise CheckpointError(f"{path} is missing {name}")
-        if _sha256(f) != digest:
-            raise CheckpointError(f"{f} does not match its checksum: the file is corrupt or "
-                                  f"truncated; use an earlier checkpoint")
+        _check_file(path, name, digest)
     return manifest
 
 
@@ -210,34 +267,75 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
 
 def read_metadata(path: str | Path) -> dict[str, Any]:
     """The free-form metadata stored in a checkpoint's manifest (data spec, origin widths...)."""
-    f = resolve(path) / MANIFEST
-    try:
-        return json.loads(f.read_text()).get("metadata", {})
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"cannot read {f}: {e}") from e
+    return _manifest(resolve(path)).get("metadata", {})
 
 
 def load_train_state(path: str | Path) -> dict[str, Any]:
-    """The resume state saved with a training checkpoint."""
+    """The resume state saved with a training checkpoint (checked against the manifest, then
+    read with ``weights_only=True``: tensors and plain containers, never arbitrary objects)."""
     ckpt = resolve(path)
     f = ckpt / TRAIN_STATE
     if not f.exists():
         raise CheckpointError(f"{ckpt} has no {TRAIN_STATE}: it cannot be resumed")
-    return torch.load(f, map_location="cpu", weights_only=True)
+    digest = _manifest(ckpt)["files"].get(TRAIN_STATE)
+    if digest is None:
+        raise CheckpointError(f"{ckpt / MANIFEST} does not list {TRAIN_STATE}: it cannot be "
+                              "trusted for a resume")
+    _check_file(ckpt, TRAIN_STATE, digest)
+    try:
+        state = torch.load(f, map_location="cpu", weights_only=True)
+    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as e:
+        raise CheckpointError(f"cannot read {f}: {e}") from e
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise CheckpointError(f"{f} is not a training state (no integer 'step')")
+    return state
+
+
+def step_dirs(folder: Path) -> dict[int, Path]:
+    """``step_NNNNNN`` checkpoint directories of a run's ``checkpoints/`` by step."""
+    if not folder.is_dir():
+        return {}
+    return {int(p.name[5:]): p for p in folder.glob("step_*")
+            if p.name[5:].isdigit() and p.is_dir() and not p.is_symlink()}
+
+
+def clean_run_leftovers(run_dir: str | Path) -> list[str]:
+    """Remove what interrupted writes left in a run directory (``.step_*.tmp-*``,
+    ``.step_*.old-*``, ``.latest.tmp``, ``.metrics.jsonl.tmp-*``...); return their names.
+    Called when training starts or resumes."""
+    run_dir = Path(run_dir)
+    done = clean_leftovers(run_dir / CHECKPOINTS, ".step_*") + clean_leftovers(run_dir, ".*.tmp-*")
+    tmp = run_dir / f".{LATEST}.tmp"
+    if tmp.is_file():
+        tmp.unlink()
+        done.append(tmp.name)
+    return done
 
 
 def save_run_checkpoint(run_dir: Path, step: int, model: nn.Module,
                         tokenizer: Tokenizer | None,
                         train_state: dict[str, Any], keep: int = 2,
                         metadata: dict[str, Any] | None = None) -> Path:
-    """Save ``checkpoints/step_NNNNNN`` in a run directory, point ``latest`` at it, prune old."""
+    """Save ``checkpoints/step_NNNNNN`` in a run directory, point ``latest`` at it, prune old.
+
+    Pruning follows this run's history: of the checkpoints up to ``step`` the newest ``keep``
+    stay (all when ``keep`` <= 0); higher-numbered ones (left by an earlier attempt, or by a
+    rollback of ``latest``) and ``latest``'s target are never deleted. A step directory of the
+    same number (written before a crash, after the checkpoint ``latest`` named) is replaced.
+    """
     rel = Path(CHECKPOINTS) / f"step_{step:06d}"
     path = save_checkpoint(run_dir / rel, model, tokenizer, train_state=train_state,
-                           metadata=metadata)
+                           metadata=metadata, overwrite=True)
     tmp = run_dir / f".{LATEST}.tmp"
-    tmp.write_text(f"{rel.as_posix()}\n")
-    os.replace(tmp, run_dir / LATEST)
-    done = sorted(p for p in (run_dir / CHECKPOINTS).glob("step_*") if p.is_dir())
-    for old in done[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+    try:
+        tmp.write_text(f"{rel.as_posix()}\n")
+        os.replace(tmp, run_dir / LATEST)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(f"cannot update {run_dir / LATEST}: {e}; it still names the "
+                              "previous checkpoint") from e
+    history = sorted((s, p) for s, p in step_dirs(run_dir / CHECKPOINTS).items() if s <= step)
+    for _, old in history[:-keep] if keep > 0 else []:
+        if old.resolve() != path.resolve():  # never latest's target
+            shutil.rmtree(old, ignore_errors=True)
     return path

@@ -127,6 +127,24 @@ def load_corpus(spec: str) -> list[str]:
     return [_read_text(f) for f in files]
 
 
+def absolute_spec(spec: str, embedded: tuple[str, ...] = CORPORA) -> str:
+    """``spec`` as a run records it: an embedded name unchanged, a path or glob made absolute
+    (so evaluating or resuming from another directory reads the same files)."""
+    path = os.path.expanduser(spec)
+    if spec in embedded or not (os.path.exists(path) or glob.has_magic(spec)):
+        return spec  # a name, or nothing there: the loader's error names it as it was given
+    return os.path.abspath(path)
+
+
+def corpus_digest(texts: list[str]) -> str:
+    """sha256 of a corpus's documents: recorded in checkpoints to detect changed data."""
+    h = hashlib.sha256(b"matformer-corpus-v1\0")
+    for text in texts:
+        data = text.encode("utf-8", "surrogatepass")
+        h.update(len(data).to_bytes(8, "little") + data)
+    return h.hexdigest()
+
+
 # --------------------------------------------------------------------------------- tokens
 def token_dtype(vocab_size: int) -> np.dtype:
     """Smallest unsigned dtype holding ids ``0 .. vocab_size - 1`` (uint16 or uint32)."""
@@ -208,12 +226,15 @@ class TokenDataset:
         train: Training token ids (flat, documents separated by EOS).
         val: Validation token ids.
         name: Corpus name, used in error messages.
+        digest: :func:`corpus_digest` of the documents, when known (checkpoints record it).
     """
 
-    def __init__(self, train: np.ndarray, val: np.ndarray, name: str = "corpus") -> None:
+    def __init__(self, train: np.ndarray, val: np.ndarray, name: str = "corpus",
+                 digest: str | None = None) -> None:
         self.train = train
         self.val = val
         self.name = name
+        self.digest = digest
 
     def __repr__(self) -> str:
         return f"TokenDataset({self.name!r}, train={len(self.train)}, val={len(self.val)})"
@@ -382,7 +403,7 @@ def prepare_data(
             train = _open_tokens(folder / "train.bin", dtype, meta["train_tokens"])
             val = _open_tokens(folder / "val.bin", dtype, meta["val_tokens"])
             logger.info("loaded cached tokens for %r from %s (no tokenising)", corpus, folder)
-            return TokenDataset(train, val, name=corpus)
+            return TokenDataset(train, val, name=corpus, digest=corpus_digest(texts))
         except (OSError, ValueError, KeyError) as exc:
             logger.warning("ignoring broken token cache %s (%s); re-tokenising", folder, exc)
     t0 = time.perf_counter()
@@ -402,6 +423,7 @@ def prepare_data(
         _open_tokens(folder / "train.bin", dtype, len(train)),
         _open_tokens(folder / "val.bin", dtype, len(val)),
         name=corpus,
+        digest=corpus_digest(texts),
     )
 
 
@@ -422,6 +444,12 @@ def validation_batches(tokenizer: Tokenizer, meta: dict[str, Any], max_seq_len: 
         raise ValueError(f"batch_size={batch_size} and batches={max_batches} must be >= 1")
     seq_len = min(meta.get("seq_len", max_seq_len), max_seq_len)
     ds = prepare_data(corpus, tokenizer, val_fraction=meta.get("val_fraction", 0.1))
+    recorded = meta.get("data_sha256")
+    if data is None and recorded and recorded != ds.digest:
+        raise ValueError(f"the corpus {corpus!r} has changed since the checkpoint was trained "
+                         f"(sha256 {ds.digest[:12]}..., recorded {recorded[:12]}...): its "
+                         "validation split is not the one training held out; restore the data, "
+                         "or pass --data to evaluate on other data")
     batches = list(ds.val_batches(batch_size, seq_len, max_batches))
     info = {"data": corpus, "seq_len": seq_len, "val_tokens": sum(y.numel() for _, y in batches),
             "unigram_entropy": unigram_entropy(ds.val, tokenizer.vocab_size)}

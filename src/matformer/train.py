@@ -36,12 +36,17 @@ from .config import ModelConfig, dataclass_from_dict
 from .data import TokenDataset
 from .metrics import evaluate_granularities
 from .model import MatFormerLM, autocast, lm_loss
+from .outputs import write_text_atomic
+from .runs import METRICS, TRAIN_CONFIG, check_same_data, data_facts
 from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
 MODES = ("sample", "joint", "baseline")
-METRICS, TRAIN_CONFIG = "metrics.jsonl", "train_config.json"
+
+
+class NonFiniteError(ValueError):
+    """Training diverged: a loss, the gradient norm or a weight is NaN or infinite."""
 
 
 @dataclass(frozen=True)
@@ -260,7 +265,11 @@ class Trainer:
 
     # ----------------------------------------------------------------- state
     def save(self) -> None:
-        """Checkpoint weights and optimizer, consolidated (a collective: every rank calls it)."""
+        """Checkpoint weights and optimizer, consolidated (a collective: every rank calls it).
+
+        Weights that are no longer finite are never saved: NonFiniteError instead, on every
+        rank, and the previous checkpoint stays ``latest``."""
+        self._check_finite_weights()
         optim = dist.full_optimizer_state(self.model, self.optimizer)
         weights = dist.full_model_state(self.model) if self.env.distributed else None
         if not self.env.is_main:
@@ -272,7 +281,8 @@ class Trainer:
         state = {"step": self.step, "optimizer": optim,
                  "train_config": json.dumps(self.cfg.to_dict())}
         meta = {"data": self.cfg.data, "val_fraction": self.cfg.val_fraction,
-                "seq_len": self.task.tokens_per_sample, "step": self.step}
+                "seq_len": self.task.tokens_per_sample, "step": self.step,
+                **data_facts(self.task)}
         ckpt.save_run_checkpoint(self.run_dir, self.step, model, self.task.tokenizer, state,
                                  keep=self.cfg.keep_checkpoints, metadata=meta)
 
@@ -283,12 +293,34 @@ class Trainer:
         if model.config != self.raw.config:
             raise ckpt.CheckpointError(f"{path} holds a different model config than this run")
         dist.load_full_model_state(self.model, model.state_dict())
+        check_same_data(ckpt.read_metadata(path), data_facts(self.task), str(path))
         state = ckpt.load_train_state(path)
+        if "optimizer" not in state:
+            raise ckpt.CheckpointError(f"{path / ckpt.TRAIN_STATE} holds no optimizer state")
         dist.load_full_optimizer_state(self.model, self.optimizer, state["optimizer"])
         self.step = int(state["step"])
         if self.env.is_main:
             self._truncate_metrics(self.step)
         log.info("resumed %s at step %d", path, self.step)
+
+    def _last_good(self) -> str:
+        latest = self.run_dir / ckpt.LATEST
+        try:
+            return f"the last good checkpoint is kept: {latest} -> {latest.read_text().strip()}"
+        except OSError:
+            return "there is no earlier checkpoint"
+
+    def _check_finite_weights(self) -> None:
+        """NonFiniteError (on every rank) when a weight is NaN or infinite."""
+        bad = [n for n, p in self.model.named_parameters()
+               if not torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()]
+        agreed = dist.mean_across_ranks({"bad": float(len(bad))}, self.env)["bad"]
+        if agreed > 0:
+            raise NonFiniteError(
+                f"training diverged by step {self.step}: weights became NaN or infinite "
+                f"({', '.join(bad[:3]) or 'on another rank'}) although the loss was finite "
+                f"(lr={self.cfg.lr}, weight_decay={self.cfg.weight_decay}); step {self.step} "
+                f"was not saved and {self._last_good()}; lower --lr or check --weight-decay")
 
     def _truncate_metrics(self, step: int) -> None:
         """Drop records logged after ``step`` (they will be produced again)."""
@@ -302,7 +334,7 @@ class Trainer:
                     kept.append(line)
             except json.JSONDecodeError:  # a line torn by a kill mid-write
                 continue
-        f.write_text("".join(line + "\n" for line in kept))
+        write_text_atomic(f, "".join(line + "\n" for line in kept))  # a kill keeps them all
 
     def _log(self, record: dict[str, Any]) -> None:
         if self.env.is_main:
@@ -336,11 +368,20 @@ class Trainer:
         if cfg.grad_clip > 0:
             norm = nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
             norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        losses = dist.mean_across_ranks(losses, env)  # the same numbers on every rank
+        bad = [f"the loss of {n} is {v}" for n, v in losses.items() if not math.isfinite(v)]
+        if norm is not None and not math.isfinite(norm):
+            bad.append(f"the gradient norm is {norm}")
+        if bad or not math.isfinite(lr):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteError(
+                f"training diverged at step {step + 1}: {'; '.join(bad) or f'lr is {lr}'} "
+                f"(lr={lr}, weight_decay={cfg.weight_decay}); the optimizer step was not taken "
+                f"and {self._last_good()}; lower --lr or check --weight-decay")
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        return {"step": self.step, "lr": lr, "loss": dist.mean_across_ranks(losses, env),
-                "grad_norm": norm}
+        return {"step": self.step, "lr": lr, "loss": losses, "grad_norm": norm}
 
     def evaluate(self) -> dict[str, float]:
         """Validation loss of every granularity (every rank runs it: FSDP needs them all)."""
@@ -353,7 +394,10 @@ class Trainer:
         cfg = self.cfg
         if self.env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / TRAIN_CONFIG).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+            ckpt.clean_run_leftovers(self.run_dir)  # of writes a kill interrupted
+            self._truncate_metrics(self.step)  # a new run killed before its first checkpoint
+            write_text_atomic(self.run_dir / TRAIN_CONFIG,
+                              json.dumps(cfg.to_dict(), indent=2) + "\n")
         self.model.train()
         samples_per_s = cfg.batch_size * self.task.tokens_per_sample
         ema: dict[str, float] = {}

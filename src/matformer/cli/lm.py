@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import sys
 import time
@@ -148,24 +147,24 @@ def train(args: argparse.Namespace) -> Result:
     from .. import checkpoint as ckpt
     from .. import distributed as dist
     from ..config import preset
-    from ..data import load_corpus, prepare_data
+    from ..data import absolute_spec, load_corpus, prepare_data
     from ..model import MatFormerLM
+    from ..runs import check_new_run_dir, read_train_config
     from ..tokenizer import Tokenizer
-    from ..train import TRAIN_CONFIG, LMTask, TrainConfig, run
+    from ..train import LMTask, TrainConfig, run
 
     with dist.session(args.device) as env:
         say = print if env.is_main else (lambda *a, **k: None)
         if args.resume:
-            cfg = TrainConfig.from_dict(json.loads((args.out / TRAIN_CONFIG).read_text()))
+            cfg = read_train_config(args.out, TrainConfig)
             if args.parallel:
                 cfg = dataclasses.replace(cfg, parallel=args.parallel)
             model, tokenizer = load_checkpoint(args.out)
             say(f"resuming {ckpt.resolve(args.out)} with its saved settings on "
                 f"{env.world_size} process(es)")
         else:
-            if (args.out / ckpt.LATEST).exists():
-                raise ValueError(f"{args.out} already holds a run; pass --resume to continue it "
-                                 "or choose another --out")
+            check_new_run_dir(args.out)  # never overwrite what is not a fresh run of ours
+            args.data = absolute_spec(args.data)  # resumes and evals read the same files
             tokenizer_file = args.out / "tokenizer.json"
             if env.is_main:  # one rank trains the tokenizer, the others read it
                 docs = load_corpus(args.data)

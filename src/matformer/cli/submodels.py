@@ -30,6 +30,7 @@ examples:
   matformer extract runs/demo --max-latency-ms 8 --sweep runs/demo/mixnmatch --out runs/fast
   matformer export-hf runs/demo-mix --out hf/demo-mix --check
   matformer export-hf runs/demo --granularity S --out hf/demo-S
+  matformer export-hf runs/demo --granularity M --out hf/demo-S --force   # replace it, whole
   matformer import-hf hf/demo-S --out runs/from-hf
 """
 
@@ -42,6 +43,11 @@ def _add_budgets(p: argparse.ArgumentParser) -> None:
     b.add_argument("--max-decode-ms", type=float, help="measured decode-step latency (ms)")
     b.add_argument("--sweep", type=Path, help="a stored mixnmatch.json (or its directory) to "
                    "pick from; default: evaluate the candidates that fit, now")
+
+
+def _add_force(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing --out (as a whole, atomically; never the input)")
 
 
 def _add_submodel(p: argparse.ArgumentParser) -> None:
@@ -82,6 +88,7 @@ def add_extract(sub: argparse._SubParsersAction) -> None:
         sub, "extract", "save any submodel as a standalone dense checkpoint", MIXNMATCH_EXAMPLES)
     p.add_argument("checkpoint", type=Path)
     p.add_argument("--out", type=Path, required=True, help="new checkpoint directory")
+    _add_force(p)
     p.add_argument("--name", help="granularity name stored in the config (default: derived)")
     _add_submodel(p)
     _add_budgets(p)
@@ -98,7 +105,8 @@ def add_export_hf(sub: argparse._SubParsersAction) -> None:
         "(no trust_remote_code). swiglu -> Llama, gelu/relu2 -> Arcee. Per-layer "
         "widths are zero-padded to the widest layer: exact, but no faster than it.")
     p.add_argument("checkpoint", type=Path)
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True, help="new folder")
+    _add_force(p)
     _add_submodel(p)
     p.add_argument("--no-pad", action="store_true",
                    help="refuse per-layer widths instead of zero-padding them")
@@ -112,6 +120,7 @@ def add_import_hf(sub: argparse._SubParsersAction) -> None:
         sub, "import-hf", "convert a Llama/Arcee transformers folder to ours", MIXNMATCH_EXAMPLES)
     p.add_argument("folder", type=Path)
     p.add_argument("--out", type=Path, required=True, help="new checkpoint directory")
+    _add_force(p)
     p.add_argument("--data", help="record this corpus so `matformer eval` needs no --data")
     p.add_argument("--json", action="store_true")
 
@@ -131,6 +140,28 @@ def _submodel_widths(args: argparse.Namespace, model: Any) -> Any:
         return check_widths(model.config, parse_widths(args.widths, model.config.n_layer),
                             nested=not args.any_width)
     return args.granularity
+
+
+def _submodel_heads(args: argparse.Namespace, model: Any) -> str | None:
+    """The heads of the submodel eval measures: a head-nested model's granularity keeps its
+    own head count; per-layer widths keep every head (as eval and the sweep run them)."""
+    return args.granularity if model.config.nest_heads and args.granularity else None
+
+
+def _heads_note(model: Any, heads: str) -> tuple[list[int], str]:
+    """Per-layer head counts of a head-nested granularity and what shipping it means."""
+    from ..submodels.extract import HEADS_NOTE
+
+    counts = model.config.head_counts(heads)
+    return list(counts), HEADS_NOTE.format(n=model.config.n_head, h=counts[0])
+
+
+def _check_out(args: argparse.Namespace, source: Path) -> None:
+    """Refuse --out before any work: it exists (without --force) or is the input."""
+    from .. import checkpoint as ckpt
+    from ..outputs import check_output
+
+    check_output(args.out, overwrite=args.force, sources=ckpt.inputs(source))
 
 
 def _sweep_kw(args: argparse.Namespace) -> dict[str, Any]:
@@ -205,6 +236,7 @@ def extract(args: argparse.Namespace) -> Result:
     from ..submodels.report import load_sweep
     from ..submodels.sweep import choose, select
 
+    _check_out(args, args.checkpoint)
     model, tokenizer = load_checkpoint(args.checkpoint)
     budgets = _budgets(args)
     chosen = None
@@ -223,8 +255,9 @@ def extract(args: argparse.Namespace) -> Result:
         if widths is None:
             raise ValueError("choose a submodel: --granularity, --widths or a budget "
                              "(--max-params / --max-flops / --max-latency-ms)")
-    path = save_extracted(args.out, model, tokenizer, widths, source=args.checkpoint,
-                          name=args.name)
+    heads = _submodel_heads(args, model)
+    path = save_extracted(args.out, model, tokenizer, widths, heads=heads,
+                          source=args.checkpoint, name=args.name, overwrite=args.force)
     sub = load_checkpoint(path)[0]
     size = (path / ckpt.WEIGHTS).stat().st_size
     full = (ckpt.resolve(args.checkpoint) / ckpt.WEIGHTS).stat().st_size
@@ -235,15 +268,25 @@ def extract(args: argparse.Namespace) -> Result:
     lines.append(f"extracted {res['name']} (FFN widths {','.join(map(str, res['widths']))}, "
                  f"{res['params'] / 1e6:.3f}M params) to {path}; weights {size / 1e6:.2f} MB "
                  f"vs {full / 1e6:.2f} MB for the source")
+    if heads is not None:
+        res["heads"], note = _heads_note(model, heads)
+        lines.append("note: " + note)
     return res, "\n".join(lines)
 
 
 def export_hf(args: argparse.Namespace) -> Result:
+    from .. import checkpoint as ckpt
     from ..submodels.hf import export_hf
 
+    _check_out(args, args.checkpoint)
     model, tokenizer = load_checkpoint(args.checkpoint)
-    info = export_hf(model, tokenizer, args.out, widths=_submodel_widths(args, model),
-                     pad=not args.no_pad)
+    widths, heads = _submodel_widths(args, model), _submodel_heads(args, model)
+    info = export_hf(model, tokenizer, args.out, widths=widths, heads=heads,
+                     pad=not args.no_pad, overwrite=args.force,
+                     sources=ckpt.inputs(args.checkpoint))
+    if heads is not None:
+        info["heads"], note = _heads_note(model, heads)
+        info["note"] += "; " + note
     if args.check:
         from transformers import AutoModelForCausalLM
 
@@ -251,9 +294,8 @@ def export_hf(args: argparse.Namespace) -> Result:
         x = torch.randint(0, model.config.vocab_size,
                           (2, min(32, model.config.max_seq_len)),
                           generator=torch.Generator().manual_seed(0))
-        widths = _submodel_widths(args, model)
-        with torch.no_grad():
-            diff = (hf(x).logits - model(x, widths=widths)).abs().max().item()
+        with torch.no_grad():  # against the submodel eval measures (its heads included)
+            diff = (hf(x).logits - model(x, widths=widths, heads=heads)).abs().max().item()
         info["check_max_abs_logit_diff"] = diff
     lines = [f"exported {info['architecture']} ({info['params'] / 1e6:.3f}M params) to "
              f"{info['out']}: {info['note']}"]
@@ -268,13 +310,17 @@ def export_hf(args: argparse.Namespace) -> Result:
 
 def import_hf(args: argparse.Namespace) -> Result:
     from .. import checkpoint as ckpt
+    from ..data import absolute_spec
+    from ..outputs import check_output
     from ..submodels.hf import import_hf
 
+    check_output(args.out, overwrite=args.force, sources=[args.folder])
     model, tokenizer = import_hf(args.folder, name=args.folder.name)
-    meta: dict[str, Any] = {"origin": {"hf_folder": str(args.folder)}}
+    meta: dict[str, Any] = {"origin": {"hf_folder": str(args.folder.resolve())}}
     if args.data:
-        meta["data"] = args.data
-    path = ckpt.save_checkpoint(args.out, model, tokenizer, metadata=meta)
+        meta["data"] = absolute_spec(args.data)
+    path = ckpt.save_checkpoint(args.out, model, tokenizer, metadata=meta, overwrite=args.force,
+                                sources=[args.folder])
     res = {"out": str(path), "params": model.num_params(),
            "widths": list(model.config.ffn_dims)}
     return res, (f"imported {args.folder} ({res['params'] / 1e6:.3f}M params, FFN widths "

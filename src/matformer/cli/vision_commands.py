@@ -38,8 +38,17 @@ def _dataset(path: Path, args: argparse.Namespace, model: Any) -> Any:
     if spec is None:
         raise ValueError(f"{path} does not record its data; pass --data")
     cfg = model.config
-    return load_images(spec, cfg.image_size, cfg.channels, meta.get("val_fraction", 0.2),
+    data = load_images(spec, cfg.image_size, cfg.channels, meta.get("val_fraction", 0.2),
                        skip_unreadable=args.skip_unreadable)
+    recorded = meta.get("classes")
+    if recorded is not None and list(recorded) != list(data.classes):
+        raise ValueError(f"{path} was trained on the classes {list(recorded)}, but {spec!r} "
+                         f"holds {list(data.classes)}: the labels would not mean the same; use "
+                         "the data it was trained on")
+    if data.num_classes > cfg.num_classes:
+        raise ValueError(f"{spec!r} holds {data.num_classes} classes but {path} classifies "
+                         f"{cfg.num_classes}: use the data it was trained on")
+    return data
 
 
 def _widths_list(args: argparse.Namespace, cfg: Any, nested: bool = True) -> list[tuple]:
@@ -59,20 +68,24 @@ def _same_data(models: list[Any]) -> None:
 def _train(args: argparse.Namespace) -> Result:
     from .. import checkpoint as ckpt
     from .. import distributed as dist
-    from ..train import TRAIN_CONFIG, TrainConfig, run
+    from ..data import absolute_spec
+    from ..runs import check_new_run_dir, read_train_config
+    from ..train import TrainConfig, run
     from ..vision import VIT_PRESETS, MatViT, VisionTask, evaluate_classifier, vit_preset
-    from ..vision.data import load_images
+    from ..vision.data import EMBEDDED, load_images
 
     out: Path = args.out
     with dist.session(args.device) as env:
         if args.resume:
-            cfg = TrainConfig.from_dict(json.loads((out / TRAIN_CONFIG).read_text()))
-            vis = json.loads((out / VISION_FILE).read_text())
+            cfg = read_train_config(out, TrainConfig)
+            try:
+                vis = json.loads((out / VISION_FILE).read_text())
+            except (OSError, ValueError) as e:
+                raise ValueError(f"cannot read {out / VISION_FILE}: {e}") from e
             model = _load_vit(out)
         else:
-            if (out / ckpt.LATEST).exists():
-                raise ValueError(f"{out} already holds a run; pass --resume to continue it or "
-                                 "choose another --out")
+            check_new_run_dir(out, extra=(VISION_FILE,))  # never overwrite what is not ours
+            args.data = absolute_spec(args.data, EMBEDDED)  # evals read the same files
             base = VIT_PRESETS[args.preset]
             size = args.image_size or base["image_size"]
             channels = args.channels or base.get("channels", 1)

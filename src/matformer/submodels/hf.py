@@ -24,16 +24,20 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..checkpoint import CheckpointError, materialize
 from ..config import ModelConfig
 from ..model import MatFormerLM, WidthSpec
+from ..outputs import atomic_output
 from ..tokenizer import EOS_TOKEN, Tokenizer
+from .extract import HeadSpec
 
 log = logging.getLogger(__name__)
 
@@ -156,28 +160,32 @@ def save_hf_tokenizer(tokenizer: Tokenizer, out: Path, max_len: int | None = Non
 
 @torch.no_grad()
 def export_hf(model: MatFormerLM, tokenizer: Tokenizer, out: str | Path, *,
-              widths: WidthSpec = None, pad: bool = True) -> dict[str, Any]:
+              widths: WidthSpec = None, heads: HeadSpec = None, pad: bool = True,
+              overwrite: bool = False, sources: Iterable[str | Path] = ()) -> dict[str, Any]:
     """Write a transformers folder (config, safetensors weights, tokenizer) for a submodel.
 
-    ``widths`` picks the submodel (extracted first); None exports the model as it is (the full
-    model of a nested checkpoint). Returns facts about the export (architecture, padding).
+    ``widths`` (and, for a head-nested model, ``heads``) pick the submodel, extracted first
+    (:func:`~matformer.submodels.extract.extract`); None exports the model as it is (the full
+    model of a nested checkpoint). The folder is written atomically: an existing ``out`` is
+    refused unless ``overwrite`` (then replaced as a whole: no stale file survives), and it
+    may never be one of ``sources``. Returns facts about the export (architecture, padding).
     """
     from transformers import GenerationConfig
 
     from .extract import extract
 
-    sub = model if widths is None else extract(model, widths)
+    sub = model if widths is None and heads is None else extract(model, widths, heads=heads)
     hf_cfg, info = hf_config(sub.config, tokenizer.eos_id, pad=pad)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    hf_cfg.save_pretrained(str(out))
-    # Legacy spellings for transformers 4.x loaders (5.x reads rope_parameters and dtype).
-    _patch_json(out / "config.json", rope_theta=float(sub.config.rope_theta),
-                torch_dtype="float32")
-    save_file(_hf_state(sub), str(out / "model.safetensors"), metadata={"format": "pt"})
-    GenerationConfig(bos_token_id=tokenizer.eos_id, eos_token_id=tokenizer.eos_id,
-                     pad_token_id=tokenizer.eos_id).save_pretrained(str(out))
-    save_hf_tokenizer(tokenizer, out, sub.config.max_seq_len)
+    with atomic_output(out, overwrite=overwrite, sources=sources) as tmp:
+        hf_cfg.save_pretrained(str(tmp))
+        # Legacy spellings for transformers 4.x loaders (5.x reads rope_parameters and dtype).
+        _patch_json(tmp / "config.json", rope_theta=float(sub.config.rope_theta),
+                    torch_dtype="float32")
+        save_file(_hf_state(sub), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        GenerationConfig(bos_token_id=tokenizer.eos_id, eos_token_id=tokenizer.eos_id,
+                         pad_token_id=tokenizer.eos_id).save_pretrained(str(tmp))
+        save_hf_tokenizer(tokenizer, tmp, sub.config.max_seq_len)
     info |= {"out": str(out), "params": sub.num_params(),
              "exported_params": sub.config.replace(d_ff=max(sub.config.ffn_dims)).num_params()}
     log.info("exported %s to %s (%s)", info["architecture"], out, info["note"])
@@ -187,14 +195,20 @@ def export_hf(model: MatFormerLM, tokenizer: Tokenizer, out: str | Path, *,
 def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
     index = folder / "model.safetensors.index.json"
     if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ExportError(f"{index} is not a valid safetensors index: {e!r}") from e
     elif (folder / "model.safetensors").exists():
         files = ["model.safetensors"]
     else:
         raise FileNotFoundError(f"{folder} has no model.safetensors (or its index)")
     state: dict[str, torch.Tensor] = {}
     for f in files:
-        state |= load_file(str(folder / f))
+        try:
+            state |= load_file(str(folder / f))
+        except (SafetensorError, OSError, RuntimeError, TypeError) as e:
+            raise ExportError(f"cannot read weights {folder / f}: {e}") from e
     return state
 
 
@@ -207,8 +221,10 @@ def import_hf(folder: str | Path, *, name: str = "hf") -> tuple[MatFormerLM, Tok
     folder = Path(folder)
     try:
         c = json.loads((folder / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{folder}: cannot read config.json ({e})") from e
+    if not isinstance(c, dict):
+        raise ExportError(f"{folder}/config.json is not a JSON object")
     need = ("hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size",
             "max_position_embeddings", "rms_norm_eps")
     lacking = [k for k in need if k not in c] + (

@@ -16,8 +16,10 @@ Handling of bad input (documented, tested):
   ``image_size x image_size`` (bilinear; non-square images are stretched), so mixed sizes and
   modes are accepted;
 - files whose extension is not an image extension (:data:`IMAGE_EXTENSIONS`) are ignored;
-- a file with an image extension that Pillow cannot read raises a ValueError naming the file,
-  unless ``skip_unreadable=True`` (then it is skipped with a warning, and the count is logged);
+- a file with an image extension that Pillow cannot read, or one so large that Pillow refuses to
+  decode it (a decompression bomb: more than twice ``PIL.Image.MAX_IMAGE_PIXELS`` pixels),
+  raises a ValueError naming the file, unless ``skip_unreadable=True`` (then it is skipped with a
+  warning, and the count is logged);
 - a class folder with no images raises a ValueError naming it (an empty class would make the
   labels and the classifier disagree about the number of classes).
 """
@@ -133,7 +135,10 @@ def _read_image(path: Path, image_size: int, channels: int) -> np.ndarray:
             im = im.convert("L" if channels == 1 else "RGB")
             im = im.resize((image_size, image_size), Image.Resampling.BILINEAR)
             arr = np.asarray(im, dtype=np.float32) / 255.0
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+    except Image.DecompressionBombError as e:  # a huge (or hostile) image: never decoded
+        raise ValueError(f"cannot read image {path}: it is too large to decode safely ({e})"
+                         ) from e
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, MemoryError) as e:
         raise ValueError(f"cannot read image {path}: {e}") from e
     return arr[None] if channels == 1 else arr.transpose(2, 0, 1)
 

@@ -1,0 +1,176 @@
+"""Safe outputs: every command that writes a directory goes through :func:`atomic_output`.
+
+One rule: never delete or overwrite what the user did not ask to replace.
+
+- A writer fills a fresh temporary directory beside its target (``.NAME.tmp-XXXX``) and renames
+  it into place only when everything is written and flushed to disk, so a crash, a full disk or
+  an exception leaves the previous content where it was.
+- An existing target (a file or a non-empty directory) is refused unless the caller asks to
+  replace it (``overwrite``, the CLI's ``--force``); it is then replaced as a whole: moved aside
+  (``.NAME.old-XXXX``), the new one renamed in, the old one removed. Stale files never survive.
+- A command's input is never its output, ``--force`` or not.
+- :func:`clean_leftovers` removes what an interrupted write left beside its target.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+class OutputError(ValueError):
+    """An output cannot be written (a full disk, a read-only folder): nothing was replaced."""
+
+
+class OutputExistsError(OutputError):
+    """An output path already holds something, or is (or holds) the command's own input."""
+
+
+def check_output(target: str | Path, *, overwrite: bool = False,
+                 sources: Iterable[str | Path] = ()) -> Path:
+    """Refuse an output path whose writing would lose data the user did not ask to replace.
+
+    ``target`` may not be any of ``sources`` nor a folder holding one, whatever ``overwrite``
+    says. An existing file or non-empty directory is refused unless ``overwrite`` (an empty
+    directory holds nothing to lose and is reused).
+
+    Raises:
+        OutputExistsError: Naming the path and what to do instead.
+    """
+    target = Path(target)
+    real = target.resolve()
+    for source in sources:
+        s = Path(source).resolve()
+        if real == s or real in s.parents:
+            raise OutputExistsError(f"output {target} is the input {source} (or holds it): "
+                                    "writing it would destroy the input; choose another output "
+                                    "path (--force does not allow this)")
+    if _exists(target) and not _empty_dir(target) and not overwrite:
+        what = "a non-empty directory" if target.is_dir() else "a file"
+        raise OutputExistsError(f"output {target} already exists ({what}); choose a new path, "
+                                "or pass --force to replace it")
+    return target
+
+
+def _exists(path: Path) -> bool:
+    return path.is_symlink() or path.exists()
+
+
+def _empty_dir(path: Path) -> bool:
+    return path.is_dir() and not path.is_symlink() and not any(path.iterdir())
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _fsync_tree(folder: Path) -> None:
+    """Flush every file below ``folder`` (then the folders) to disk before it is renamed."""
+    for p in [*sorted(folder.rglob("*"), reverse=True), folder]:
+        fd = os.open(p, os.O_RDONLY | (os.O_DIRECTORY if p.is_dir() else 0))
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _into_place(tmp: Path, target: Path) -> None:
+    """Rename ``tmp`` to ``target``; an existing target is first moved aside, then removed."""
+    if not _exists(target) or _empty_dir(target):
+        os.replace(tmp, target)  # fails, losing nothing, if a non-empty target appeared since
+        return
+    old = target.with_name(f".{target.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    os.replace(target, old)
+    try:
+        os.replace(tmp, target)
+    except BaseException:
+        os.replace(old, target)
+        raise
+    _remove(old)
+
+
+@contextmanager
+def atomic_output(target: str | Path, *, overwrite: bool = False,
+                  sources: Iterable[str | Path] = ()) -> Iterator[Path]:
+    """Write a directory atomically: yield a fresh temporary directory beside ``target``;
+    when the block ends without an error it is flushed and renamed to ``target``, otherwise
+    removed.
+
+    The target is checked first (:func:`check_output`). A crash at any moment leaves the old
+    target or the new one in place, plus at most a ``.NAME.tmp-*`` or ``.NAME.old-*`` leftover
+    beside it.
+
+    Raises:
+        OutputExistsError: The target is refused.
+        OutputError: An OS error (a full disk, a read-only folder) while creating or renaming.
+    """
+    target = check_output(target, overwrite=overwrite, sources=sources)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    except OSError as e:
+        raise OutputError(f"cannot create {target}: {e}") from e
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+        _into_place(tmp, target)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OutputError(f"cannot write {target}: {e}; nothing was replaced") from e
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Replace the file ``path`` with ``text`` atomically (a temporary file beside it, flushed,
+    then renamed): a crash leaves the old content or the new one, never a torn file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        with tmp.open("w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def clean_leftovers(folder: str | Path, pattern: str = ".*") -> list[str]:
+    """Remove what interrupted atomic writes left in ``folder``; return the names handled.
+
+    ``.NAME.tmp-*`` (a write that never finished) is deleted. ``.NAME.old-*`` (a replaced
+    target not yet removed) is deleted when ``NAME`` exists, and renamed back to ``NAME``
+    otherwise (the crash fell between the two renames: it is the only copy). Only entries
+    matching the glob ``pattern`` (e.g. ``.step_*``) are considered.
+    """
+    folder, done = Path(folder), []
+    if not folder.is_dir():
+        return done
+    for p in sorted(folder.glob(pattern)):
+        if ".tmp-" in p.name:
+            _remove(p)
+        elif ".old-" in p.name:
+            dest = folder / p.name[1:].rsplit(".old-", 1)[0]
+            if _exists(dest):
+                _remove(p)
+            else:
+                os.replace(p, dest)
+        else:
+            continue
+        done.append(p.name)
+    if done:
+        log.info("cleaned leftovers of interrupted writes in %s: %s", folder, done)
+    return done
