@@ -9,7 +9,12 @@ one of them (``--json`` picks the result). Non-main ranks of a distributed run r
 from __future__ import annotations
 
 import argparse
+import functools
+import math
+from dataclasses import dataclass
 from typing import Any
+
+from ..config import DEFAULT_NAMES
 
 #: What a command returns: (JSON-serialisable result or None, text for people).
 Result = tuple[dict[str, Any] | None, str]
@@ -29,12 +34,132 @@ examples:
 """
 
 
-def floats(text: str) -> tuple[float, ...]:
-    """argparse type: ``"0.25,0.75"`` -> (0.25, 0.75)."""
-    try:
-        return tuple(float(v) for v in text.split(",") if v.strip())
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected numbers separated by commas") from e
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Examples printed verbatim; every flag's help ends with its allowed range (for the
+    number types below) and its default (when it has one)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_ = action.help or ""
+        if help_ is argparse.SUPPRESS:
+            return help_
+        allowed = getattr(action.type, "allowed", None)
+        default = action.default
+        if default is None or default is False or default == [] or default is argparse.SUPPRESS:
+            default = None
+        elif isinstance(default, tuple):
+            default = ",".join(map(str, default))
+        at = help_.rfind("(default")
+        if allowed and at >= 0 and help_.endswith(")"):  # "(default: X)" -> "(RANGE; default: X)"
+            return f"{help_[:at + 1]}{allowed}; {help_[at + 1:]}"
+        notes = [allowed] if allowed else []
+        if action.option_strings and default is not None and "default" not in help_:
+            notes.append(f"default: {str(default).replace('%', '%%')}")
+        return f"{help_} ({'; '.join(notes)})" if notes else help_
+
+
+def _fmt(bound: float) -> str:
+    return str(int(bound)) if float(bound).is_integer() else str(bound)
+
+
+@dataclass(frozen=True)
+class Number:
+    """argparse type: one finite number in a range (NaN and infinities are refused).
+
+    The error names the allowed range; argparse prefixes it with the flag's name and exits 2:
+    ``argument --steps: expected an integer >= 1, got '0'``.
+
+    Attributes:
+        kind: ``int`` or ``float``.
+        low / high: Bounds (None: unbounded on that side).
+        low_open / high_open: Whether the bound itself is excluded.
+    """
+
+    kind: type = int
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    @property
+    def allowed(self) -> str:
+        """The range in words: ``an integer >= 1``, ``a number in (0, 1]``."""
+        what = "an integer" if self.kind is int else "a finite number"
+        lo, hi = self.low, self.high
+        if lo is not None and hi is not None:
+            what = "an integer" if self.kind is int else "a number"
+            return (f"{what} in {'(' if self.low_open else '['}{_fmt(lo)}, {_fmt(hi)}"
+                    f"{')' if self.high_open else ']'}")
+        if lo is not None:
+            return f"{what} {'>' if self.low_open else '>='} {_fmt(lo)}"
+        if hi is not None:
+            return f"{what} {'<' if self.high_open else '<='} {_fmt(hi)}"
+        return what
+
+    def valid(self, value: float) -> bool:
+        """Whether ``value`` (already a number) is finite and in range."""
+        if not math.isfinite(value):
+            return False
+        lo, hi = self.low, self.high
+        if lo is not None and (value < lo or (self.low_open and value == lo)):
+            return False
+        return not (hi is not None and (value > hi or (self.high_open and value == hi)))
+
+    def __call__(self, text: str) -> Any:
+        try:
+            value = self.kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {self.allowed}, got {text!r}") from None
+        if not self.valid(value):
+            raise argparse.ArgumentTypeError(f"expected {self.allowed}, got {text!r}")
+        return value
+
+
+@dataclass(frozen=True)
+class NumberList:
+    """argparse type: comma-separated numbers, each a :class:`Number` (``"0.25,0.75"`` ->
+    ``(0.25, 0.75)``); at least one, and with ``positive_sum`` a sum above zero."""
+
+    item: Number
+    positive_sum: bool = False
+
+    @property
+    def allowed(self) -> str:
+        extra = ", with a positive sum" if self.positive_sum else ""
+        return f"one or more comma-separated values, each {self.item.allowed}{extra}"
+
+    def __call__(self, text: str) -> tuple[Any, ...]:
+        parts = [v.strip() for v in text.split(",")]
+        problem = f"expected {self.allowed}, got {text!r}"
+        try:
+            values = tuple(self.item.kind(v) for v in parts)
+        except ValueError:
+            raise argparse.ArgumentTypeError(problem) from None
+        if not all(self.item.valid(v) for v in values) or (self.positive_sum and
+                                                              sum(values) <= 0):
+            raise argparse.ArgumentTypeError(problem)
+        return values
+
+
+def names(text: str) -> tuple[str, ...]:
+    """argparse type: ``"S,M,L,XL"`` -> ("S", "M", "L", "XL"); no empty or repeated name."""
+    values = tuple(v.strip() for v in text.split(","))
+    if not all(values) or len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"expected distinct non-empty names separated by "
+                                         f"commas, got {text!r}")
+    return values
+
+
+#: The number types of the command line: every numeric flag uses one of these.
+POSITIVE_INT = Number(int, low=1)
+NON_NEGATIVE_INT = Number(int, low=0)
+SEED = Number(int, low=0, high=2**32 - 1)  # = matformer.train.MAX_SEED
+POSITIVE = Number(float, low=0, low_open=True)
+NON_NEGATIVE = Number(float, low=0)
+#: Granularities as fractions of d_ff.
+RATIOS = NumberList(Number(float, low=0, high=1, low_open=True))
+#: Per-granularity probabilities or loss weights (normalised to sum to 1 by the trainer).
+WEIGHTS = NumberList(Number(float, low=0), positive_sum=True)
+POSITIVE_INTS = NumberList(POSITIVE_INT)
 
 
 def model_overrides(args: argparse.Namespace, keys: tuple[str, ...]) -> dict[str, Any]:
@@ -44,10 +169,9 @@ def model_overrides(args: argparse.Namespace, keys: tuple[str, ...]) -> dict[str
     over: dict[str, Any] = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
     if args.ratios:
         over["ratios"] = args.ratios
-        over["names"] = (tuple(args.names.split(",")) if args.names
-                         else tuple(f"g{i}" for i in range(len(args.ratios))))
+        over["names"] = args.names or tuple(f"g{i}" for i in range(len(args.ratios)))
     elif args.names:
-        over["names"] = tuple(args.names.split(","))
+        over["names"] = args.names
     if args.nest_heads:
         over["nest_heads"] = True
     return over
@@ -56,27 +180,34 @@ def model_overrides(args: argparse.Namespace, keys: tuple[str, ...]) -> dict[str
 def add_training_args(p: argparse.ArgumentParser, *, steps: int, batch_size: int,
                       weight_decay: float, eval_interval: int, ckpt_interval: int,
                       precision: str) -> argparse._ArgumentGroup:
-    """The training-loop flags shared by ``matformer train`` and ``matformer vision train``."""
+    """The training-loop flags shared by ``matformer train`` and ``matformer vision train``
+    (their cross-flag rules: :func:`check_training`)."""
     from ..train import MODES
 
     t = p.add_argument_group("training")
     t.add_argument("--mode", default="sample", choices=MODES,
                    help="sample: one granularity per step (the paper); joint: all of them on "
                    "every batch; baseline: a dense model at --granularity's width")
-    t.add_argument("--granularity", default="XL", help="baseline mode: which width to train")
-    t.add_argument("--steps", type=int, default=steps)
-    t.add_argument("--batch-size", type=int, default=batch_size,
+    t.add_argument("--granularity", help="baseline mode only: which granularity's width to "
+                   "train (default: the largest, XL)")
+    t.add_argument("--steps", type=POSITIVE_INT, help=f"optimizer steps (default: {steps})")
+    t.add_argument("--batch-size", type=POSITIVE_INT, default=batch_size,
                    help="global batch (over all processes and micro-batches)")
-    t.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (AdamW)")
-    t.add_argument("--warmup-steps", type=int, default=50,
+    t.add_argument("--lr", type=POSITIVE, default=3e-3, help="peak learning rate (AdamW)")
+    t.add_argument("--warmup-steps", type=NON_NEGATIVE_INT, default=50,
                    help="linear warm-up (at most a tenth of --steps), then cosine decay")
-    t.add_argument("--weight-decay", type=float, default=weight_decay)
-    t.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: off)")
-    t.add_argument("--probs", type=floats, help="sample mode: per-granularity probabilities")
-    t.add_argument("--loss-weights", type=floats, help="joint mode: per-granularity weights")
-    t.add_argument("--eval-interval", type=int, default=eval_interval)
-    t.add_argument("--ckpt-interval", type=int, default=ckpt_interval)
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--weight-decay", type=NON_NEGATIVE, default=weight_decay, help="AdamW")
+    t.add_argument("--grad-clip", type=NON_NEGATIVE, default=1.0,
+                   help="max gradient norm (0: off)")
+    t.add_argument("--probs", type=WEIGHTS, help="sample mode only: per-granularity sampling "
+                   "weights, normalised to sum to 1 (default: uniform)")
+    t.add_argument("--loss-weights", type=WEIGHTS, help="joint mode only: per-granularity "
+                   "loss weights, normalised to sum to 1 (default: equal)")
+    t.add_argument("--eval-interval", type=POSITIVE_INT, default=eval_interval,
+                   help="validate every N steps")
+    t.add_argument("--ckpt-interval", type=POSITIVE_INT, default=ckpt_interval,
+                   help="checkpoint every N steps")
+    t.add_argument("--seed", type=SEED, default=0, help="seeds init, batches and draws")
     t.add_argument("--precision", default=precision, choices=("bf16", "fp32"),
                    help="bf16 autocast or fp32; compare their speed on your machine with "
                    "benchmarks/train_throughput.py --precision")
@@ -86,31 +217,84 @@ def add_training_args(p: argparse.ArgumentParser, *, steps: int, batch_size: int
                    "(default ddp; may be changed on --resume, as may the number of processes)")
     t.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                    help="auto: CUDA (NCCL) when available, else CPU (gloo)")
+    p.set_defaults(check_args=functools.partial(check_training, steps=steps))
     return t
+
+
+def check_training(args: argparse.Namespace, *, steps: int) -> None:
+    """Cross-flag rules of the training flags: a flag that the chosen mode would ignore is an
+    error, not silence. Fills the defaults that depend on other flags (``--steps`` unless
+    ``--tokens`` sets it; the baseline's ``--granularity``).
+
+    Raises:
+        ValueError: naming the flags in conflict.
+    """
+    if args.resume:  # the run's saved settings apply; the help of --resume says so
+        if args.steps is None:
+            args.steps = steps
+        return
+    if args.granularity is not None and args.mode != "baseline":
+        raise ValueError(f"--granularity {args.granularity} applies to --mode baseline only; "
+                         f"--mode {args.mode} trains every granularity (drop --granularity, or "
+                         "pass --mode baseline)")
+    for flag, value, mode in (("--probs", args.probs, "sample"),
+                              ("--loss-weights", args.loss_weights, "joint")):
+        if value is None:
+            continue
+        if args.mode != mode:
+            raise ValueError(f"{flag} applies to --mode {mode} only, not --mode {args.mode}")
+        count = len(args.ratios or args.names or DEFAULT_NAMES)
+        if len(value) != count:
+            raise ValueError(f"{flag} has {len(value)} values; the model has {count} "
+                             "granularities (one value each)")
+    if getattr(args, "tokens", None) is not None and args.steps is not None:
+        raise ValueError("give --steps or --tokens (a token budget that sets the steps), not both")
+    if args.steps is None:
+        args.steps = steps
+    if args.mode == "baseline" and args.granularity is None:
+        args.granularity = (args.names or DEFAULT_NAMES)[-1]
+
+
+def one_submodel(args: argparse.Namespace) -> None:
+    """Check of the commands that take one submodel: ``--granularity`` or ``--widths``."""
+    if args.granularity is not None and args.widths:
+        raise ValueError(f"give --granularity ({args.granularity}) or --widths "
+                         f"({args.widths}), not both")
+
+
+def check_latency_budgets(args: argparse.Namespace) -> None:
+    """Check of the sweeps: with ``--no-latency``, a latency budget could not be met."""
+    if not args.no_latency:
+        return
+    for flag, value in (("--max-latency-ms", args.max_latency_ms),
+                        ("--max-decode-ms", getattr(args, "max_decode_ms", None))):
+        if value is not None:
+            raise ValueError(f"{flag} needs latency measurements; drop --no-latency")
 
 
 def add_command(sub: argparse._SubParsersAction, name: str, help_: str, epilog: str,
                 description: str | None = None) -> argparse.ArgumentParser:
     """One subcommand, with its examples printed verbatim under ``--help``."""
     return sub.add_parser(name, help=help_, description=description or help_, epilog=epilog,
-                          formatter_class=argparse.RawDescriptionHelpFormatter)
+                          formatter_class=HelpFormatter)
 
 
 def add_eval_data(p: argparse.ArgumentParser, batches: int | None) -> None:
     """Validation-data flags of the commands that evaluate a language-model checkpoint."""
     p.add_argument("--data", help="corpus (default: the one the checkpoint was trained on)")
-    p.add_argument("--batches", type=int, default=batches, help="validation batches "
-                   f"(default: {batches or 'all'})")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batches", type=POSITIVE_INT, default=batches,
+                   help=f"validation batches (default: {batches or 'all'})")
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=16, help="validation batch size")
     p.add_argument("--precision", default="fp32", choices=("bf16", "fp32"))
 
 
 def add_latency(p: argparse.ArgumentParser, *, prefill: bool) -> None:
     """Latency-measurement flags (threads: the global ``matformer --threads``)."""
-    p.add_argument("--repeats", type=int, default=7,
+    p.add_argument("--repeats", type=POSITIVE_INT, default=7,
                    help="latency: timed rounds, interleaved over submodels (median)")
     if prefill:
-        p.add_argument("--prefill-len", type=int, default=128, help="latency: prompt tokens")
+        p.add_argument("--prefill-len", type=POSITIVE_INT, default=128,
+                       help="latency: prompt tokens")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 

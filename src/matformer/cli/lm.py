@@ -17,21 +17,32 @@ import torch
 
 from .common import (
     EXAMPLES,
+    NON_NEGATIVE,
+    NON_NEGATIVE_INT,
+    POSITIVE,
+    POSITIVE_INT,
+    RATIOS,
+    SEED,
+    Number,
     Result,
     add_command,
     add_eval_data,
     add_training_args,
     checkpoint_batches,
-    floats,
     load_checkpoint,
     model_overrides,
+    names,
+    one_submodel,
     train_config,
 )
+
+DRAFT_LEN = 4  # tokens drafted per round, unless --draft-len
 
 
 def add_train(sub: argparse._SubParsersAction) -> None:
     from ..config import PRESETS
     from ..data import CORPORA
+    from ..tokenizer import MIN_BPE_VOCAB_SIZE
 
     p = add_command(
         sub, "train", "train a nested LM (or a dense baseline)", EXAMPLES,
@@ -45,25 +56,32 @@ def add_train(sub: argparse._SubParsersAction) -> None:
                    "settings (other flags are ignored)")
     m = p.add_argument_group("model")
     m.add_argument("--preset", default="demo", choices=sorted(PRESETS))
-    m.add_argument("--ratios", type=floats, help="granularities as fractions of d_ff, e.g. "
+    m.add_argument("--ratios", type=RATIOS, help="granularities as fractions of d_ff, e.g. "
                    "0.125,0.25,0.5,1 (default: the paper's S/M/L/XL)")
-    m.add_argument("--names", help="granularity names, comma separated (default S,M,L,XL)")
+    m.add_argument("--names", type=names, help="granularity names, comma separated (default "
+                   "S,M,L,XL; g0,g1,... with --ratios)")
     m.add_argument("--activation", choices=("swiglu", "gelu", "relu2"))
-    m.add_argument("--n-kv-head", type=int, help="key/value heads (grouped-query attention)")
+    m.add_argument("--n-kv-head", type=POSITIVE_INT,
+                   help="key/value heads (grouped-query attention; must divide the heads)")
     m.add_argument("--nest-heads", action="store_true", help="nest attention heads too")
     m.add_argument("--tokenizer", default="bpe", choices=("bpe", "byte"))
-    m.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size")
+    m.add_argument("--vocab-size", type=Number(int, low=MIN_BPE_VOCAB_SIZE), default=4096,
+                   help="BPE vocabulary size (--tokenizer bpe)")
     d = p.add_argument_group("data")
     d.add_argument("--data", default="shakespeare",
                    help=f"embedded corpus {CORPORA}, a text file, a directory or a glob")
-    d.add_argument("--val-fraction", type=float, default=0.1)
+    d.add_argument("--val-fraction", type=Number(float, low=0, high=0.5, low_open=True),
+                   default=0.1, help="tail of every document held out for validation")
     t = add_training_args(p, steps=600, batch_size=16, weight_decay=0.1, eval_interval=100,
                           ckpt_interval=100, precision="bf16")
-    t.add_argument("--tokens", type=float, help="token budget; sets --steps")
-    t.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step")
-    t.add_argument("--seq-len", type=int, help="context of training windows (default: the "
-                   "model's max_seq_len)")
-    t.add_argument("--eval-batches", type=int, default=20)
+    t.add_argument("--tokens", type=POSITIVE, help="token budget, e.g. 2e6; sets the steps "
+                   "(instead of --steps) to tokens / (batch size x sequence length)")
+    t.add_argument("--grad-accum", type=POSITIVE_INT, default=1,
+                   help="micro-batches per step (must divide --batch-size)")
+    t.add_argument("--seq-len", type=POSITIVE_INT, help="context of training windows (default: "
+                   "the model's max_seq_len, which is also the maximum)")
+    t.add_argument("--eval-batches", type=POSITIVE_INT, default=20,
+                   help="validation batches at every evaluation")
 
 
 def add_eval(sub: argparse._SubParsersAction) -> None:
@@ -74,6 +92,7 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--widths", help="per-layer FFN widths: one int, or one per layer")
     add_eval_data(p, batches=None)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(check_args=one_submodel)
 
 
 def add_generate(sub: argparse._SubParsersAction) -> None:
@@ -97,11 +116,13 @@ examples:
                    help="prompt text; repeat for a batch (left-padded; default: a newline)")
     p.add_argument("--granularity", help="submodel by name (default: the full model)")
     p.add_argument("--widths", help="per-layer FFN widths: one int, or one per layer")
-    p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    p.add_argument("--top-k", type=int)
-    p.add_argument("--top-p", type=float)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=NON_NEGATIVE_INT, default=200,
+                   help="tokens to generate")
+    p.add_argument("--temperature", type=NON_NEGATIVE, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=POSITIVE_INT, help="sample among the k likeliest tokens")
+    p.add_argument("--top-p", type=Number(float, low=0, high=1, low_open=True),
+                   help="nucleus sampling: the smallest set of tokens with this probability")
+    p.add_argument("--seed", type=SEED, default=0, help="sampling seed")
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     p.add_argument("--no-cache", action="store_true",
                    help="the slow reference decoder (re-runs the whole context every token)")
@@ -115,9 +136,25 @@ examples:
                    help="a separately trained drafter checkpoint with the same tokenizer")
     s.add_argument("--shared-cache", action="store_true",
                    help="one KV cache for drafter and target (the target overwrites the draft's)")
-    s.add_argument("--draft-len", type=int, default=4, help="tokens drafted per round")
+    s.add_argument("--draft-len", type=POSITIVE_INT,
+                   help=f"tokens drafted per round (default: {DRAFT_LEN})")
     s.add_argument("--adaptive", action="store_true",
                    help="grow/shrink the draft length with the acceptance")
+    p.set_defaults(check_args=_check_generate)
+
+
+def _check_generate(args: argparse.Namespace) -> None:
+    """Cross-flag rules of ``generate``: the speculative flags need a drafter."""
+    one_submodel(args)
+    if args.draft is None and args.draft_model is None:
+        for flag, given in (("--draft-len", args.draft_len is not None),
+                            ("--adaptive", args.adaptive),
+                            ("--shared-cache", args.shared_cache)):
+            if given:
+                raise ValueError(f"{flag} applies to speculative decoding: add --draft "
+                                 "(a granularity or widths) or --draft-model")
+    if args.draft_len is None:
+        args.draft_len = DRAFT_LEN
 
 
 def add_consistency(sub: argparse._SubParsersAction) -> None:
@@ -287,6 +324,11 @@ def generate(args: argparse.Namespace) -> Result:
         dcfg = (draft_model or model).config
         draft: Any = args.draft
         if draft is not None and draft not in dcfg.names:
+            if not all(v.strip().isdigit() for v in draft.split(",")):
+                raise ValueError(f"--draft {draft!r} is not a granularity name of "
+                                 f"{args.draft_model or args.checkpoint} (it has "
+                                 f"{', '.join(dcfg.names)}) nor per-layer FFN widths "
+                                 "(integers separated by commas)")
             draft = parse_widths(draft, dcfg.n_layer)
         stats = SpecStats()
         pieces = ([t.tolist()] for t in speculative_stream(
