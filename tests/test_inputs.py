@@ -59,8 +59,9 @@ NONNEG = "a finite number >= 0"
 SEED = f"an integer in [0, {MAX_SEED}]"
 WEIGHTS = "one or more comma-separated values, each a finite number >= 0, with a positive sum"
 RATIOS = "one or more comma-separated values, each a number in (0, 1]"
+PATTERNS = "one or more comma-separated names from rule,decreasing,inc-dec,dec-inc,random"
 
-NUMBER_CASES = [
+VALUE_CASES = [
     # (argv before the value, flag, bad value, allowed range in the message)
     (["train", "--out", "x"], "--steps", "0", INT1),
     (["train", "--out", "x"], "--steps", "-3", INT1),
@@ -107,6 +108,9 @@ NUMBER_CASES = [
     (["generate", CKPT], "--top-p", "nan", "a number in (0, 1]"),
     (["generate", CKPT], "--seed", "99999999999999999999999", SEED),
     (["generate", CKPT, "--draft", "S"], "--draft-len", "0", INT1),
+    (["mixnmatch", CKPT], "--patterns", ",", PATTERNS),
+    (["mixnmatch", CKPT], "--patterns", "rule,nope", PATTERNS),
+    (["vision", "mixnmatch", CKPT], "--patterns", "", PATTERNS),
     (["mixnmatch", CKPT], "--repeats", "0", INT1),
     (["mixnmatch", CKPT], "--prefill-len", "0", INT1),
     (["mixnmatch", CKPT], "--seed", "-2", SEED),
@@ -137,14 +141,35 @@ NUMBER_CASES = [
 ]
 
 
-@pytest.mark.parametrize(("before", "flag", "value", "allowed"), NUMBER_CASES,
-                         ids=[f"{c[0][0] if c[0] else ''} {c[1]}={c[2]}" for c in NUMBER_CASES])
-def test_bad_number_names_flag_and_range(capsys: pytest.CaptureFixture[str], before: list[str],
+@pytest.mark.parametrize(("before", "flag", "value", "allowed"), VALUE_CASES,
+                         ids=[f"{c[0][0] if c[0] else ''} {c[1]}={c[2]}" for c in VALUE_CASES])
+def test_bad_value_names_flag_and_range(capsys: pytest.CaptureFixture[str], before: list[str],
                                          flag: str, value: str, allowed: str) -> None:
     rc, out, err = _run(capsys, *before, f"{flag}={value}")
     assert rc == 2 and out == ""
     assert f"argument {flag}: expected {allowed}, got {value!r}" in err, err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv", [
+    ["train", "--out", "x", "--seed", str(MAX_SEED), "--warmup-steps", "0", "--grad-clip", "0",
+     "--weight-decay", "0", "--val-fraction", "0.5", "--tokens", "1e6", "--probs", "0,0,0,1"],
+    ["generate", CKPT, "--temperature", "0", "--top-p", "1", "--max-new-tokens", "0"],
+    ["mixnmatch", CKPT, "--patterns", " rule, random", "--max-params", "1e-3"],
+    ["vision", "train", "--out", "x", "--max-shift", "0", "--ratios", "0.5,1"],
+])
+def test_boundary_values_are_accepted(argv: list[str]) -> None:
+    args = build_parser().parse_args(argv)
+    args.check_args(args)
+    assert getattr(args, "patterns", "rule,random") == "rule,random"
+
+
+def test_corrupt_train_config_names_the_file(tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "train_config.json").write_text('{"steps": 4')
+    rc, _, err = _run(capsys, "train", "--out", tmp_path, "--resume")
+    assert rc == 2
+    assert f"error: {tmp_path / 'train_config.json'} is not valid JSON" in err
 
 
 def _parsers(parser: argparse.ArgumentParser, path: str = "matformer"
@@ -242,6 +267,8 @@ CONFLICTS = [
      "--probs has 3 values; the model has 2 granularities"),
     (["train", "--out", "{tmp}/r", "--tokens", "1e6", "--steps", "5"],
      "give --steps or --tokens"),
+    (["train", "--out", "{tmp}/r", "--preset", "tiny", "--seq-len", "65"],
+     "--seq-len 65 exceeds the context of --preset tiny (max_seq_len=64)"),
     (["vision", "train", "--out", "{tmp}/r", "--granularity", "S"],
      "--granularity S applies to --mode baseline only"),
     (["eval", CKPT, "--granularity", "S", "--widths", "16"],
@@ -353,7 +380,8 @@ def _failing(exc: BaseException) -> Callable[[argparse.Namespace], None]:
      (OSError(errno.EXDEV, os.strerror(errno.EXDEV), "a", None, "b"),
       f"error: a -> b: {os.strerror(errno.EXDEV)}"),
      (KeyError("files"), "error: missing entry 'files' in a file this command read"),
-     (json.JSONDecodeError("Expecting value", "{", 1), "error: Expecting value: line 1")],
+     (json.JSONDecodeError("Expecting value", "{", 1),
+      "error: a file this command read is not valid JSON (Expecting value: line 1")],
 )
 def test_environment_errors_are_one_line(capsys: pytest.CaptureFixture[str],
                                          monkeypatch: pytest.MonkeyPatch,

@@ -10,14 +10,19 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from ..config import DEFAULT_NAMES
 
 #: What a command returns: (JSON-serialisable result or None, text for people).
 Result = tuple[dict[str, Any] | None, str]
+#: A command's cross-flag rules (``args.check_args``): raise ValueError naming the flags.
+Check = Callable[[argparse.Namespace], None]
 
 EXAMPLES = """\
 examples:
@@ -149,6 +154,24 @@ def names(text: str) -> tuple[str, ...]:
     return values
 
 
+@dataclass(frozen=True)
+class Choices:
+    """argparse type: comma-separated names, each one of ``choices``; returns the normalised
+    string (``" rule, random"`` -> ``"rule,random"``)."""
+
+    choices: tuple[str, ...]
+
+    @property
+    def allowed(self) -> str:
+        return f"one or more comma-separated names from {','.join(self.choices)}"
+
+    def __call__(self, text: str) -> str:
+        values = [v.strip() for v in text.split(",")]
+        if not all(v in self.choices for v in values):
+            raise argparse.ArgumentTypeError(f"expected {self.allowed}, got {text!r}")
+        return ",".join(values)
+
+
 #: The number types of the command line: every numeric flag uses one of these.
 POSITIVE_INT = Number(int, low=1)
 NON_NEGATIVE_INT = Number(int, low=0)
@@ -179,9 +202,9 @@ def model_overrides(args: argparse.Namespace, keys: tuple[str, ...]) -> dict[str
 
 def add_training_args(p: argparse.ArgumentParser, *, steps: int, batch_size: int,
                       weight_decay: float, eval_interval: int, ckpt_interval: int,
-                      precision: str) -> argparse._ArgumentGroup:
+                      precision: str, check: Check | None = None) -> argparse._ArgumentGroup:
     """The training-loop flags shared by ``matformer train`` and ``matformer vision train``
-    (their cross-flag rules: :func:`check_training`)."""
+    (their cross-flag rules: :func:`check_training`, then the command's own ``check``)."""
     from ..train import MODES
 
     t = p.add_argument_group("training")
@@ -217,11 +240,12 @@ def add_training_args(p: argparse.ArgumentParser, *, steps: int, batch_size: int
                    "(default ddp; may be changed on --resume, as may the number of processes)")
     t.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                    help="auto: CUDA (NCCL) when available, else CPU (gloo)")
-    p.set_defaults(check_args=functools.partial(check_training, steps=steps))
+    p.set_defaults(check_args=functools.partial(check_training, steps=steps, then=check))
     return t
 
 
-def check_training(args: argparse.Namespace, *, steps: int) -> None:
+def check_training(args: argparse.Namespace, *, steps: int, then: Check | None = None
+                   ) -> None:
     """Cross-flag rules of the training flags: a flag that the chosen mode would ignore is an
     error, not silence. Fills the defaults that depend on other flags (``--steps`` unless
     ``--tokens`` sets it; the baseline's ``--granularity``).
@@ -253,6 +277,8 @@ def check_training(args: argparse.Namespace, *, steps: int) -> None:
         args.steps = steps
     if args.mode == "baseline" and args.granularity is None:
         args.granularity = (args.names or DEFAULT_NAMES)[-1]
+    if then is not None:
+        then(args)
 
 
 def one_submodel(args: argparse.Namespace) -> None:
@@ -296,6 +322,14 @@ def add_latency(p: argparse.ArgumentParser, *, prefill: bool) -> None:
         p.add_argument("--prefill-len", type=POSITIVE_INT, default=128,
                        help="latency: prompt tokens")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file the command needs; ValueError naming the file when it is not valid JSON."""
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); is the file complete?") from e
 
 
 def load_checkpoint(path: Any) -> tuple[Any, Any]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import sys
 import time
@@ -33,6 +32,7 @@ from .common import (
     model_overrides,
     names,
     one_submodel,
+    read_json,
     train_config,
 )
 
@@ -73,7 +73,7 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--val-fraction", type=Number(float, low=0, high=0.5, low_open=True),
                    default=0.1, help="tail of every document held out for validation")
     t = add_training_args(p, steps=600, batch_size=16, weight_decay=0.1, eval_interval=100,
-                          ckpt_interval=100, precision="bf16")
+                          ckpt_interval=100, precision="bf16", check=_check_train)
     t.add_argument("--tokens", type=POSITIVE, help="token budget, e.g. 2e6; sets the steps "
                    "(instead of --steps) to tokens / (batch size x sequence length)")
     t.add_argument("--grad-accum", type=POSITIVE_INT, default=1,
@@ -82,6 +82,16 @@ def add_train(sub: argparse._SubParsersAction) -> None:
                    "the model's max_seq_len, which is also the maximum)")
     t.add_argument("--eval-batches", type=POSITIVE_INT, default=20,
                    help="validation batches at every evaluation")
+
+
+def _check_train(args: argparse.Namespace) -> None:
+    """``train``'s own rule (after the shared ones): windows fit the preset's context."""
+    from ..config import PRESETS
+
+    limit = PRESETS[args.preset]["max_seq_len"]
+    if args.seq_len is not None and args.seq_len > limit:
+        raise ValueError(f"--seq-len {args.seq_len} exceeds the context of --preset "
+                         f"{args.preset} (max_seq_len={limit})")
 
 
 def add_eval(sub: argparse._SubParsersAction) -> None:
@@ -193,7 +203,7 @@ def train(args: argparse.Namespace) -> Result:
     with dist.session(args.device) as env:
         say = print if env.is_main else (lambda *a, **k: None)
         if args.resume:
-            cfg = TrainConfig.from_dict(json.loads((args.out / TRAIN_CONFIG).read_text()))
+            cfg = TrainConfig.from_dict(read_json(args.out / TRAIN_CONFIG))
             if args.parallel:
                 cfg = dataclasses.replace(cfg, parallel=args.parallel)
             model, tokenizer = load_checkpoint(args.out)

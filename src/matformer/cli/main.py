@@ -98,6 +98,8 @@ def describe_error(e: BaseException) -> str:
                 text = f"{e.filename} -> {e.filename2}: {e.strerror}"
         hint = _OS_HINTS.get(e.errno or 0)
         return f"{text} ({hint})" if hint else text
+    if isinstance(e, json.JSONDecodeError):
+        return f"a file this command read is not valid JSON ({e})"
     if isinstance(e, KeyError):
         what = repr(e.args[0]) if e.args else "an entry"
         return (f"missing entry {what} in a file this command read (is the file complete and "

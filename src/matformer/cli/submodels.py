@@ -13,6 +13,7 @@ import torch
 from .common import (
     POSITIVE,
     SEED,
+    Choices,
     Result,
     add_command,
     add_eval_data,
@@ -66,8 +67,8 @@ def add_mixnmatch(sub: argparse._SubParsersAction) -> None:
         "mixnmatch.png and mixnmatch.md, and optionally pick one for a budget.")
     p.add_argument("checkpoint", type=Path, help="checkpoint or run directory")
     p.add_argument("--out", type=Path, help="output directory (default: CHECKPOINT/mixnmatch)")
-    p.add_argument("--patterns", default="rule", help="comma-separated, from "
-                   f"{','.join(PATTERNS)} (default: rule; the others are ablations)")
+    p.add_argument("--patterns", type=Choices(PATTERNS), default="rule",
+                   help="candidate patterns (rule: the paper's; the others are ablations)")
     p.add_argument("--widths", action="append", default=[],
                    help="an extra candidate (repeatable): one int or one per layer")
     p.add_argument("--any-width", action="store_true", help="allow untrained widths")

@@ -17,6 +17,7 @@ from .common import (
     POSITIVE_INTS,
     RATIOS,
     SEED,
+    Choices,
     HelpFormatter,
     Number,
     Result,
@@ -146,7 +147,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "accurate submodel under a budget.")
     p.add_argument("checkpoint", type=Path)
     p.add_argument("--out", type=Path, help="output directory (default: CHECKPOINT/mixnmatch)")
-    p.add_argument("--patterns", default="rule", help=f"comma-separated, from {PATTERNS}")
+    p.add_argument("--patterns", type=Choices(PATTERNS), default="rule",
+                   help="candidate patterns (rule: the paper's; the others are ablations)")
     p.add_argument("--widths", action="append", default=[], help="an extra candidate")
     p.add_argument("--any-width", action="store_true", help="allow untrained widths")
     p.add_argument("--baselines", nargs="+", type=Path, default=[], metavar="CKPT")
