@@ -277,6 +277,8 @@ CONFLICTS = [
     (["generate", CKPT, "--adaptive"], "--adaptive applies to speculative decoding: add --draft"),
     (["generate", CKPT, "--shared-cache"], "--shared-cache applies to speculative decoding"),
     (["generate", CKPT, "--draft-len", "3"], "--draft-len applies to speculative decoding"),
+    (["generate", CKPT, "--stream", "--json"], "--stream prints one prompt's text"),
+    (["generate", CKPT, "--stream", "--prompt", "a", "--prompt", "b"], "takes one --prompt"),
     (["mixnmatch", CKPT, "--sweep", "s.json", "--max-params", "1e6", "--widths", "16"],
      "--sweep reads a stored sweep; --widths would only apply to a new one"),
     (["mixnmatch", CKPT, "--sweep", "s.json"], "--sweep needs a budget"),
@@ -301,6 +303,18 @@ def test_ignored_flag_is_an_error(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert err.startswith("error: ") and message in err, err
     assert "Traceback" not in err
     assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+@pytest.mark.parametrize("command", [["train"], ["vision", "train"]])
+def test_resume_names_the_flags_it_ignores(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                           command: list[str]) -> None:
+    rc, _, err = _run(capsys, *command, "--out", tmp_path, "--resume", "--steps", "900",
+                      "--lr", "0.01", "--no-progress", "--parallel", "none")
+    assert rc == 2  # no run to resume here
+    assert (f"warning: --resume continues {tmp_path} with its saved settings; ignoring "
+            "--steps, --lr\n") in err
+    rc, _, err = _run(capsys, *command, "--out", tmp_path, "--resume")
+    assert "warning" not in err
 
 
 def test_unknown_draft_name_lists_the_granularities(run_dir: Path,

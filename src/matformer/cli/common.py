@@ -12,6 +12,8 @@ import argparse
 import functools
 import json
 import math
+import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -240,20 +242,33 @@ def add_training_args(p: argparse.ArgumentParser, *, steps: int, batch_size: int
                    "(default ddp; may be changed on --resume, as may the number of processes)")
     t.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                    help="auto: CUDA (NCCL) when available, else CPU (gloo)")
-    p.set_defaults(check_args=functools.partial(check_training, steps=steps, then=check))
+    p.set_defaults(check_args=functools.partial(check_training, parser=p, steps=steps,
+                                                then=check))
     return t
 
 
-def check_training(args: argparse.Namespace, *, steps: int, then: Check | None = None
-                   ) -> None:
+#: What ``--resume`` takes from the command line; every other flag comes from the saved run.
+RESUME_FLAGS = ("out", "resume", "parallel", "device", "no_progress", "json", "help",
+                "check_args")
+
+
+def check_training(args: argparse.Namespace, *, parser: argparse.ArgumentParser, steps: int,
+                   then: Check | None = None) -> None:
     """Cross-flag rules of the training flags: a flag that the chosen mode would ignore is an
-    error, not silence. Fills the defaults that depend on other flags (``--steps`` unless
-    ``--tokens`` sets it; the baseline's ``--granularity``).
+    error, not silence (with ``--resume``, a warning naming the flags the saved settings
+    replace). Fills the defaults that depend on other flags (``--steps`` unless ``--tokens``
+    sets it; the baseline's ``--granularity``).
 
     Raises:
         ValueError: naming the flags in conflict.
     """
-    if args.resume:  # the run's saved settings apply; the help of --resume says so
+    if args.resume:
+        ignored = [max(a.option_strings, key=len) for a in parser._actions
+                   if a.option_strings and a.dest not in RESUME_FLAGS
+                   and getattr(args, a.dest) != a.default]
+        if ignored and os.environ.get("RANK", "0") == "0":
+            print(f"warning: --resume continues {args.out} with its saved settings; ignoring "
+                  f"{', '.join(ignored)}", file=sys.stderr)
         if args.steps is None:
             args.steps = steps
         return

@@ -53,7 +53,8 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, type=Path, help="run directory (created)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its latest checkpoint, with its saved "
-                   "settings (other flags are ignored)")
+                   "settings (flags other than --parallel, --device and --no-progress are "
+                   "ignored, with a warning)")
     m = p.add_argument_group("model")
     m.add_argument("--preset", default="demo", choices=sorted(PRESETS))
     m.add_argument("--ratios", type=RATIOS, help="granularities as fractions of d_ff, e.g. "
@@ -154,8 +155,12 @@ examples:
 
 
 def _check_generate(args: argparse.Namespace) -> None:
-    """Cross-flag rules of ``generate``: the speculative flags need a drafter."""
+    """Cross-flag rules of ``generate``: the speculative flags need a drafter; --stream shows
+    one prompt's text."""
     one_submodel(args)
+    if args.stream and (args.json or len(args.prompt or []) > 1):
+        raise ValueError("--stream prints one prompt's text as it grows: it takes one --prompt "
+                         "and no --json")
     if args.draft is None and args.draft_model is None:
         for flag, given in (("--draft-len", args.draft_len is not None),
                             ("--adaptive", args.adaptive),

@@ -68,7 +68,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "granularity's width). Equal compute as in the paper: sample mode for 4X steps "
         "vs each of 4 baselines for X steps (joint mode: X steps).")
     p.add_argument("--out", required=True, type=Path, help="run directory (created)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out with its saved settings (flags other than "
+                   "--parallel, --device and --no-progress are ignored, with a warning)")
     p.add_argument("--data", default="digits", help="'digits' (scikit-learn's 8x8 digits, "
                    "embedded) or an image folder: one sub-folder of images per class")
     p.add_argument("--val-fraction", type=Number(float, low=0, high=1, low_open=True,
