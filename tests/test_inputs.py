@@ -440,6 +440,24 @@ def test_incomplete_sweep_file(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert rc == 2 and err.startswith(f"error: cannot read sweep {sweep}"), err
 
 
+def test_decompression_bomb_is_an_unreadable_image(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from PIL import Image
+
+    from matformer.vision.data import load_image_folder
+
+    for cls, value in (("a", 30), ("b", 220)):
+        for i in range(3):
+            (tmp_path / cls).mkdir(exist_ok=True)
+            Image.new("L", (4, 4), value).save(tmp_path / cls / f"{i}.png")
+    Image.new("L", (16, 16), 0).save(tmp_path / "a" / "bomb.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 50)  # 256 pixels > 2 x 50: a "bomb"
+    with pytest.raises(ValueError, match=r"cannot read image .*bomb\.png.*--skip-unreadable"):
+        load_image_folder(tmp_path, image_size=4, channels=1)
+    data = load_image_folder(tmp_path, image_size=4, channels=1, skip_unreadable=True)
+    assert len(data.train_y) + len(data.val_y) == 6
+
+
 # ------------------------------------------------------------------ torchrun: every rank clean
 @pytest.mark.distributed
 @pytest.mark.slow

@@ -133,7 +133,8 @@ def _read_image(path: Path, image_size: int, channels: int) -> np.ndarray:
             im = im.convert("L" if channels == 1 else "RGB")
             im = im.resize((image_size, image_size), Image.Resampling.BILINEAR)
             arr = np.asarray(im, dtype=np.float32) / 255.0
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError,
+            SyntaxError) as e:  # a decompression bomb: more than 2x Image.MAX_IMAGE_PIXELS
         raise ValueError(f"cannot read image {path}: {e}") from e
     return arr[None] if channels == 1 else arr.transpose(2, 0, 1)
 
