@@ -147,8 +147,9 @@ def test_bad_value_names_flag_and_range(capsys: pytest.CaptureFixture[str], befo
                                          flag: str, value: str, allowed: str) -> None:
     rc, out, err = _run(capsys, *before, f"{flag}={value}")
     assert rc == 2 and out == ""
-    assert f"argument {flag}: expected {allowed}, got {value!r}" in err, err
-    assert "Traceback" not in err
+    assert err.startswith(f"error: argument {flag}: expected {allowed}, got {value!r} (see: "
+                          "matformer "), err
+    assert err.count("\n") == 1  # one line, pointing at --help instead of printing the usage
 
 
 @pytest.mark.parametrize("argv", [

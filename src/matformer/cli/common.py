@@ -17,7 +17,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from ..config import DEFAULT_NAMES
 
@@ -39,6 +39,15 @@ examples:
   matformer export-hf runs/demo-4.5M --out hf/demo-4.5M --check        # transformers folder
   matformer vision train --out runs/vit                                # MatViT on 8x8 digits
 """
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one line, like every other error of the CLI
+    (``error: argument --steps: expected an integer >= 1, got '0' (see: matformer train
+    --help)``), exit code 2; subcommand parsers inherit the class."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (see: {self.prog} --help)\n")
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):

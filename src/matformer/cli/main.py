@@ -19,13 +19,13 @@ import torch
 
 from . import lm as cli_lm
 from . import submodels as cli_submodels
-from .common import EXAMPLES, POSITIVE_INT, HelpFormatter, Result
+from .common import EXAMPLES, POSITIVE_INT, HelpFormatter, Parser, Result
 
 log = logging.getLogger("matformer.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="matformer", formatter_class=HelpFormatter,
         description="Nested Transformers for elastic inference: train one model, run any of "
         "its submodels (a width per layer).", epilog=EXAMPLES)
