@@ -270,6 +270,11 @@ CONFLICTS = [
      "give --steps or --tokens"),
     (["train", "--out", "{tmp}/r", "--preset", "tiny", "--seq-len", "65"],
      "--seq-len 65 exceeds the context of --preset tiny (max_seq_len=64)"),
+    (["train", "--out", "{tmp}/r", "--preset", "tiny", "--n-kv-head", "3"],
+     "ModelConfig.n_kv_head=3 is invalid: must divide n_head=2"),
+    (["train", "--out", "{tmp}/r", "--names", "a,b"], "ModelConfig.names=('a', 'b') is invalid"),
+    (["train", "--out", "{tmp}/r", "--mode", "baseline", "--granularity", "XXL"],
+     "unknown granularity 'XXL'"),
     (["vision", "train", "--out", "{tmp}/r", "--granularity", "S"],
      "--granularity S applies to --mode baseline only"),
     (["eval", CKPT, "--granularity", "S", "--widths", "16"],
@@ -375,6 +380,24 @@ def test_out_that_is_a_file(tmp_path: Path, run_dir: Path,
         rc, _, err = _run(capsys, *argv)
         assert rc == 2 and f"error: --out {target} is an existing file" in err, err
         assert target.read_text() == "keep me"
+
+
+def test_full_disk_during_training(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A real run whose checkpoint write meets a full disk: one line and exit code 2."""
+    corpus = write_corpus(tmp_path / "c.txt", n_words=2000)
+
+    def full(obj: object, path: object, *args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(torch, "save", full)
+    rc, _, err = _run(capsys, "train", "--preset", "tiny", "--tokenizer", "byte", "--steps",
+                        "2", "--batch-size", "2", "--seq-len", "16", "--eval-interval", "2",
+                        "--eval-batches", "1", "--ckpt-interval", "2", "--precision", "fp32",
+                        "--no-progress", "--data", corpus, "--out", tmp_path / "r")
+    assert rc == 2, err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert os.strerror(errno.ENOSPC) in err and "the disk is full" in err
 
 
 def _failing(exc: BaseException) -> Callable[[argparse.Namespace], None]:

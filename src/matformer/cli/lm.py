@@ -85,14 +85,25 @@ def add_train(sub: argparse._SubParsersAction) -> None:
                    help="validation batches at every evaluation")
 
 
-def _check_train(args: argparse.Namespace) -> None:
-    """``train``'s own rule (after the shared ones): windows fit the preset's context."""
-    from ..config import PRESETS
+def _model_config(args: argparse.Namespace, vocab_size: int) -> Any:
+    """The ModelConfig of a new run from the model flags (the baseline's dense one in
+    ``--mode baseline``)."""
+    from ..config import preset
 
-    limit = PRESETS[args.preset]["max_seq_len"]
-    if args.seq_len is not None and args.seq_len > limit:
+    mcfg = preset(args.preset, vocab_size=vocab_size,
+                  **model_overrides(args, ("activation", "n_kv_head")))
+    return mcfg.dense(args.granularity) if args.mode == "baseline" else mcfg
+
+
+def _check_train(args: argparse.Namespace) -> None:
+    """``train``'s own rules (after the shared ones), checked before the tokenizer is trained:
+    the model flags give a valid model, and the windows fit its context."""
+    from ..tokenizer import MIN_BPE_VOCAB_SIZE
+
+    mcfg = _model_config(args, MIN_BPE_VOCAB_SIZE)  # the real vocabulary comes later
+    if args.seq_len is not None and args.seq_len > mcfg.max_seq_len:
         raise ValueError(f"--seq-len {args.seq_len} exceeds the context of --preset "
-                         f"{args.preset} (max_seq_len={limit})")
+                         f"{args.preset} (max_seq_len={mcfg.max_seq_len})")
 
 
 def add_eval(sub: argparse._SubParsersAction) -> None:
@@ -199,7 +210,6 @@ examples:
 def train(args: argparse.Namespace) -> Result:
     from .. import checkpoint as ckpt
     from .. import distributed as dist
-    from ..config import preset
     from ..data import load_corpus, prepare_data
     from ..model import MatFormerLM
     from ..tokenizer import Tokenizer
@@ -227,10 +237,7 @@ def train(args: argparse.Namespace) -> Result:
                 tokenizer.save(tokenizer_file)
             dist.barrier()
             tokenizer = Tokenizer.load(tokenizer_file)
-            over = model_overrides(args, ("activation", "n_kv_head"))
-            mcfg = preset(args.preset, vocab_size=tokenizer.vocab_size, **over)
-            if args.mode == "baseline":
-                mcfg = mcfg.dense(args.granularity)
+            mcfg = _model_config(args, tokenizer.vocab_size)
             seq_len = args.seq_len or mcfg.max_seq_len
             steps = args.steps
             if args.tokens:
