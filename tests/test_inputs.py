@@ -24,8 +24,8 @@ from helpers import tiny_model, write_corpus
 
 import matformer
 from matformer import checkpoint as ckpt
+from matformer.cli import args as cli_args
 from matformer.cli import build_parser, main
-from matformer.cli import common as cli_common
 from matformer.config import ModelConfig
 from matformer.tokenizer import Tokenizer
 from matformer.train import MAX_SEED, TrainConfig
@@ -205,7 +205,7 @@ def test_no_flag_shadows_the_check_hook() -> None:
 
 
 def test_seed_range_matches_the_library() -> None:
-    assert cli_common.SEED.high == MAX_SEED
+    assert cli_args.SEED.high == MAX_SEED
     TrainConfig(seed=MAX_SEED)
     with pytest.raises(ValueError, match=r"TrainConfig\.seed=4294967296 must be <= 4294967295"):
         TrainConfig(seed=MAX_SEED + 1)

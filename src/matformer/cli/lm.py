@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from .common import (
-    EXAMPLES,
+from .args import (
+    DRAFT_LEN,
     NON_NEGATIVE,
     NON_NEGATIVE_INT,
     POSITIVE,
@@ -23,20 +23,23 @@ from .common import (
     RATIOS,
     SEED,
     Number,
+    check_generate,
+    names,
+    one_submodel,
+)
+from .common import (
+    EXAMPLES,
     Result,
     add_command,
     add_eval_data,
     add_training_args,
+    check_lm_train,
     checkpoint_batches,
+    lm_model_config,
     load_checkpoint,
-    model_overrides,
-    names,
-    one_submodel,
     read_json,
     train_config,
 )
-
-DRAFT_LEN = 4  # tokens drafted per round, unless --draft-len
 
 
 def add_train(sub: argparse._SubParsersAction) -> None:
@@ -74,7 +77,7 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--val-fraction", type=Number(float, low=0, high=0.5, low_open=True),
                    default=0.1, help="tail of every document held out for validation")
     t = add_training_args(p, steps=600, batch_size=16, weight_decay=0.1, eval_interval=100,
-                          ckpt_interval=100, precision="bf16", check=_check_train)
+                          ckpt_interval=100, precision="bf16", check=check_lm_train)
     t.add_argument("--tokens", type=POSITIVE, help="token budget, e.g. 2e6; sets the steps "
                    "(instead of --steps) to tokens / (batch size x sequence length)")
     t.add_argument("--grad-accum", type=POSITIVE_INT, default=1,
@@ -83,27 +86,6 @@ def add_train(sub: argparse._SubParsersAction) -> None:
                    "the model's max_seq_len, which is also the maximum)")
     t.add_argument("--eval-batches", type=POSITIVE_INT, default=20,
                    help="validation batches at every evaluation")
-
-
-def _model_config(args: argparse.Namespace, vocab_size: int) -> Any:
-    """The ModelConfig of a new run from the model flags (the baseline's dense one in
-    ``--mode baseline``)."""
-    from ..config import preset
-
-    mcfg = preset(args.preset, vocab_size=vocab_size,
-                  **model_overrides(args, ("activation", "n_kv_head")))
-    return mcfg.dense(args.granularity) if args.mode == "baseline" else mcfg
-
-
-def _check_train(args: argparse.Namespace) -> None:
-    """``train``'s own rules (after the shared ones), checked before the tokenizer is trained:
-    the model flags give a valid model, and the windows fit its context."""
-    from ..tokenizer import MIN_BPE_VOCAB_SIZE
-
-    mcfg = _model_config(args, MIN_BPE_VOCAB_SIZE)  # the real vocabulary comes later
-    if args.seq_len is not None and args.seq_len > mcfg.max_seq_len:
-        raise ValueError(f"--seq-len {args.seq_len} exceeds the context of --preset "
-                         f"{args.preset} (max_seq_len={mcfg.max_seq_len})")
 
 
 def add_eval(sub: argparse._SubParsersAction) -> None:
@@ -162,25 +144,7 @@ examples:
                    help=f"tokens drafted per round (default: {DRAFT_LEN})")
     s.add_argument("--adaptive", action="store_true",
                    help="grow/shrink the draft length with the acceptance")
-    p.set_defaults(check_args=_check_generate)
-
-
-def _check_generate(args: argparse.Namespace) -> None:
-    """Cross-flag rules of ``generate``: the speculative flags need a drafter; --stream shows
-    one prompt's text."""
-    one_submodel(args)
-    if args.stream and (args.json or len(args.prompt or []) > 1):
-        raise ValueError("--stream prints one prompt's text as it grows: it takes one --prompt "
-                         "and no --json")
-    if args.draft is None and args.draft_model is None:
-        for flag, given in (("--draft-len", args.draft_len is not None),
-                            ("--adaptive", args.adaptive),
-                            ("--shared-cache", args.shared_cache)):
-            if given:
-                raise ValueError(f"{flag} applies to speculative decoding: add --draft "
-                                 "(a granularity or widths) or --draft-model")
-    if args.draft_len is None:
-        args.draft_len = DRAFT_LEN
+    p.set_defaults(check_args=check_generate)
 
 
 def add_consistency(sub: argparse._SubParsersAction) -> None:
@@ -237,7 +201,7 @@ def train(args: argparse.Namespace) -> Result:
                 tokenizer.save(tokenizer_file)
             dist.barrier()
             tokenizer = Tokenizer.load(tokenizer_file)
-            mcfg = _model_config(args, tokenizer.vocab_size)
+            mcfg = lm_model_config(args, tokenizer.vocab_size)
             seq_len = args.seq_len or mcfg.max_seq_len
             steps = args.steps
             if args.tokens:

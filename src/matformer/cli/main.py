@@ -19,7 +19,8 @@ import torch
 
 from . import lm as cli_lm
 from . import submodels as cli_submodels
-from .common import EXAMPLES, POSITIVE_INT, HelpFormatter, Parser, Result
+from .args import POSITIVE_INT, HelpFormatter, Parser
+from .common import EXAMPLES, Result
 
 log = logging.getLogger("matformer.cli")
 

@@ -10,18 +10,14 @@ from typing import Any
 
 import torch
 
+from .args import POSITIVE, SEED, Choices, check_latency_budgets, one_submodel
 from .common import (
-    POSITIVE,
-    SEED,
-    Choices,
     Result,
     add_command,
     add_eval_data,
     add_latency,
-    check_latency_budgets,
     checkpoint_batches,
     load_checkpoint,
-    one_submodel,
 )
 
 MIXNMATCH_EXAMPLES = """\

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import (
+from .args import (
     NON_NEGATIVE_INT,
     POSITIVE,
     POSITIVE_INT,
@@ -20,13 +20,10 @@ from .common import (
     Choices,
     HelpFormatter,
     Number,
-    Result,
-    add_command,
-    add_latency,
-    add_training_args,
     check_latency_budgets,
     names,
 )
+from .common import Result, add_command, add_latency, add_training_args
 
 EXAMPLES = """\
 examples:
