@@ -280,6 +280,8 @@ CONFLICTS = [
     (["eval", CKPT, "--granularity", "S", "--widths", "16"],
      "give --granularity (S) or --widths (16), not both"),
     (["generate", CKPT, "--granularity", "S", "--widths", "16"], "not both"),
+    (["export-hf", CKPT, "--out", "{tmp}/h", "--granularity", "S", "--widths", "16"],
+     "give --granularity (S) or --widths (16), not both"),
     (["generate", CKPT, "--adaptive"], "--adaptive applies to speculative decoding: add --draft"),
     (["generate", CKPT, "--shared-cache"], "--shared-cache applies to speculative decoding"),
     (["generate", CKPT, "--draft-len", "3"], "--draft-len applies to speculative decoding"),

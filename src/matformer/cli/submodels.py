@@ -137,6 +137,7 @@ def add_export_hf(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--check", action="store_true",
                    help="load the folder with transformers and compare logits with ours")
     p.add_argument("--json", action="store_true")
+    p.set_defaults(check_args=one_submodel)
 
 
 def add_import_hf(sub: argparse._SubParsersAction) -> None:
