@@ -41,11 +41,11 @@ done
 R=$B/seed0
 $M vision eval $R/matvit $R/joint --labels "MatViT sample (4X steps),MatViT joint (X steps)" \
     --baselines $R/base-{S,M,L,XL} --plot docs/vision_accuracy_d$D.png
-$M vision retrieve $R/matvit --baselines $R/base-{S,M,L,XL} --mixnmatch --threads 1 \
+$M --threads 1 vision retrieve $R/matvit --baselines $R/base-{S,M,L,XL} --mixnmatch \
     --out $B/retrieval
-$M vision retrieve $R/joint --baselines $R/base-{S,M,L,XL} --threads 1 --no-latency \
+$M --threads 1 vision retrieve $R/joint --baselines $R/base-{S,M,L,XL} --no-latency \
     --out $B/retrieval-joint
-$M vision mixnmatch $R/matvit --baselines $R/base-{S,M,L,XL} --patterns rule,decreasing,random \
-    --threads 1 --out $B/mixnmatch
+$M --threads 1 vision mixnmatch $R/matvit --baselines $R/base-{S,M,L,XL} \
+    --patterns rule,decreasing,random --out $B/mixnmatch
 cp $B/retrieval/retrieval.png docs/vision_retrieval_d$D.png
 cp $B/mixnmatch/mixnmatch.png docs/vision_mixnmatch_d$D.png

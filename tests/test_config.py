@@ -51,7 +51,11 @@ from matformer.model import MatFormerLM
          r"ModelConfig\.head_ratios=.*one ratio per granularity \(4\)"),
         (dict(nest_heads=True, n_head=4, head_ratios=(0.5, 0.25, 0.75, 1.0)),
          r"ModelConfig\.head_ratios=.*strictly increasing"),
-        (dict(rope_theta=0.0), r"rope_theta, norm_eps and init_std must be positive"),
+        (dict(rope_theta=0.0), r"ModelConfig\.rope_theta=0\.0 .*positive finite number"),
+        (dict(norm_eps=float("nan")), r"ModelConfig\.norm_eps=nan .*positive finite number"),
+        (dict(init_std=float("inf")), r"ModelConfig\.init_std=inf .*positive finite number"),
+        (dict(ratios=(float("nan"), 1.0), names=("S", "XL")),
+         r"ModelConfig\.ratios=\(nan, 1\.0\) .*fractions in \(0, 1\]"),
     ],
 )
 def test_validation_errors_name_the_field(overrides: dict, pattern: str) -> None:

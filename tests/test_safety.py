@@ -40,7 +40,7 @@ def _run(capsys: pytest.CaptureFixture[str], *argv: object) -> tuple[int, str, s
 def _refused(result: tuple[int, str, str], *needles: str) -> None:
     rc, out, err = result
     assert rc == 2, (rc, out, err)
-    assert err.startswith("error: ") and "Traceback" not in err, err
+    assert err.splitlines()[-1].startswith("error: ") and "Traceback" not in err, err
     for needle in needles:
         assert needle in err, err
 
@@ -86,14 +86,15 @@ def test_extract_refuses_an_existing_out_and_keeps_it(source: Path, tmp_path: Pa
     a_file = tmp_path / "model.txt"
     a_file.write_text("keep me")
     before = _snapshot(tmp_path)
-    for out in (mine, a_file):
-        _refused(_run(capsys, "extract", source, "--granularity", "S", "--out", out),
-                 f"output {out} already exists", "--force")
+    _refused(_run(capsys, "extract", source, "--granularity", "S", "--out", mine),
+             f"output {mine} already exists", "--force")
+    _refused(_run(capsys, "extract", source, "--granularity", "S", "--out", a_file),
+             f"--out {a_file} is an existing file")
     assert _snapshot(tmp_path) == before  # nothing deleted, nothing added
 
     (tmp_path / "empty").mkdir()  # nothing to lose: used as it is
     assert _run(capsys, "extract", source, "--granularity", "S", "--out", tmp_path / "empty")[0] == 0
-    for out in (mine, a_file):  # asked for: replaced as a whole
+    for out in (mine,):  # asked for: replaced as a whole (a file is never a checkpoint's --out)
         rc, _, err = _run(capsys, "extract", source, "--granularity", "S", "--out", out, "--force")
         assert rc == 0, err
         assert {p.name for p in out.iterdir()} == {"config.json", "model.safetensors",
@@ -218,7 +219,7 @@ def test_train_refuses_a_directory_that_is_not_a_fresh_run(
     before = _snapshot(tmp_path)
     for out, why in ((extracted, "config.json"), (mine, "thesis.tex"),
                      (stale, "holds checkpoints (step 500 the newest) but no latest"),
-                     (a_file, "is a file")):
+                     (a_file, "is an existing file")):
         _refused(_run(capsys, "train", *TINY_TRAIN, "--data", corpus, "--out", out), why)
     assert _snapshot(tmp_path) == before
     ckpt.verify(extracted)  # its tokenizer.json still matches its checksum
@@ -283,11 +284,19 @@ def test_non_finite_loss_aborts_and_keeps_the_last_good_checkpoint(tmp_path: Pat
         _trainer(tmp_path / "lr", lr=1e30, ckpt_interval=1).fit()
     assert isinstance(info.value, ValueError)  # the CLI reports it as an error
     assert ckpt.resolve(tmp_path / "lr").name == "step_000001" and _all_finite(tmp_path / "lr")
-    with pytest.raises(NonFiniteError, match=r"diverged by step 1: weights became NaN .*"
-                                             r"weight_decay=nan.*not saved"):
-        _trainer(tmp_path / "wd", weight_decay=math.nan, ckpt_interval=1).fit()
-    assert not (tmp_path / "wd" / "latest").exists()
-    assert list((tmp_path / "wd" / "checkpoints").glob("*")) == []
+    with pytest.raises(ValueError, match=r"weight_decay=nan"):  # refused before training
+        _trainer(tmp_path / "wd", weight_decay=math.nan, ckpt_interval=1)
+    trainer = _trainer(tmp_path / "w", ckpt_interval=1)
+
+    def poison(step: int, record: dict) -> None:  # weights go bad after a finite step
+        with torch.no_grad():
+            next(trainer.raw.parameters()).fill_(math.nan)
+
+    trainer.on_step = poison
+    with pytest.raises(NonFiniteError, match=r"weights became NaN .*not saved"):
+        trainer.fit()
+    assert not (tmp_path / "w" / "latest").exists()
+    assert list((tmp_path / "w" / "checkpoints").glob("*")) == []
 
 
 @pytest.mark.parametrize("flags", [["--lr", "1e30"], ["--weight-decay", "nan"], ["--lr", "inf"]])

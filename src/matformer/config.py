@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -116,8 +117,10 @@ class ModelConfig:
                             f"{self.names[i]} round to the same FFN width for d_ff={self.d_ff}")
         if self.activation not in ACTIVATIONS:
             raise _fail("activation", self.activation, f"choose one of {ACTIVATIONS}")
-        if self.rope_theta <= 0 or self.norm_eps <= 0 or self.init_std <= 0:
-            raise ValueError("ModelConfig.rope_theta, norm_eps and init_std must be positive")
+        for name in ("rope_theta", "norm_eps", "init_std"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and value > 0 and math.isfinite(value)):
+                raise _fail(name, value, "must be a positive finite number")
         if self.nest_heads:
             self._validate_ratios("head_ratios", self.head_ratios)
             if len(self.head_ratios) != self.num_granularities:

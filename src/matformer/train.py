@@ -43,6 +43,7 @@ from .tokenizer import Tokenizer
 log = logging.getLogger(__name__)
 
 MODES = ("sample", "joint", "baseline")
+MAX_SEED = 2**32 - 1  # seeds are in [0, MAX_SEED], as on the command line
 
 
 class NonFiniteError(ValueError):
@@ -109,18 +110,37 @@ class TrainConfig:
         if self.mode not in MODES:
             raise ValueError(f"TrainConfig.mode={self.mode!r}: choose one of {MODES}")
         for name in ("steps", "batch_size", "grad_accum", "eval_interval", "eval_batches",
-                     "ckpt_interval"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"TrainConfig.{name}={getattr(self, name)} must be >= 1")
+                     "ckpt_interval", "keep_checkpoints", "warmup_steps", "seed", "seq_len"):
+            v = getattr(self, name)
+            if v is None and name == "seq_len":
+                continue
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise ValueError(f"TrainConfig.{name}={v!r} must be an integer")
+            low = 0 if name in ("warmup_steps", "seed") else 1
+            if v < low:
+                raise ValueError(f"TrainConfig.{name}={v} must be >= {low}")
+        if self.seed > MAX_SEED:
+            raise ValueError(f"TrainConfig.seed={self.seed} must be <= {MAX_SEED}")
         if self.batch_size % self.grad_accum:
             raise ValueError(f"TrainConfig.batch_size={self.batch_size} must be divisible by "
                              f"grad_accum={self.grad_accum}")
-        if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1 or self.warmup_steps < 0:
-            raise ValueError("TrainConfig: need lr > 0, 0 <= min_lr_ratio <= 1, warmup_steps >= 0")
+        # NaN fails every comparison, so each rule says what is allowed, not what is refused.
+        for name, ok, allowed in (
+                ("lr", self.lr > 0, "need lr > 0"),
+                ("min_lr_ratio", 0 <= self.min_lr_ratio <= 1, "need 0 <= min_lr_ratio <= 1"),
+                ("weight_decay", self.weight_decay >= 0, "need weight_decay >= 0"),
+                ("grad_clip", self.grad_clip >= 0, "need grad_clip >= 0 (0: off)"),
+                ("val_fraction", 0 <= self.val_fraction < 1, "need 0 <= val_fraction < 1")):
+            value = getattr(self, name)
+            if not (ok and math.isfinite(value)):
+                raise ValueError(f"TrainConfig.{name}={value!r}: {allowed}, a finite number")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"TrainConfig.betas={self.betas}: need two numbers in [0, 1)")
         for name in ("probs", "loss_weights"):
             v = getattr(self, name)
-            if v is not None and (any(p < 0 for p in v) or sum(v) <= 0):
-                raise ValueError(f"TrainConfig.{name}={v}: need non-negative values, sum > 0")
+            if v is not None and not (all(p >= 0 and math.isfinite(p) for p in v) and sum(v) > 0):
+                raise ValueError(f"TrainConfig.{name}={v}: need finite non-negative values, "
+                                 "sum > 0")
         if self.precision not in ("bf16", "fp32"):
             raise ValueError(f"TrainConfig.precision={self.precision!r}: choose 'bf16' or 'fp32'")
 

@@ -9,7 +9,22 @@ one of them (``--json`` picks the result). Non-main ranks of a distributed run r
 from __future__ import annotations
 
 import argparse
+import functools
+import json
+from pathlib import Path
 from typing import Any
+
+from .args import (
+    NON_NEGATIVE,
+    NON_NEGATIVE_INT,
+    POSITIVE,
+    POSITIVE_INT,
+    SEED,
+    WEIGHTS,
+    Check,
+    HelpFormatter,
+    check_training,
+)
 
 #: What a command returns: (JSON-serialisable result or None, text for people).
 Result = tuple[dict[str, Any] | None, str]
@@ -29,14 +44,6 @@ examples:
 """
 
 
-def floats(text: str) -> tuple[float, ...]:
-    """argparse type: ``"0.25,0.75"`` -> (0.25, 0.75)."""
-    try:
-        return tuple(float(v) for v in text.split(",") if v.strip())
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected numbers separated by commas") from e
-
-
 def model_overrides(args: argparse.Namespace, keys: tuple[str, ...]) -> dict[str, Any]:
     """ModelConfig fields given on the command line: ``keys`` copied when set, plus the
     granularity flags (--ratios, --names: names default to g0, g1, ... for custom ratios) and
@@ -44,10 +51,9 @@ def model_overrides(args: argparse.Namespace, keys: tuple[str, ...]) -> dict[str
     over: dict[str, Any] = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
     if args.ratios:
         over["ratios"] = args.ratios
-        over["names"] = (tuple(args.names.split(",")) if args.names
-                         else tuple(f"g{i}" for i in range(len(args.ratios))))
+        over["names"] = args.names or tuple(f"g{i}" for i in range(len(args.ratios)))
     elif args.names:
-        over["names"] = tuple(args.names.split(","))
+        over["names"] = args.names
     if args.nest_heads:
         over["nest_heads"] = True
     return over
@@ -55,28 +61,35 @@ def model_overrides(args: argparse.Namespace, keys: tuple[str, ...]) -> dict[str
 
 def add_training_args(p: argparse.ArgumentParser, *, steps: int, batch_size: int,
                       weight_decay: float, eval_interval: int, ckpt_interval: int,
-                      precision: str) -> argparse._ArgumentGroup:
-    """The training-loop flags shared by ``matformer train`` and ``matformer vision train``."""
+                      precision: str, check: Check | None = None) -> argparse._ArgumentGroup:
+    """The training-loop flags shared by ``matformer train`` and ``matformer vision train``
+    (their cross-flag rules: :func:`check_training`, then the command's own ``check``)."""
     from ..train import MODES
 
     t = p.add_argument_group("training")
     t.add_argument("--mode", default="sample", choices=MODES,
                    help="sample: one granularity per step (the paper); joint: all of them on "
                    "every batch; baseline: a dense model at --granularity's width")
-    t.add_argument("--granularity", default="XL", help="baseline mode: which width to train")
-    t.add_argument("--steps", type=int, default=steps)
-    t.add_argument("--batch-size", type=int, default=batch_size,
+    t.add_argument("--granularity", help="baseline mode only: which granularity's width to "
+                   "train (default: the largest, XL)")
+    t.add_argument("--steps", type=POSITIVE_INT, help=f"optimizer steps (default: {steps})")
+    t.add_argument("--batch-size", type=POSITIVE_INT, default=batch_size,
                    help="global batch (over all processes and micro-batches)")
-    t.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (AdamW)")
-    t.add_argument("--warmup-steps", type=int, default=50,
+    t.add_argument("--lr", type=POSITIVE, default=3e-3, help="peak learning rate (AdamW)")
+    t.add_argument("--warmup-steps", type=NON_NEGATIVE_INT, default=50,
                    help="linear warm-up (at most a tenth of --steps), then cosine decay")
-    t.add_argument("--weight-decay", type=float, default=weight_decay)
-    t.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: off)")
-    t.add_argument("--probs", type=floats, help="sample mode: per-granularity probabilities")
-    t.add_argument("--loss-weights", type=floats, help="joint mode: per-granularity weights")
-    t.add_argument("--eval-interval", type=int, default=eval_interval)
-    t.add_argument("--ckpt-interval", type=int, default=ckpt_interval)
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--weight-decay", type=NON_NEGATIVE, default=weight_decay, help="AdamW")
+    t.add_argument("--grad-clip", type=NON_NEGATIVE, default=1.0,
+                   help="max gradient norm (0: off)")
+    t.add_argument("--probs", type=WEIGHTS, help="sample mode only: per-granularity sampling "
+                   "weights, normalised to sum to 1 (default: uniform)")
+    t.add_argument("--loss-weights", type=WEIGHTS, help="joint mode only: per-granularity "
+                   "loss weights, normalised to sum to 1 (default: equal)")
+    t.add_argument("--eval-interval", type=POSITIVE_INT, default=eval_interval,
+                   help="validate every N steps")
+    t.add_argument("--ckpt-interval", type=POSITIVE_INT, default=ckpt_interval,
+                   help="checkpoint every N steps")
+    t.add_argument("--seed", type=SEED, default=0, help="seeds init, batches and draws")
     t.add_argument("--precision", default=precision, choices=("bf16", "fp32"),
                    help="bf16 autocast or fp32; compare their speed on your machine with "
                    "benchmarks/train_throughput.py --precision")
@@ -86,32 +99,65 @@ def add_training_args(p: argparse.ArgumentParser, *, steps: int, batch_size: int
                    "(default ddp; may be changed on --resume, as may the number of processes)")
     t.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                    help="auto: CUDA (NCCL) when available, else CPU (gloo)")
+    p.set_defaults(check_args=functools.partial(check_training, parser=p, steps=steps,
+                                                then=check))
     return t
+
+
+def lm_model_config(args: argparse.Namespace, vocab_size: int) -> Any:
+    """The ModelConfig of a new run from the model flags (the baseline's dense one in
+    ``--mode baseline``)."""
+    from ..config import preset
+
+    mcfg = preset(args.preset, vocab_size=vocab_size,
+                  **model_overrides(args, ("activation", "n_kv_head")))
+    return mcfg.dense(args.granularity) if args.mode == "baseline" else mcfg
+
+
+def check_lm_train(args: argparse.Namespace) -> None:
+    """``matformer train``'s own rules (after :func:`check_training`), checked before the
+    tokenizer is trained: the model flags give a valid model, and the windows fit its
+    context."""
+    from ..tokenizer import MIN_BPE_VOCAB_SIZE
+
+    mcfg = lm_model_config(args, MIN_BPE_VOCAB_SIZE)  # the real vocabulary comes later
+    if args.seq_len is not None and args.seq_len > mcfg.max_seq_len:
+        raise ValueError(f"--seq-len {args.seq_len} exceeds the context of --preset "
+                         f"{args.preset} (max_seq_len={mcfg.max_seq_len})")
 
 
 def add_command(sub: argparse._SubParsersAction, name: str, help_: str, epilog: str,
                 description: str | None = None) -> argparse.ArgumentParser:
     """One subcommand, with its examples printed verbatim under ``--help``."""
     return sub.add_parser(name, help=help_, description=description or help_, epilog=epilog,
-                          formatter_class=argparse.RawDescriptionHelpFormatter)
+                          formatter_class=HelpFormatter)
 
 
 def add_eval_data(p: argparse.ArgumentParser, batches: int | None) -> None:
     """Validation-data flags of the commands that evaluate a language-model checkpoint."""
     p.add_argument("--data", help="corpus (default: the one the checkpoint was trained on)")
-    p.add_argument("--batches", type=int, default=batches, help="validation batches "
-                   f"(default: {batches or 'all'})")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batches", type=POSITIVE_INT, default=batches,
+                   help=f"validation batches (default: {batches or 'all'})")
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=16, help="validation batch size")
     p.add_argument("--precision", default="fp32", choices=("bf16", "fp32"))
 
 
 def add_latency(p: argparse.ArgumentParser, *, prefill: bool) -> None:
     """Latency-measurement flags (threads: the global ``matformer --threads``)."""
-    p.add_argument("--repeats", type=int, default=7,
+    p.add_argument("--repeats", type=POSITIVE_INT, default=7,
                    help="latency: timed rounds, interleaved over submodels (median)")
     if prefill:
-        p.add_argument("--prefill-len", type=int, default=128, help="latency: prompt tokens")
+        p.add_argument("--prefill-len", type=POSITIVE_INT, default=128,
+                       help="latency: prompt tokens")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file the command needs; ValueError naming the file when it is not valid JSON."""
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); is the file complete?") from e
 
 
 def load_checkpoint(path: Any) -> tuple[Any, Any]:

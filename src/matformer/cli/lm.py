@@ -14,16 +14,29 @@ from typing import Any
 
 import torch
 
+from .args import (
+    DRAFT_LEN,
+    NON_NEGATIVE,
+    NON_NEGATIVE_INT,
+    POSITIVE,
+    POSITIVE_INT,
+    RATIOS,
+    SEED,
+    Number,
+    check_generate,
+    names,
+    one_submodel,
+)
 from .common import (
     EXAMPLES,
     Result,
     add_command,
     add_eval_data,
     add_training_args,
+    check_lm_train,
     checkpoint_batches,
-    floats,
+    lm_model_config,
     load_checkpoint,
-    model_overrides,
     train_config,
 )
 
@@ -31,6 +44,7 @@ from .common import (
 def add_train(sub: argparse._SubParsersAction) -> None:
     from ..config import PRESETS
     from ..data import CORPORA
+    from ..tokenizer import MIN_BPE_VOCAB_SIZE
 
     p = add_command(
         sub, "train", "train a nested LM (or a dense baseline)", EXAMPLES,
@@ -41,28 +55,36 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, type=Path, help="run directory (created)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its latest checkpoint, with its saved "
-                   "settings (other flags are ignored)")
+                   "settings (flags other than --parallel, --device and --no-progress are "
+                   "ignored, with a warning)")
     m = p.add_argument_group("model")
     m.add_argument("--preset", default="demo", choices=sorted(PRESETS))
-    m.add_argument("--ratios", type=floats, help="granularities as fractions of d_ff, e.g. "
+    m.add_argument("--ratios", type=RATIOS, help="granularities as fractions of d_ff, e.g. "
                    "0.125,0.25,0.5,1 (default: the paper's S/M/L/XL)")
-    m.add_argument("--names", help="granularity names, comma separated (default S,M,L,XL)")
+    m.add_argument("--names", type=names, help="granularity names, comma separated (default "
+                   "S,M,L,XL; g0,g1,... with --ratios)")
     m.add_argument("--activation", choices=("swiglu", "gelu", "relu2"))
-    m.add_argument("--n-kv-head", type=int, help="key/value heads (grouped-query attention)")
+    m.add_argument("--n-kv-head", type=POSITIVE_INT,
+                   help="key/value heads (grouped-query attention; must divide the heads)")
     m.add_argument("--nest-heads", action="store_true", help="nest attention heads too")
     m.add_argument("--tokenizer", default="bpe", choices=("bpe", "byte"))
-    m.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size")
+    m.add_argument("--vocab-size", type=Number(int, low=MIN_BPE_VOCAB_SIZE), default=4096,
+                   help="BPE vocabulary size (--tokenizer bpe)")
     d = p.add_argument_group("data")
     d.add_argument("--data", default="shakespeare",
                    help=f"embedded corpus {CORPORA}, a text file, a directory or a glob")
-    d.add_argument("--val-fraction", type=float, default=0.1)
+    d.add_argument("--val-fraction", type=Number(float, low=0, high=0.5, low_open=True),
+                   default=0.1, help="tail of every document held out for validation")
     t = add_training_args(p, steps=600, batch_size=16, weight_decay=0.1, eval_interval=100,
-                          ckpt_interval=100, precision="bf16")
-    t.add_argument("--tokens", type=float, help="token budget; sets --steps")
-    t.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step")
-    t.add_argument("--seq-len", type=int, help="context of training windows (default: the "
-                   "model's max_seq_len)")
-    t.add_argument("--eval-batches", type=int, default=20)
+                          ckpt_interval=100, precision="bf16", check=check_lm_train)
+    t.add_argument("--tokens", type=POSITIVE, help="token budget, e.g. 2e6; sets the steps "
+                   "(instead of --steps) to tokens / (batch size x sequence length)")
+    t.add_argument("--grad-accum", type=POSITIVE_INT, default=1,
+                   help="micro-batches per step (must divide --batch-size)")
+    t.add_argument("--seq-len", type=POSITIVE_INT, help="context of training windows (default: "
+                   "the model's max_seq_len, which is also the maximum)")
+    t.add_argument("--eval-batches", type=POSITIVE_INT, default=20,
+                   help="validation batches at every evaluation")
 
 
 def add_eval(sub: argparse._SubParsersAction) -> None:
@@ -73,6 +95,7 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--widths", help="per-layer FFN widths: one int, or one per layer")
     add_eval_data(p, batches=None)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(check_args=one_submodel)
 
 
 def add_generate(sub: argparse._SubParsersAction) -> None:
@@ -96,11 +119,13 @@ examples:
                    help="prompt text; repeat for a batch (left-padded; default: a newline)")
     p.add_argument("--granularity", help="submodel by name (default: the full model)")
     p.add_argument("--widths", help="per-layer FFN widths: one int, or one per layer")
-    p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    p.add_argument("--top-k", type=int)
-    p.add_argument("--top-p", type=float)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=NON_NEGATIVE_INT, default=200,
+                   help="tokens to generate")
+    p.add_argument("--temperature", type=NON_NEGATIVE, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=POSITIVE_INT, help="sample among the k likeliest tokens")
+    p.add_argument("--top-p", type=Number(float, low=0, high=1, low_open=True),
+                   help="nucleus sampling: the smallest set of tokens with this probability")
+    p.add_argument("--seed", type=SEED, default=0, help="sampling seed")
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     p.add_argument("--no-cache", action="store_true",
                    help="the slow reference decoder (re-runs the whole context every token)")
@@ -114,9 +139,11 @@ examples:
                    help="a separately trained drafter checkpoint with the same tokenizer")
     s.add_argument("--shared-cache", action="store_true",
                    help="one KV cache for drafter and target (the target overwrites the draft's)")
-    s.add_argument("--draft-len", type=int, default=4, help="tokens drafted per round")
+    s.add_argument("--draft-len", type=POSITIVE_INT,
+                   help=f"tokens drafted per round (default: {DRAFT_LEN})")
     s.add_argument("--adaptive", action="store_true",
                    help="grow/shrink the draft length with the acceptance")
+    p.set_defaults(check_args=check_generate)
 
 
 def add_consistency(sub: argparse._SubParsersAction) -> None:
@@ -146,7 +173,6 @@ examples:
 def train(args: argparse.Namespace) -> Result:
     from .. import checkpoint as ckpt
     from .. import distributed as dist
-    from ..config import preset
     from ..data import absolute_spec, load_corpus, prepare_data
     from ..model import MatFormerLM
     from ..runs import check_new_run_dir, read_train_config
@@ -176,10 +202,7 @@ def train(args: argparse.Namespace) -> Result:
                 tokenizer.save(tokenizer_file)
             dist.barrier()
             tokenizer = Tokenizer.load(tokenizer_file)
-            over = model_overrides(args, ("activation", "n_kv_head"))
-            mcfg = preset(args.preset, vocab_size=tokenizer.vocab_size, **over)
-            if args.mode == "baseline":
-                mcfg = mcfg.dense(args.granularity)
+            mcfg = lm_model_config(args, tokenizer.vocab_size)
             seq_len = args.seq_len or mcfg.max_seq_len
             steps = args.steps
             if args.tokens:
@@ -288,6 +311,11 @@ def generate(args: argparse.Namespace) -> Result:
         dcfg = (draft_model or model).config
         draft: Any = args.draft
         if draft is not None and draft not in dcfg.names:
+            if not all(v.strip().isdigit() for v in draft.split(",")):
+                raise ValueError(f"--draft {draft!r} is not a granularity name of "
+                                 f"{args.draft_model or args.checkpoint} (it has "
+                                 f"{', '.join(dcfg.names)}) nor per-layer FFN widths "
+                                 "(integers separated by commas)")
             draft = parse_widths(draft, dcfg.n_layer)
         stats = SpecStats()
         pieces = ([t.tolist()] for t in speculative_stream(

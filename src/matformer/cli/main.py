@@ -9,25 +9,32 @@ command-line modules print; the library logs.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
+import os
 import sys
 
 import torch
 
 from . import lm as cli_lm
 from . import submodels as cli_submodels
+from .args import POSITIVE_INT, HelpFormatter, Parser
 from .common import EXAMPLES, Result
+
+log = logging.getLogger("matformer.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="matformer", formatter_class=argparse.RawDescriptionHelpFormatter,
+    parser = Parser(
+        prog="matformer", formatter_class=HelpFormatter,
         description="Nested Transformers for elastic inference: train one model, run any of "
         "its submodels (a width per layer).", epilog=EXAMPLES)
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    parser.add_argument("--threads", type=int, help="CPU threads for torch (default: all "
-                        "cores; 1 is often faster on a machine busy with other jobs)")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="debug logging, and the traceback of an error")
+    parser.add_argument("--threads", type=POSITIVE_INT, help="CPU threads for torch, for "
+                        "every command, latency measurements included (default: all cores; 1 "
+                        "is often faster on a machine busy with other jobs)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (cli_lm.add_train, cli_lm.add_eval, cli_lm.add_generate, cli_lm.add_consistency,
                 cli_submodels.add_mixnmatch, cli_submodels.add_extract,
@@ -70,24 +77,94 @@ COMMANDS = {"train": cli_lm.train, "eval": cli_lm.evaluate, "generate": cli_lm.g
             "import-hf": cli_submodels.import_hf, "vision": _vision}
 
 
+#: A hint after the system's words for the OS errors people meet most.
+_OS_HINTS = {errno.ENOSPC: "the disk is full: free some space and run again",
+             errno.EDQUOT: "the disk quota is exhausted",
+             errno.EACCES: "choose a path you may write to, or change its permissions",
+             errno.EROFS: "choose a path on a writable file system"}
+
+#: Errors caused by the input or the environment: one line on stderr and exit code 2.
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, KeyError)
+
+_PEER_FAILED = "stopped because another process of this run failed (see its error)"
+
+
+def describe_error(e: BaseException) -> str:
+    """One line for an error that reached the command line: what failed and on what."""
+    if isinstance(e, OSError) and e.strerror:
+        text = e.strerror
+        if e.filename is not None:
+            text = f"{e.filename}: {text}"
+            if e.filename2 is not None:
+                text = f"{e.filename} -> {e.filename2}: {e.strerror}"
+        hint = _OS_HINTS.get(e.errno or 0)
+        return f"{text} ({hint})" if hint else text
+    if isinstance(e, json.JSONDecodeError):
+        return f"a file this command read is not valid JSON ({e})"
+    if isinstance(e, KeyError):
+        what = repr(e.args[0]) if e.args else "an entry"
+        return (f"missing entry {what} in a file this command read (is the file complete and "
+                "written by matformer?)")
+    return str(e) or type(e).__name__
+
+
+def _peer_failed(e: BaseException) -> bool:
+    """Whether ``e`` is a collective that failed because another rank of the run stopped."""
+    if isinstance(e, getattr(torch.distributed, "DistError", ())):
+        return True
+    text = str(e)
+    return isinstance(e, RuntimeError | OSError) and any(s in text for s in (
+        "Connection closed by peer", "Connection reset by peer", "Broken pipe"))
+
+
+def _check_out(args: argparse.Namespace) -> None:
+    """Every ``--out`` names a directory: an existing file there is an error, not replaced."""
+    out = getattr(args, "out", None)
+    if out is not None and (out.exists() or out.is_symlink()) and not out.is_dir():
+        raise ValueError(f"--out {out} is an existing file; --out names a directory")
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``matformer`` console script."""
+    """Entry point of the ``matformer`` console script.
+
+    Returns (never raises SystemExit) 0 on success and after ``--help``, 2 for an error in the
+    input or the environment (a bad flag, a missing or unreadable file, a full disk): one
+    ``error: ...`` line on stderr (argparse's usage too, for a flag), its traceback
+    only with ``-v`` (logged at debug level). Under torchrun no rank shows a traceback when
+    one fails: the failing rank prints its error, and a rank whose collective broke because
+    of it says so and returns 1.
+    """
     torch.set_flush_denormal(True)  # fp32 denormals make CPU matmuls ~150x slower
-    args = build_parser().parse_args(argv)
+    try:  # argparse prints usage errors (flag and allowed range) itself, and --help
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else int(e.code is not None)
     if args.threads is not None:
-        if args.threads < 1:
-            print(f"error: --threads={args.threads} must be >= 1", file=sys.stderr)
-            return 2
         torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     from ..checkpoint import CheckpointError
 
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    who = f"rank {rank}: " if world > 1 else ""
     try:
+        _check_out(args)
+        if getattr(args, "check_args", None) is not None:
+            args.check_args(args)  # cross-flag rules of the command (set by its add_* function)
         _refuse_vision(args)
         result, text = COMMANDS[args.command](args)
-    except (ValueError, FileNotFoundError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if world > 1 and _peer_failed(e):
+            log.debug("traceback", exc_info=True)
+            print(f"error: {who}{_PEER_FAILED}", file=sys.stderr)
+            return 1
+        if not isinstance(e, (*USER_ERRORS, CheckpointError)):
+            raise  # a bug: its traceback is what a report needs
+        log.debug("traceback", exc_info=True)
+        print(f"error: {who}{describe_error(e)}", file=sys.stderr)
         return 2
     if result is not None:  # None: a non-main rank of a distributed run
         if getattr(args, "json", False):

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from .args import POSITIVE, SEED, Choices, check_latency_budgets, one_submodel
 from .common import (
     Result,
     add_command,
@@ -37,10 +38,10 @@ examples:
 
 def _add_budgets(p: argparse.ArgumentParser) -> None:
     b = p.add_argument_group("budget (pick the lowest-loss submodel that fits all given limits)")
-    b.add_argument("--max-params", type=float, help="total parameters")
-    b.add_argument("--max-flops", type=float, help="forward FLOPs per token")
-    b.add_argument("--max-latency-ms", type=float, help="measured prefill latency (ms)")
-    b.add_argument("--max-decode-ms", type=float, help="measured decode-step latency (ms)")
+    b.add_argument("--max-params", type=POSITIVE, help="total parameters, e.g. 3e6")
+    b.add_argument("--max-flops", type=POSITIVE, help="forward FLOPs per token")
+    b.add_argument("--max-latency-ms", type=POSITIVE, help="measured prefill latency (ms)")
+    b.add_argument("--max-decode-ms", type=POSITIVE, help="measured decode-step latency (ms)")
     b.add_argument("--sweep", type=Path, help="a stored mixnmatch.json (or its directory) to "
                    "pick from; default: evaluate the candidates that fit, now")
 
@@ -68,19 +69,38 @@ def add_mixnmatch(sub: argparse._SubParsersAction) -> None:
         "mixnmatch.png and mixnmatch.md, and optionally pick one for a budget.")
     p.add_argument("checkpoint", type=Path, help="checkpoint or run directory")
     p.add_argument("--out", type=Path, help="output directory (default: CHECKPOINT/mixnmatch)")
-    p.add_argument("--patterns", default="rule", help="comma-separated, from "
-                   f"{','.join(PATTERNS)} (default: rule; the others are ablations)")
+    p.add_argument("--patterns", type=Choices(PATTERNS), default="rule",
+                   help="candidate patterns (rule: the paper's; the others are ablations)")
     p.add_argument("--widths", action="append", default=[],
                    help="an extra candidate (repeatable): one int or one per layer")
     p.add_argument("--any-width", action="store_true", help="allow untrained widths")
     p.add_argument("--baselines", nargs="+", type=Path, default=[],
                    help="independently trained dense checkpoints to overlay")
     p.add_argument("--no-latency", action="store_true", help="skip latency measurement")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random pattern")
+    p.add_argument("--seed", type=SEED, default=0, help="seed of the random pattern")
     add_eval_data(p, batches=None)
     add_latency(p, prefill=True)
     _add_budgets(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(check_args=_check_mixnmatch)
+
+
+def _check_mixnmatch(args: argparse.Namespace) -> None:
+    """Cross-flag rules of ``mixnmatch``: no sweep flags with a stored ``--sweep``, and no
+    latency budget for a sweep that skips latency."""
+    if args.sweep:
+        given = [flag for flag, value in (("--out", args.out), ("--widths", args.widths),
+                                          ("--baselines", args.baselines),
+                                          ("--patterns", args.patterns != "rule"),
+                                          ("--data", args.data)) if value]
+        if given:
+            raise ValueError(f"--sweep reads a stored sweep; {', '.join(given)} would only "
+                             "apply to a new one (drop --sweep to run it)")
+        if not any(v is not None for v in _budgets(args).values()):
+            raise ValueError("--sweep needs a budget to pick with (--max-params, --max-flops, "
+                             "--max-latency-ms or --max-decode-ms)")
+    else:
+        check_latency_budgets(args)
 
 
 def add_extract(sub: argparse._SubParsersAction) -> None:
@@ -95,6 +115,18 @@ def add_extract(sub: argparse._SubParsersAction) -> None:
     add_eval_data(p, batches=20)
     add_latency(p, prefill=True)
     p.add_argument("--json", action="store_true")
+    p.set_defaults(check_args=_check_extract)
+
+
+def _check_extract(args: argparse.Namespace) -> None:
+    """Cross-flag rules of ``extract``: one submodel, given or picked for a budget."""
+    one_submodel(args)
+    budget = any(v is not None for v in _budgets(args).values())
+    if budget and (args.widths or args.granularity):
+        raise ValueError("give a submodel (--granularity/--widths) or a budget, not both")
+    if args.sweep and not budget:
+        raise ValueError("--sweep goes with a budget (--max-params, --max-flops, "
+                         "--max-latency-ms or --max-decode-ms)")
 
 
 def add_export_hf(sub: argparse._SubParsersAction) -> None:
@@ -113,6 +145,7 @@ def add_export_hf(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--check", action="store_true",
                    help="load the folder with transformers and compare logits with ours")
     p.add_argument("--json", action="store_true")
+    p.set_defaults(check_args=one_submodel)
 
 
 def add_import_hf(sub: argparse._SubParsersAction) -> None:

@@ -10,7 +10,20 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import Result, add_command, add_latency, add_training_args, floats
+from .args import (
+    NON_NEGATIVE_INT,
+    POSITIVE,
+    POSITIVE_INT,
+    POSITIVE_INTS,
+    RATIOS,
+    SEED,
+    Choices,
+    HelpFormatter,
+    Number,
+    check_latency_budgets,
+    names,
+)
+from .common import Result, add_command, add_latency, add_training_args
 
 EXAMPLES = """\
 examples:
@@ -27,13 +40,6 @@ examples:
 """
 
 
-def _ints(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected integers separated by commas") from e
-
-
 def _data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="'digits' or an image folder (default: the checkpoint's)")
     p.add_argument("--skip-unreadable", action="store_true",
@@ -48,7 +54,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     v = sub.add_parser("vision", help="MatViT: nested vision encoders (train, eval, retrieve, "
                        "mixnmatch)", epilog=EXAMPLES,
-                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       formatter_class=HelpFormatter,
                        description="Nested ViT encoders (arXiv 2310.07707, sec. 4.2): one set of weights, "
                        "classifiers and [CLS] embedders at every FFN width per layer.")
     vs = v.add_subparsers(dest="vision_command", required=True, metavar="VISION_COMMAND")
@@ -59,30 +65,37 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "granularity's width). Equal compute as in the paper: sample mode for 4X steps "
         "vs each of 4 baselines for X steps (joint mode: X steps).")
     p.add_argument("--out", required=True, type=Path, help="run directory (created)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out with its saved settings (flags other than "
+                   "--parallel, --device and --no-progress are ignored, with a warning)")
     p.add_argument("--data", default="digits", help="'digits' (scikit-learn's 8x8 digits, "
                    "embedded) or an image folder: one sub-folder of images per class")
-    p.add_argument("--val-fraction", type=float, default=0.2,
+    p.add_argument("--val-fraction", type=Number(float, low=0, high=1, low_open=True,
+                                                 high_open=True), default=0.2,
                    help="held out per class (stratified, deterministic)")
     p.add_argument("--skip-unreadable", action="store_true",
                    help="skip image files Pillow cannot read (default: stop with an error)")
-    p.add_argument("--max-shift", type=int,
+    p.add_argument("--max-shift", type=NON_NEGATIVE_INT,
                    help="augmentation: random shift of up to N pixels, 0 disables (default: "
                    "image size // 16, so none on 8x8 digits, where one pixel is 12%% of the "
                    "image and slowed learning in our runs; 2 at 32x32)")
     m = p.add_argument_group("model")
     m.add_argument("--preset", default="vit-digits", choices=sorted(VIT_PRESETS))
-    m.add_argument("--image-size", type=int, help="images are resized to this square size")
-    m.add_argument("--channels", type=int, choices=(1, 3))
-    m.add_argument("--patch-size", type=int)
+    m.add_argument("--image-size", type=POSITIVE_INT,
+                   help="images are resized to this square size (default: the preset's)")
+    m.add_argument("--channels", type=int, choices=(1, 3), help="default: the preset's")
+    m.add_argument("--patch-size", type=POSITIVE_INT, help="must divide --image-size")
     m.add_argument("--pos-embed", choices=POS_EMBEDS)
-    m.add_argument("--d-model", type=int, help="width (d_ff = 4 x d_model unless --d-ff)")
-    m.add_argument("--d-ff", type=int)
-    m.add_argument("--n-layer", type=int)
-    m.add_argument("--n-head", type=int)
+    m.add_argument("--d-model", type=POSITIVE_INT,
+                   help="width (d_ff = 4 x d_model unless --d-ff)")
+    m.add_argument("--d-ff", type=POSITIVE_INT, help="FFN width of the full model")
+    m.add_argument("--n-layer", type=POSITIVE_INT, help="Transformer blocks")
+    m.add_argument("--n-head", type=POSITIVE_INT, help="attention heads (must divide --d-model)")
     m.add_argument("--activation", choices=("swiglu", "gelu", "relu2"))
-    m.add_argument("--ratios", type=floats, help="granularities as fractions of d_ff")
-    m.add_argument("--names", help="granularity names, comma separated")
+    m.add_argument("--ratios", type=RATIOS, help="granularities as fractions of d_ff "
+                   "(default: 0.125,0.25,0.5,1)")
+    m.add_argument("--names", type=names, help="granularity names, comma separated (default "
+                   "S,M,L,XL; g0,g1,... with --ratios)")
     m.add_argument("--nest-heads", action="store_true", help="nest attention heads too")
     t = add_training_args(p, steps=2000, batch_size=64, weight_decay=0.05, eval_interval=250,
                           ckpt_interval=500, precision="fp32")  # tiny ViTs: bf16 was slower here (docs/vision.md)
@@ -117,7 +130,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="an extra MatViT query encoder (repeatable)")
     p.add_argument("--mixnmatch", action="store_true",
                    help="also every Mix'n'Match candidate of the paper's rule")
-    p.add_argument("--k", type=_ints, default=(1, 5, 10), help="recall@k (default 1,5,10)")
+    p.add_argument("--k", type=POSITIVE_INTS, default=(1, 5, 10), help="recall@k")
     p.add_argument("--no-latency", action="store_true", help="skip latency measurement")
     add_latency(p, prefill=False)
     p.add_argument("--out", type=Path, help="report directory (default: CHECKPOINT/retrieval)")
@@ -133,17 +146,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "accurate submodel under a budget.")
     p.add_argument("checkpoint", type=Path)
     p.add_argument("--out", type=Path, help="output directory (default: CHECKPOINT/mixnmatch)")
-    p.add_argument("--patterns", default="rule", help=f"comma-separated, from {PATTERNS}")
+    p.add_argument("--patterns", type=Choices(PATTERNS), default="rule",
+                   help="candidate patterns (rule: the paper's; the others are ablations)")
     p.add_argument("--widths", action="append", default=[], help="an extra candidate")
     p.add_argument("--any-width", action="store_true", help="allow untrained widths")
     p.add_argument("--baselines", nargs="+", type=Path, default=[], metavar="CKPT")
     p.add_argument("--no-latency", action="store_true")
     add_latency(p, prefill=False)
-    p.add_argument("--seed", type=int, default=0, help="seed of the random pattern")
-    p.add_argument("--max-params", type=float, help="budget: total parameters")
-    p.add_argument("--max-flops", type=float, help="budget: FLOPs per image")
-    p.add_argument("--max-latency-ms", type=float, help="budget: measured latency (ms)")
+    p.add_argument("--seed", type=SEED, default=0, help="seed of the random pattern")
+    p.add_argument("--max-params", type=POSITIVE, help="budget: total parameters")
+    p.add_argument("--max-flops", type=POSITIVE, help="budget: FLOPs per image")
+    p.add_argument("--max-latency-ms", type=POSITIVE, help="budget: measured latency (ms)")
     _data_args(p)
+    p.set_defaults(check_args=check_latency_budgets)
 
 
 def run(args: argparse.Namespace) -> Result:
