@@ -26,8 +26,45 @@ from .config import ModelConfig
 if TYPE_CHECKING:
     from .cache import KVCache
 
+
+class RowWidths:
+    """One submodel per batch row, for serving a mixed batch from one set of weights.
+
+    ``rows[b]`` is row ``b``'s per-layer FFN widths. Attention and every shared part run once
+    for the whole batch; each layer's FFN runs once per distinct width on the rows that use it
+    (prefix slices of the same matrices), so every row computes what it would compute alone.
+
+    Args:
+        rows: One width spec per row (anything :meth:`MatFormerLM.resolve_widths` accepts).
+    """
+
+    def __init__(self, rows: Sequence[WidthSpec]) -> None:
+        if not rows:
+            raise ValueError("RowWidths needs at least one row")
+        self.rows = tuple(rows)
+        self._groups: dict[tuple[torch.device, tuple[tuple[int, ...], ...]], list] = {}
+
+    def layer_groups(self, resolved: Sequence[tuple[int, ...]], device: torch.device
+                     ) -> list[int | list[tuple[Tensor, int]]]:
+        """Per layer: the width when every row shares it, else ``[(row indices, width), ...]``."""
+        key = (device, tuple(resolved))
+        if key not in self._groups:  # built once per batch composition, reused every step
+            layers: list[int | list[tuple[Tensor, int]]] = []
+            for i in range(len(resolved[0])):
+                by_width: dict[int, list[int]] = {}
+                for b, ws in enumerate(resolved):
+                    by_width.setdefault(ws[i], []).append(b)
+                if len(by_width) == 1:
+                    layers.append(next(iter(by_width)))
+                else:
+                    layers.append([(torch.tensor(rows, device=device), w)
+                                   for w, rows in by_width.items()])
+            self._groups[key] = layers
+        return self._groups[key]
+
+
 #: What callers may pass as ``widths``: None (full model), a granularity name or index, one int
-#: for every layer, or one int per layer.
+#: for every layer, one int per layer, or a :class:`RowWidths` (one submodel per batch row).
 WidthSpec = None | str | int | Sequence[int]
 
 
@@ -118,7 +155,14 @@ class NestedFFN(nn.Module):
         self.up_proj = nn.Linear(d_model, d_ff, bias=False)
         self.down_proj = nn.Linear(d_ff, d_model, bias=False)
 
-    def forward(self, x: Tensor, width: int | None = None) -> Tensor:
+    def forward(self, x: Tensor, width: int | list[tuple[Tensor, int]] | None = None) -> Tensor:
+        """FFN of the first ``width`` units; a list ``[(rows, width), ...]`` runs each group of
+        batch rows at its own width (a mixed-width batch, see :class:`RowWidths`)."""
+        if isinstance(width, list):
+            out = torch.empty_like(x)
+            for rows, w in width:
+                out.index_copy_(0, rows, self.forward(x.index_select(0, rows), w))
+            return out
         w = self.d_ff if width is None else width
         up = F.linear(x, self.up_proj.weight[:w])  # (B, T, w): a view, no copy
         if self.gate_proj is not None:
@@ -144,7 +188,8 @@ class Block(nn.Module):
         self.ffn = NestedFFN(cfg.d_model, d_ff, cfg.activation)
 
     def forward(self, x: Tensor, cos: Tensor | None, sin: Tensor | None,
-                width: int | None = None, n_head: int | None = None,
+                width: int | list[tuple[Tensor, int]] | None = None,
+                n_head: int | None = None,
                 cache: KVCache | None = None, layer: int = 0,
                 start_pos: int = 0, mask: Tensor | None = None) -> Tensor:
         x = x + self.attn(self.attn_norm(x), cos, sin, n_head, cache, layer, start_pos, mask)
@@ -239,7 +284,7 @@ class MatFormerLM(nn.Module):
         return counts
 
     # ----------------------------------------------------------------- forward
-    def forward(self, idx: Tensor, *, widths: WidthSpec = None,
+    def forward(self, idx: Tensor, *, widths: WidthSpec | RowWidths = None,
                 heads: str | int | Sequence[int] | None = None, cache: KVCache | None = None,
                 start_pos: int = 0) -> Tensor:
         """Logits (B, T, vocab) of the submodel given by ``widths`` (and ``heads``).
@@ -247,7 +292,7 @@ class MatFormerLM(nn.Module):
         Args:
             idx: Token ids (B, T), T <= max_seq_len.
             widths: None for the full model, a granularity name ("S"), one int for every layer
-                or one int per layer.
+                or one int per layer; or a :class:`RowWidths`, one submodel per row of ``idx``.
             heads: Attention heads per layer when heads are nested; a granularity name picks
                 that granularity's head count. None uses every head.
             cache: Incremental decoding: a :class:`~matformer.cache.KVCache` owned by the
@@ -259,7 +304,13 @@ class MatFormerLM(nn.Module):
         T = idx.shape[1]
         if T > self.config.max_seq_len:
             raise ValueError(f"sequence length {T} exceeds max_seq_len={self.config.max_seq_len}")
-        ws = self.resolve_widths(widths)
+        if isinstance(widths, RowWidths):
+            if len(widths.rows) != idx.shape[0]:
+                raise ValueError(f"RowWidths has {len(widths.rows)} rows; the batch has "
+                                 f"{idx.shape[0]}")
+            ws = widths.layer_groups([self.resolve_widths(w) for w in widths.rows], idx.device)
+        else:
+            ws = self.resolve_widths(widths)
         hs = self.resolve_heads(heads)
         mask = None
         if cache is None:
