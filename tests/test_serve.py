@@ -442,3 +442,16 @@ def test_api_key_busy_queue_and_graceful_shutdown(ckpt: tuple[Path, MatFormerLM]
         assert rest[-1]["usage"]["completion_tokens"] == 300
     finally:
         running.stop()
+
+
+def test_cli_refuses_an_open_host_without_a_key_and_nested_heads(
+        ckpt: tuple[Path, MatFormerLM], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from matformer.cli.main import main
+
+    assert main(["serve", str(ckpt[0]), "--host", "0.0.0.0"]) == 2
+    assert "--api-key" in capsys.readouterr().err
+    assert main(["serve", str(ckpt[0]), "--max-batch", "0"]) == 2
+    heads = tiny_model(vocab_size=257, n_head=4, nest_heads=True)
+    save_checkpoint(tmp_path / "heads", heads, Tokenizer.byte_level())
+    with pytest.raises(ValueError, match="nested attention heads"):
+        load_server(tmp_path / "heads", measure_latency=False)

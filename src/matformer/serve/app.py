@@ -53,6 +53,9 @@ class Server:
                  latency_target_ms: float | None = None, api_key: str | None = None) -> None:
         if not submodels:
             raise ValueError("no submodels to serve")
+        if model.config.nest_heads:  # rows of one batch would need their own head counts
+            raise ValueError("serving a model with nested attention heads (nest_heads) is not "
+                             "supported yet: its submodels differ in heads, not only FFN widths")
         self.model, self.tokenizer, self.api_key = model, tokenizer, api_key
         self.submodels = {s.name: s for s in submodels}
         levels = sorted(submodels, key=lambda s: s.params)

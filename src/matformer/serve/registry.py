@@ -110,7 +110,7 @@ def build_registry(model: MatFormerLM, run: str, sweep: dict[str, Any] | None = 
     return subs
 
 
-def with_measured_latency(model: MatFormerLM, subs: Sequence[Submodel], *, repeats: int = 3
+def with_measured_latency(model: MatFormerLM, subs: Sequence[Submodel], *, repeats: int = 5
                           ) -> list[Submodel]:
     """Measure batch-1 prefill/decode latency of the submodels that have none (interleaved)."""
     from ..submodels.latency import lm_latency
