@@ -33,6 +33,7 @@ class SlotCache(KVCache):
         self._rows = slice(0, 0)
         self._pos: Tensor | None = None
         self._end = 0
+        self._mask: Tensor | None = None
 
     def select(self, first: int, count: int, T: int) -> None:
         """Take slots ``first .. first + count - 1`` into the next forward of ``T`` tokens each:
@@ -44,6 +45,7 @@ class SlotCache(KVCache):
         if int(pos.max()) >= self.max_len:
             raise ValueError(f"a slot would pass the cache's {self.max_len} positions")
         self._rows, self._pos, self._end = rows, pos, int(pos.max()) + 1
+        self._mask: Tensor | None = None
 
     def advance(self) -> None:
         """Count the selected rows' tokens of the last forward as filled."""
@@ -63,14 +65,19 @@ class SlotCache(KVCache):
     # ----------------------------------------------------------------- used by the model
     def prepare(self, start_pos: int, T: int, rope_cos: Tensor, rope_sin: Tensor
                 ) -> tuple[Tensor, Tensor, Tensor]:
-        """Per-row rotary tables (B, 1, T, hd) and the mask (B, 1, T, end) of each row's own
-        history; ``start_pos`` is unused (each slot knows its position)."""
+        """Per-row rotary tables (B, 1, T, hd) and the additive mask (B, 1, T, end) of each
+        row's own history; ``start_pos`` is unused (each slot knows its position)."""
         pos = self._pos
         if pos is None or pos.shape[1] != T:
             raise ValueError(f"select() the slots for a {T}-token forward first")
-        keys = torch.arange(self._end, device=pos.device)
-        mask = keys[None, None, :] <= pos[:, :, None]  # (B, T, end)
-        return rope_cos[pos][:, None], rope_sin[pos][:, None], mask[:, None]
+        if self._mask is None:  # once per forward, not once per layer
+            keys = torch.arange(self._end, device=pos.device)
+            visible = keys[None, None, :] <= pos[:, :, None]  # (B, T, end)
+            # additive (0 / -inf) in the compute dtype: attention then skips a bool -> float
+            # conversion in every layer
+            mask = torch.zeros(visible.shape, dtype=rope_cos.dtype, device=pos.device)
+            self._mask = mask.masked_fill_(~visible, float("-inf"))[:, None]
+        return rope_cos[pos][:, None], rope_sin[pos][:, None], self._mask
 
     def update(self, layer: int, start_pos: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Write (B, kvh, T, hd) keys/values at each selected row's positions; return the rows'
