@@ -276,14 +276,15 @@ def plot(rows: list[dict[str, Any]], path: Path, target: float) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for model, style in (("demo-XL", "o-"), ("auto", "s-")):
+    for model, marker, color in (("demo-XL", "o", "tab:blue"), ("auto", "s", "tab:green")):
         pts = [(int(r["scenario"].split()[0]), r) for r in rows if r["model"] == "all"
                and r["scenario"].endswith(f"clients, {model}")]
         xs = [c for c, _ in pts]
-        axes[0].plot(xs, [r["tpot_p50"] for _, r in pts], style, label=f"{model} p50")
-        axes[0].plot(xs, [r["tpot_p95"] for _, r in pts], style, alpha=0.4, label=f"{model} p95")
-        axes[1].plot(xs, [r["lat_p50"] for _, r in pts], style, label=f"{model} p50")
-        axes[1].plot(xs, [r["lat_p95"] for _, r in pts], style, alpha=0.4, label=f"{model} p95")
+        for ax, key in ((axes[0], "tpot"), (axes[1], "lat")):
+            ax.plot(xs, [r[f"{key}_p50"] for _, r in pts], marker=marker, color=color,
+                    label=f"{model} p50")
+            ax.plot(xs, [r[f"{key}_p95"] for _, r in pts], marker=marker, color=color, alpha=0.35,
+                    ls="--", label=f"{model} p95")
     axes[0].axhline(target, color="gray", ls="--", lw=1, label="auto's target")
     for ax, title in zip(axes, ("time per output token (ms)", "request latency (ms)"),
                          strict=True):

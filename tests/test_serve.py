@@ -37,8 +37,9 @@ CONTEXT = 512  # long enough that a 400-token stream is still running when its c
 
 
 # ----------------------------------------------------------------------------- model level
-def test_row_widths_compute_each_row_alone() -> None:
-    model = tiny_model().eval()
+@pytest.mark.parametrize("activation", ["swiglu", "gelu", "relu2"])
+def test_row_widths_compute_each_row_alone(activation: str) -> None:
+    model = tiny_model(activation=activation).eval()
     x = random_tokens(4, 10)
     rows = ["S", "XL", (8, 64), "M"]
     with torch.no_grad():
