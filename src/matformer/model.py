@@ -208,8 +208,7 @@ class Block(nn.Module):
         self.ffn = NestedFFN(cfg.d_model, d_ff, cfg.activation)
 
     def forward(self, x: Tensor, cos: Tensor | None, sin: Tensor | None,
-                width: int | RowChunks | None = None,
-                n_head: int | None = None,
+                width: int | RowChunks | None = None, n_head: int | None = None,
                 cache: KVCache | None = None, layer: int = 0,
                 start_pos: int = 0, mask: Tensor | None = None) -> Tensor:
         x = x + self.attn(self.attn_norm(x), cos, sin, n_head, cache, layer, start_pos, mask)
