@@ -17,6 +17,7 @@ import pytest
 import torch
 from helpers import random_tokens, tiny_model
 
+from matformer.cache import KVCache
 from matformer.checkpoint import save_checkpoint
 from matformer.generate import generate
 from matformer.model import MatFormerLM, RowWidths
@@ -197,6 +198,41 @@ def test_scheduler_bounded_queue_and_cancel() -> None:
     assert sched.load == {"active": 0, "queued": 0}
     assert sched.metrics.get("requests_total", outcome="cancelled", submodel=sub.name) == 1
     assert sched.metrics.get("completion_tokens_total", submodel=sub.name) < 300
+
+
+def test_running_auto_requests_step_down_with_the_policy() -> None:
+    """An auto request steps down mid-stream and continues from the K/V the larger submodel
+    cached; a request for a named submodel never moves. Driven step by step, no thread."""
+    model = tiny_model(vocab_size=257, max_seq_len=CONTEXT).eval()
+    sched = _scheduler(model, max_batch=4)
+    xl = sched.policy.levels[-1]
+    got: dict[str, list[Event]] = {"auto": [], "xl": []}
+    auto = Request([1, 2, 3], 10, None, got["auto"].append, temperature=0, ignore_eos=True)
+    fixed = Request([4, 5], 10, xl, got["xl"].append, temperature=0, ignore_eos=True)
+    with torch.no_grad():
+        sched._prefill(auto)
+        sched._prefill(fixed)
+        sched._decode_step()
+        sched._decode_step()  # 3 tokens each, all at XL
+        sched.policy.level = 0  # overloaded: the policy stepped down to S
+        assert sched.step_down_auto() == 1
+        while sched._rows:
+            sched._decode_step()
+    assert got["auto"][-1].history == [("t-XL", 3), ("t-S", 7)]
+    assert got["auto"][-1].submodel.name == "t-S"
+    assert got["xl"][-1].history == [("t-XL", 10)]
+    cache = KVCache.for_model(model, 1, 16)  # the reference: XL for 3 tokens, then S
+    with torch.no_grad():
+        toks = [int(model(torch.tensor([[1, 2, 3]]), cache=cache)[0, -1].argmax())]
+        for pos in range(3, 12):
+            if len(toks) == 10:
+                break
+            w = "XL" if len(toks) < 3 else "S"
+            logits = model(torch.tensor([[toks[-1]]]), widths=w, cache=cache, start_pos=pos)
+            toks.append(int(logits[0, -1].argmax()))
+    text = "".join(e.text for e in got["auto"] if e.kind == "delta")
+    assert text == Tokenizer.byte_level().decode(toks)
+    assert sched.metrics.get("completion_tokens_total", submodel="t-S") == 7
 
 
 # ----------------------------------------------------------------------------- HTTP server

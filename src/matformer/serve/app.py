@@ -237,8 +237,8 @@ async def _generate(server: Server, body: P._Common, ids: list[int], *, chat: bo
         raise
     if ev.kind == "error":
         raise P.APIError(500, ev.text, type_="server_error")
-    return P.completion_body(rid, chat, answered, body.model, "".join(parts), ev.finish_reason,
-                             ev.usage)
+    return P.completion_body(rid, chat, ev.submodel, body.model, "".join(parts),
+                             ev.finish_reason, ev.usage, ev.history)
 
 
 async def _stream(req: GenRequest, events: asyncio.Queue[Event], rid: str, chat: bool,
@@ -258,8 +258,9 @@ async def _stream(req: GenRequest, events: asyncio.Queue[Event], rid: str, chat:
             if ev.kind == "delta":
                 yield sse(P.chunk_body(rid, chat, sub, body.model, ev.text))
             elif ev.kind == "done":
-                yield sse(P.chunk_body(rid, chat, sub, body.model, None if chat else "",
-                                       ev.finish_reason, ev.usage))
+                yield sse(P.chunk_body(rid, chat, ev.submodel, body.model,
+                                       None if chat else "", ev.finish_reason, ev.usage,
+                                       history=ev.history))
                 break
             else:
                 yield sse(P.APIError(500, ev.text, type_="server_error").body())

@@ -106,6 +106,8 @@ def server_metrics() -> Metrics:
                "between two tokens of a running request).", LATENCY_BUCKETS_S)
     m.describe("active_requests", "gauge", "Requests decoding now.")
     m.describe("queued_requests", "gauge", "Requests waiting for a slot.")
+    m.describe("auto_step_downs_total", "counter", "Running auto requests moved to a smaller "
+               "submodel.")
     m.describe("auto_level", "gauge", "Level of the auto policy (0 = cheapest submodel).")
     m.describe("auto_submodel", "gauge", "1 for the submodel auto requests get now.")
     return m

@@ -140,14 +140,21 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
-def submodel_info(sub: Submodel, requested: str) -> dict[str, Any]:
-    """Which submodel answered (an extension field in every response)."""
-    return {"name": sub.name, "requested": requested, "widths": list(sub.widths),
+def submodel_info(sub: Submodel, requested: str,
+                  history: list[tuple[str, int]] | None = None) -> dict[str, Any]:
+    """Which submodel answered (an extension field in every response); the final response
+    adds ``history``, the submodels in order with the tokens each generated (an ``auto``
+    request may step down while it runs)."""
+    info = {"name": sub.name, "requested": requested, "widths": list(sub.widths),
             "params": sub.params}
+    if history is not None:
+        info["history"] = [{"name": name, "tokens": n} for name, n in history]
+    return info
 
 
 def completion_body(rid: str, chat: bool, sub: Submodel, requested: str, text: str,
-                    finish: str | None, usage: dict[str, int] | None) -> dict[str, Any]:
+                    finish: str | None, usage: dict[str, int] | None,
+                    history: list[tuple[str, int]] | None = None) -> dict[str, Any]:
     """A whole (non-streamed) response."""
     choice: dict[str, Any] = ({"index": 0, "message": {"role": "assistant", "content": text},
                                "finish_reason": finish, "logprobs": None} if chat else
@@ -155,12 +162,13 @@ def completion_body(rid: str, chat: bool, sub: Submodel, requested: str, text: s
                                "logprobs": None})
     return {"id": rid, "object": "chat.completion" if chat else "text_completion",
             "created": int(time.time()), "model": sub.name, "choices": [choice],
-            "usage": usage, "submodel": submodel_info(sub, requested)}
+            "usage": usage, "submodel": submodel_info(sub, requested, history)}
 
 
 def chunk_body(rid: str, chat: bool, sub: Submodel, requested: str, text: str | None,
                finish: str | None = None, usage: dict[str, int] | None = None,
-               first: bool = False) -> dict[str, Any]:
+               first: bool = False, history: list[tuple[str, int]] | None = None
+               ) -> dict[str, Any]:
     """One server-sent event of a streamed response; the last one carries ``usage``."""
     if chat:
         delta: dict[str, Any] = {"role": "assistant"} if first else {}
@@ -172,7 +180,7 @@ def chunk_body(rid: str, chat: bool, sub: Submodel, requested: str, text: str | 
         choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
     body = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
             "created": int(time.time()), "model": sub.name, "choices": [choice],
-            "submodel": submodel_info(sub, requested)}
+            "submodel": submodel_info(sub, requested, history)}
     if usage is not None:
         body["usage"] = usage
     return body

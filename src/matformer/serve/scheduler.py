@@ -7,7 +7,11 @@ embeddings and the head once for the whole batch, each layer's FFN once per dist
 the rows that use it (:class:`~matformer.model.RowWidths`). Requests join and leave between
 steps; a finished or cancelled request frees its slot at once (the last slot moves into the
 hole so active rows stay packed). ``auto`` requests get the submodel the
-:class:`~matformer.serve.policy.AutoPolicy` picks from the queue and the step time.
+:class:`~matformer.serve.policy.AutoPolicy` picks from the queue and the step time, and when the
+policy steps down, running ``auto`` requests step down with it at the next token: the cached
+K/V do not depend on FFN width, so the smaller submodel continues from them (as the nested
+drafter does with a shared cache in speculative decoding). A batch is only as cheap as its
+widest row, so this is what lets ``auto`` relieve an overloaded batch at once.
 
 Requests talk back through a callback (``emit``) that must be thread-safe; the HTTP layer
 turns it into an asyncio queue.
@@ -54,6 +58,9 @@ class Event:
     finish_reason: str | None = None
     usage: dict[str, int] | None = None
     submodel: Submodel | None = None
+    #: ``done`` only: ``(submodel name, tokens it generated)`` in order; more than one entry
+    #: when an ``auto`` request stepped down while it ran.
+    history: list[tuple[str, int]] | None = None
 
 
 @dataclass
@@ -99,6 +106,7 @@ class _Row:
     tokens: list[int] = field(default_factory=list)
     sent: int = 0  # characters of the decoded text already emitted
     first_token_at: float | None = None
+    history: list[list] = field(default_factory=list)  # [submodel name, tokens] per switch
 
 
 class Scheduler:
@@ -206,8 +214,27 @@ class Scheduler:
             self.metrics.observe("step_seconds", self._step_ms / 1e3)
             self.metrics.set("active_requests", len(self._rows))
             if self.policy is not None:
-                self.policy.observe(waiting, self._step_ms)
+                before = self.policy.level
+                if self.policy.observe(waiting, self._step_ms) < before:
+                    self.step_down_auto()
                 self._report_policy()
+
+    def step_down_auto(self) -> int:
+        """Move running ``auto`` requests to the policy's choice when it is smaller; returns
+        how many moved (they take effect at the next decode step)."""
+        moved = 0
+        for row in self._rows:
+            if row.req.submodel is not None:
+                continue
+            new = self.policy.choose(row.req.latency_budget_ms)
+            if new.params < row.sub.params:
+                row.sub = new
+                row.history.append([new.name, 0])
+                moved += 1
+        if moved:
+            self._row_widths = None
+            self.metrics.inc("auto_step_downs_total", moved)
+        return moved
 
     def _report_policy(self) -> None:
         if self.policy is None:
@@ -219,7 +246,7 @@ class Scheduler:
     def _prefill(self, req: Request) -> None:
         sub = req.submodel or self.policy.choose(req.latency_budget_ms)
         seed = req.seed if req.seed is not None else secrets.randbits(63)
-        row = _Row(req, sub, torch.Generator().manual_seed(seed))
+        row = _Row(req, sub, torch.Generator().manual_seed(seed), history=[[sub.name, 0]])
         slot = len(self._rows)
         self.cache.clear(slot)
         self.cache.select(slot, 1, len(req.prompt))
@@ -268,6 +295,7 @@ class Scheduler:
             self.metrics.observe("time_to_first_token_seconds",
                                  row.first_token_at - req.arrived, submodel=row.sub.name)
         row.tokens.append(tok)
+        row.history[-1][1] += 1
         if tok == self.tokenizer.eos_id and not req.ignore_eos:
             self._finish(row, "stop", text=self._text(row, drop_last=True))
             return
@@ -301,10 +329,13 @@ class Scheduler:
             req.emit(Event("delta", text=text[row.sent:]))
         usage = {"prompt_tokens": len(req.prompt), "completion_tokens": len(row.tokens),
                  "total_tokens": len(req.prompt) + len(row.tokens)}
+        history = [(name, n) for name, n in row.history]
         req.emit(Event("error", text=error, submodel=sub) if error is not None else
-                 Event("done", finish_reason=reason, usage=usage, submodel=sub))
+                 Event("done", finish_reason=reason, usage=usage, submodel=sub,
+                       history=history))
         self.metrics.inc("requests_total", outcome=reason, submodel=sub.name)
-        self.metrics.inc("completion_tokens_total", len(row.tokens), submodel=sub.name)
+        for name, n in history:
+            self.metrics.inc("completion_tokens_total", n, submodel=name)
         self.metrics.observe("request_latency_seconds", time.perf_counter() - req.arrived,
                              submodel=sub.name)
         self._remove(row)
@@ -312,7 +343,8 @@ class Scheduler:
     def _drop_cancelled(self) -> None:
         for row in [r for r in self._rows if r.req.cancelled.is_set()]:
             self.metrics.inc("requests_total", outcome="cancelled", submodel=row.sub.name)
-            self.metrics.inc("completion_tokens_total", len(row.tokens), submodel=row.sub.name)
+            for name, n in row.history:
+                self.metrics.inc("completion_tokens_total", n, submodel=name)
             self._remove(row)
 
     def _remove(self, row: _Row) -> None:
