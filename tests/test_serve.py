@@ -235,6 +235,27 @@ def test_running_auto_requests_step_down_with_the_policy() -> None:
     assert sched.metrics.get("completion_tokens_total", submodel="t-S") == 7
 
 
+def test_a_failing_request_gets_an_error_and_the_scheduler_goes_on() -> None:
+    model = tiny_model(vocab_size=257).eval()
+    sched = _scheduler(model, max_batch=2)
+    broken = Submodel("broken", (999, 999), 0, "granularity", "?")  # widths out of range
+    got: list[Event] = []
+    done = threading.Event()
+
+    def emit(ev: Event) -> None:
+        got.append(ev)
+        if ev.kind == "done":
+            done.set()
+
+    sched.submit(Request([1, 2], 4, broken, got.append))
+    sched.submit(Request([1, 2], 4, sched.policy.levels[0], emit, temperature=0))
+    sched.start()
+    assert done.wait(60)
+    assert sched.shutdown(60)
+    assert got[0].kind == "error" and "out of range" in got[0].text
+    assert got[-1].kind == "done" and got[-1].usage["completion_tokens"] == 4
+
+
 # ----------------------------------------------------------------------------- HTTP server
 def _free_port() -> int:
     with socket.socket() as s:

@@ -183,6 +183,7 @@ class Scheduler:
 
     # ----------------------------------------------------------------- the loop
     def _loop(self) -> None:
+        torch.set_flush_denormal(True)  # per thread: fp32 denormals make CPU matmuls crawl
         while True:
             with self._cond:
                 while not self._queue and not self._rows and not self._stopping:
@@ -198,18 +199,18 @@ class Scheduler:
                 waiting = len(self._queue)
                 self.metrics.set("queued_requests", waiting)
             t0 = time.perf_counter()
-            try:
-                with torch.no_grad():
-                    for req in admit:
-                        if not req.cancelled.is_set():
-                            self._prefill(req)
-                    self._drop_cancelled()
+            with torch.no_grad():
+                for req in admit:
+                    if not req.cancelled.is_set():
+                        self._admit(req)
+                self._drop_cancelled()
+                try:
                     if self._rows:
                         self._decode_step()
-            except Exception as e:  # never let one bad step kill the server
-                log.exception("scheduler step failed")
-                for row in list(self._rows):
-                    self._finish(row, "error", error=f"internal error: {e}")
+                except Exception as e:  # never let one bad step kill the server
+                    log.exception("decode step failed")
+                    for row in list(self._rows):
+                        self._finish(row, "error", error=f"internal error: {e}")
             self._step_ms = (time.perf_counter() - t0) * 1e3
             self.metrics.observe("step_seconds", self._step_ms / 1e3)
             self.metrics.set("active_requests", len(self._rows))
@@ -242,6 +243,19 @@ class Scheduler:
         self.metrics.set("auto_level", self.policy.level)
         for i, sub in enumerate(self.policy.levels):
             self.metrics.set("auto_submodel", float(i == self.policy.level), submodel=sub.name)
+
+    def _admit(self, req: Request) -> None:
+        """Prefill a request into a free slot; a failure answers that request alone."""
+        n = len(self._rows)
+        try:
+            self._prefill(req)
+        except Exception as e:
+            log.exception("prefill failed")
+            if len(self._rows) > n:  # it got its slot before failing: free it
+                self._finish(self._rows[-1], "error", error=f"internal error: {e}")
+            else:
+                self.metrics.inc("rejected_total", reason="error")
+                req.emit(Event("error", text=f"internal error: {e}"))
 
     def _prefill(self, req: Request) -> None:
         sub = req.submodel or self.policy.choose(req.latency_budget_ms)
