@@ -26,8 +26,56 @@ from .config import ModelConfig
 if TYPE_CHECKING:
     from .cache import KVCache
 
+
+class RowWidths:
+    """One submodel per batch row, for serving a mixed batch from one set of weights.
+
+    ``rows[b]`` is row ``b``'s per-layer FFN widths. Attention and every shared part run once
+    for the whole batch. Because widths are prefixes, a layer's FFN runs in chunks of hidden
+    units: units ``0..u1`` for every row, ``u1..u2`` for the rows at least ``u2`` wide, and so
+    on (rows ordered widest first, so each chunk's rows are a leading slice). Every weight is
+    read once, as for the widest row alone, and every row does the work of its own width; each
+    row computes what it would compute alone (up to float summation order).
+
+    Args:
+        rows: One width spec per row (anything :meth:`MatFormerLM.resolve_widths` accepts).
+    """
+
+    def __init__(self, rows: Sequence[WidthSpec]) -> None:
+        if not rows:
+            raise ValueError("RowWidths needs at least one row")
+        self.rows = tuple(rows)
+        self._plans: dict[tuple[torch.device, tuple[tuple[int, ...], ...]], list] = {}
+
+    def layer_plans(self, resolved: Sequence[tuple[int, ...]], device: torch.device
+                    ) -> list[int | RowChunks]:
+        """Per layer: the width when every row shares it, else a :data:`RowChunks` plan."""
+        key = (device, tuple(resolved))
+        if key not in self._plans:  # built once per batch composition, reused every step
+            layers: list[int | RowChunks] = []
+            for i in range(len(resolved[0])):
+                ws = [r[i] for r in resolved]
+                if len(set(ws)) == 1:
+                    layers.append(ws[0])
+                    continue
+                order = sorted(range(len(ws)), key=lambda b: -ws[b])  # widest first
+                perm = (None if order == list(range(len(ws)))
+                        else torch.tensor(order, device=device))
+                units = sorted(set(ws))
+                chunks = [(lo, hi, sum(w >= hi for w in ws))
+                          for lo, hi in zip([0, *units[:-1]], units, strict=True)]
+                layers.append((perm, chunks))
+            self._plans[key] = layers
+        return self._plans[key]
+
+
+#: A mixed-width FFN plan: an optional row permutation (widest rows first) and chunks
+#: ``(lo, hi, n)``: hidden units ``lo..hi-1`` apply to the first ``n`` (permuted) rows.
+RowChunks = tuple[Tensor | None, list[tuple[int, int, int]]]
+
+
 #: What callers may pass as ``widths``: None (full model), a granularity name or index, one int
-#: for every layer, or one int per layer.
+#: for every layer, one int per layer, or a :class:`RowWidths` (one submodel per batch row).
 WidthSpec = None | str | int | Sequence[int]
 
 
@@ -118,16 +166,32 @@ class NestedFFN(nn.Module):
         self.up_proj = nn.Linear(d_model, d_ff, bias=False)
         self.down_proj = nn.Linear(d_ff, d_model, bias=False)
 
-    def forward(self, x: Tensor, width: int | None = None) -> Tensor:
-        w = self.d_ff if width is None else width
-        up = F.linear(x, self.up_proj.weight[:w])  # (B, T, w): a view, no copy
+    def forward(self, x: Tensor, width: int | RowChunks | None = None) -> Tensor:
+        """FFN of the first ``width`` units; a :data:`RowChunks` plan runs each batch row at
+        its own width (a mixed-width batch, see :class:`RowWidths`)."""
+        if isinstance(width, tuple):
+            return self._forward_rows(x, *width)
+        return self._units(x, 0, self.d_ff if width is None else width)
+
+    def _units(self, x: Tensor, lo: int, hi: int) -> Tensor:
+        """The contribution of hidden units ``lo..hi-1`` (views of the weights, no copy)."""
+        up = F.linear(x, self.up_proj.weight[lo:hi])  # (B, T, hi - lo)
         if self.gate_proj is not None:
-            hidden = F.silu(F.linear(x, self.gate_proj.weight[:w])) * up
+            hidden = F.silu(F.linear(x, self.gate_proj.weight[lo:hi])) * up
         elif self.activation == "gelu":
             hidden = F.gelu(up)
         else:  # relu2: squared ReLU
             hidden = F.relu(up).square()
-        return F.linear(hidden, self.down_proj.weight[:, :w])  # (B, T, C)
+        return F.linear(hidden, self.down_proj.weight[:, lo:hi])  # (B, T, C)
+
+    def _forward_rows(self, x: Tensor, perm: Tensor | None,
+                      chunks: list[tuple[int, int, int]]) -> Tensor:
+        if perm is not None:
+            x = x.index_select(0, perm)
+        out = self._units(x, *chunks[0][:2])  # the narrowest width: every row
+        for lo, hi, n in chunks[1:]:
+            out[:n] += self._units(x[:n], lo, hi)
+        return out if perm is None else torch.empty_like(out).index_copy_(0, perm, out)
 
 
 class Block(nn.Module):
@@ -144,7 +208,7 @@ class Block(nn.Module):
         self.ffn = NestedFFN(cfg.d_model, d_ff, cfg.activation)
 
     def forward(self, x: Tensor, cos: Tensor | None, sin: Tensor | None,
-                width: int | None = None, n_head: int | None = None,
+                width: int | RowChunks | None = None, n_head: int | None = None,
                 cache: KVCache | None = None, layer: int = 0,
                 start_pos: int = 0, mask: Tensor | None = None) -> Tensor:
         x = x + self.attn(self.attn_norm(x), cos, sin, n_head, cache, layer, start_pos, mask)
@@ -239,7 +303,7 @@ class MatFormerLM(nn.Module):
         return counts
 
     # ----------------------------------------------------------------- forward
-    def forward(self, idx: Tensor, *, widths: WidthSpec = None,
+    def forward(self, idx: Tensor, *, widths: WidthSpec | RowWidths = None,
                 heads: str | int | Sequence[int] | None = None, cache: KVCache | None = None,
                 start_pos: int = 0) -> Tensor:
         """Logits (B, T, vocab) of the submodel given by ``widths`` (and ``heads``).
@@ -247,7 +311,7 @@ class MatFormerLM(nn.Module):
         Args:
             idx: Token ids (B, T), T <= max_seq_len.
             widths: None for the full model, a granularity name ("S"), one int for every layer
-                or one int per layer.
+                or one int per layer; or a :class:`RowWidths`, one submodel per row of ``idx``.
             heads: Attention heads per layer when heads are nested; a granularity name picks
                 that granularity's head count. None uses every head.
             cache: Incremental decoding: a :class:`~matformer.cache.KVCache` owned by the
@@ -259,7 +323,13 @@ class MatFormerLM(nn.Module):
         T = idx.shape[1]
         if T > self.config.max_seq_len:
             raise ValueError(f"sequence length {T} exceeds max_seq_len={self.config.max_seq_len}")
-        ws = self.resolve_widths(widths)
+        if isinstance(widths, RowWidths):
+            if len(widths.rows) != idx.shape[0]:
+                raise ValueError(f"RowWidths has {len(widths.rows)} rows; the batch has "
+                                 f"{idx.shape[0]}")
+            ws = widths.layer_plans([self.resolve_widths(w) for w in widths.rows], idx.device)
+        else:
+            ws = self.resolve_widths(widths)
         hs = self.resolve_heads(heads)
         mask = None
         if cache is None:

@@ -1,0 +1,378 @@
+"""Continuous batching of requests for different submodels over one set of weights.
+
+One thread owns the model and a :class:`~matformer.serve.cache.SlotCache`. Each iteration it
+admits waiting requests into free slots (one prefill forward each, at the request's own
+widths), then runs *one* decode forward for every active row together: attention, norms,
+embeddings and the head once for the whole batch, each layer's FFN once per distinct width on
+the rows that use it (:class:`~matformer.model.RowWidths`). Requests join and leave between
+steps; a finished or cancelled request frees its slot at once (the last slot moves into the
+hole so active rows stay packed). ``auto`` requests get the submodel the
+:class:`~matformer.serve.policy.AutoPolicy` picks from the queue and the step time, and when the
+policy steps down, running ``auto`` requests step down with it at the next token: the cached
+K/V do not depend on FFN width, so the smaller submodel continues from them (as the nested
+drafter does with a shared cache in speculative decoding). A batch is only as cheap as its
+widest row, so this is what lets ``auto`` relieve an overloaded batch at once.
+
+Requests talk back through a callback (``emit``) that must be thread-safe; the HTTP layer
+turns it into an asyncio queue.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import secrets
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..generate import sample_next
+from ..model import MatFormerLM, RowWidths
+from ..tokenizer import Tokenizer
+from .cache import SlotCache
+from .metrics import Metrics, server_metrics
+from .policy import AutoPolicy
+from .registry import Submodel
+
+log = logging.getLogger(__name__)
+
+
+class QueueFull(RuntimeError):
+    """The waiting queue is at its bound (HTTP 429)."""
+
+
+class ShuttingDown(RuntimeError):
+    """The server is draining and takes no new requests (HTTP 503)."""
+
+
+@dataclass
+class Event:
+    """What the scheduler reports to a request: ``delta`` (new text), ``done`` or ``error``."""
+
+    kind: str
+    text: str = ""
+    finish_reason: str | None = None
+    usage: dict[str, int] | None = None
+    submodel: Submodel | None = None
+    #: ``done`` only: ``(submodel name, tokens it generated)`` in order; more than one entry
+    #: when an ``auto`` request stepped down while it ran.
+    history: list[tuple[str, int]] | None = None
+
+
+@dataclass
+class Request:
+    """One generation request, validated by the caller.
+
+    Attributes:
+        prompt: Token ids (at least one); prompt + max_tokens must fit the context.
+        max_tokens: Most tokens to generate (>= 1).
+        submodel: What to run, or None for ``auto``.
+        emit: Thread-safe sink for :class:`Event` s.
+        temperature, top_p, seed: Sampling (temperature 0 is greedy).
+        stop: Strings that end the completion (not included in it).
+        ignore_eos: Keep generating past the end-of-text token (benchmarks).
+        latency_budget_ms: ``auto`` only: per-token latency the chosen submodel must meet.
+    """
+
+    prompt: list[int]
+    max_tokens: int
+    submodel: Submodel | None
+    emit: Callable[[Event], None]
+    temperature: float = 1.0
+    top_p: float | None = None
+    seed: int | None = None
+    stop: Sequence[str] = ()
+    ignore_eos: bool = False
+    latency_budget_ms: float | None = None
+    arrived: float = field(default_factory=time.perf_counter)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def cancel(self) -> None:
+        """Ask the scheduler to drop this request (a client that went away)."""
+        self.cancelled.set()
+
+
+@dataclass
+class _Row:
+    """A request occupying a slot: what it generated and what it has sent."""
+
+    req: Request
+    sub: Submodel
+    gen: torch.Generator
+    tokens: list[int] = field(default_factory=list)
+    sent: int = 0  # characters of the decoded text already emitted
+    first_token_at: float | None = None
+    history: list[list] = field(default_factory=list)  # [submodel name, tokens] per switch
+
+
+class Scheduler:
+    """The batching loop (see the module docstring). ``start()``, ``submit()``, ``shutdown()``.
+
+    Args:
+        model: The one model; put in eval mode, never copied.
+        tokenizer: Its tokenizer (detokenising, stop strings, end-of-text).
+        policy: The ``auto`` policy, or None to refuse ``auto``.
+        max_batch: Slots decoded together.
+        max_queue: Requests that may wait for a slot; more are refused (:class:`QueueFull`).
+        metrics: Where to count; a fresh :func:`server_metrics` when None.
+    """
+
+    def __init__(self, model: MatFormerLM, tokenizer: Tokenizer, *,
+                 policy: AutoPolicy | None = None, max_batch: int = 8, max_queue: int = 64,
+                 metrics: Metrics | None = None) -> None:
+        if max_batch < 1 or max_queue < 0:
+            raise ValueError(f"max_batch={max_batch} must be >= 1 and max_queue={max_queue} "
+                             ">= 0")
+        self.model, self.tokenizer, self.policy = model.eval(), tokenizer, policy
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self.metrics = metrics or server_metrics()
+        self.cache = SlotCache.for_model(model, max_batch)
+        self._queue: collections.deque[Request] = collections.deque()
+        self._rows: list[_Row] = []
+        self._row_widths: RowWidths | None = None
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._step_ms: float | None = None
+        self._report_policy()
+
+    # ----------------------------------------------------------------- control
+    def start(self) -> None:
+        """Start the scheduler thread."""
+        self._thread = threading.Thread(target=self._loop, name="matformer-scheduler",
+                                        daemon=True)
+        self._thread.start()
+
+    def submit(self, req: Request) -> None:
+        """Queue a request; raises QueueFull or ShuttingDown instead of waiting."""
+        with self._cond:
+            if self._stopping:
+                self.metrics.inc("rejected_total", reason="shutting_down")
+                raise ShuttingDown("the server is shutting down")
+            free = self.max_batch - len(self._rows)
+            if len(self._queue) >= self.max_queue + max(0, free):
+                self.metrics.inc("rejected_total", reason="queue_full")
+                raise QueueFull(f"{len(self._queue)} requests are waiting (--queue "
+                                f"{self.max_queue}); retry later")
+            self._queue.append(req)
+            self.metrics.set("queued_requests", len(self._queue))
+            self._cond.notify()
+
+    def shutdown(self, timeout: float | None = None) -> bool:
+        """Stop taking requests, finish every running and waiting one, stop the thread.
+
+        Returns True when the thread ended within ``timeout`` seconds.
+        """
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            return not self._thread.is_alive()
+        return True
+
+    @property
+    def load(self) -> dict[str, int]:
+        """Active and queued request counts."""
+        with self._cond:
+            return {"active": len(self._rows), "queued": len(self._queue)}
+
+    # ----------------------------------------------------------------- the loop
+    def _loop(self) -> None:
+        torch.set_flush_denormal(True)  # per thread: fp32 denormals make CPU matmuls crawl
+        while True:
+            with self._cond:
+                while not self._queue and not self._rows and not self._stopping:
+                    if self.policy is not None:
+                        self.policy.idle()
+                        self._report_policy()
+                    self._cond.wait()
+                if self._stopping and not self._queue and not self._rows:
+                    return
+                admit = []
+                while self._queue and len(self._rows) + len(admit) < self.max_batch:
+                    admit.append(self._queue.popleft())
+                waiting = len(self._queue)
+                self.metrics.set("queued_requests", waiting)
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                for req in admit:
+                    if not req.cancelled.is_set():
+                        self._admit(req)
+                self._drop_cancelled()
+                try:
+                    if self._rows:
+                        self._decode_step()
+                except Exception as e:  # never let one bad step kill the server
+                    log.exception("decode step failed")
+                    for row in list(self._rows):
+                        self._finish(row, "error", error=f"internal error: {e}")
+            self._step_ms = (time.perf_counter() - t0) * 1e3
+            self.metrics.observe("step_seconds", self._step_ms / 1e3)
+            self.metrics.set("active_requests", len(self._rows))
+            if self.policy is not None:
+                before = self.policy.level
+                if self.policy.observe(waiting, self._step_ms) < before:
+                    self.step_down_auto()
+                self._report_policy()
+
+    def step_down_auto(self) -> int:
+        """Move running ``auto`` requests to the policy's choice when it is smaller; returns
+        how many moved (they take effect at the next decode step)."""
+        moved = 0
+        for row in self._rows:
+            if row.req.submodel is not None:
+                continue
+            new = self.policy.choose(row.req.latency_budget_ms)
+            if new.params < row.sub.params:
+                row.sub = new
+                row.history.append([new.name, 0])
+                moved += 1
+        if moved:
+            self._row_widths = None
+            self.metrics.inc("auto_step_downs_total", moved)
+        return moved
+
+    def _report_policy(self) -> None:
+        if self.policy is None:
+            return
+        self.metrics.set("auto_level", self.policy.level)
+        for i, sub in enumerate(self.policy.levels):
+            self.metrics.set("auto_submodel", float(i == self.policy.level), submodel=sub.name)
+
+    def _admit(self, req: Request) -> None:
+        """Prefill a request into a free slot; a failure answers that request alone."""
+        n = len(self._rows)
+        try:
+            self._prefill(req)
+        except Exception as e:
+            log.exception("prefill failed")
+            if len(self._rows) > n:  # it got its slot before failing: free it
+                self._finish(self._rows[-1], "error", error=f"internal error: {e}")
+            else:
+                self.metrics.inc("rejected_total", reason="error")
+                req.emit(Event("error", text=f"internal error: {e}"))
+
+    def _prefill(self, req: Request) -> None:
+        sub = req.submodel or self.policy.choose(req.latency_budget_ms)
+        seed = req.seed if req.seed is not None else secrets.randbits(63)
+        row = _Row(req, sub, torch.Generator().manual_seed(seed), history=[[sub.name, 0]])
+        slot = len(self._rows)
+        self.cache.clear(slot)
+        self.cache.select(slot, 1, len(req.prompt))
+        ids = torch.tensor([req.prompt], dtype=torch.long, device=self.cache.k.device)
+        logits = self.model(ids, widths=sub.widths, cache=self.cache)[:, -1]
+        self.cache.advance()
+        self._rows.append(row)
+        self._row_widths = None
+        self.metrics.inc("prompt_tokens_total", len(req.prompt), submodel=sub.name)
+        req.emit(Event("start", submodel=sub))
+        self._take(row, self._sample([row], logits)[0])
+
+    def _decode_step(self) -> None:
+        n = len(self._rows)
+        if self._row_widths is None:  # the batch changed: regroup rows by width
+            self._row_widths = RowWidths([r.sub.widths for r in self._rows])
+        self.cache.select(0, n, 1)
+        ids = torch.tensor([[r.tokens[-1]] for r in self._rows], dtype=torch.long,
+                           device=self.cache.k.device)
+        logits = self.model(ids, widths=self._row_widths, cache=self.cache)[:, -1]
+        self.cache.advance()
+        self.metrics.observe("batch_size", n)
+        for row, tok in zip(list(self._rows), self._sample(self._rows, logits), strict=True):
+            self._take(row, tok)
+
+    def _sample(self, rows: Sequence[_Row], logits: torch.Tensor) -> list[int]:
+        """One token per row with that request's own sampling settings and generator."""
+        greedy = logits.argmax(-1).tolist()
+        out = []
+        for b, row in enumerate(rows):
+            r = row.req
+            if r.temperature == 0:
+                out.append(greedy[b])
+            else:
+                out.append(int(sample_next(logits[b:b + 1], temperature=r.temperature,
+                                           top_p=r.top_p, generator=row.gen)[0]))
+        return out
+
+    # ----------------------------------------------------------------- tokens -> text
+    def _take(self, row: _Row, tok: int) -> None:
+        """Record a sampled token; emit the text that can no longer be part of a stop string;
+        finish the row on end-of-text, a stop string or max_tokens."""
+        req = row.req
+        if row.first_token_at is None:
+            row.first_token_at = time.perf_counter()
+            self.metrics.observe("time_to_first_token_seconds",
+                                 row.first_token_at - req.arrived, submodel=row.sub.name)
+        row.tokens.append(tok)
+        row.history[-1][1] += 1
+        if tok == self.tokenizer.eos_id and not req.ignore_eos:
+            self._finish(row, "stop", text=self._text(row, drop_last=True))
+            return
+        text = self._text(row)
+        cut = min((i for i in (text.find(s, max(0, row.sent - len(s) + 1)) for s in req.stop)
+                   if i >= 0), default=-1)
+        if cut >= 0:
+            self._finish(row, "stop", text=text[:cut])
+            return
+        if len(row.tokens) >= req.max_tokens:
+            self._finish(row, "length", text=text)
+            return
+        safe = len(text.rstrip("\ufffd"))  # an incomplete UTF-8 sequence: wait for the rest
+        hold = 0
+        for s in req.stop:  # hold back a tail that may grow into a stop string
+            hold = max([hold] + [k for k in range(1, min(len(s), safe + 1))
+                                 if text[safe - k:safe] == s[:k]])
+        safe -= hold
+        if safe > row.sent:
+            req.emit(Event("delta", text=text[row.sent:safe]))
+            row.sent = safe
+
+    def _text(self, row: _Row, drop_last: bool = False) -> str:
+        return self.tokenizer.decode(row.tokens[:-1] if drop_last else row.tokens)
+
+    def _finish(self, row: _Row, reason: str, *, text: str = "", error: str | None = None
+                ) -> None:
+        """Emit the rest of the text and the final event; free the row's slot."""
+        req, sub = row.req, row.sub
+        if error is None and len(text) > row.sent:
+            req.emit(Event("delta", text=text[row.sent:]))
+        usage = {"prompt_tokens": len(req.prompt), "completion_tokens": len(row.tokens),
+                 "total_tokens": len(req.prompt) + len(row.tokens)}
+        history = [(name, n) for name, n in row.history]
+        req.emit(Event("error", text=error, submodel=sub) if error is not None else
+                 Event("done", finish_reason=reason, usage=usage, submodel=sub,
+                       history=history))
+        self.metrics.inc("requests_total", outcome=reason, submodel=sub.name)
+        for name, n in history:
+            self.metrics.inc("completion_tokens_total", n, submodel=name)
+        self.metrics.observe("request_latency_seconds", time.perf_counter() - req.arrived,
+                             submodel=sub.name)
+        self._remove(row)
+
+    def _drop_cancelled(self) -> None:
+        for row in [r for r in self._rows if r.req.cancelled.is_set()]:
+            self.metrics.inc("requests_total", outcome="cancelled", submodel=row.sub.name)
+            for name, n in row.history:
+                self.metrics.inc("completion_tokens_total", n, submodel=name)
+            self._remove(row)
+
+    def _remove(self, row: _Row) -> None:
+        i, last = self._rows.index(row), len(self._rows) - 1
+        if i != last:  # keep the active slots packed: the last one moves into the hole
+            self.cache.move(last, i)
+            self._rows[i] = self._rows[last]
+        self._rows.pop()
+        self.cache.clear(last)
+        self._row_widths = None
+
+    def stats(self) -> dict[str, Any]:
+        """A snapshot for ``/health``."""
+        load = self.load
+        return {**load, "max_batch": self.max_batch, "max_queue": self.max_queue,
+                "step_ms": self._step_ms,
+                "auto": None if self.policy is None else self.policy.current.name}
