@@ -11,6 +11,7 @@ import logging
 import sys
 from pathlib import Path
 
+from .args import POSITIVE, POSITIVE_INT, Number
 from .common import Result, add_command
 
 EXAMPLES = """\
@@ -35,14 +36,15 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("checkpoint", type=Path, help="checkpoint or run directory")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default loopback; anything else needs --api-key)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=Number(int, low=0, high=65535), default=8000,
+                   help="TCP port (0: any free port)")
     p.add_argument("--sweep", type=Path, help="mixnmatch.json (or its directory): serve its "
                    "Pareto-front Mix'n'Match configs too, with its measured latency")
     p.add_argument("--name", help="prefix of the submodel names (default: the run's name)")
-    p.add_argument("--max-batch", type=int, default=8, help="requests decoded together")
-    p.add_argument("--queue", type=int, default=64,
+    p.add_argument("--max-batch", type=POSITIVE_INT, default=8, help="requests decoded together")
+    p.add_argument("--queue", type=POSITIVE_INT, default=64,
                    help="requests that may wait for a slot; more get HTTP 429")
-    p.add_argument("--latency-target-ms", type=float,
+    p.add_argument("--latency-target-ms", type=POSITIVE,
                    help="per-token latency `auto` keeps (default: follow the queue only)")
     p.add_argument("--api-key", help="require `Authorization: Bearer KEY` on /v1/*")
     p.add_argument("--no-measure", action="store_true",
