@@ -52,6 +52,7 @@ class Variant:
     params: int  # parameters the step's forward pass uses (all of them for joint)
     train_flops_per_token: int  # ~3x forward FLOPs, summed over granularities for joint
     times: list[float] = field(default_factory=list)
+    warmup_times: list[float] = field(default_factory=list)  # the first one holds compiling
     losses: list[float] = field(default_factory=list)  # loss of every step, timed or not
 
     @property
@@ -117,6 +118,12 @@ def build_variants(cfg: ModelConfig, args: argparse.Namespace, data: TokenDatase
         model.train()
         return Trainer(model, task, TrainConfig(**common, **kw), run_dir, progress=False)
 
+    def compiled(v: Variant) -> Variant:
+        cfg_v = v.trainer.raw.config
+        kw = dict(mode=v.trainer.cfg.mode, probs=v.trainer.cfg.probs, compile=True)
+        return Variant(f"{v.label} +compile", v.kind, v.granularity, trainer(cfg_v, **kw),
+                       v.params, v.train_flops_per_token)
+
     def flops(widths: tuple[int, ...]) -> int:
         return 3 * cfg.flops_per_token(widths, args.seq_len)
 
@@ -134,6 +141,8 @@ def build_variants(cfg: ModelConfig, args: argparse.Namespace, data: TokenDatase
         variants.append(Variant(f"dense {name}", "dense", name,
                                 trainer(dense_cfg, mode="baseline"),
                                 dense_cfg.num_params(), flops(dense_cfg.ffn_dims)))
+    if args.compile:  # compiled twins of the nested sample steps (one graph per granularity)
+        variants += [compiled(v) for v in variants if v.kind == "sample"]
     return variants
 
 
@@ -157,8 +166,7 @@ def run_rounds(variants: list[Variant], rounds: int, timed: bool, first_round: i
         shift = (first_round + r) % n  # rotate the order so no variant always runs first
         for v in variants[shift:] + variants[:shift]:
             t = run_step(v)
-            if timed:
-                v.times.append(t)
+            (v.times if timed else v.warmup_times).append(t)
         phase = "round" if timed else "warm-up round"
         print(f"  {phase} {r + 1}/{rounds} done ({time.strftime('%H:%M:%S')}, "
               f"load {loadavg()})", file=sys.stderr, flush=True)
@@ -181,6 +189,8 @@ def compute_ratios(by: dict[str, Variant], names: tuple[str, ...]) -> list[dict]
                   [f"dense {n}" for n in names]))
     specs.append((f"joint / sample@{top}", ["joint"], [f"sample@{top}"]))
     specs.append((f"dense {top} / dense {names[0]}", [f"dense {top}"], [f"dense {names[0]}"]))
+    specs += [(f"sample@{n} +compile / sample@{n}", [f"sample@{n} +compile"], [f"sample@{n}"])
+              for n in names if f"sample@{n} +compile" in by]
     for label, num, den in specs:
         of_medians = sum(by[k].median for k in num) / sum(by[k].median for k in den)
         of_minimums = sum(min(by[k].times) for k in num) / sum(min(by[k].times) for k in den)
@@ -231,6 +241,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads (default: torch's choice, usually all cores); "
                    "1 is far less noisy when other jobs share the cores")
+    p.add_argument("--compile", action="store_true",
+                   help="also time torch.compile'd sample steps (compile time reported apart)")
     p.add_argument("--json", metavar="PATH", help="also write raw times and ratios to PATH")
     args = p.parse_args(argv)
     if args.repeats < 1 or args.warmup < 0 or (args.threads is not None and args.threads < 1):
@@ -285,6 +297,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"loadavg at end: {machine['loadavg_end']}; benchmark loop took {wall:.0f} s")
     print()
     print(markdown(variants, ratios, tokens_per_step))
+    print()
+    for v in variants:
+        if v.label.endswith("+compile") and v.warmup_times:
+            eager = by[v.label.removesuffix(" +compile")]
+            print(f"{v.label}: first step {v.warmup_times[0]:.1f} s (compiling) vs "
+                  f"{eager.warmup_times[0]:.2f} s eager; break-even after "
+                  f"{(v.warmup_times[0] - eager.median) / max(eager.median - v.median, 1e-9):.0f} "
+                  "steps" if v.median < eager.median else
+                  f"{v.label}: first step {v.warmup_times[0]:.1f} s (compiling); no speed-up")
     print()
     print("s/step and ratios are medians over rounds; tokens/s = batch tokens / median step "
           "time (joint trains each token at every granularity); model GFLOP/s counts "

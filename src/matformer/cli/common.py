@@ -94,6 +94,9 @@ def add_training_args(p: argparse.ArgumentParser, *, steps: int, batch_size: int
                    help="bf16 autocast or fp32; compare their speed on your machine with "
                    "benchmarks/train_throughput.py --precision")
     t.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    t.add_argument("--compile", action="store_true",
+                   help="torch.compile forward + loss (one graph per granularity, compiled on "
+                   "its first step); measure it with benchmarks/train_throughput.py --compile")
     t.add_argument("--parallel", choices=("none", "ddp", "fsdp"),
                    help="data parallelism when launched by torchrun with several processes "
                    "(default ddp; may be changed on --resume, as may the number of processes)")
@@ -188,4 +191,4 @@ def train_config(args: argparse.Namespace, config_cls: Any, *, steps: int, **ext
         weight_decay=args.weight_decay, grad_clip=args.grad_clip, probs=args.probs,
         loss_weights=args.loss_weights, eval_interval=args.eval_interval,
         ckpt_interval=args.ckpt_interval, seed=args.seed, precision=args.precision,
-        parallel=args.parallel or "ddp", **extra)
+        parallel=args.parallel or "ddp", compile=args.compile, **extra)
