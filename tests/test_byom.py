@@ -146,6 +146,7 @@ def test_parse_int_list():
     assert parse_int_list("[8] * 2 + [16] * 3") == [8, 8, 16, 16, 16]
     assert parse_int_list("1, 2,3") == [1, 2, 3]
     assert parse_int_list("(4096 // 2,)") == [2048]
+    assert parse_int_list("[200_000 * 2]") == [400_000]
     assert parse_int_list("") == parse_int_list("[]") == []
     for bad in ("__import__('os').system('true')", "[1] * 10**9", "[1.5]", "[[1]]", "x",
                 "[1] * 1_000_000", "'a' * 3", "[1, 2"):

@@ -8,6 +8,7 @@ or make a pretrained dense Llama-family model elastic. Each command returns ``(r
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 from typing import Any
 
@@ -134,6 +135,9 @@ def slice_hf(args: argparse.Namespace) -> Result:
     from ..submodels.gemma3n import SlicePlan, slice_hf
 
     widths, skip = _slice_spec(args)
+    if args.check and "text_config" in json.loads((args.src / "config.json").read_text()):
+        raise ValueError("--check builds the models with transformers: it supports text "
+                         "checkpoints (the multimodal one needs the vision tower's timm)")
     info = slice_hf(args.src, args.dst, widths, skip)
     text = (f"wrote {info['out']}: {info['num_hidden_layers']} layers (skipped "
             f"{info['skipped_layers'] or 'none'}), num_kv_shared_layers "

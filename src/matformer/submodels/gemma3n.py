@@ -204,7 +204,7 @@ def _value(node: ast.AST, text: str) -> int | list[int]:
         kinds = (isinstance(a, int), isinstance(b, int))
         if kinds == (True, True) or (isinstance(node.op, ast.Add) and kinds == (False, False)) \
                 or (isinstance(node.op, ast.Mult) and kinds in ((True, False), (False, True))):
-            if isinstance(node.op, ast.Mult) and max(a if kinds[0] else b, 0) > 100_000:
+            if kinds in ((True, False), (False, True)) and (a if kinds[0] else b) > 100_000:
                 raise ValueError(f"{text!r}: list repetition too large")
             return _BINOPS[type(node.op)](a, b)
     raise ValueError(f"{text!r}: only integers, lists, + - * // and parentheses are allowed "
@@ -356,6 +356,8 @@ def slice_hf(src: str | Path, dst: str | Path, widths: Sequence[int],
                 weight_map[name] = fname
                 total += t.numel() * t.element_size()
                 params += t.numel()
+            if not out:  # every tensor of this shard belonged to skipped layers
+                continue
             save_file(out, str(tmp / fname), metadata={"format": "pt"})
             log.info("wrote %s (%d tensors)", fname, len(out))
             del out

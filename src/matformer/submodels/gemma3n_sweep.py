@@ -208,12 +208,11 @@ def gemma3n_sweep(model: nn.Module, batches: Sequence[tuple[Tensor, Tensor]],
                   progress: bool = True) -> list[Row]:
     """Loss, parameters and (optionally) measured prefill latency of every candidate slice,
     evaluated in place; rows as :func:`matformer.submodels.sweep.sweep` makes them."""
-    text = text_model(model).config
+    text = text_model(model).config.to_dict()
     for c in cands:  # refuse a candidate that breaks a slicing rule before evaluating any
         plan = SlicePlan.from_layer_widths(c.widths)
-        plan_slice(text.to_dict(), plan.widths, plan.skip)
+        plan_slice(text, plan.widths, plan.skip)
     model.eval()
-    space_model = _Space(model, space)
 
     def score(m: nn.Module, widths: Any) -> Row:
         with in_place(model, widths):
@@ -246,17 +245,16 @@ def gemma3n_sweep(model: nn.Module, batches: Sequence[tuple[Tensor, Tensor]],
                         "prefill_ms_q3": s["q3"]})
         return out
 
-    return sweep(space_model, cands, score, cost, objective=LM_OBJECTIVE,
+    return sweep(_Space(space), cands, score, cost, objective=LM_OBJECTIVE,
                  timer=timer if latency else None, progress=progress)
 
 
 class _Space(nn.Module):
     """What the shared sweep sees as "the model": its ``config`` is the slice space."""
 
-    def __init__(self, model: nn.Module, space: SliceSpace) -> None:
+    def __init__(self, space: SliceSpace) -> None:
         super().__init__()
         self.config = space
-        self.hf = [model]  # a list: not registered as a submodule
 
 
 # ----------------------------------------------------------------------------- folders
