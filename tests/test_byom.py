@@ -255,6 +255,16 @@ def test_sweep_hf_picks_and_writes_a_slice(gemma, tmp_path, capsys):
                                      if r["params"] <= 300_000)
     sliced = _load(tmp_path / "picked")
     assert sum(p.numel() for p in sliced.model.parameters()) == chosen["params"]
+    # pick again from the stored sweep, without evaluating anything
+    rc = main(["sweep-hf", str(one), "--sweep", str(tmp_path / "sweep"), "--max-params",
+               "200000", "--slice-to", str(tmp_path / "again"), "--json"])
+    again = json.loads(capsys.readouterr().out)["selected"]
+    assert rc == 0 and again["params"] <= 200_000 < chosen["params"]
+    assert json.loads((tmp_path / "again" / "matformer_slice.json").read_text())[
+        "skipped_layers"] == [i for i, w in enumerate(again["widths"]) if w == 0]
+    assert main(["sweep-hf", str(one), "--sweep", str(tmp_path / "sweep"), "--slice-to",
+                 str(tmp_path / "x")]) == 2
+    assert "needs a budget" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- elastify

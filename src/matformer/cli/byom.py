@@ -63,9 +63,11 @@ def add_sweep_hf(sub: argparse._SubParsersAction) -> None:
         "mixnmatch.json/.png/.md with the Pareto fronts; with a budget pick the best slice, and "
         "with --slice-to write it.")
     p.add_argument("src", type=Path, help="Gemma 3n folder")
-    p.add_argument("--data", required=True, help="your text: a file, directory, glob or an "
-                   "embedded corpus name")
-    p.add_argument("--out", type=Path, required=True, help="report directory")
+    p.add_argument("--data", help="your text: a file, directory, glob or an embedded corpus "
+                   "name (required unless --sweep)")
+    p.add_argument("--out", type=Path, help="report directory (required unless --sweep)")
+    p.add_argument("--sweep", type=Path, help="pick from this stored mixnmatch.json (or its "
+                   "directory) instead of sweeping again")
     p.add_argument("--ratios", type=floats, default=(0.5, 0.625, 0.75, 0.875, 1.0),
                    help="uniform FFN fractions to try (default 0.5,0.625,0.75,0.875,1)")
     p.add_argument("--no-mixed", action="store_true",
@@ -171,8 +173,9 @@ def _table_candidates(path: Path, n_layers: int) -> tuple[list[tuple[str, list[i
     return out, skipped
 
 
-def sweep_hf(args: argparse.Namespace) -> Result:
-    from ..submodels.gemma3n import SlicePlan, parse_int_list, slice_hf
+def _sweep(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:
+    """Run the in-place sweep the flags describe; the result and its text lines."""
+    from ..submodels.gemma3n import parse_int_list
     from ..submodels.gemma3n_sweep import (
         SliceSpace,
         gemma3n_sweep,
@@ -182,8 +185,9 @@ def sweep_hf(args: argparse.Namespace) -> Result:
     )
     from ..submodels.latency import settings
     from ..submodels.report import markdown_table, write_report
-    from ..submodels.sweep import select
 
+    if not (args.data and args.out):
+        raise ValueError("sweep-hf needs --data and --out (or --sweep to pick from a stored one)")
     model = load_gemma3n(args.src, args.dtype)
     ratios = tuple(sorted(set(args.ratios)))
     space = SliceSpace.of(model, ratios)
@@ -204,15 +208,27 @@ def sweep_hf(args: argparse.Namespace) -> Result:
         "candidates": rows, "table_rows_not_fitting": unfit}
     result["files"] = {k: str(v) for k, v in write_report(
         result, args.out, title="Gemma 3n slice sweep").items()}
-    budgets = {"max_params": args.max_params, "max_flops": args.max_flops,
-               "max_latency_ms": args.max_latency_ms}
     lines = [markdown_table(rows), f"{len(rows)} slices on {result['val_tokens']:,} tokens of "
              f"{args.data}; wrote {', '.join(result['files'].values())}"]
     if unfit:
         lines.append(f"table rows for another layer count, not tried: {unfit}")
+    return result, lines
+
+
+def sweep_hf(args: argparse.Namespace) -> Result:
+    from ..submodels.gemma3n import SlicePlan, slice_hf
+    from ..submodels.report import load_sweep
+    from ..submodels.sweep import select
+
+    budgets = {"max_params": args.max_params, "max_flops": args.max_flops,
+               "max_latency_ms": args.max_latency_ms}
+    if args.slice_to and all(v is None for v in budgets.values()):
+        raise ValueError("--slice-to needs a budget (--max-params, --max-flops or "
+                         "--max-latency-ms) to pick the slice")
+    result, lines = (load_sweep(args.sweep), []) if args.sweep else _sweep(args)
     chosen = None
     if any(v is not None for v in budgets.values()):
-        chosen = select(rows, **budgets)
+        chosen = select(result["candidates"], **budgets)
         plan = SlicePlan.from_layer_widths(chosen["widths"])
         lines.append(f"best under the budget: {chosen['name']}: {chosen['params'] / 1e6:.3f}M "
                      f"params, val loss {chosen['val_loss']:.4f}; widths {list(plan.widths)}, "
@@ -221,9 +237,6 @@ def sweep_hf(args: argparse.Namespace) -> Result:
             info = slice_hf(args.src, args.slice_to, plan.widths, plan.skip)
             result["slice"] = info
             lines.append(f"wrote {info['out']}")
-    elif args.slice_to:
-        raise ValueError("--slice-to needs a budget (--max-params, --max-flops or "
-                         "--max-latency-ms) to pick the slice")
     result["selected"] = chosen
     return result, "\n".join(lines)
 
