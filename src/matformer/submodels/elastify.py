@@ -24,7 +24,7 @@ import json
 import logging
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +33,10 @@ from torch import Tensor
 from ..config import DEFAULT_NAMES, DEFAULT_RATIOS
 from ..metrics import evaluate_granularities
 from ..model import MatFormerLM, autocast
+
+if TYPE_CHECKING:
+    from ..distributed import DistEnv
+    from ..train import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -138,11 +142,12 @@ def write_report(run_dir: str | Path, report: dict[str, Any]) -> Path:
     return path
 
 
-def elastify(folder: str | Path, run_dir: str | Path, cfg: Any, *, reorder: bool = True,
+def elastify(folder: str | Path, run_dir: str | Path, cfg: TrainConfig, *,
+             reorder: bool = True,
              train: bool = True,
              calib_batches: int = 8, ratios: Sequence[float] = DEFAULT_RATIOS,
              names: Sequence[str] = DEFAULT_NAMES, eval_batches: int = 20,
-             progress: bool = True, env: Any = None) -> dict[str, Any]:
+             progress: bool = True, env: DistEnv | None = None) -> dict[str, Any]:
     """Import the Hugging Face folder ``folder``, optionally reorder its FFN units, give it the
     granularities ``ratios``/``names`` and train it per ``cfg`` (a TrainConfig; ``sample`` mode is
     the recipe) into ``run_dir``. Returns (and stores as ``elastify.json``) the validation loss
