@@ -195,7 +195,7 @@ def check_training(args: argparse.Namespace, *, parser: argparse.ArgumentParser,
     Raises:
         ValueError: naming the flags in conflict.
     """
-    if args.resume:
+    if getattr(args, "resume", False):  # commands without --resume (elastify)
         ignored = [max(a.option_strings, key=len) for a in parser._actions
                    if a.option_strings and a.dest not in RESUME_FLAGS
                    and getattr(args, a.dest) != a.default]

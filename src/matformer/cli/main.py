@@ -17,6 +17,7 @@ import sys
 
 import torch
 
+from . import byom as cli_byom
 from . import lm as cli_lm
 from . import serve as cli_serve
 from . import submodels as cli_submodels
@@ -39,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (cli_lm.add_train, cli_lm.add_eval, cli_lm.add_generate, cli_lm.add_consistency,
                 cli_submodels.add_mixnmatch, cli_submodels.add_extract,
-                cli_submodels.add_export_hf, cli_submodels.add_import_hf, cli_serve.add_serve):
+                cli_submodels.add_export_hf, cli_submodels.add_import_hf, cli_serve.add_serve,
+                cli_byom.add_parsers):
         add(sub)
     _add_vision(sub)
     return parser
@@ -75,7 +77,8 @@ def _refuse_vision(args: argparse.Namespace) -> None:
 COMMANDS = {"train": cli_lm.train, "eval": cli_lm.evaluate, "generate": cli_lm.generate,
             "consistency": cli_lm.consistency, "mixnmatch": cli_submodels.mixnmatch,
             "extract": cli_submodels.extract, "export-hf": cli_submodels.export_hf,
-            "import-hf": cli_submodels.import_hf, "vision": _vision, "serve": cli_serve.serve}
+            "import-hf": cli_submodels.import_hf, "vision": _vision, "serve": cli_serve.serve,
+            **cli_byom.COMMANDS}
 
 
 #: A hint after the system's words for the OS errors people meet most.

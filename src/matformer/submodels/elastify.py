@@ -1,0 +1,200 @@
+"""Make a pretrained dense model elastic: import it, order its FFN units, train its prefixes.
+
+A dense Llama-family model (imported with :func:`matformer.submodels.hf.import_hf`) already is a
+MatFormer with one granularity; its prefixes just were never trained to work alone. Two steps
+fix that (the paper, arXiv 2310.07707 sec. 4.2.2, induces elasticity in a pretrained ViT by
+fine-tuning it this way):
+
+1. **Reorder** (optional): score each FFN hidden unit by its mean contribution on calibration
+   text, ``E|h_i| * ||W_down[:, i]||``, and permute the units (rows of ``gate``/``up``, columns
+   of ``down``) so the most important come first. A permutation of hidden units is
+   function-preserving: the full model's logits do not change, but a prefix now keeps the units
+   that matter most.
+2. **Train** in ``sample`` mode (one granularity per step) on the user's data with the ordinary
+   :class:`~matformer.train.Trainer`, so every granularity becomes good.
+
+The run directory holds ordinary checkpoints, so every command (eval, mixnmatch, extract,
+export-hf, generate ...) works on the result. ``elastify.json`` in it records the validation
+loss of every granularity by naive prefix slicing, after reordering and after training.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..config import DEFAULT_NAMES, DEFAULT_RATIOS
+from ..metrics import evaluate_granularities
+from ..model import MatFormerLM, autocast
+
+if TYPE_CHECKING:
+    from ..distributed import DistEnv
+    from ..train import TrainConfig
+
+log = logging.getLogger(__name__)
+
+REPORT = "elastify.json"
+
+
+def _hidden(ffn: torch.nn.Module, x: Tensor) -> Tensor:
+    """The FFN's hidden activations (..., d_ff) for its input ``x``."""
+    up = F.linear(x, ffn.up_proj.weight)
+    if ffn.gate_proj is not None:
+        return F.silu(F.linear(x, ffn.gate_proj.weight)) * up
+    return F.gelu(up) if ffn.activation == "gelu" else F.relu(up).square()
+
+
+@torch.no_grad()
+def unit_importance(model: MatFormerLM, batches: Iterable[tuple[Tensor, Tensor]], *,
+                    precision: str = "fp32") -> list[Tensor]:
+    """Per layer, each FFN unit's mean contribution ``E|h_i| * ||W_down[:, i]||`` (full model)."""
+    sums = [torch.zeros(b.ffn.d_ff, dtype=torch.float64) for b in model.blocks]
+    count = 0
+
+    def hook(i: int) -> Any:
+        def fn(module: torch.nn.Module, args: tuple[Any, ...], out: Tensor) -> None:
+            h = _hidden(module, args[0]).float().abs()
+            sums[i].add_(h.flatten(0, -2).sum(0).double().cpu())
+        return fn
+
+    handles = [b.ffn.register_forward_hook(hook(i)) for i, b in enumerate(model.blocks)]
+    was = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    try:
+        for x, _ in batches:
+            with autocast(precision, device):
+                model(x.to(device))
+            count += x.numel()
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was)
+    if count == 0:
+        raise ValueError("no calibration batches")
+    return [(s / count).float() * b.ffn.down_proj.weight.detach().float().norm(dim=0).cpu()
+            for s, b in zip(sums, model.blocks, strict=True)]
+
+
+@torch.no_grad()
+def permute_units(model: MatFormerLM, orders: Sequence[Tensor]) -> None:
+    """Reorder every layer's FFN hidden units in place: unit ``orders[l][k]`` moves to ``k``.
+    The model computes the same function (up to float rounding)."""
+    for block, order in zip(model.blocks, orders, strict=True):
+        ffn = block.ffn
+        order = order.to(ffn.up_proj.weight.device)
+        if sorted(order.tolist()) != list(range(ffn.d_ff)):
+            raise ValueError(f"not a permutation of {ffn.d_ff} units")
+        for lin in (ffn.gate_proj, ffn.up_proj):
+            if lin is not None:
+                lin.weight.copy_(lin.weight[order])
+        ffn.down_proj.weight.copy_(ffn.down_proj.weight[:, order])
+
+
+def reorder_by_importance(model: MatFormerLM, batches: Iterable[tuple[Tensor, Tensor]], *,
+                          precision: str = "fp32") -> dict[str, Any]:
+    """Put each layer's most important FFN units first (see :func:`unit_importance`).
+
+    Returns facts: per layer, the share of total importance the first half of the units held
+    before and after the reordering.
+    """
+    scores = unit_importance(model, batches, precision=precision)
+    orders = [torch.argsort(s, descending=True, stable=True) for s in scores]
+    permute_units(model, orders)
+
+    def half(s: Tensor) -> float:
+        return float(s[: len(s) // 2].sum() / s.sum().clamp_min(1e-30))
+
+    return {"first_half_share_before": [round(half(s), 4) for s in scores],
+            "first_half_share_after": [round(half(s[o]), 4) for s, o in
+                                       zip(scores, orders, strict=True)]}
+
+
+def make_elastic(model: MatFormerLM, ratios: Sequence[float] = DEFAULT_RATIOS,
+                 names: Sequence[str] = DEFAULT_NAMES) -> MatFormerLM:
+    """The same weights (copied) under a config with the given granularities: a new model."""
+    from ..checkpoint import materialize
+
+    cfg = model.config.replace(ratios=tuple(ratios), names=tuple(names), nest_heads=False)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return materialize(MatFormerLM, cfg, state)
+
+
+def losses(model: MatFormerLM, batches: Sequence[tuple[Tensor, Tensor]], *,
+           precision: str = "fp32") -> dict[str, float]:
+    """Validation loss of every granularity of ``model`` (rounded for reports)."""
+    return {k: round(v, 4) for k, v in
+            evaluate_granularities(model, batches, precision=precision).items()}
+
+
+def write_report(run_dir: str | Path, report: dict[str, Any]) -> Path:
+    """Store the elastify facts beside the run's checkpoints."""
+    path = Path(run_dir) / REPORT
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    return path
+
+
+def elastify(folder: str | Path, run_dir: str | Path, cfg: TrainConfig, *,
+             reorder: bool = True,
+             train: bool = True,
+             calib_batches: int = 8, ratios: Sequence[float] = DEFAULT_RATIOS,
+             names: Sequence[str] = DEFAULT_NAMES, eval_batches: int = 20,
+             progress: bool = True, env: DistEnv | None = None) -> dict[str, Any]:
+    """Import the Hugging Face folder ``folder``, optionally reorder its FFN units, give it the
+    granularities ``ratios``/``names`` and train it per ``cfg`` (a TrainConfig; ``sample`` mode is
+    the recipe) into ``run_dir``. Returns (and stores as ``elastify.json``) the validation loss
+    of every granularity at each stage: ``naive`` prefix slicing, ``reordered``, ``elastified``.
+
+    With ``train=False`` nothing is trained (``cfg`` then only gives data, batch size, context
+    and seed): the (reordered) model is saved as a checkpoint as it is.
+    """
+    from .. import checkpoint as ckpt
+    from .. import distributed as dist
+    from ..data import prepare_data
+    from ..train import LMTask, run
+    from .hf import import_hf
+
+    run_dir = Path(run_dir)
+    if (run_dir / ckpt.LATEST).exists() or (run_dir / ckpt.CONFIG).exists():
+        raise ValueError(f"{run_dir} already holds a run or checkpoint; choose another --out")
+    dense, tokenizer = import_hf(folder)
+    model = make_elastic(dense, ratios, names)
+    del dense
+    data = prepare_data(cfg.data, tokenizer, val_fraction=cfg.val_fraction)
+    seq_len = cfg.seq_len or model.config.max_seq_len
+    task = LMTask(data, tokenizer, seq_len)
+    task.check(model.config)
+    val = list(data.val_batches(cfg.batch_size, seq_len, eval_batches))
+    report: dict[str, Any] = {
+        "source": str(folder), "data": cfg.data, "ratios": list(ratios), "names": list(names),
+        "widths": {n: model.config.ffn_widths(n)[0] for n in names}, "seq_len": seq_len,
+        "val_tokens": sum(y.numel() for _, y in val), "naive": losses(model, val)}
+    log.info("naive prefix slicing: %s", report["naive"])
+    if reorder:
+        calib = [data.train_batch(i, cfg.batch_size, seq_len, cfg.seed + 7919)
+                 for i in range(calib_batches)]
+        report["reorder"] = {"calibration_tokens": sum(x.numel() for x, _ in calib),
+                             **reorder_by_importance(model, calib)}
+        report["reordered"] = losses(model, val)
+        log.info("after reordering: %s", report["reordered"])
+    if train:
+        env = env or dist.DistEnv()
+        trainer, _, _, seconds = run(model, task, cfg, run_dir, env, progress=progress)
+        model = dist.unwrap(trainer.model)
+        report |= {"steps": trainer.step, "train_tokens": trainer.step * cfg.batch_size * seq_len,
+                   "seconds": round(seconds, 1), "elastified": losses(model, val)}
+        report["checkpoint"] = str(ckpt.resolve(run_dir))
+    else:
+        meta = {"data": cfg.data, "val_fraction": cfg.val_fraction, "seq_len": seq_len}
+        report["checkpoint"] = str(ckpt.save_checkpoint(run_dir, model, tokenizer,
+                                                         metadata=meta))
+    write_report(run_dir, report)
+    return report
