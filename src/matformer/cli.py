@@ -14,7 +14,7 @@ import sys
 
 import torch
 
-from . import cli_lm, cli_submodels
+from . import cli_gguf, cli_lm, cli_submodels
 from .cli_common import EXAMPLES
 
 
@@ -29,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (cli_lm.add_train, cli_lm.add_eval, cli_lm.add_generate, cli_lm.add_consistency,
                 cli_submodels.add_mixnmatch, cli_submodels.add_extract,
-                cli_submodels.add_export_hf, cli_submodels.add_import_hf):
+                cli_submodels.add_export_hf, cli_submodels.add_import_hf,
+                cli_gguf.add_export_gguf):
         add(sub)
     _add_vision(sub)
     return parser
@@ -54,7 +55,8 @@ def _vision(args: argparse.Namespace) -> int:
 
 def _refuse_vision(args: argparse.Namespace) -> None:
     """Language-model commands given a MatViT checkpoint: say which commands fit it."""
-    if args.command in ("eval", "generate", "consistency", "mixnmatch", "export-hf"):
+    if args.command in ("eval", "generate", "consistency", "mixnmatch", "export-hf",
+                        "export-gguf"):
         from .checkpoint import CheckpointError, model_kind
 
         try:
@@ -69,7 +71,8 @@ def _refuse_vision(args: argparse.Namespace) -> None:
 COMMANDS = {"train": cli_lm.train, "eval": cli_lm.evaluate, "generate": cli_lm.generate,
             "consistency": cli_lm.consistency, "mixnmatch": cli_submodels.mixnmatch,
             "extract": cli_submodels.extract, "export-hf": cli_submodels.export_hf,
-            "import-hf": cli_submodels.import_hf, "vision": _vision}
+            "import-hf": cli_submodels.import_hf, "export-gguf": cli_gguf.export_gguf,
+            "vision": _vision}
 
 
 def main(argv: list[str] | None = None) -> int:

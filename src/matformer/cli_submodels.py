@@ -206,15 +206,18 @@ def mixnmatch(args: argparse.Namespace) -> int:
     return 0
 
 
-def extract(args: argparse.Namespace) -> int:
-    from . import checkpoint as ckpt
+def _picked_submodel(args: argparse.Namespace, model: Any, tokenizer: Any
+                     ) -> tuple[Any, dict[str, Any] | None]:
+    """The submodel a command with extract's flags asks for: (widths, chosen sweep row).
+
+    A budget picks the lowest-loss candidate that fits (from ``--sweep`` or evaluated now);
+    otherwise ``--granularity``/``--widths`` name it; one of them is required.
+    """
     from . import mixnmatch as mm
     from .metrics import validation_batches
     from .report import load_sweep
 
-    model, tokenizer = ckpt.load_checkpoint(args.checkpoint)
     budgets = _budgets(args)
-    chosen = None
     if any(v is not None for v in budgets.values()):
         if args.widths or args.granularity:
             raise ValueError("give a submodel (--granularity/--widths) or a budget, not both")
@@ -226,12 +229,20 @@ def extract(args: argparse.Namespace) -> int:
                                                   max_batches=args.batches)
             chosen = mm.choose(model, batches, mm.candidates(model.config), budgets,
                                seq_len=info["seq_len"], **_sweep_kw(args))
-        widths = tuple(chosen["widths"])
-    else:
-        widths = _submodel_widths(args, model)
-        if widths is None:
-            raise ValueError("choose a submodel: --granularity, --widths or a budget "
-                             "(--max-params / --max-flops / --max-latency-ms)")
+        return tuple(chosen["widths"]), chosen
+    widths = _submodel_widths(args, model)
+    if widths is None:
+        raise ValueError("choose a submodel: --granularity, --widths or a budget "
+                         "(--max-params / --max-flops / --max-latency-ms)")
+    return widths, None
+
+
+def extract(args: argparse.Namespace) -> int:
+    from . import checkpoint as ckpt
+    from . import mixnmatch as mm
+
+    model, tokenizer = ckpt.load_checkpoint(args.checkpoint)
+    widths, chosen = _picked_submodel(args, model, tokenizer)
     path = mm.save_extracted(args.out, model, tokenizer, widths, source=args.checkpoint,
                              name=args.name)
     sub = ckpt.load_checkpoint(path)[0]
