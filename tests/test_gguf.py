@@ -59,6 +59,8 @@ def test_rope_permute_matches_pair_layout():
     ({"n_kv_head": 2, "tie_embeddings": False}, "M", "llama"),
     ({}, (8, 64, 16), "deci"),
     ({"n_kv_head": 1}, (16, 8, 32), "deci"),
+    ({}, (8, 0, 16), "deci"),  # a skipped FFN (depth elasticity)
+    ({}, (16, 64, 0), "deci"),  # ... on the last layer
     ({"activation": "relu2"}, "L", "arcee"),
 ])
 @needs_llama
@@ -77,7 +79,7 @@ def test_llama_cpp_logits_equal_ours(tmp_path, bpe, overrides, widths, arch):
     np.testing.assert_allclose(got, ref, rtol=0, atol=5e-5)  # |logits| ~4, seen: <1e-5
 
 
-@pytest.mark.parametrize("widths", ["S", (8, 64, 16)])
+@pytest.mark.parametrize("widths", ["S", (8, 64, 16), (0, 16, 64)])
 @needs_llama
 def test_llama_cpp_greedy_continuation_and_tokenisation(tmp_path, bpe, widths):
     model = _model(bpe.vocab_size)

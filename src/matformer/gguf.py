@@ -12,6 +12,11 @@ it is:
 * uniform widths + ``relu2`` -> ``arcee`` (Llama with a non-gated squared-ReLU FFN);
 * ``gelu``, and ``relu2`` with per-layer widths, have no exact llama.cpp architecture: refused.
 
+**Skipped FFNs** (width 0, depth elasticity) go out as ``deci`` layers with one all-zero hidden
+unit, which adds exactly 0. deci's own "FFN size 0" cannot be used: its graph then skips the
+whole layer, attention output included (checked against llama.cpp as bundled in
+llama-cpp-python 0.3.36: logits off by 5; on the last layer it aborts).
+
 Two conversions make llama.cpp compute what we compute:
 
 * **RoPE layout.** Our attention rotates dimension ``i`` with ``i + head_dim/2`` ("rotate
@@ -152,6 +157,11 @@ def _tensors(model: MatFormerLM) -> dict[str, Tensor]:
         out[p + "attn_v.weight"] = b.attn.v_proj.weight
         out[p + "attn_output.weight"] = b.attn.o_proj.weight
         out[p + "ffn_norm.weight"] = b.ffn_norm.weight
+        if b.ffn.d_ff == 0:  # a skipped FFN: one hidden unit with zero weights adds exactly 0
+            zero = torch.zeros(1, cfg.d_model)
+            out |= {p + "ffn_gate.weight": zero, p + "ffn_up.weight": zero,
+                    p + "ffn_down.weight": zero.T}
+            continue
         if b.ffn.gate_proj is not None:
             out[p + "ffn_gate.weight"] = b.ffn.gate_proj.weight
         out[p + "ffn_up.weight"] = b.ffn.up_proj.weight
@@ -227,6 +237,7 @@ def export_gguf(model: MatFormerLM, tokenizer: Tokenizer, out: str | Path, *,
     os.close(fd)
     tmp = Path(tmp_name)
     dims = list(cfg.ffn_dims)
+    sizes = [w or 1 for w in dims]  # skipped FFNs are written as one zero unit (see _tensors)
     stored: dict[str, int] = {}
     try:
         writer = gguf.GGUFWriter(str(tmp), arch)
@@ -234,7 +245,7 @@ def export_gguf(model: MatFormerLM, tokenizer: Tokenizer, out: str | Path, *,
         writer.add_context_length(cfg.max_seq_len)
         writer.add_embedding_length(cfg.d_model)
         writer.add_block_count(cfg.n_layer)
-        writer.add_feed_forward_length(dims if arch == "deci" else dims[0])
+        writer.add_feed_forward_length(sizes if arch == "deci" else sizes[0])
         writer.add_head_count(cfg.n_head)
         writer.add_head_count_kv(cfg.kv_heads)
         writer.add_key_length(cfg.head_dim)
