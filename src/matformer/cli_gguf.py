@@ -25,7 +25,8 @@ def add_export_gguf(sub: argparse._SubParsersAction) -> None:
     p = add_command(
         sub, "export-gguf", "write a llama.cpp GGUF file (per-layer widths at their real size)",
         EXAMPLES, description="Export a checkpoint, or one of its submodels, as a GGUF file "
-        "that llama.cpp (and llama-cpp-python, Ollama...) runs with the tokenizer embedded. "
+        "that llama.cpp (and front ends built on it, such as llama-cpp-python) runs, with "
+        "the tokenizer embedded. "
         "Uniform widths -> llama, per-layer widths -> deci (each layer at its own FFN size, "
         "no padding), uniform relu2 -> arcee; gelu has no llama.cpp architecture and is "
         "refused. Without --granularity/--widths/a budget the model is exported as it is.")
