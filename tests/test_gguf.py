@@ -181,3 +181,23 @@ def test_cli_check(tmp_path, saved, capsys):
 
     info = json.loads(capsys.readouterr().out)
     assert info["architecture"] == "deci" and info["check_max_abs_logit_diff"] < 1e-3
+
+
+def test_cli_budget_picks_from_a_sweep(tmp_path, saved, capsys):
+    """A budget flag picks the lowest-loss sweep row that fits, as extract does."""
+    import json
+
+    from matformer.config import ModelConfig
+
+    cfg = ModelConfig.load(saved / "config.json")
+    subs = {"S": (cfg.ffn_widths("S"), 3.0), "M": (cfg.ffn_widths("M"), 2.0),
+            "L": (cfg.ffn_widths("L"), 1.0), "mix": ((8, 16, 32), 1.5)}  # L is over budget
+    rows = [{"name": n, "widths": list(w), "params": cfg.num_params(w), "val_loss": loss}
+            for n, (w, loss) in subs.items()]
+    (tmp_path / "mixnmatch.json").write_text(json.dumps({"candidates": rows}))
+    limit = cfg.num_params((8, 16, 32))
+    assert main(["export-gguf", str(saved), "--max-params", str(limit), "--sweep",
+                 str(tmp_path), "--out", str(tmp_path / "b.gguf"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["ffn_widths"] == [8, 16, 32] and info["architecture"] == "deci"
+    assert info["selected"]["name"] == "mix"
