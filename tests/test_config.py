@@ -39,7 +39,8 @@ from matformer.model import MatFormerLM
         (dict(names=("S", "S", "L", "XL")), r"ModelConfig\.names=.*distinct"),
         (dict(activation="tanh"), r"ModelConfig\.activation='tanh' .*swiglu"),
         (dict(d_ff=(64, 64, 64)), r"ModelConfig\.d_ff=\(64, 64, 64\) .*n_layer=2"),
-        (dict(d_ff=(64, 0)), r"ModelConfig\.d_ff=.*>= 1"),
+        (dict(d_ff=(64, -1)), r"ModelConfig\.d_ff=.*>= 0"),
+        (dict(d_ff=(0, 0)), r"ModelConfig\.d_ff=.*at least one > 0"),
         (dict(d_ff="64"), r"ModelConfig\.d_ff='64' .*int"),
         # 1/8 and 1/4 of 4 both round to one hidden unit
         (dict(d_ff=4), r"ModelConfig\.ratios=.*granularities S and M round to the same"),

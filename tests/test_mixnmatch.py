@@ -92,7 +92,7 @@ def test_patterns_are_permutations_and_deduplicated():
 @pytest.mark.parametrize(("widths", "match"), [
     ((8, 16, 32), "has 3 entries"),
     ((8, 16, 32, 128), "out of range"),
-    ((8, 16, 32, 0), "out of range"),
+    ((8, 16, 32, -1), "out of range"),
     ((8, 16, 33, 64), "not in the nested set"),
 ])
 def test_bad_widths_are_refused(widths, match):

@@ -194,7 +194,7 @@ def test_dense_baseline_equals_submodel(activation: str, d_ff: int | tuple, gran
 
 @pytest.mark.parametrize(
     ("widths", "pattern"),
-    [(0, r"width 0 at layer 0 is out of range: allowed 1\.\.64"),
+    [(-1, r"width -1 at layer 0 is out of range: allowed 0\.\.64"),
      (65, r"width 65 at layer 0 is out of range"),
      ((8, 65), r"width 65 at layer 1 is out of range"),
      ((8, -1), r"width -1 at layer 1"),

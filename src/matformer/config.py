@@ -105,14 +105,16 @@ class ModelConfig:
                 raise _fail("d_ff", self.d_ff, f"per-layer list needs n_layer={self.n_layer} ints")
         elif not isinstance(self.d_ff, int):
             raise _fail("d_ff", self.d_ff, "must be an int or one int per layer")
-        if any(w < 1 for w in self.ffn_dims):
-            raise _fail("d_ff", self.d_ff, "every width must be >= 1")
+        if any(w < 0 for w in self.ffn_dims) or not any(self.ffn_dims):
+            raise _fail("d_ff", self.d_ff, "every width must be >= 0 (0: the layer has no FFN), "
+                        "at least one > 0")
         self._validate_ratios("ratios", self.ratios)
         if len(self.names) != len(self.ratios) or len(set(self.names)) != len(self.names):
             raise _fail("names", self.names, f"need {len(self.ratios)} distinct names, one per ratio")
         for i in range(self.num_granularities):
             widths = self.ffn_widths(i)
-            if i and any(a <= b for a, b in zip(widths, self.ffn_widths(i - 1), strict=True)):
+            if i and any(a <= b for a, b, d in zip(widths, self.ffn_widths(i - 1),
+                                                   self.ffn_dims, strict=True) if d):
                 raise _fail("ratios", self.ratios, f"granularities {self.names[i - 1]} and "
                             f"{self.names[i]} round to the same FFN width for d_ff={self.d_ff}")
         if self.activation not in ACTIVATIONS:
@@ -173,9 +175,10 @@ class ModelConfig:
                          f" (or indices 0..{self.num_granularities - 1})")
 
     def ffn_widths(self, granularity: str | int) -> tuple[int, ...]:
-        """Per-layer FFN widths of one granularity: the first ``ratio * d_ff`` hidden units."""
+        """Per-layer FFN widths of one granularity: the first ``ratio * d_ff`` hidden units
+        (0 stays 0: a layer without FFN)."""
         r = self.ratios[self.granularity_index(granularity)]
-        return tuple(max(1, round(r * d)) for d in self.ffn_dims)
+        return tuple(max(1, round(r * d)) if d else 0 for d in self.ffn_dims)
 
     def head_counts(self, granularity: str | int) -> tuple[int, ...] | None:
         """Per-layer head counts of a granularity, or None when heads are not nested."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -162,9 +163,12 @@ class NestedFFN(nn.Module):
     def __init__(self, d_model: int, d_ff: int, activation: str) -> None:
         super().__init__()
         self.d_ff, self.activation = d_ff, activation
-        self.gate_proj = nn.Linear(d_model, d_ff, bias=False) if activation == "swiglu" else None
-        self.up_proj = nn.Linear(d_model, d_ff, bias=False)
-        self.down_proj = nn.Linear(d_ff, d_model, bias=False)
+        with warnings.catch_warnings():  # d_ff=0 (a skipped FFN): torch warns that init no-ops
+            warnings.filterwarnings("ignore", "Initializing zero-element tensors")
+            self.gate_proj = (nn.Linear(d_model, d_ff, bias=False) if activation == "swiglu"
+                              else None)
+            self.up_proj = nn.Linear(d_model, d_ff, bias=False)
+            self.down_proj = nn.Linear(d_ff, d_model, bias=False)
 
     def forward(self, x: Tensor, width: int | RowChunks | None = None) -> Tensor:
         """FFN of the first ``width`` units; a :data:`RowChunks` plan runs each batch row at
@@ -212,6 +216,8 @@ class Block(nn.Module):
                 cache: KVCache | None = None, layer: int = 0,
                 start_pos: int = 0, mask: Tensor | None = None) -> Tensor:
         x = x + self.attn(self.attn_norm(x), cos, sin, n_head, cache, layer, start_pos, mask)
+        if width == 0:  # depth elasticity: this submodel skips the layer's FFN
+            return x
         return x + self.ffn(self.ffn_norm(x), width)
 
 
@@ -266,7 +272,7 @@ class MatFormerLM(nn.Module):
 
     # ----------------------------------------------------------------- submodel specs
     def resolve_widths(self, widths: WidthSpec) -> tuple[int, ...]:
-        """Turn any accepted width spec into one validated int per layer."""
+        """Turn any accepted width spec into one validated int per layer (0: skip the FFN)."""
         cfg = self.config
         if widths is None:
             return cfg.ffn_dims
@@ -279,8 +285,9 @@ class MatFormerLM(nn.Module):
             raise ValueError(f"widths {widths} has {len(widths)} entries; the model has "
                              f"{cfg.n_layer} layers")
         for i, (w, full) in enumerate(zip(widths, cfg.ffn_dims, strict=True)):
-            if not 1 <= w <= full:
-                raise ValueError(f"width {w} at layer {i} is out of range: allowed 1..{full}")
+            if not 0 <= w <= full:
+                raise ValueError(f"width {w} at layer {i} is out of range: allowed 0..{full} "
+                                 "(0 skips the layer's FFN)")
         return widths
 
     def resolve_heads(self, heads: str | int | Sequence[int] | None) -> tuple[int, ...] | None:

@@ -18,6 +18,7 @@ import sys
 import torch
 
 from . import byom as cli_byom
+from . import gguf as cli_gguf
 from . import lm as cli_lm
 from . import serve as cli_serve
 from . import submodels as cli_submodels
@@ -41,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     for add in (cli_lm.add_train, cli_lm.add_eval, cli_lm.add_generate, cli_lm.add_consistency,
                 cli_submodels.add_mixnmatch, cli_submodels.add_extract,
                 cli_submodels.add_export_hf, cli_submodels.add_import_hf, cli_serve.add_serve,
-                cli_byom.add_parsers):
+                cli_gguf.add_export_gguf, cli_byom.add_parsers):
         add(sub)
     _add_vision(sub)
     return parser
@@ -61,7 +62,8 @@ def _vision(args: argparse.Namespace) -> Result:
 
 def _refuse_vision(args: argparse.Namespace) -> None:
     """Language-model commands given a MatViT checkpoint: say which commands fit it."""
-    if args.command in ("eval", "generate", "consistency", "mixnmatch", "export-hf"):
+    if args.command in ("eval", "generate", "consistency", "mixnmatch", "export-hf",
+                        "export-gguf"):
         from ..checkpoint import CheckpointError
         from ..families import model_kind
 
@@ -78,7 +80,7 @@ COMMANDS = {"train": cli_lm.train, "eval": cli_lm.evaluate, "generate": cli_lm.g
             "consistency": cli_lm.consistency, "mixnmatch": cli_submodels.mixnmatch,
             "extract": cli_submodels.extract, "export-hf": cli_submodels.export_hf,
             "import-hf": cli_submodels.import_hf, "vision": _vision, "serve": cli_serve.serve,
-            **cli_byom.COMMANDS}
+            "export-gguf": cli_gguf.export_gguf, **cli_byom.COMMANDS}
 
 
 #: A hint after the system's words for the OS errors people meet most.
@@ -122,8 +124,11 @@ def _peer_failed(e: BaseException) -> bool:
 
 
 def _check_out(args: argparse.Namespace) -> None:
-    """Every ``--out`` names a directory: an existing file there is an error, not replaced."""
+    """Every ``--out`` but export-gguf's names a directory: an existing file there is an error,
+    not replaced."""
     out = getattr(args, "out", None)
+    if getattr(args, "out_is_file", False):  # export-gguf writes one file
+        return
     if out is not None and (out.exists() or out.is_symlink()) and not out.is_dir():
         raise ValueError(f"--out {out} is an existing file; --out names a directory")
 

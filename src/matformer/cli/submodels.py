@@ -262,17 +262,18 @@ def mixnmatch(args: argparse.Namespace) -> Result:
     return {**result, "selected": chosen}, "\n".join(lines)
 
 
-def extract(args: argparse.Namespace) -> Result:
-    from .. import checkpoint as ckpt
+def picked_submodel(args: argparse.Namespace, model: Any, tokenizer: Any
+                    ) -> tuple[Any, dict[str, Any] | None]:
+    """The submodel a command with extract's flags asks for: (widths, chosen sweep row).
+
+    A budget picks the lowest-loss candidate that fits (from ``--sweep`` or evaluated now);
+    otherwise ``--granularity``/``--widths`` name it; one of them is required.
+    """
     from ..submodels import candidates as mm
-    from ..submodels.extract import save_extracted
     from ..submodels.report import load_sweep
     from ..submodels.sweep import choose, select
 
-    _check_out(args, args.checkpoint)
-    model, tokenizer = load_checkpoint(args.checkpoint)
     budgets = _budgets(args)
-    chosen = None
     if any(v is not None for v in budgets.values()):
         if args.widths or args.granularity:
             raise ValueError("give a submodel (--granularity/--widths) or a budget, not both")
@@ -282,12 +283,21 @@ def extract(args: argparse.Namespace) -> Result:
             batches, info = checkpoint_batches(args, model, tokenizer)
             chosen = choose(model, batches, mm.candidates(model.config), budgets,
                             seq_len=info["seq_len"], **_sweep_kw(args))
-        widths = tuple(chosen["widths"])
-    else:
-        widths = _submodel_widths(args, model)
-        if widths is None:
-            raise ValueError("choose a submodel: --granularity, --widths or a budget "
-                             "(--max-params / --max-flops / --max-latency-ms)")
+        return tuple(chosen["widths"]), chosen
+    widths = _submodel_widths(args, model)
+    if widths is None:
+        raise ValueError("choose a submodel: --granularity, --widths or a budget "
+                         "(--max-params / --max-flops / --max-latency-ms)")
+    return widths, None
+
+
+def extract(args: argparse.Namespace) -> Result:
+    from .. import checkpoint as ckpt
+    from ..submodels.extract import save_extracted
+
+    _check_out(args, args.checkpoint)
+    model, tokenizer = load_checkpoint(args.checkpoint)
+    widths, chosen = picked_submodel(args, model, tokenizer)
     heads = _submodel_heads(args, model)
     path = save_extracted(args.out, model, tokenizer, widths, heads=heads,
                           source=args.checkpoint, name=args.name, overwrite=args.force)

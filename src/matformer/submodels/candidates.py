@@ -48,16 +48,18 @@ def nested_widths(cfg: ModelConfig) -> list[list[int]]:
 def check_widths(cfg: ModelConfig, widths: Sequence[int], *, nested: bool = True
                  ) -> tuple[int, ...]:
     """Validate per-layer widths: length, range and (if ``nested``) membership of the nested
-    set. Any prefix width runs, but only the granularities' widths were trained."""
+    set. Any prefix width runs, but only the granularities' widths were trained. Width 0 (skip
+    the layer's FFN: depth elasticity) is always allowed; it was not trained either."""
     widths = tuple(int(w) for w in widths)
     if len(widths) != cfg.n_layer:
         raise ValueError(f"widths {list(widths)} has {len(widths)} entries; the model has "
                          f"{cfg.n_layer} layers")
     allowed = nested_widths(cfg)
     for i, (w, full) in enumerate(zip(widths, cfg.ffn_dims, strict=True)):
-        if not 1 <= w <= full:
-            raise ValueError(f"width {w} at layer {i} is out of range: allowed 1..{full}")
-        if nested and w not in allowed[i]:
+        if not 0 <= w <= full:
+            raise ValueError(f"width {w} at layer {i} is out of range: allowed 0..{full} "
+                             "(0 skips the layer's FFN)")
+        if nested and w and w not in allowed[i]:
             raise ValueError(f"width {w} at layer {i} is not in the nested set {allowed[i]} "
                              f"(granularities {list(cfg.names)}); pass nested=False "
                              "(CLI: --any-width) to run an untrained prefix width anyway")
@@ -65,8 +67,9 @@ def check_widths(cfg: ModelConfig, widths: Sequence[int], *, nested: bool = True
 
 
 def describe(cfg: ModelConfig, widths: Sequence[int]) -> str:
-    """Short name in the paper's notation: ``"M"``, ``"4xM+2xL"`` (in layer order)."""
-    table = {i: {cfg.ffn_widths(g)[i]: n for g, n in enumerate(cfg.names)}
+    """Short name in the paper's notation: ``"M"``, ``"4xM+2xL"`` (in layer order; ``0`` is a
+    skipped FFN)."""
+    table = {i: {0: "0", **{cfg.ffn_widths(g)[i]: n for g, n in enumerate(cfg.names)}}
              for i in range(cfg.n_layer)}
     labels = [table[i].get(w) for i, w in enumerate(widths)]
     if None in labels:

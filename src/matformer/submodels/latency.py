@@ -71,7 +71,7 @@ def _device(model: nn.Module) -> torch.device:
 
 
 @torch.no_grad()
-def _decode_step_fn(model: nn.Module, widths: Any, context: int) -> Callable[[], Any]:
+def decode_step_fn(model: nn.Module, widths: Any, context: int) -> Callable[[], Any]:
     """One cached decode step of ``widths`` at position ``context`` (the cache is filled once)."""
     from ..cache import KVCache
 
@@ -106,7 +106,7 @@ def lm_latency(setups: Sequence[Setup], *, prefill_len: int = 128, decode_steps:
             n = min(prefill_len, model.config.max_seq_len)
             x = torch.randint(0, model.config.vocab_size, (1, n),
                               generator=torch.Generator().manual_seed(0)).to(_device(model))
-            step = _decode_step_fn(model, widths, decode_context)
+            step = decode_step_fn(model, widths, decode_context)
 
             def decode(step: Callable[[], Any] = step) -> None:
                 for _ in range(decode_steps):

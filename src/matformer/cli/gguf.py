@@ -1,0 +1,84 @@
+"""``matformer export-gguf``: a submodel as one llama.cpp GGUF file, at its real size."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from .common import Result, add_command, add_eval_data, add_latency, load_checkpoint
+from .submodels import _add_budgets, _add_force, _add_submodel, _budgets, picked_submodel
+
+EXAMPLES = """\
+examples:
+  matformer export-gguf runs/demo --granularity S --out demo-S.gguf
+  matformer export-gguf runs/demo --widths 256,256,512,512,1024,1024 --out demo-mix.gguf
+  matformer export-gguf runs/demo --max-params 4.5e6 --sweep runs/demo/mixnmatch --out fit.gguf
+  matformer export-gguf runs/demo-M --out demo-M.gguf --dtype q8_0 --check
+"""
+
+
+def add_export_gguf(sub: argparse._SubParsersAction) -> None:
+    from ..submodels.gguf import DTYPES
+
+    p = add_command(
+        sub, "export-gguf", "write a llama.cpp GGUF file (per-layer widths at their real size)",
+        EXAMPLES, description="Export a checkpoint, or one of its submodels, as a GGUF file "
+        "that llama.cpp (and front ends built on it, such as llama-cpp-python) runs, with "
+        "the tokenizer embedded. "
+        "Uniform widths -> llama, per-layer widths -> deci (each layer at its own FFN size, "
+        "no padding), uniform relu2 -> arcee; gelu has no llama.cpp architecture and is "
+        "refused. Without --granularity/--widths/a budget the model is exported as it is.")
+    p.add_argument("checkpoint", type=Path)
+    p.add_argument("--out", type=Path, required=True, help="the .gguf file to write")
+    p.add_argument("--dtype", default="f32", choices=DTYPES,
+                   help="weight matrices: f32 (exact), f16, bf16 or q8_0 (default: f32)")
+    _add_force(p)
+    p.add_argument("--name", help="model name stored in the file (default: the submodel's)")
+    p.add_argument("--check", action="store_true", help="load the file with llama-cpp-python "
+                   "and compare its logits with ours")
+    _add_submodel(p)
+    _add_budgets(p)
+    add_eval_data(p, batches=20)
+    add_latency(p, prefill=True)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(out_is_file=True)
+
+
+def _check(path: Path, model: Any, widths: Any) -> float:
+    """Max |logit difference| between llama.cpp and us on 32 tokens of a fixed random text."""
+    import torch
+
+    from ..submodels.gguf import llama_logits
+
+    n = min(32, model.config.max_seq_len)
+    ids = torch.randint(0, model.config.vocab_size, (1, n),
+                        generator=torch.Generator().manual_seed(0))
+    got = llama_logits(path, ids[0].tolist())
+    with torch.no_grad():
+        ref = model(ids, widths=widths)[0].float().numpy()
+    return float(abs(got - ref).max())
+
+
+def export_gguf(args: argparse.Namespace) -> Result:
+    from ..submodels.gguf import export_gguf
+
+    if args.out.exists() and not args.force:  # before any (possibly slow) budget sweep
+        raise ValueError(f"{args.out} already exists; pass --force to replace it")
+    model, tokenizer = load_checkpoint(args.checkpoint)
+    chosen = widths = None
+    if args.widths or args.granularity or any(v is not None for v in _budgets(args).values()):
+        widths, chosen = picked_submodel(args, model, tokenizer)
+    info = export_gguf(model, tokenizer, args.out, widths=widths, dtype=args.dtype,
+                       overwrite=args.force, name=args.name)
+    info["selected"] = chosen
+    if args.check:
+        info["check_max_abs_logit_diff"] = _check(args.out, model, widths)
+    types = ", ".join(f"{n} {t}" for t, n in info["tensor_types"].items())
+    lines = [f"exported {info['architecture']} ({info['params'] / 1e6:.3f}M params, FFN widths "
+             f"{','.join(map(str, info['ffn_widths']))}) to {info['out']}: "
+             f"{info['bytes'] / 1e6:.2f} MB, tensors {types}"]
+    if "check_max_abs_logit_diff" in info:
+        lines.append(f"check: llama.cpp logits vs ours, max abs diff "
+                     f"{info['check_max_abs_logit_diff']:.2e}")
+    return info, "\n".join(lines)

@@ -1,0 +1,308 @@
+"""Export any submodel to llama.cpp's GGUF format, at its real size.
+
+A Mix'n'Match submodel (arXiv 2310.07707, sec. 3.3) is a dense decoder with one FFN width per
+layer. ``export-hf`` has to zero-pad such a model to its widest layer; llama.cpp can run it as
+it is:
+
+* uniform widths + ``swiglu`` -> llama.cpp's ``llama`` architecture;
+* per-layer widths + ``swiglu`` -> ``deci`` (DeciLM / Nemotron-NAS): the same math as Llama
+  (RMSNorm, SwiGLU, the same RoPE type), but it builds every layer at its own FFN size
+  (``n_ff(il)``). The ``llama`` architecture reads a per-layer size list yet builds every layer
+  at layer 0's size, so it cannot load such a file;
+* uniform widths + ``relu2`` -> ``arcee`` (Llama with a non-gated squared-ReLU FFN);
+* ``gelu``, and ``relu2`` with per-layer widths, have no exact llama.cpp architecture: refused.
+
+**Skipped FFNs** (width 0, depth elasticity) go out as ``deci`` layers with one all-zero hidden
+unit, which adds exactly 0. deci's own "FFN size 0" cannot be used: its graph then skips the
+whole layer, attention output included (checked against llama.cpp as bundled in
+llama-cpp-python 0.3.36: logits off by 5; on the last layer it aborts).
+
+Two conversions make llama.cpp compute what we compute:
+
+* **RoPE layout.** Our attention rotates dimension ``i`` with ``i + head_dim/2`` ("rotate
+  half"); llama.cpp's ``llama``/``deci``/``arcee`` rotate consecutive pairs ``(2i, 2i + 1)``.
+  Permuting the rows of q and k inside every head (``[0, hd/2, 1, hd/2 + 1, ...]``) turns one
+  into the other exactly; attention scores are unchanged because q and k move together.
+* **Tokenizer.** Our byte-level BPE (GPT-2 pre-tokenizer, byte-to-unicode map, no normaliser)
+  is llama.cpp's ``gpt2`` tokenizer with the ``gpt-2`` pre-tokenizer: the file carries the
+  tokens, merges and token types, and ``<|endoftext|>`` as EOS (and BOS, never added).
+
+The file is written with the ``gguf`` package (``pip install gguf``) to a temporary file beside
+the destination and renamed, so a crash never leaves a half-written model behind.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..config import ModelConfig
+from ..model import MatFormerLM, WidthSpec
+from ..tokenizer import EOS_TOKEN, Tokenizer
+
+if TYPE_CHECKING:
+    import gguf as gguf_lib
+
+log = logging.getLogger(__name__)
+
+#: Storage types of the 2-D weight matrices (norm weights always stay f32).
+DTYPES = ("f32", "f16", "bf16", "q8_0")
+
+
+class GGUFExportError(ValueError):
+    """The submodel cannot be written as a GGUF file llama.cpp runs exactly (or may not be)."""
+
+
+def _gguf() -> Any:
+    try:
+        import gguf
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise GGUFExportError("GGUF export needs the gguf package: "
+                              "pip install 'matformer[gguf]' (or pip install gguf)") from e
+    return gguf
+
+
+# ----------------------------------------------------------------------------- mapping
+def architecture(cfg: ModelConfig) -> str:
+    """The llama.cpp architecture that runs this dense config exactly; raises if none does."""
+    widths = cfg.ffn_dims
+    uniform = len(set(widths)) == 1
+    if cfg.activation == "swiglu":
+        return "llama" if uniform else "deci"
+    if cfg.activation == "relu2":
+        if uniform:
+            return "arcee"
+        raise GGUFExportError(
+            f"per-layer FFN widths {list(widths)} with relu2: llama.cpp's only relu2 "
+            "architecture with our layout (arcee) builds every layer at one FFN size, and deci "
+            "(per-layer sizes) is SwiGLU only; export a uniform width (--granularity) instead, "
+            "or use export-hf (zero-padded)")
+    raise GGUFExportError(
+        f"activation {cfg.activation!r}: llama.cpp has no architecture with RMSNorm, RoPE and a "
+        "non-gated GELU FFN without biases, so the model cannot run there exactly; only "
+        "swiglu (llama/deci) and uniform-width relu2 (arcee) models export to GGUF")
+
+
+def rope_permute(weight: Tensor, n_heads: int) -> Tensor:
+    """Reorder q/k projection rows from the rotate-half layout to llama.cpp's pair layout.
+
+    Row ``s * hd/2 + j`` of every head (half ``s``, frequency ``j``) moves to row ``2j + s``, so
+    the pair llama.cpp rotates together, ``(2j, 2j + 1)``, is the pair we rotate together,
+    ``(j, j + hd/2)``, at the same frequency.
+    """
+    out_dim = weight.shape[0]
+    hd = out_dim // n_heads
+    return (weight.reshape(n_heads, 2, hd // 2, *weight.shape[1:]).transpose(1, 2)
+            .reshape(weight.shape))
+
+
+def _vocab(tokenizer: Tokenizer, vocab_size: int) -> tuple[list[str], list[int], list[str]]:
+    """Tokens (by id), GGUF token types and merges of our byte-level BPE.
+
+    A model with more embedding rows than tokenizer ids gets unused filler tokens.
+    """
+    gguf = _gguf()
+    spec = json.loads(tokenizer.to_json())
+    model = spec["model"]
+    if model.get("type") != "BPE":
+        raise GGUFExportError(f"tokenizer model {model.get('type')!r}: only byte-level BPE "
+                              "tokenizers map to llama.cpp's gpt2 tokenizer")
+    by_id: dict[int, str] = {i: t for t, i in model["vocab"].items()}
+    special = set()
+    for added in spec.get("added_tokens", []):
+        by_id[added["id"]] = added["content"]
+        if added.get("special"):
+            special.add(added["id"])
+    if max(by_id) >= vocab_size:
+        raise GGUFExportError(f"tokenizer has ids up to {max(by_id)} but the model only "
+                              f"{vocab_size} embedding rows")
+    tokens, types = [], []
+    for i in range(vocab_size):
+        if i in by_id:
+            tokens.append(by_id[i])
+            control = i in special
+            types.append(gguf.TokenType.CONTROL if control else gguf.TokenType.NORMAL)
+        else:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    if not merges:
+        # llama.cpp requires the merges key and gguf cannot write an empty array. A merge of
+        # two multi-character symbols never fires (the BPE starts from single characters and no
+        # merge builds them), so this leaves the plain byte-level tokenizer unchanged.
+        merges = [f"{EOS_TOKEN} {EOS_TOKEN}"]
+    return tokens, [int(t) for t in types], merges
+
+
+def _tensors(model: MatFormerLM) -> dict[str, Tensor]:
+    """GGUF tensor name -> weight (fp32, CPU), q/k rows permuted for llama.cpp's RoPE."""
+    cfg = model.config
+    out = {"token_embd.weight": model.embed.weight, "output_norm.weight": model.norm.weight}
+    if not cfg.tie_embeddings:
+        out["output.weight"] = model.lm_head.weight
+    for i, b in enumerate(model.blocks):
+        p = f"blk.{i}."
+        out[p + "attn_norm.weight"] = b.attn_norm.weight
+        out[p + "attn_q.weight"] = rope_permute(b.attn.q_proj.weight, cfg.n_head)
+        out[p + "attn_k.weight"] = rope_permute(b.attn.k_proj.weight, cfg.kv_heads)
+        out[p + "attn_v.weight"] = b.attn.v_proj.weight
+        out[p + "attn_output.weight"] = b.attn.o_proj.weight
+        out[p + "ffn_norm.weight"] = b.ffn_norm.weight
+        if b.ffn.d_ff == 0:  # a skipped FFN: one hidden unit with zero weights adds exactly 0
+            zero = torch.zeros(1, cfg.d_model)
+            out |= {p + "ffn_gate.weight": zero, p + "ffn_up.weight": zero,
+                    p + "ffn_down.weight": zero.T}
+            continue
+        if b.ffn.gate_proj is not None:
+            out[p + "ffn_gate.weight"] = b.ffn.gate_proj.weight
+        out[p + "ffn_up.weight"] = b.ffn.up_proj.weight
+        out[p + "ffn_down.weight"] = b.ffn.down_proj.weight
+    return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in out.items()}
+
+
+def _add_tensor(writer: gguf_lib.GGUFWriter, name: str, t: Tensor, dtype: str) -> str:
+    """Write one tensor in ``dtype`` (1-D tensors stay f32); returns the type used."""
+    gguf = _gguf()
+    data = t.numpy()
+    if t.ndim == 1 or dtype == "f32":
+        writer.add_tensor(name, data)
+        return "f32"
+    if dtype == "f16":
+        writer.add_tensor(name, data.astype(np.float16))
+        return "f16"
+    qtype = {"bf16": gguf.GGMLQuantizationType.BF16,
+             "q8_0": gguf.GGMLQuantizationType.Q8_0}[dtype]
+    try:
+        packed = gguf.quants.quantize(data, qtype)
+    except gguf.QuantError:  # q8_0 needs rows that are a multiple of its 32-value block
+        log.info("%s: rows of %d values do not fit %s blocks; stored as f16", name,
+                 data.shape[-1], dtype)
+        writer.add_tensor(name, data.astype(np.float16))
+        return "f16"
+    writer.add_tensor(name, packed, raw_dtype=qtype)
+    return dtype
+
+
+_FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0"}
+
+
+# ----------------------------------------------------------------------------- export
+@torch.no_grad()
+def export_gguf(model: MatFormerLM, tokenizer: Tokenizer, out: str | Path, *,
+                widths: WidthSpec = None, dtype: str = "f32", overwrite: bool = False,
+                name: str | None = None) -> dict[str, Any]:
+    """Write the submodel ``widths`` of ``model`` as one GGUF file llama.cpp runs as it is.
+
+    Args:
+        model: A (nested or dense) language model.
+        tokenizer: Its tokenizer; embedded in the file.
+        out: Destination ``.gguf`` file.
+        widths: The submodel (extracted first); None exports the model as it is (the full model
+            of a nested checkpoint).
+        dtype: Storage of the weight matrices: f32 (exact), f16, bf16 or q8_0 (matrices whose
+            rows are not a multiple of 32 values fall back to f16).
+        overwrite: Replace an existing file (CLI: ``--force``).
+        name: ``general.name`` in the file (default: the submodel's granularity name).
+
+    Returns:
+        Facts about the export: architecture, widths, parameter count, tensor types, bytes.
+
+    Raises:
+        GGUFExportError: Unsupported activation/width combination, unknown dtype or an existing
+            file without ``overwrite``.
+    """
+    from .extract import extract
+
+    if dtype not in DTYPES:
+        raise GGUFExportError(f"dtype {dtype!r}: choose one of {DTYPES}")
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise GGUFExportError(f"{out} already exists; pass --force (overwrite=True) to replace it")
+    sub = model if widths is None else extract(model, widths)
+    cfg = sub.config
+    arch = architecture(cfg)
+    gguf = _gguf()
+    tokens, types, merges = _vocab(tokenizer, cfg.vocab_size)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    dims = list(cfg.ffn_dims)
+    sizes = [w or 1 for w in dims]  # skipped FFNs are written as one zero unit (see _tensors)
+    stored: dict[str, int] = {}
+    try:
+        writer = gguf.GGUFWriter(str(tmp), arch)
+        writer.add_name(name or cfg.names[0])
+        writer.add_context_length(cfg.max_seq_len)
+        writer.add_embedding_length(cfg.d_model)
+        writer.add_block_count(cfg.n_layer)
+        writer.add_feed_forward_length(sizes if arch == "deci" else sizes[0])
+        writer.add_head_count(cfg.n_head)
+        writer.add_head_count_kv(cfg.kv_heads)
+        writer.add_key_length(cfg.head_dim)
+        writer.add_value_length(cfg.head_dim)
+        writer.add_rope_dimension_count(cfg.head_dim)
+        writer.add_rope_freq_base(float(cfg.rope_theta))
+        writer.add_layer_norm_rms_eps(float(cfg.norm_eps))
+        writer.add_vocab_size(cfg.vocab_size)
+        writer.add_file_type(int(getattr(gguf.LlamaFileType, _FILE_TYPES[dtype])))
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre("gpt-2")
+        writer.add_token_list(tokens)
+        writer.add_token_types(types)
+        writer.add_token_merges(merges)
+        writer.add_bos_token_id(tokenizer.eos_id)
+        writer.add_eos_token_id(tokenizer.eos_id)
+        writer.add_add_bos_token(False)
+        writer.add_add_eos_token(False)
+        for key, t in _tensors(sub).items():
+            kind = _add_tensor(writer, key, t, dtype)
+            stored[kind] = stored.get(kind, 0) + 1
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    info = {"out": str(out), "architecture": arch, "ffn_widths": dims, "dtype": dtype,
+            "tensor_types": stored, "params": sub.num_params(),
+            "bytes": out.stat().st_size, "vocab_size": cfg.vocab_size}
+    log.info("exported %s (%s, FFN widths %s) to %s", arch, dtype, dims, out)
+    return info
+
+
+# ----------------------------------------------------------------------------- llama.cpp side
+def load_llama(path: str | Path, *, n_ctx: int = 0, threads: int = 1, logits_all: bool = False
+               ) -> Any:
+    """Open a GGUF file with llama-cpp-python, fp32 KV cache (exact), quiet.
+
+    ``n_ctx=0`` uses the context length stored in the file.
+    """
+    try:
+        from llama_cpp import Llama
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise GGUFExportError("running GGUF files needs llama-cpp-python: "
+                              "pip install llama-cpp-python") from e
+    return Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
+                 logits_all=logits_all, verbose=False, type_k=0, type_v=0, flash_attn=False)
+
+
+def llama_logits(path: str | Path, ids: Sequence[int], *, threads: int = 1) -> np.ndarray:
+    """Logits (T, vocab) llama.cpp computes for one sequence of token ids."""
+    llm = load_llama(path, threads=threads, logits_all=True)
+    try:
+        llm.eval(list(ids))
+        return np.array(llm.scores[: len(ids)], dtype=np.float32)
+    finally:
+        llm.close()
