@@ -74,6 +74,8 @@ examples:
   matformer generate runs/demo --prompt "ROMEO." --draft S --shared-cache --stats  # S drafts XL
   matformer generate runs/demo --granularity L --draft M --adaptive --temperature 0.8
   matformer generate runs/demo --draft-model runs/base-S --stats       # external drafter
+  matformer generate runs/demo --draft auto --draft-table --adaptive --stats  # search a drafter
+  matformer generate runs/demo --dtype bf16 --compile --stats   # bf16 weights + cache, compiled
 """
     p = add_command(
         sub, "generate", "sample text from any submodel (KV cache; speculative with --draft)",
@@ -98,16 +100,26 @@ examples:
     p.add_argument("--stats", action="store_true",
                    help="print tokens/s (and, speculative, acceptance) to stderr")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"),
+                   help="weights and KV cache precision")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the decode forward, one graph per submodel "
+                   "(default: on with CUDA, off on CPU)")
     s = p.add_argument_group("speculative decoding")
     s.add_argument("--draft", help="drafter: a granularity name or per-layer widths of the "
-                   "same weights (or of --draft-model)")
+                   "same weights (or of --draft-model); 'auto' searches uniform and "
+                   "Mix'n'Match drafters for the highest expected speed on held-out prompts")
+    s.add_argument("--draft-table", action="store_true",
+                   help="with --draft auto: print the searched table to stderr")
     s.add_argument("--draft-model", type=Path,
                    help="a separately trained drafter checkpoint with the same tokenizer")
     s.add_argument("--shared-cache", action="store_true",
                    help="one KV cache for drafter and target (the target overwrites the draft's)")
     s.add_argument("--draft-len", type=int, default=4, help="tokens drafted per round")
     s.add_argument("--adaptive", action="store_true",
-                   help="grow/shrink the draft length with the acceptance")
+                   help="choose each round's draft length (0 = plain decoding) from measured "
+                   "costs and the running acceptance")
+    s.add_argument("--max-draft-len", type=int, default=8, help="longest draft (--adaptive)")
 
 
 def add_consistency(sub: argparse._SubParsersAction) -> None:
@@ -269,9 +281,13 @@ def generate(args: argparse.Namespace) -> int:
     from . import checkpoint as ckpt
     from .config import parse_widths
     from .generate import generate, generate_stream
+    from .runner import RunnerPool
     from .speculative import SpecStats, speculative_stream
 
+    torch.set_flush_denormal(True)
     model, tokenizer = ckpt.load_checkpoint(args.checkpoint)
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    model = model.to(dtypes[args.dtype]).eval()
     cfg = model.config
     widths: Any = args.granularity
     if args.widths:
@@ -281,7 +297,15 @@ def generate(args: argparse.Namespace) -> int:
     gen = torch.Generator().manual_seed(args.seed)
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                     eos_id=tokenizer.eos_id, generator=gen)
-    speculative = args.draft is not None or args.draft_model is not None
+    runners = RunnerPool(model, compile=args.compile)
+    draft: Any = args.draft
+    draft_len = args.draft_len
+    if draft == "auto":
+        if args.draft_model:
+            raise ValueError("--draft auto searches submodels of the same weights; "
+                             "drop --draft-model")
+        draft, draft_len = _auto_drafter(args, model, tokenizer, widths, runners)
+    speculative = draft is not None or args.draft_model is not None
     if speculative and (len(prompts) > 1 or args.no_cache):
         raise ValueError("speculative decoding takes one --prompt and needs the KV cache")
     stats: SpecStats | None = None
@@ -290,17 +314,19 @@ def generate(args: argparse.Namespace) -> int:
         draft_model = None
         if args.draft_model:
             draft_model, draft_tok = ckpt.load_checkpoint(args.draft_model)
+            draft_model = draft_model.to(dtypes[args.dtype])
             if draft_tok != tokenizer:
                 raise ValueError(f"{args.draft_model} uses another tokenizer than the target")
         dcfg = (draft_model or model).config
-        draft: Any = args.draft
-        if draft is not None and draft not in dcfg.names:
+        if isinstance(draft, str) and draft not in dcfg.names:
             draft = parse_widths(draft, dcfg.n_layer)
         stats = SpecStats()
         pieces = ([t.tolist()] for t in speculative_stream(
             model, torch.tensor(prompts[0]), args.max_new_tokens, draft=draft, target=widths,
             target_heads=heads, draft_model=draft_model, shared_cache=args.shared_cache,
-            draft_len=args.draft_len, adaptive=args.adaptive, stats=stats, **sampling))
+            draft_len=draft_len, adaptive=args.adaptive,
+            max_draft_len=max(args.max_draft_len, draft_len), stats=stats, runners=runners,
+            **sampling))
     elif args.no_cache or (len(prompts) == 1 and
                            len(prompts[0]) + args.max_new_tokens - 1 > cfg.max_seq_len):
         # Longer than the context: the reference decoder slides its window (no cache).
@@ -309,7 +335,8 @@ def generate(args: argparse.Namespace) -> int:
         pieces = [out[:, len(prompts[0]):].tolist()]
     else:
         pieces = ([[t] for t in step.tolist()] for step in generate_stream(
-            model, prompts, args.max_new_tokens, widths=widths, heads=heads, **sampling))
+            model, prompts, args.max_new_tokens, widths=widths, heads=heads, runners=runners,
+            **sampling))
     new: list[list[int]] = [[] for _ in prompts]
     streaming = args.stream and len(prompts) == 1 and not args.json
     shown = tokenizer.decode(prompts[0], skip_special_tokens=True) if streaming else ""
@@ -330,6 +357,8 @@ def generate(args: argparse.Namespace) -> int:
                             "tokens_per_second": n_new / elapsed if elapsed else 0.0}
     if stats is not None:
         info.update(stats.as_dict())
+    if runners.compile:
+        info["compile_seconds"] = runners.compile_seconds
     if args.json:
         print(json.dumps({"widths": list(model.resolve_widths(widths)), "text": texts[0],
                           "texts": texts, "stats": info}))
@@ -346,6 +375,35 @@ def generate(args: argparse.Namespace) -> int:
                      f"{stats.rounds} rounds")
         print(line, file=sys.stderr)
     return 0
+
+
+def _auto_drafter(args: argparse.Namespace, model: Any, tokenizer: Any, target: Any,
+                  runners: Any) -> tuple[tuple[int, ...] | None, int]:
+    """``--draft auto``: search drafters on held-out prompts; (widths or None, draft length)."""
+    from .draft import search_drafter
+    from .metrics import validation_batches
+
+    batches, _ = validation_batches(args.checkpoint, tokenizer, batch_size=1, max_batches=4)
+    prompts = [x[0, :32].to(next(model.parameters()).device) for x, _ in batches]
+    new = min(32, model.config.max_seq_len - 33)
+    tw = model.resolve_widths(target)
+    rows = search_drafter(model, prompts, target=tw, new_tokens=new, runners=runners,
+                          max_draft_len=args.max_draft_len)
+    if args.draft_table:
+        print(f"{'drafter':<18}{'widths':<34}{'accept':>7}{'draft ms':>9}{'best k':>7}"
+              f"{'tok/s':>9}{'vs plain':>9}", file=sys.stderr)
+        for r in rows:
+            print(f"{r.name:<18}{','.join(map(str, r.widths)):<34}{r.acceptance:>7.1%}"
+                  f"{r.draft_ms:>9.2f}{r.best_k:>7}{r.tokens_per_s:>9.1f}{r.speedup:>8.2f}x",
+                  file=sys.stderr)
+    best = rows[0]
+    if best.best_k == 0:
+        print("--draft auto: no drafter is expected to beat plain decoding here; decoding "
+              "without one", file=sys.stderr)
+        return None, args.draft_len
+    print(f"--draft auto: {best.name} ({','.join(map(str, best.widths))}), k={best.best_k}, "
+          f"expected {best.speedup:.2f}x plain", file=sys.stderr)
+    return best.widths, best.best_k
 
 
 def consistency(args: argparse.Namespace) -> int:
