@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import math
-import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -133,7 +132,8 @@ def _sync(device: torch.device) -> None:
 
 
 def time_call(fn: Callable[[], object], device: torch.device, reps: int = 3) -> float:
-    """Median seconds of ``fn()`` over ``reps`` calls after one untimed call."""
+    """Fastest of ``reps`` timed calls of ``fn()`` after one untimed call (on a shared machine
+    the minimum is the steadiest estimate of what the call itself costs)."""
     fn()
     times = []
     for _ in range(reps):
@@ -142,7 +142,7 @@ def time_call(fn: Callable[[], object], device: torch.device, reps: int = 3) -> 
         fn()
         _sync(device)
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return min(times)
 
 
 @torch.no_grad()
@@ -245,7 +245,7 @@ def search_drafter(model: MatFormerLM, prompts: Sequence[Tensor], *,
     Acceptance: the target greedily continues each held-out prompt (1-D ids of one length) by
     ``new_tokens``; each drafter's agreement along those continuations is its acceptance.
     Costs: a drafter token and target forwards over 1, 2 and ``max_draft_len + 1`` tokens,
-    timed at the end of a filled cache, candidates interleaved in every repeat.
+    timed at the end of a filled cache (fastest of ``reps``), candidates interleaved.
 
     Returns:
         :func:`rank_drafters` rows, best first (a best ``k`` of 0: do not draft).
@@ -273,7 +273,7 @@ def search_drafter(model: MatFormerLM, prompts: Sequence[Tensor], *,
             runner = pool.get(w)
             times[name].append(time_call(lambda r=runner: r(tok, cache, pos, last_only=True),
                                          device, reps=1))
-    costs = {n: DraftCosts(statistics.median(ts), dict(base.verify), frozen=True)
+    costs = {n: DraftCosts(min(ts), dict(base.verify), frozen=True)
              for n, ts in times.items()}
     rows = rank_drafters(acceptance, drafters, costs, max_draft_len)
     log.info("drafter search: best %s (k=%d, %.2fx plain)", rows[0].name, rows[0].best_k,

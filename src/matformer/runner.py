@@ -42,25 +42,28 @@ HeadSpec = None | str | int | Sequence[int]
 
 @dataclass(frozen=True)
 class _Layer:
-    """Weight views of one block of one submodel."""
+    """Weight views of one block of one submodel, transposed for ``x @ w`` (views, no copies)."""
 
     attn_norm: Tensor
-    wq: Tensor
-    wk: Tensor
+    wq: Tensor  # (C, h * hd)
+    wk: Tensor  # (C, kvh * hd)
     wv: Tensor
-    wo: Tensor
+    wo: Tensor  # (h * hd, C)
     ffn_norm: Tensor
-    gate: Tensor | None
+    gate: Tensor | None  # (C, w)
     up: Tensor
-    down: Tensor
+    down: Tensor  # (w, C)
     n_head: int
     n_kv_head: int
 
 
 def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotary embedding, "rotate half" layout (as ``model.apply_rope``)."""
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
+    """Rotary embedding of (B, T, h, hd) rows in the "rotate half" layout of
+    ``model.apply_rope``; ``sin`` has its first half negated, so the rotation is a flip of the
+    two halves (one op instead of slice, neg, slice and cat)."""
+    B, T, h, hd = x.shape
+    swapped = x.view(B, T, h, 2, hd // 2).flip(3).view(B, T, h, hd)
+    return x * cos + swapped * sin
 
 
 class SubmodelRunner:
@@ -87,17 +90,18 @@ class SubmodelRunner:
             kvh = h * cfg.kv_heads // cfg.n_head
             w, attn, ffn = self.widths[i], block.attn, block.ffn
             self.layers.append(_Layer(
-                attn_norm=block.attn_norm.weight, wq=attn.q_proj.weight[: h * hd],
-                wk=attn.k_proj.weight[: kvh * hd], wv=attn.v_proj.weight[: kvh * hd],
-                wo=attn.o_proj.weight[:, : h * hd], ffn_norm=block.ffn_norm.weight,
-                gate=None if ffn.gate_proj is None else ffn.gate_proj.weight[:w],
-                up=ffn.up_proj.weight[:w], down=ffn.down_proj.weight[:, :w], n_head=h,
+                attn_norm=block.attn_norm.weight, wq=attn.q_proj.weight[: h * hd].t(),
+                wk=attn.k_proj.weight[: kvh * hd].t(), wv=attn.v_proj.weight[: kvh * hd].t(),
+                wo=attn.o_proj.weight[:, : h * hd].t(), ffn_norm=block.ffn_norm.weight,
+                gate=None if ffn.gate_proj is None else ffn.gate_proj.weight[:w].t(),
+                up=ffn.up_proj.weight[:w].t(), down=ffn.down_proj.weight[:, :w].t(), n_head=h,
                 n_kv_head=kvh))
         self.embed, self.norm, self.lm_head = (model.embed.weight, model.norm.weight,
-                                               model.lm_head.weight)
+                                               model.lm_head.weight.t())
         dev, dtype = self.embed.device, self.embed.dtype
         cos, sin = rope_tables(hd, cfg.max_seq_len, cfg.rope_theta, device=dev)
-        self.cos, self.sin = cos.to(dtype), sin.to(dtype)
+        sin = torch.cat([-sin[:, : hd // 2], sin[:, hd // 2:]], dim=-1)  # see _rotate
+        self.cos, self.sin = cos.to(dtype)[:, None], sin.to(dtype)[:, None]  # (max_len, 1, hd)
         n = cfg.max_seq_len
         self.causal = torch.ones(n, n, dtype=torch.bool, device=dev).tril()  # (query, key)
         self.compiled = compile
@@ -112,19 +116,19 @@ class SubmodelRunner:
         return F.rms_norm(x.float(), (x.shape[-1],), weight.float(), self.eps).type_as(x)
 
     def _ffn(self, x: Tensor, layer: _Layer) -> Tensor:
-        up = F.linear(x, layer.up)
+        up = x @ layer.up  # (N, w)
         if layer.gate is not None:
-            hidden = F.silu(F.linear(x, layer.gate)) * up
+            hidden = F.silu(x @ layer.gate).mul_(up)
         elif self.activation == "gelu":
             hidden = F.gelu(up)
         else:  # relu2
             hidden = F.relu(up).square()
-        return F.linear(hidden, layer.down)
+        return hidden
 
     def _forward(self, idx: Tensor, k_cache: Tensor, v_cache: Tensor, start_pos: int | Tensor,
                  last_only: bool) -> Tensor:
-        """Shared body. ``start_pos`` an int: eager, attention over the slots in use;
-        a 0-d tensor: static shapes, attention over every slot under the causal mask."""
+        """Shared body, on (B * T, C) rows. ``start_pos`` an int: eager, attention over the
+        slots in use; a 0-d tensor: static shapes, attention over every slot under the mask."""
         B, T = idx.shape
         hd = self.head_dim
         static = isinstance(start_pos, Tensor)
@@ -133,30 +137,30 @@ class SubmodelRunner:
             cos, sin, mask = self.cos[pos], self.sin[pos], self.causal[pos][:, : k_cache.shape[3]]
         else:
             end = start_pos + T
-            cos, sin = self.cos[start_pos:end], self.sin[start_pos:end]
+            cos, sin = self.cos[start_pos:end], self.sin[start_pos:end]  # (T, 1, hd)
             mask = None if T == 1 else self.causal[start_pos:end, :end]
-        x = F.embedding(idx, self.embed)  # (B, T, C)
+        x = F.embedding(idx.reshape(-1), self.embed)  # (B * T, C)
         for i, L in enumerate(self.layers):
             h = self._rms(x, L.attn_norm)
-            q = F.linear(h, L.wq).view(B, T, L.n_head, hd).transpose(1, 2)
-            k = F.linear(h, L.wk).view(B, T, L.n_kv_head, hd).transpose(1, 2)
-            v = F.linear(h, L.wv).view(B, T, L.n_kv_head, hd).transpose(1, 2)
-            q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)  # (B, h, T, hd)
+            q = _rotate((h @ L.wq).view(B, T, L.n_head, hd), cos, sin)
+            k = _rotate((h @ L.wk).view(B, T, L.n_kv_head, hd), cos, sin)
+            v = (h @ L.wv).view(B, T, L.n_kv_head, hd)
             kc, vc = k_cache[i, :, : L.n_kv_head], v_cache[i, :, : L.n_kv_head]
             if static:
-                kc.index_copy_(2, pos, k)
-                vc.index_copy_(2, pos, v)
+                kc.index_copy_(2, pos, k.transpose(1, 2))
+                vc.index_copy_(2, pos, v.transpose(1, 2))
             else:
-                kc[:, :, start_pos:end] = k
-                vc[:, :, start_pos:end] = v
+                kc[:, :, start_pos:end] = k.transpose(1, 2)
+                vc[:, :, start_pos:end] = v.transpose(1, 2)
                 kc, vc = kc[:, :, :end], vc[:, :, :end]
-            y = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask,
+            y = F.scaled_dot_product_attention(q.transpose(1, 2), kc, vc, attn_mask=mask,
                                                enable_gqa=L.n_kv_head != L.n_head)
-            x = x + F.linear(y.transpose(1, 2).reshape(B, T, L.n_head * hd), L.wo)
-            x = x + self._ffn(self._rms(x, L.ffn_norm), L)
+            x = torch.addmm(x, y.transpose(1, 2).reshape(B * T, L.n_head * hd), L.wo)
+            x = torch.addmm(x, self._ffn(self._rms(x, L.ffn_norm), L), L.down)
         if last_only:
-            x = x[:, -1:]
-        return F.linear(self._rms(x, self.norm), self.lm_head)  # (B, T or 1, vocab)
+            x = x.view(B, T, -1)[:, -1]
+            T = 1
+        return (self._rms(x, self.norm) @ self.lm_head).view(B, T, -1)  # (B, T, vocab)
 
     # ----------------------------------------------------------------- calls
     def __call__(self, idx: Tensor, cache: KVCache, start_pos: int, *,

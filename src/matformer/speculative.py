@@ -256,6 +256,8 @@ def _verify(s: _Setup, out: Tensor, n: int, k: int, draft_probs: Tensor | None,
     drafter's K/V of those slots with the target's); the emitted 1..k+1 tokens."""
     tl = s.target(out[None, n - 1: n + k], s.tcache, n - 1)[0]  # (k + 1, vocab)
     drafts = out[n: n + k]
+    if k == 0 and sampler.greedy:  # a plain decoding step
+        return tl.argmax(-1)
     if sampler.greedy:
         return greedy_accept(drafts, tl)
     dp = draft_probs if draft_probs is not None else tl.new_zeros(0, tl.shape[-1])
