@@ -9,8 +9,11 @@ does not shrink with the FFN width. A :class:`SubmodelRunner` does the per-submo
 
 * widths and heads are resolved and checked when the runner is made, never per token;
 * the weight views of the submodel (prefix slices, no copies) are taken once;
-* RMSNorm is one fused operator (``F.rms_norm``), the causal mask is one preallocated table,
-  sliced per call; a single query with no padding needs no mask at all;
+* activations are (B * T, C) rows multiplied by transposed weight views with ``torch.mm`` and
+  ``torch.addmm`` (the residual add fused in), no per-call reshaping of 3-D inputs;
+* the rotary embedding flips the two halves of each head (the sign lives in the sin table),
+  the causal mask is one preallocated table sliced per call, and a single query with no
+  padding needs no mask at all;
 * a prefill computes the vocabulary projection for the last position only.
 
 Left-padded batches are not handled here (``KVCache.padded``): callers use ``model.forward``
@@ -110,15 +113,18 @@ class SubmodelRunner:
 
     # ----------------------------------------------------------------- pieces
     def _rms(self, x: Tensor, weight: Tensor) -> Tensor:
+        # RMSNorm.forward's arithmetic (bit for bit in fp32) without its dtype round trips;
+        # F.rms_norm would be one call but copies its input on CPU.
+        xf = x if x.dtype == torch.float32 else x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         if x.dtype == torch.float32:
-            return F.rms_norm(x, (x.shape[-1],), weight, self.eps)
-        # Low precision: normalise in fp32 as RMSNorm.forward does.
-        return F.rms_norm(x.float(), (x.shape[-1],), weight.float(), self.eps).type_as(x)
+            return y * weight
+        return (y * weight.float()).type_as(x)
 
     def _ffn(self, x: Tensor, layer: _Layer) -> Tensor:
-        up = x @ layer.up  # (N, w)
+        up = torch.mm(x, layer.up)  # (N, w)
         if layer.gate is not None:
-            hidden = F.silu(x @ layer.gate).mul_(up)
+            hidden = F.silu(torch.mm(x, layer.gate)).mul_(up)
         elif self.activation == "gelu":
             hidden = F.gelu(up)
         else:  # relu2
@@ -142,9 +148,9 @@ class SubmodelRunner:
         x = F.embedding(idx.reshape(-1), self.embed)  # (B * T, C)
         for i, L in enumerate(self.layers):
             h = self._rms(x, L.attn_norm)
-            q = _rotate((h @ L.wq).view(B, T, L.n_head, hd), cos, sin)
-            k = _rotate((h @ L.wk).view(B, T, L.n_kv_head, hd), cos, sin)
-            v = (h @ L.wv).view(B, T, L.n_kv_head, hd)
+            q = _rotate(torch.mm(h, L.wq).view(B, T, L.n_head, hd), cos, sin)
+            k = _rotate(torch.mm(h, L.wk).view(B, T, L.n_kv_head, hd), cos, sin)
+            v = torch.mm(h, L.wv).view(B, T, L.n_kv_head, hd)
             kc, vc = k_cache[i, :, : L.n_kv_head], v_cache[i, :, : L.n_kv_head]
             if static:
                 kc.index_copy_(2, pos, k.transpose(1, 2))
@@ -160,7 +166,7 @@ class SubmodelRunner:
         if last_only:
             x = x.view(B, T, -1)[:, -1]
             T = 1
-        return (self._rms(x, self.norm) @ self.lm_head).view(B, T, -1)  # (B, T, vocab)
+        return torch.mm(self._rms(x, self.norm), self.lm_head).view(B, T, -1)  # (B, T, vocab)
 
     # ----------------------------------------------------------------- calls
     def __call__(self, idx: Tensor, cache: KVCache, start_pos: int, *,
