@@ -3,8 +3,10 @@
 * :func:`sample_next` / :func:`logits_to_probs` -- temperature, top-k and top-p, seeded by an
   explicit ``torch.Generator``; ``temperature=0`` is greedy.
 * :func:`generate_stream` -- the fast decoder: one prefill forward over the (left-padded) prompts
-  fills a :class:`~matformer.cache.KVCache`, then every step feeds one token per row. Yields each
-  step's tokens as they come.
+  fills a :class:`~matformer.cache.KVCache`, then every step feeds one token per row, through
+  the lean per-submodel forward of :mod:`matformer.runner` (eager, or ``torch.compile``-d with
+  ``compile=True``; the default compiles on CUDA only) unless the batch is left-padded. Yields
+  each step's tokens as they come.
 * :func:`generate` -- collects the stream; falls back to the simple uncached reference decoder
   (re-runs the model over the whole, cropped, context every step) when asked to or when the
   prompt plus the new tokens do not fit the context.
@@ -204,6 +206,7 @@ def generate(model: MatFormerLM, prompt: Tensor | Sequence[Sequence[int]], max_n
         use_cache: True decodes with a KV cache (:func:`generate_stream`); False runs the simple
             reference decoder that re-runs the model over the (cropped) context each step; None
             (default) uses the cache whenever prompt + new tokens fit the context.
+        runners, compile: The lean forwards to decode with (see :func:`generate_stream`).
         Others: as in :func:`generate_stream`.
     """
     ids, lengths = _as_batch(prompt, prompt_lengths, 0 if eos_id is None else eos_id)
