@@ -178,8 +178,8 @@ def variants(model: MatFormerLM, tokenizer: Any, args: argparse.Namespace,
 
 
 def measure(vs: list[Variant], prompts: list[list[int]], repeats: int) -> None:
-    for v in vs:  # warm-up: one short run each (also measures the adaptive rule's costs)
-        v.run(prompts[0][:8])
+    for v in vs:  # warm-up: one run each (compiles graphs; measures the adaptive rule's costs)
+        v.run(prompts[0])
     for r in range(repeats):
         for i, prompt in enumerate(prompts):
             j = (r * len(prompts) + i) % len(vs)

@@ -131,6 +131,12 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def synced_clock(device: torch.device) -> float:
+    """``time.perf_counter()`` once the device has finished its queued work."""
+    _sync(device)
+    return time.perf_counter()
+
+
 def time_call(fn: Callable[[], object], device: torch.device, reps: int = 3) -> float:
     """Fastest of ``reps`` timed calls of ``fn()`` after one untimed call (on a shared machine
     the minimum is the steadiest estimate of what the call itself costs)."""

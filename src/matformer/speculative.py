@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from .cache import KVCache
-from .draft import Acceptance, DraftCosts, choose_draft_len, measure_costs
+from .draft import Acceptance, DraftCosts, choose_draft_len, measure_costs, synced_clock
 from .generate import HeadSpec, _check_sampling, logits_to_probs, prefill
 from .model import MatFormerLM, WidthSpec
 from .runner import RunnerPool, SubmodelRunner
@@ -377,7 +377,7 @@ def _decode(s: _Setup, pool: RunnerPool, ids: Tensor, max_new_tokens: int, stats
         k_now = min(k, max_new_tokens - generated - 1)
         t_draft = perf_counter()
         draft_valid, draft_probs = _draft(s, out, n, draft_valid, k_now, sampler)
-        t_verify = _now(device)
+        t_verify = synced_clock(device)
         accepted = _verify(s, out, n, k_now, draft_probs, sampler)
         a = accepted.numel() - 1  # drafts kept
         if max_k is not None:
@@ -397,13 +397,6 @@ def _decode(s: _Setup, pool: RunnerPool, ids: Tensor, max_new_tokens: int, stats
         stats.accepted += a
         stats.draft_lens.append(k_now)
         tokens = accepted
-
-
-def _now(device: torch.device) -> float:
-    """Wall-clock seconds after the device has finished its queued work."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return perf_counter()
 
 
 def _emit(tokens: Tensor, eos_id: int | None, stats: SpecStats) -> Tensor:
