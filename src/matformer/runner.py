@@ -41,6 +41,8 @@ from .model import MatFormerLM, WidthSpec, rope_tables
 log = logging.getLogger(__name__)
 
 HeadSpec = None | str | int | Sequence[int]
+#: Compiled graphs allowed per process for the runner's forward (submodels x query lengths).
+RECOMPILE_LIMIT = 256
 
 
 @dataclass(frozen=True)
@@ -108,7 +110,7 @@ class SubmodelRunner:
         n = cfg.max_seq_len
         self.causal = torch.ones(n, n, dtype=torch.bool, device=dev).tril()  # (query, key)
         self.compiled = compile
-        self._graphs: dict[int, Callable[..., Tensor]] = {}
+        self._graphs: dict[tuple[int, bool], Callable[..., Tensor]] = {}
         self.compile_seconds = 0.0
 
     # ----------------------------------------------------------------- pieces
@@ -121,7 +123,8 @@ class SubmodelRunner:
             return y * weight
         return (y * weight.float()).type_as(x)
 
-    def _ffn(self, x: Tensor, layer: _Layer) -> Tensor:
+    def _ffn_hidden(self, x: Tensor, layer: _Layer) -> Tensor:
+        """The FFN's hidden activations (N, w); the caller applies the down projection."""
         up = torch.mm(x, layer.up)  # (N, w)
         if layer.gate is not None:
             hidden = F.silu(torch.mm(x, layer.gate)).mul_(up)
@@ -162,7 +165,7 @@ class SubmodelRunner:
             y = F.scaled_dot_product_attention(q.transpose(1, 2), kc, vc, attn_mask=mask,
                                                enable_gqa=L.n_kv_head != L.n_head)
             x = torch.addmm(x, y.transpose(1, 2).reshape(B * T, L.n_head * hd), L.wo)
-            x = torch.addmm(x, self._ffn(self._rms(x, L.ffn_norm), L), L.down)
+            x = torch.addmm(x, self._ffn_hidden(self._rms(x, L.ffn_norm), L), L.down)
         if last_only:
             x = x.view(B, T, -1)[:, -1]
             T = 1
@@ -195,7 +198,10 @@ class SubmodelRunner:
             graph = torch.compile(self._forward, dynamic=False, fullgraph=True)
             t0 = time.perf_counter()
             pos = torch.tensor(start_pos, device=idx.device)
-            out = graph(idx, cache.k, cache.v, pos, last_only)
+            # Every runner compiles the same method, and dynamo counts recompilations per code
+            # object: allow one graph per (submodel, query length) instead of its default 8.
+            with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+                out = graph(idx, cache.k, cache.v, pos, last_only)
             self.compile_seconds += time.perf_counter() - t0
             self._graphs[key] = graph
             log.info("compiled widths %s for %d query position(s) in %.1fs", self.widths, T,
