@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import logging
 import math
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -43,8 +45,8 @@ def expected_tokens(k: int, alpha: float) -> float:
 class DraftCosts:
     """Seconds of one drafter token and of one target forward over ``n`` tokens.
 
-    ``verify`` maps ``n`` to seconds; costs of other ``n`` are interpolated linearly between
-    the nearest measured ones (extrapolated from the two largest). With ``frozen`` the numbers
+    ``verify`` maps ``n`` to measured seconds; :meth:`verify_cost` fits a line through them.
+    With ``frozen`` the numbers
     are a fixed cost model (tests, what-if tables); otherwise measurements update them as an
     exponential moving average with weight ``weight``.
     """
@@ -54,19 +56,25 @@ class DraftCosts:
     frozen: bool = False
     weight: float = 0.2
 
+    def __post_init__(self) -> None:
+        self._line: tuple[float, float] | None = None  # (cost at n = 0, slope), refit on change
+
     def verify_cost(self, n: int) -> float:
-        """Estimated seconds of a target forward over ``n`` tokens."""
-        if n in self.verify:
-            return self.verify[n]
+        """Estimated seconds of a target forward over ``n`` tokens: a least-squares line
+        through the measured lengths (slope >= 0), which smooths out timing noise."""
+        if self._line is None:
+            self._line = self._fit()
+        return max(self._line[0] + self._line[1] * n, 1e-12)
+
+    def _fit(self) -> tuple[float, float]:
         ns = sorted(self.verify)
         if len(ns) == 1:  # one measurement: assume cost grows in proportion (pessimistic)
-            return self.verify[ns[0]] * n / ns[0]
-        below = [m for m in ns if m < n]
-        above = [m for m in ns if m > n]
-        lo, hi = ((below[-1], above[0]) if below and above else
-                  (ns[-2], ns[-1]) if below else (ns[0], ns[1]))
-        slope = (self.verify[hi] - self.verify[lo]) / (hi - lo)
-        return max(self.verify[lo] + slope * (n - lo), 1e-12)
+            return 0.0, self.verify[ns[0]] / ns[0]
+        mean_n = sum(ns) / len(ns)
+        mean_c = sum(self.verify.values()) / len(ns)
+        slope = max(0.0, sum((m - mean_n) * (self.verify[m] - mean_c) for m in ns) / sum(
+            (m - mean_n) ** 2 for m in ns))
+        return mean_c - slope * mean_n, slope
 
     def round_cost(self, k: int) -> float:
         """Seconds of a round with ``k`` drafts (``k = 0``: a plain decoding step)."""
@@ -81,6 +89,7 @@ class DraftCosts:
             return
         old = self.verify.get(n)
         self.verify[n] = seconds if old is None else old + self.weight * (seconds - old)
+        self._line = None
 
 
 @dataclass
@@ -138,8 +147,8 @@ def synced_clock(device: torch.device) -> float:
 
 
 def time_call(fn: Callable[[], object], device: torch.device, reps: int = 3) -> float:
-    """Fastest of ``reps`` timed calls of ``fn()`` after one untimed call (on a shared machine
-    the minimum is the steadiest estimate of what the call itself costs)."""
+    """Median seconds of ``reps`` timed calls of ``fn()`` after one untimed call (the typical
+    cost, as decoding will see it, rather than the best case)."""
     fn()
     times = []
     for _ in range(reps):
@@ -148,12 +157,12 @@ def time_call(fn: Callable[[], object], device: torch.device, reps: int = 3) -> 
         fn()
         _sync(device)
         times.append(time.perf_counter() - t0)
-    return min(times)
+    return statistics.median(times)
 
 
 @torch.no_grad()
 def measure_costs(drafter: SubmodelRunner, target: SubmodelRunner, dcache: KVCache,
-                  tcache: KVCache, pos: int, max_n: int, *, reps: int = 3) -> DraftCosts:
+                  tcache: KVCache, pos: int, max_n: int, *, reps: int = 5) -> DraftCosts:
     """Measure a drafter token and target forwards over 1, 2 and ``max_n`` tokens at ``pos``.
 
     Writes scratch K/V into slots ``pos ..``; callers measure at the first slot not yet holding
@@ -244,14 +253,14 @@ def greedy_acceptance(model: MatFormerLM, sequences: Sequence[Tensor], prompt_le
 def search_drafter(model: MatFormerLM, prompts: Sequence[Tensor], *,
                    target: tuple[int, ...] | None = None, new_tokens: int = 32,
                    max_draft_len: int = 8, runners: RunnerPool | None = None,
-                   drafters: dict[str, tuple[int, ...]] | None = None, reps: int = 5
+                   drafters: dict[str, tuple[int, ...]] | None = None, reps: int = 7
                    ) -> list[DrafterRow]:
     """Rank drafters (and draft lengths) for ``target`` by expected tokens/s on this machine.
 
     Acceptance: the target greedily continues each held-out prompt (1-D ids of one length) by
     ``new_tokens``; each drafter's agreement along those continuations is its acceptance.
     Costs: a drafter token and target forwards over 1, 2 and ``max_draft_len + 1`` tokens,
-    timed at the end of a filled cache (fastest of ``reps``), candidates interleaved.
+    timed at the end of a filled cache, all interleaved in each of ``reps`` rounds (median).
 
     Returns:
         :func:`rank_drafters` rows, best first (a best ``k`` of 0: do not draft).
@@ -267,20 +276,23 @@ def search_drafter(model: MatFormerLM, prompts: Sequence[Tensor], *,
     acceptance = {n: greedy_acceptance(model, seqs, T, w) for n, w in drafters.items()}
     pos = T + new_tokens // 2
     cache = KVCache.for_model(model, 1, min(pos + max_draft_len + 1, model.config.max_seq_len))
-    prefill_runner = pool.get(tw)
-    prefill_runner(seqs[0][None, :pos], cache, 0)
+    pool.get(tw)(seqs[0][None, :pos], cache, 0)
     device = cache.k.device
-    base = measure_costs(pool.get(drafters[next(iter(drafters))]), prefill_runner, cache, cache,
-                         pos, max_draft_len + 1, reps=reps)
-    times: dict[str, list[float]] = {n: [] for n in drafters}
-    tok = torch.zeros(1, 1, dtype=torch.long, device=device)
-    for _ in range(reps):  # interleaved: load on a shared machine hits every drafter alike
-        for name, w in drafters.items():
-            runner = pool.get(w)
-            times[name].append(time_call(lambda r=runner: r(tok, cache, pos, last_only=True),
-                                         device, reps=1))
-    costs = {n: DraftCosts(min(ts), dict(base.verify), frozen=True)
-             for n, ts in times.items()}
+    target = pool.get(tw)
+    tok = torch.zeros(1, max_draft_len + 1, dtype=torch.long, device=device)
+    runners = {name: pool.get(w) for name, w in drafters.items()}
+    calls: dict[Any, Callable[[], object]] = {
+        name: (lambda r=r: r(tok[:, :1], cache, pos, last_only=True))
+        for name, r in runners.items()}
+    ns = sorted({1, 2, min(max_draft_len + 1, cache.max_len - pos)})
+    calls |= {n: (lambda n=n: target(tok[:, :n], cache, pos)) for n in ns}
+    times: dict[Any, list[float]] = {key: [] for key in calls}
+    for _ in range(reps):  # interleaved: load on a shared machine hits every candidate alike
+        for key, fn in calls.items():
+            times[key].append(time_call(fn, device, reps=3))
+    verify = {n: statistics.median(times[n]) for n in ns}
+    costs = {name: DraftCosts(statistics.median(times[name]), dict(verify), frozen=True)
+             for name in drafters}
     rows = rank_drafters(acceptance, drafters, costs, max_draft_len)
     log.info("drafter search: best %s (k=%d, %.2fx plain)", rows[0].name, rows[0].best_k,
              rows[0].speedup)
