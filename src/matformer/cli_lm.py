@@ -15,6 +15,9 @@ import torch
 
 from .cli_common import EXAMPLES, add_command, add_training_args, floats, model_overrides
 
+#: ``generate --dtype`` choices.
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
 
 def add_train(sub: argparse._SubParsersAction) -> None:
     from .config import PRESETS
@@ -282,12 +285,11 @@ def generate(args: argparse.Namespace) -> int:
     from .config import parse_widths
     from .generate import generate, generate_stream
     from .runner import RunnerPool
-    from .speculative import SpecStats, speculative_stream
+    from .speculative import SpecStats
 
     torch.set_flush_denormal(True)
     model, tokenizer = ckpt.load_checkpoint(args.checkpoint)
-    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-    model = model.to(dtypes[args.dtype]).eval()
+    model = model.to(DTYPES[args.dtype]).eval()
     cfg = model.config
     widths: Any = args.granularity
     if args.widths:
@@ -311,22 +313,9 @@ def generate(args: argparse.Namespace) -> int:
     stats: SpecStats | None = None
     pieces: Any  # each piece: the new tokens of every row
     if speculative:
-        draft_model = None
-        if args.draft_model:
-            draft_model, draft_tok = ckpt.load_checkpoint(args.draft_model)
-            draft_model = draft_model.to(dtypes[args.dtype])
-            if draft_tok != tokenizer:
-                raise ValueError(f"{args.draft_model} uses another tokenizer than the target")
-        dcfg = (draft_model or model).config
-        if isinstance(draft, str) and draft not in dcfg.names:
-            draft = parse_widths(draft, dcfg.n_layer)
         stats = SpecStats()
-        pieces = ([t.tolist()] for t in speculative_stream(
-            model, torch.tensor(prompts[0]), args.max_new_tokens, draft=draft, target=widths,
-            target_heads=heads, draft_model=draft_model, shared_cache=args.shared_cache,
-            draft_len=draft_len, adaptive=args.adaptive,
-            max_draft_len=max(args.max_draft_len, draft_len), stats=stats, runners=runners,
-            **sampling))
+        pieces = _speculative_pieces(args, model, tokenizer, prompts[0], draft, draft_len,
+                                     widths, heads, runners, stats, sampling)
     elif args.no_cache or (len(prompts) == 1 and
                            len(prompts[0]) + args.max_new_tokens - 1 > cfg.max_seq_len):
         # Longer than the context: the reference decoder slides its window (no cache).
@@ -375,6 +364,31 @@ def generate(args: argparse.Namespace) -> int:
                      f"{stats.rounds} rounds")
         print(line, file=sys.stderr)
     return 0
+
+
+def _speculative_pieces(args: argparse.Namespace, model: Any, tokenizer: Any, prompt: list[int],
+                        draft: Any, draft_len: int, widths: Any, heads: Any, runners: Any,
+                        stats: Any, sampling: dict[str, Any]) -> Any:
+    """The speculative branch of ``generate``: each round's tokens, as one-row pieces."""
+    from . import checkpoint as ckpt
+    from .config import parse_widths
+    from .speculative import speculative_stream
+
+    draft_model = None
+    if args.draft_model:
+        draft_model, draft_tok = ckpt.load_checkpoint(args.draft_model)
+        draft_model = draft_model.to(DTYPES[args.dtype])
+        if draft_tok != tokenizer:
+            raise ValueError(f"{args.draft_model} uses another tokenizer than the target")
+    dcfg = (draft_model or model).config
+    if isinstance(draft, str) and draft not in dcfg.names:
+        draft = parse_widths(draft, dcfg.n_layer)
+    return ([t.tolist()] for t in speculative_stream(
+        model, torch.tensor(prompt), args.max_new_tokens, draft=draft, target=widths,
+        target_heads=heads, draft_model=draft_model, shared_cache=args.shared_cache,
+        draft_len=draft_len, adaptive=args.adaptive,
+        max_draft_len=max(args.max_draft_len, draft_len), stats=stats, runners=runners,
+        **sampling))
 
 
 def _auto_drafter(args: argparse.Namespace, model: Any, tokenizer: Any, target: Any,
