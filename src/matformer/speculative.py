@@ -315,7 +315,8 @@ def speculative_stream(
         runners, draft_runners, compile: Lean forwards of the model (and of ``draft_model``);
             made here when None (``compile`` as in :class:`~matformer.runner.RunnerPool`).
         costs: A cost model for ``adaptive`` (default: measured once per pool, then updated).
-        acceptance: The running acceptance to start from (default: a weak prior, 2/3).
+        acceptance: The running acceptance to start from and update (default: the pool's,
+            kept per drafter/target pair across calls; at first a weak prior of 2/3).
     """
     _check_sampling(temperature, top_k, top_p)
     if draft_len < 1 or max_draft_len < draft_len:
@@ -332,10 +333,13 @@ def speculative_stream(
     modes = [(m, m.training) for m in (s.model, s.drafter)]
     for m, _ in modes:
         m.eval()
+    if acceptance is None:  # the running acceptance carries over calls with this pool
+        found = pool.measured.setdefault(("acceptance", *s.key, temperature == 0), Acceptance())
+        acceptance = found if isinstance(found, Acceptance) else Acceptance()
     try:
         yield from _decode(s, pool, ids, max_new_tokens, stats, _Sampler(
             temperature, top_k, top_p, generator), eos_id, draft_len,
-            max_draft_len if adaptive else None, costs, acceptance or Acceptance())
+            max_draft_len if adaptive else None, costs, acceptance)
     finally:
         for m, was_training in reversed(modes):
             m.train(was_training)
