@@ -220,6 +220,10 @@ def test_draft_length_rule_on_a_fake_cost_model() -> None:
     assert cheap.verify_cost(5) == pytest.approx(1.4)  # interpolated between n = 2 and n = 9
     cheap.record_verify(5, 9.0)  # frozen: measurements are ignored
     assert cheap.verify_cost(5) == pytest.approx(1.4)
+    # a 7% expected gain (1.5 tokens for 1.4 token-costs) is within timing noise: no drafting
+    slight = DraftCosts(draft_token=0.3, verify=verify, frozen=True)
+    assert choose_draft_len(0.5, slight, 1) == 0
+    assert choose_draft_len(0.5, slight, 1, margin=0.0) == 1
 
 
 @pytest.mark.parametrize("shared", [False, True])

@@ -122,12 +122,20 @@ class Acceptance:
         self.rejected = self.decay * self.rejected + (1.0 if kept < drafted else 0.0)
 
 
-def choose_draft_len(alpha: float, costs: DraftCosts, max_draft_len: int) -> int:
+#: Drafting must be expected to beat plain decoding by this fraction before it is chosen: timings
+#: on a shared machine are noisy by about this much, and a wrong "drafting pays" costs speed.
+MARGIN = 0.1
+
+
+def choose_draft_len(alpha: float, costs: DraftCosts, max_draft_len: int,
+                     margin: float = MARGIN) -> int:
     """The draft length in ``0..max_draft_len`` of highest expected tokens per second.
 
-    Ties go to the shorter draft; 0 means plain decoding (no drafter forward at all).
+    ``k > 0`` is chosen only when it is expected to be faster than plain decoding (``k = 0``)
+    by more than ``margin``; ties go to the shorter draft.
     """
-    best_k, best = 0, 1.0 / costs.round_cost(0)
+    plain = 1.0 / costs.round_cost(0)
+    best_k, best = 0, plain * (1 + margin)
     for k in range(1, max_draft_len + 1):
         speed = expected_tokens(k, alpha) / costs.round_cost(k)
         if speed > best * (1 + 1e-9):
