@@ -20,6 +20,7 @@ import logging
 import math
 import statistics
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,18 +47,20 @@ class DraftCosts:
     """Seconds of one drafter token and of one target forward over ``n`` tokens.
 
     ``verify`` maps ``n`` to measured seconds; :meth:`verify_cost` fits a line through them.
-    With ``frozen`` the numbers
-    are a fixed cost model (tests, what-if tables); otherwise measurements update them as an
-    exponential moving average with weight ``weight``.
+    With ``frozen`` the numbers are a fixed cost model (tests, what-if tables); otherwise each
+    estimate becomes the median of its last ``window`` measurements (the starting value
+    included), so a burst of load from other jobs does not swing the choice of draft length.
     """
 
     draft_token: float
     verify: dict[int, float]
     frozen: bool = False
-    weight: float = 0.2
+    window: int = 15
 
     def __post_init__(self) -> None:
         self._line: tuple[float, float] | None = None  # (cost at n = 0, slope), refit on change
+        self._draft_seen: deque[float] = deque([self.draft_token], maxlen=self.window)
+        self._verify_seen = {n: deque([c], maxlen=self.window) for n, c in self.verify.items()}
 
     def verify_cost(self, n: int) -> float:
         """Estimated seconds of a target forward over ``n`` tokens: a least-squares line
@@ -82,13 +85,15 @@ class DraftCosts:
 
     def record_draft(self, seconds: float, tokens: int) -> None:
         if not self.frozen and tokens > 0:
-            self.draft_token += self.weight * (seconds / tokens - self.draft_token)
+            self._draft_seen.append(seconds / tokens)
+            self.draft_token = statistics.median(self._draft_seen)
 
     def record_verify(self, n: int, seconds: float) -> None:
         if self.frozen:
             return
-        old = self.verify.get(n)
-        self.verify[n] = seconds if old is None else old + self.weight * (seconds - old)
+        seen = self._verify_seen.setdefault(n, deque(maxlen=self.window))
+        seen.append(seconds)
+        self.verify[n] = statistics.median(seen)
         self._line = None
 
 
