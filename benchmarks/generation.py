@@ -1,43 +1,37 @@
-"""Generation speed: cached vs uncached decoding, and speculative vs plain XL decoding.
+"""Generation speed, every ratio against a baseline measured in the same run.
 
-Measured side by side in one process, batch size 1 unless noted, greedy (so every variant
-emits exactly the same tokens and only the speed differs), fp32:
+Greedy, batch 1, one torch thread, fp32 unless a row says otherwise; each variant decodes the same
+validation prompts. For each prompt of each round (``--repeats``) all variants run back to back,
+the starting variant rotating, so load from other jobs on a shared machine slows all alike; the
+ratios printed are medians of per-(round, prompt) ratios of runs seconds apart. Rows:
 
-- ``uncached XL``: the reference decoder, a full forward over the whole context per token;
-- ``cached XL`` / ``cached S``: prefill once, then one single-token forward per token;
-- ``cached XL, batch B``: B left-padded prompts decoded together (tokens/s over all rows);
-- ``spec S->XL two caches`` / ``shared cache`` / ``external``: speculative decoding with the S
-  submodel drafting ``--draft-len`` tokens per round (and the shared-cache one with the adaptive
-  draft length too); ``external`` drafts with a separate model: ``--external CKPT`` (an
-  independently trained baseline) or, by default, S extracted into a standalone dense model,
-  which predicts exactly what the nested S does and so shows only the cost of a second model;
-- ``spec external drafter->baseline XL`` (with ``--external-target``): the pair of independently
-  trained baselines, for the acceptance the paper compares against;
-- ``spec ... T=1``: stochastic speculative decoding (rejection sampling) for its acceptance rate.
+- ``HF <sub>``: Hugging Face ``generate`` (greedy, KV cache) on the weights exported with
+  ``matformer.hf.export_hf`` (a Mix'n'Match submodel is exported zero-padded to its widest
+  layer, so HF runs it at that width's cost: exact logits, no speed gain);
+- ``ours <sub>``: :func:`matformer.generate.generate`: the lean decode path (eager);
+- ``ours XL, model.forward``: the general forward in a bare cached loop (the path before the
+  lean one), to show what the lean path buys;
+- ``ours <sub> bf16`` / ``fp16``: weights and cache in that dtype, with the greedy agreement
+  with fp32 (the fraction of generated tokens equal to fp32's, position by position);
+- ``ours <sub> compiled`` (``--compile``): ``torch.compile`` of the lean forward (static
+  shapes, one graph per submodel and query length; compile seconds reported apart);
+- ``spec S->XL k=..``: self-speculative decoding, shared cache, fixed draft length;
+  ``adaptive``: draft length chosen each round from measured costs and running acceptance
+  (0 = plain step); ``auto``: the drafter and draft length from
+  :func:`matformer.draft.search_drafter` on other held-out prompts (its table is printed).
 
-Every variant runs on the same prompts (validation windows of the checkpoint's corpus); for each
-prompt of each round (``--repeats``) all variants run back to back, the starting variant
-rotating, so a busy shared CPU slows all alike. Reported per variant: tokens/s; speed-up over
-cached XL (ratio of totals, and the median of per-prompt ratios of runs seconds apart, which
-resists bursts of load from other jobs); for speculative decoding the acceptance rate and new
-tokens per target forward (plain decoding: 1.0), the speed-up in target passes, which does not
-depend on the hardware. Last, the median cost of single cached forwards (drafter token, XL token,
-XL verification of k + 1 tokens), from which the speculative speed-up can be predicted.
-
-    .venv/bin/python benchmarks/generation.py --checkpoint runs/demo       # ~3 min on 2 cores
-    .venv/bin/python benchmarks/generation.py --checkpoint runs/demo \
-        --external runs/base-S --external-target runs/base-XL
-    .venv/bin/python benchmarks/generation.py --random --new-tokens 32     # no checkpoint needed
+    .venv/bin/python benchmarks/generation.py --checkpoint runs/demo
+    .venv/bin/python benchmarks/generation.py --checkpoint runs/demo --compile
+    .venv/bin/python benchmarks/generation.py --random --new-tokens 32    # no checkpoint needed
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
-import platform
+import copy
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -49,199 +43,235 @@ import torch
 from matformer import checkpoint as ckpt
 from matformer.cache import KVCache
 from matformer.config import preset
-from matformer.generate import generate, left_pad
-from matformer.metrics import validation_batches
+from matformer.data import validation_batches
+from matformer.draft import search_drafter
+from matformer.families import load_checkpoint
+from matformer.generate import generate
 from matformer.model import MatFormerLM
+from matformer.runner import RunnerPool
 from matformer.speculative import SpecStats, speculative_generate
-from matformer.submodels.candidates import extract
+
+MIX = "M,M,M,M,L,L"  # a Mix'n'Match submodel of the demo shape (rule: non-decreasing, least slope)
+Run = Callable[[list[int]], tuple[list[int], SpecStats | None]]  # prompt -> (new ids, stats)
 
 
 @dataclass
 class Variant:
     label: str
-    run: Callable[[list[int]], tuple[int, SpecStats | None]]  # prompt -> (new tokens, stats)
-    seconds: float = 0.0
-    tokens: int = 0
+    run: Run
+    seconds: list[float] = field(default_factory=list)  # per (round, prompt)
+    tokens: list[int] = field(default_factory=list)
+    outputs: list[list[int]] = field(default_factory=list)
     stats: list[SpecStats] = field(default_factory=list)
-    tps: list[float] = field(default_factory=list)  # tokens/s of each (round, prompt) run
 
-    def summary(self, base: Variant) -> dict[str, Any]:
-        tps = self.tokens / self.seconds if self.seconds else 0.0
-        paired = statistics.median(a / b for a, b in zip(self.tps, base.tps, strict=True))
-        out: dict[str, Any] = {"variant": self.label, "tokens": self.tokens,
-                               "seconds": round(self.seconds, 3), "tokens_per_s": tps,
-                               "speedup_vs_cached_xl": tps * base.seconds / base.tokens,
-                               "paired_speedup_median": paired}
-        if self.stats:
-            drafted = sum(s.drafted for s in self.stats)
-            out["acceptance_rate"] = sum(s.accepted for s in self.stats) / max(drafted, 1)
-            out["tokens_per_target_forward"] = (sum(s.new_tokens for s in self.stats)
-                                                / sum(s.target_forwards for s in self.stats))
-            lens = [k for s in self.stats for k in s.draft_lens]
-            out["mean_draft_len"] = sum(lens) / max(len(lens), 1)
-        return out
+    @property
+    def tps(self) -> list[float]:
+        return [n / s for n, s in zip(self.tokens, self.seconds, strict=True)]
+
+    def vs(self, base: Variant) -> float:
+        """Median of paired speed ratios (this / base) over the (round, prompt) runs."""
+        return statistics.median(a / b for a, b in zip(self.tps, base.tps, strict=True))
 
 
-def load(args: argparse.Namespace) -> tuple[MatFormerLM, list[list[int]], str]:
-    """The model and ``--prompts`` prompts of ``--prompt-len`` tokens."""
+def load(args: argparse.Namespace) -> tuple[MatFormerLM, Any, list[list[int]], str]:
+    """Model, tokenizer (None for --random), 2 x ``--prompts`` prompts, and where they came from."""
+    n = 2 * args.prompts  # the second half is held out for the drafter search
     if args.random or not Path(args.checkpoint).exists():
         if not args.random:
-            print(f"note: {args.checkpoint} not found; using a random-init demo model "
-                  "(speeds are meaningful, acceptance rates are not)", file=sys.stderr)
+            print(f"note: {args.checkpoint} not found; random-init demo model", file=sys.stderr)
         torch.manual_seed(0)
         model = MatFormerLM(preset("demo", vocab_size=4096))
         g = torch.Generator().manual_seed(0)
-        prompts = torch.randint(0, 4096, (args.prompts, args.prompt_len), generator=g).tolist()
-        return model, prompts, "random-init demo preset"
-    model, tokenizer = ckpt.load_checkpoint(args.checkpoint)
-    batches, info = validation_batches(args.checkpoint, tokenizer, batch_size=1,
-                                       max_batches=args.prompts)
+        prompts = torch.randint(0, 4096, (n, args.prompt_len), generator=g).tolist()
+        return model, None, prompts, "random-init demo preset (acceptance is meaningless)"
+    model, tokenizer = load_checkpoint(args.checkpoint)
+    batches, info = validation_batches(tokenizer, ckpt.read_metadata(args.checkpoint),
+                                       model.config.max_seq_len, batch_size=1, max_batches=n)
     prompts = [x[0, : args.prompt_len].tolist() for x, _ in batches]
-    return model, prompts, f"{ckpt.resolve(args.checkpoint)} ({info['data']} validation)"
+    return model, tokenizer, prompts, f"{ckpt.resolve(args.checkpoint)} ({info['data']} validation)"
 
 
-def variants(model: MatFormerLM, args: argparse.Namespace, n: int) -> list[Variant]:
-    ext_model = (ckpt.load_checkpoint(args.external)[0] if args.external
-                 else extract(model, args.draft))
-    ext_label = "external drafter" if args.external else f"external ({args.draft} extracted copy)"
-    ext_model.eval()
-
-    def plain(widths: Any, use_cache: bool) -> Callable[[list[int]], tuple[int, None]]:
-        def run(prompt: list[int]) -> tuple[int, None]:
-            out = generate(model, torch.tensor([prompt]), n, widths=widths, temperature=0,
-                           use_cache=use_cache)
-            return out.shape[1] - len(prompt), None
-        return run
-
-    def batched(prompts_b: list[list[int]]) -> Callable[[list[int]], tuple[int, None]]:
-        ids, lengths = left_pad(prompts_b)
-
-        def run(_: list[int]) -> tuple[int, None]:
-            generate(model, ids, n, temperature=0, prompt_lengths=lengths)
-            return n * len(prompts_b), None
-        return run
-
-    def spec(temperature: float = 0.0, target_model: MatFormerLM = model, **kw: Any
-             ) -> Callable[[list[int]], tuple[int, SpecStats]]:
-        g = torch.Generator().manual_seed(0)
-
-        def run(prompt: list[int]) -> tuple[int, SpecStats]:
-            _, stats = speculative_generate(target_model, torch.tensor(prompt), n,
-                                            temperature=temperature, generator=g, **kw)
-            return stats.new_tokens, stats
-        return run
-
-    d, k = args.draft, args.draft_len
-    out = [
-        Variant("uncached XL", plain(None, False)),
-        Variant("cached XL", plain(None, True)),
-        Variant(f"cached {d}", plain(d, True)),
-        Variant(f"spec {d}->XL two caches, k={k}", spec(draft=d, draft_len=k)),
-        Variant(f"spec {d}->XL shared cache, k={k}", spec(draft=d, draft_len=k, shared_cache=True)),
-        Variant(f"spec {d}->XL shared cache, k=2", spec(draft=d, draft_len=2, shared_cache=True)),
-        Variant(f"spec {d}->XL shared cache, adaptive k",
-                spec(draft=d, draft_len=k, shared_cache=True, adaptive=True)),
-        Variant(f"spec {ext_label}->XL, k={k}",
-                spec(draft_model=ext_model, draft_len=k)),
-        Variant(f"spec {d}->XL shared cache, k={k}, T=1",
-                spec(temperature=1.0, draft=d, draft_len=k, shared_cache=True)),
-    ]
-    if args.external_target:  # the baselines' own pair: baseline S drafts for baseline XL
-        base_xl = ckpt.load_checkpoint(args.external_target)[0].eval()
-        out.insert(-1, Variant(f"spec external drafter->baseline XL, k={k}",
-                               spec(target_model=base_xl, draft_model=ext_model, draft_len=k)))
-    if args.batch > 1:
-        out.insert(2, Variant(f"cached XL, batch {args.batch}", batched(args.batch_prompts)))
-    return out
+def ours(model: MatFormerLM, widths: Any, n: int, pool: RunnerPool) -> Run:
+    def run(prompt: list[int]) -> tuple[list[int], None]:
+        out = generate(model, torch.tensor([prompt]), n, widths=widths, temperature=0,
+                       runners=pool)
+        return out[0, len(prompt):].tolist(), None
+    return run
 
 
-@torch.no_grad()
-def forward_costs(model: MatFormerLM, draft: str, context: int, ks: tuple[int, ...],
-                  reps: int = 40) -> dict[str, float]:
-    """Median ms of one cached forward: a 1-token step of the drafter and of XL, and an XL
-    verification of k + 1 tokens, all at ``context`` tokens of cache (calls interleaved)."""
-    cache = KVCache.for_model(model, 1, context + max(ks) + 1)
-    model(torch.zeros(1, context, dtype=torch.long), cache=cache)
-    calls = {f"{draft} 1 token": (draft, 1), "XL 1 token": (None, 1)}
-    calls |= {f"XL {k + 1} tokens": (None, k + 1) for k in ks}
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    for _ in range(reps):
-        for name, (widths, t) in calls.items():
-            x = torch.zeros(1, t, dtype=torch.long)
-            t0 = time.perf_counter()
-            model(x, widths=widths, cache=cache, start_pos=context)
-            times[name].append(time.perf_counter() - t0)
-    return {name: 1e3 * statistics.median(ts) for name, ts in times.items()}
+def forward_loop(model: MatFormerLM, n: int) -> Run:
+    """Cached greedy decoding through ``model.forward`` (no lean path)."""
+    @torch.no_grad()
+    def run(prompt: list[int]) -> tuple[list[int], None]:
+        cache = KVCache.for_model(model, 1, len(prompt) + n)
+        logits = model(torch.tensor([prompt]), cache=cache)[:, -1]
+        new = []
+        for i in range(n):
+            tok = logits.argmax(-1, keepdim=True)
+            new.append(tok)
+            if i < n - 1:
+                logits = model(tok, cache=cache, start_pos=len(prompt) + i)[:, -1]
+        return torch.cat(new, 1)[0].tolist(), None
+    return run
+
+
+def hf_run(folder: Path, n: int) -> Run:
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(str(folder)).eval()
+    hf.generation_config.eos_token_id = None  # like ours here: never stop early
+
+    @torch.no_grad()
+    def run(prompt: list[int]) -> tuple[list[int], None]:
+        x = torch.tensor([prompt])
+        out = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n,
+                          do_sample=False, pad_token_id=0)
+        return out[0, len(prompt):].tolist(), None
+    return run
+
+
+def spec(model: MatFormerLM, n: int, pool: RunnerPool, **kw: Any) -> Run:
+    def run(prompt: list[int]) -> tuple[list[int], SpecStats]:
+        out, stats = speculative_generate(model, torch.tensor(prompt), n, temperature=0,
+                                          shared_cache=True, runners=pool, **kw)
+        return out[0, len(prompt):].tolist(), stats
+    return run
+
+
+def variants(model: MatFormerLM, tokenizer: Any, args: argparse.Namespace,
+             held_out: list[list[int]], tmp: Path) -> tuple[list[Variant], dict[str, Any]]:
+    n, cfg = args.new_tokens, model.config
+    mix = tuple(cfg.ffn_widths(g)[i] for i, g in enumerate(MIX.split(",")))
+    subs = {"XL": None, "S": "S", "Mix'n'Match": mix}
+    pool = RunnerPool(model, compile=False)
+    out = [Variant(f"ours {name}", ours(model, w, n, pool)) for name, w in subs.items()]
+    out.append(Variant("ours XL, model.forward", forward_loop(model, n)))
+    if tokenizer is not None and not args.no_hf:
+        from matformer.hf import export_hf
+
+        for name, w in subs.items():
+            export_hf(model, tokenizer, tmp / name, widths=w)
+            out.append(Variant(f"HF {name}", hf_run(tmp / name, n)))
+    for dtype in args.dtypes:
+        low = copy.deepcopy(model).to({"bf16": torch.bfloat16, "fp16": torch.float16}[dtype])
+        low_pool = RunnerPool(low.eval(), compile=False)
+        out += [Variant(f"ours {name} {dtype}", ours(low, subs[name], n, low_pool))
+                for name in ("XL", "S")]
+    extra: dict[str, Any] = {}
+    if args.compile:
+        cpool = RunnerPool(model, compile=True)
+        out += [Variant(f"ours {name} compiled", ours(model, subs[name], n, cpool))
+                for name in ("XL", "S")]
+        extra["compile_pool"] = cpool
+    out += [Variant(f"spec S->XL k={k}", spec(model, n, pool, draft="S", draft_len=k))
+            for k in args.draft_lens]
+    out.append(Variant("spec S->XL adaptive", spec(model, n, pool, draft="S", adaptive=True,
+                                                    max_draft_len=args.max_draft_len)))
+    t0 = time.perf_counter()
+    rows = search_drafter(model, [torch.tensor(p) for p in held_out], new_tokens=min(n, 32),
+                          max_draft_len=args.max_draft_len, runners=pool)
+    extra.update(search_seconds=time.perf_counter() - t0, search=rows)
+    best = rows[0]
+    if best.best_k > 0:
+        out.append(Variant(f"spec auto ({best.name})->XL adaptive", spec(
+            model, n, pool, draft=best.widths, adaptive=True, max_draft_len=args.max_draft_len)))
+    return out, extra
+
+
+def measure(vs: list[Variant], prompts: list[list[int]], repeats: int) -> None:
+    for v in vs:  # warm-up: one run each (compiles graphs; measures the adaptive rule's costs)
+        v.run(prompts[0])
+    for r in range(repeats):
+        for i, prompt in enumerate(prompts):
+            j = (r * len(prompts) + i) % len(vs)
+            for v in vs[j:] + vs[:j]:  # every variant on this prompt, starting variant rotating
+                t0 = time.perf_counter()
+                new, stats = v.run(prompt)
+                v.seconds.append(time.perf_counter() - t0)
+                v.tokens.append(len(new))
+                v.outputs.append(new)
+                if stats is not None:
+                    v.stats.append(stats)
+
+
+def agreement(a: Variant, b: Variant) -> float:
+    """Fraction of generated positions where the two variants emitted the same token."""
+    same = sum(x == y for oa, ob in zip(a.outputs, b.outputs, strict=True)
+               for x, y in zip(oa, ob, strict=False))
+    return same / max(sum(len(o) for o in a.outputs), 1)
+
+
+def report(vs: list[Variant], model: MatFormerLM, extra: dict[str, Any],
+           args: argparse.Namespace) -> None:
+    by = {v.label: v for v in vs}
+    base = by["ours XL"]
+    print(f"| {'variant':<40} | tokens/s | vs ours XL | same tokens as fp32 XL/sub | "
+          "acceptance | mean k |")
+    print(f"|{'-' * 42}|---------:|-----------:|---------------------------:|-----------:|-------:|")
+    for v in vs:
+        ref = by["ours S"] if " S" in v.label and "S->" not in v.label else by.get(
+            "ours Mix'n'Match") if "Mix" in v.label else base
+        acc = mean_k = "-"
+        if v.stats:
+            drafted = sum(s.drafted for s in v.stats)
+            acc = f"{sum(s.accepted for s in v.stats) / max(drafted, 1):.1%}"
+            lens = [k for s in v.stats for k in s.draft_lens]
+            mean_k = f"{sum(lens) / max(len(lens), 1):.2f}"
+        print(f"| {v.label:<40} | {statistics.median(v.tps):8.1f} | {v.vs(base):9.2f}x | "
+              f"{agreement(v, ref):26.1%} | {acc:>10} | {mean_k:>6} |")
+    cfg = model.config
+    flops = cfg.flops_per_token(cfg.ffn_widths("XL"), args.prompt_len + args.new_tokens // 2) / \
+        cfg.flops_per_token(cfg.ffn_widths("S"), args.prompt_len + args.new_tokens // 2)
+    s_xl = by["ours S"].vs(base)
+    print(f"\nS vs XL speed: {s_xl:.2f}x; FLOP ratio {flops:.2f}x; "
+          f"speed / FLOP ratio = {s_xl / flops:.2f}")
+    for name in ("XL", "S", "Mix'n'Match"):
+        if f"HF {name}" in by:
+            print(f"ours vs HF generate, {name}: {by[f'ours {name}'].vs(by[f'HF {name}']):.2f}x")
+    print(f"lean path vs model.forward loop (XL): {base.vs(by['ours XL, model.forward']):.2f}x")
+    if "compile_pool" in extra:
+        for name in ("XL", "S"):
+            print(f"compiled vs eager, {name}: "
+                  f"{by[f'ours {name} compiled'].vs(by[f'ours {name}']):.2f}x")
+        print(f"compile time (all graphs): {extra['compile_pool'].compile_seconds:.0f}s")
+    print(f"\ndrafter search ({extra['search_seconds']:.1f}s; expected speed from acceptance on "
+          "held-out prompts and measured costs):")
+    print(f"  {'drafter':<16}{'widths':<28}{'accept':>7}{'draft ms':>9}{'best k':>7}"
+          f"{'vs plain':>9}")
+    for r in extra["search"]:
+        print(f"  {r.name:<16}{','.join(map(str, r.widths)):<28}{r.acceptance:>7.1%}"
+              f"{r.draft_ms:>9.2f}{r.best_k:>7}{r.speedup:>8.2f}x")
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", default="runs/demo")
     p.add_argument("--random", action="store_true", help="random-init demo model")
-    p.add_argument("--external", help="independently trained drafter checkpoint")
-    p.add_argument("--external-target", help="its independently trained target (baseline XL)")
-    p.add_argument("--draft", default="S")
-    p.add_argument("--draft-len", type=int, default=4)
     p.add_argument("--prompts", type=int, default=3)
     p.add_argument("--prompt-len", type=int, default=32)
-    p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--batch", type=int, default=4, help="rows of the batched variant")
+    p.add_argument("--new-tokens", type=int, default=96)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--draft-lens", type=int, nargs="+", default=[2, 4])
+    p.add_argument("--max-draft-len", type=int, default=8)
+    p.add_argument("--dtypes", nargs="*", default=["bf16", "fp16"], choices=["bf16", "fp16"])
+    p.add_argument("--compile", action="store_true", help="also time torch.compile-d decoding")
+    p.add_argument("--no-hf", action="store_true", help="skip Hugging Face generate")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
-    p.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args(argv)
     torch.set_flush_denormal(True)
     torch.set_num_threads(args.threads)
-    model, prompts, source = load(args)
+    model, tokenizer, prompts, source = load(args)
     model.eval()
-    args.batch_prompts = [(prompts * args.batch)[i][: args.prompt_len - 3 * (i % 2)]
-                          for i in range(args.batch)]  # ragged: left padding is exercised
-    vs = variants(model, args, args.new_tokens)
-    with torch.no_grad():  # warm-up: one short run of each variant
-        for v in vs:
-            v.run(prompts[0][:8])
-    t_start = time.perf_counter()
-    for r in range(args.repeats):
-        for i, prompt in enumerate(prompts):  # every variant on this prompt, seconds apart
-            j = (r * len(prompts) + i) % len(vs)
-            for v in vs[j:] + vs[:j]:  # rotate the starting variant
-                t0 = time.perf_counter()
-                tokens, stats = v.run(prompt)
-                dt_run = time.perf_counter() - t0
-                v.seconds += dt_run
-                v.tokens += tokens
-                v.tps.append(tokens / dt_run)
-                if stats is not None:
-                    v.stats.append(stats)
-    base = next(v for v in vs if v.label == "cached XL")
-    rows = [v.summary(base) for v in vs]
+    prompts, held_out = prompts[: args.prompts], prompts[args.prompts:]
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        vs, extra = variants(model, tokenizer, args, held_out, Path(tmp))
+        measure(vs, prompts, args.repeats)
     print(f"# generation benchmark: {source}")
-    print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-          f"{args.threads} thread(s), fp32, greedy unless T=1; {len(prompts)} prompts x "
-          f"{args.prompt_len} tokens, {args.new_tokens} new tokens, {args.repeats} rounds, "
-          f"{time.perf_counter() - t_start:.0f}s")
-    print(f"| {'variant':<46} | tokens/s | vs cached XL | paired median | acceptance "
-          "| tokens/target fwd |")
-    print(f"|{'-' * 48}|---------:|-------------:|--------------:|-----------:"
-          "|------------------:|")
-    for row in rows:
-        acc = f"{row['acceptance_rate']:.1%}" if "acceptance_rate" in row else "-"
-        tpf = (f"{row['tokens_per_target_forward']:.2f}" if "tokens_per_target_forward" in row
-               else "1.00" if "XL" in row["variant"] and "uncached" not in row["variant"]
-               else "-")
-        print(f"| {row['variant']:<46} | {row['tokens_per_s']:8.1f} | "
-              f"{row['speedup_vs_cached_xl']:11.2f}x | {row['paired_speedup_median']:12.2f}x | "
-              f"{acc:>10} | {tpf:>17} |")
-    ctx = args.prompt_len + args.new_tokens // 2
-    costs = forward_costs(model, args.draft, ctx, (2, args.draft_len))
-    xl = costs["XL 1 token"]
-    print(f"\nmedian cached forward at {ctx} tokens of context (ms; ratio to one XL token):")
-    for name, ms in costs.items():
-        print(f"  {name:<16} {ms:6.2f} ms  {ms / xl:5.2f}")
-    if args.json:
-        args.json.write_text(json.dumps({"date": dt.datetime.now().isoformat(timespec="seconds"),
-                                         "source": source, "threads": args.threads,
-                                         "rows": rows, "forward_ms": costs}, indent=2) + "\n")
+    print(f"# {torch.__version__}, {args.threads} thread(s), greedy, batch 1; {len(prompts)} "
+          f"prompts x {args.prompt_len} tokens, {args.new_tokens} new tokens, {args.repeats} "
+          f"rounds; {time.perf_counter() - t0:.0f}s")
+    report(vs, model, extra, args)
     return 0
 
 

@@ -150,3 +150,54 @@ def test_cache_is_not_stored_on_the_model() -> None:
     generate(model, random_tokens(1, 4), 5)
     assert not any(isinstance(v, KVCache) for m in model.modules() for v in vars(m).values())
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+# ----------------------------------------------------------------------------- lean runner
+@pytest.mark.parametrize("widths,heads", [(None, None), ("S", None), ((8, 64), None),
+                                          ("M", "M")])
+@torch.no_grad()
+def test_runner_equals_model_forward(widths, heads) -> None:
+    """The lean decode path computes what model.forward computes: prefill, verify, decode."""
+    from matformer.runner import SubmodelRunner
+
+    nest = heads is not None
+    model = tiny_model(n_head=8 if nest else 2, n_kv_head=4 if nest else None, nest_heads=nest,
+                       tie_embeddings=False, init_std=0.1).eval()
+    runner = SubmodelRunner(model, widths, heads)
+    x = random_tokens(2, 16)
+    ref, _ = _decode_logits(model, x, widths, heads, chunks=(6, 3))
+    cache = KVCache.for_model(model, 2, 16)
+    got = [runner(x[:, :6], cache, 0), runner(x[:, 6:9], cache, 6)]
+    got += [runner(x[:, i:i + 1], cache, i) for i in range(9, 16)]
+    torch.testing.assert_close(torch.cat(got, 1), ref, atol=ATOL, rtol=0)
+    last = runner(x[:, :6], KVCache.for_model(model, 2, 16), 0, last_only=True)
+    torch.testing.assert_close(last, ref[:, 5:6], atol=ATOL, rtol=0)
+
+
+def test_runner_refuses_padded_caches_and_bad_positions() -> None:
+    from matformer.runner import SubmodelRunner
+
+    model = tiny_model()
+    runner = SubmodelRunner(model, "S")
+    cache = KVCache.for_model(model, 2, 8)
+    with pytest.raises(ValueError, match="do not fit"):
+        runner(random_tokens(2, 4), cache, 6)
+    cache.set_prompt_lengths([2, 3], 3)
+    with pytest.raises(ValueError, match="padded"):
+        runner(random_tokens(2, 1), cache, 3)
+    with pytest.raises(ValueError, match="out of range"):
+        SubmodelRunner(model, 1000)
+
+
+def test_reused_cache_forgets_the_padding_of_an_earlier_batch() -> None:
+    model = tiny_model(tie_embeddings=False, init_std=0.1)
+    rows = [random_tokens(1, n, seed=n)[0].tolist() for n in (6, 2)]
+    cache = KVCache.for_model(model, 2, 16)
+    list(generate_stream(model, rows, 6, temperature=0, cache=cache))  # left-padded batch
+    assert cache.padded
+    x = random_tokens(2, 5, seed=11)
+    reused = torch.stack(list(generate_stream(model, x, 8, temperature=0, cache=cache)), 1)
+    assert not cache.padded
+    fresh = torch.stack(list(generate_stream(model, x, 8, temperature=0)), 1)
+    assert torch.equal(reused, fresh)
+    assert torch.equal(fresh, generate(model, x, 8, temperature=0, use_cache=False)[:, 5:])

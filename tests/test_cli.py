@@ -182,6 +182,22 @@ def test_generate_past_the_context(trained: tuple[Path, Path, str],
     assert json.loads(out)["text"].startswith("the quick")
 
 
+def test_generate_dtype_adaptive_and_auto_drafter(trained: tuple[Path, Path, str],
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["generate", trained[0], "--prompt", "the quick", "--max-new-tokens", "10",
+            "--temperature", "0", "--json"]
+    plain = json.loads(_run(capsys, *args)[1])["text"]
+    rc, out, err = _run(capsys, *args, "--dtype", "bf16")
+    assert rc == 0, err
+    assert json.loads(out)["text"].startswith("the quick")
+    rc, out, err = _run(capsys, *args, "--draft", "S", "--adaptive")
+    assert rc == 0 and json.loads(out)["text"] == plain, err  # greedy: the target's text
+    rc, out, err = _run(capsys, *args, "--draft", "auto", "--draft-table")
+    assert rc == 0, err
+    assert json.loads(out)["text"] == plain
+    assert "drafter" in err and "--draft auto:" in err  # the table, then the choice
+
+
 def test_generate_bad_sampling(trained: tuple[Path, Path, str],
                                capsys: pytest.CaptureFixture[str]) -> None:
     rc, _, err = _run(capsys, "generate", trained[0], "--top-p", "1.5", "--max-new-tokens", "2")

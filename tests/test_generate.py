@@ -169,3 +169,45 @@ def test_bad_sampling_arguments(model: MatFormerLM, kw: dict, pattern: str) -> N
 def test_bad_widths_in_generate(model: MatFormerLM) -> None:
     with pytest.raises(ValueError, match="out of range"):
         generate(model, random_tokens(1, 3), 2, widths=1000)
+
+
+# ----------------------------------------------------------------------------- modes, compile
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_generation_restores_the_callers_mode(model: MatFormerLM, training: bool) -> None:
+    from matformer.generate import generate_stream
+
+    model.train(training)
+    try:
+        prompt = random_tokens(1, 4, seed=9)
+        for use_cache in (True, False):
+            generate(model, prompt, 3, temperature=0, use_cache=use_cache)
+            assert model.training is training
+        stream = generate_stream(model, prompt, 5, temperature=0)
+        next(stream)
+        stream.close()  # a stream abandoned half way restores it too
+        assert model.training is training
+    finally:
+        model.eval()
+
+
+@pytest.mark.slow
+def test_compiled_decoding_equals_eager() -> None:
+    """torch.compile of the lean forward: same greedy tokens, logits to tolerance (~1 min)."""
+    from matformer.cache import KVCache
+    from matformer.runner import RunnerPool
+
+    small = tiny_model(seed=3, n_layer=1, init_std=0.1, tie_embeddings=False).eval()
+    x = random_tokens(1, 6, seed=2)
+    pool = RunnerPool(small, compile=True)
+    compiled = generate(small, x, 6, widths="S", temperature=0, runners=pool)
+    assert torch.equal(compiled, generate(small, x, 6, widths="S", temperature=0, compile=False))
+    assert pool.compile_seconds > 0 and pool.get("S").compiled
+    eager, runner = KVCache.for_model(small, 1, 12), pool.get("S")
+    cache = KVCache.for_model(small, 1, 12)
+    with torch.no_grad():
+        ref = small(compiled[:, :11], widths="S", cache=eager)
+        got = torch.cat([runner(compiled[:, :6], cache, 0),  # graphs for T = 6 and T = 1
+                         *(runner(compiled[:, i:i + 1], cache, i) for i in range(6, 11))], 1)
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)

@@ -200,3 +200,109 @@ def test_invalid_prompts(model) -> None:
         speculative_generate(model, random_tokens(1, 30), 4)
     with pytest.raises(ValueError, match="vocabulary"):
         speculative_generate(model, random_tokens(1, 4), 4, draft_model=tiny_model(vocab_size=32))
+
+
+# ------------------------------------------------------------------ adaptive draft length
+def test_draft_length_rule_on_a_fake_cost_model() -> None:
+    from matformer.draft import DraftCosts, choose_draft_len, expected_tokens
+
+    assert expected_tokens(0, 0.7) == 1.0 and expected_tokens(3, 1.0) == 4.0
+    assert expected_tokens(2, 0.5) == pytest.approx(1 + 0.5 + 0.25)
+    verify = {1: 1.0, 2: 1.1, 9: 1.8}  # a target forward over n tokens: ~1 + 0.1 (n - 1)
+    cheap = DraftCosts(draft_token=0.05, verify=verify, frozen=True)
+    dear = DraftCosts(draft_token=0.9, verify=verify, frozen=True)
+    assert choose_draft_len(0.8, dear, 8) == 0  # drafts cost almost a target step: do not draft
+    assert choose_draft_len(0.0, cheap, 8) == 0  # nothing is ever accepted
+    k = choose_draft_len(0.8, cheap, 8)
+    assert 2 <= k <= 8
+    speed = [expected_tokens(j, 0.8) / cheap.round_cost(j) for j in range(9)]
+    assert speed[k] == max(speed)
+    assert cheap.verify_cost(5) == pytest.approx(1.4)  # interpolated between n = 2 and n = 9
+    cheap.record_verify(5, 9.0)  # frozen: measurements are ignored
+    assert cheap.verify_cost(5) == pytest.approx(1.4)
+    # a 7% expected gain (1.5 tokens for 1.4 token-costs) is within timing noise: no drafting
+    slight = DraftCosts(draft_token=0.3, verify=verify, frozen=True)
+    assert choose_draft_len(0.5, slight, 1) == 0
+    assert choose_draft_len(0.5, slight, 1, margin=0.0) == 1
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_adaptive_falls_back_to_plain_decoding_when_drafts_are_dear(model, shared) -> None:
+    from matformer.draft import Acceptance, DraftCosts
+
+    x = random_tokens(1, 5, seed=6)
+    target = generate(model, x, 20, temperature=0, use_cache=False)
+    verify = {1: 1.0, 2: 1.1, 17: 2.6}
+    dear = DraftCosts(draft_token=2.0, verify=verify, frozen=True)
+    out, stats = speculative_generate(model, x, 20, draft="L", adaptive=True, shared_cache=shared,
+                                      costs=dear, acceptance=Acceptance.with_prior(0.9),
+                                      temperature=0)
+    assert out.tolist() == target.tolist()
+    assert stats.draft_lens == [0] * 19 and stats.draft_forwards == 0  # plain decoding
+    cheap = DraftCosts(draft_token=0.01, verify=verify, frozen=True)
+    out, stats = speculative_generate(model, x, 20, draft="L", adaptive=True, shared_cache=shared,
+                                      costs=cheap, acceptance=Acceptance.with_prior(0.9),
+                                      temperature=0)
+    assert out.tolist() == target.tolist()
+    assert stats.drafted > 0 and max(stats.draft_lens) > 1
+
+
+def test_acceptance_estimate() -> None:
+    from matformer.draft import Acceptance
+
+    acc = Acceptance(accepted=0, rejected=0, decay=1.0)
+    acc.update(4, 4)  # all kept: 4 acceptances, no rejection
+    acc.update(1, 4)  # one kept, then a rejection
+    acc.update(0, 0)  # a plain step says nothing
+    assert acc.rate == pytest.approx(5 / 6)
+
+
+def test_drafter_search_picks_the_best_of_a_fake_table() -> None:
+    from matformer.draft import DraftCosts, rank_drafters
+
+    verify = {1: 1.0, 2: 1.1, 9: 1.8}
+    table = {"S": (0.55, 0.3), "M": (0.8, 0.4), "L": (0.95, 0.9), "2xS+M": (0.6, 0.32)}
+    rows = rank_drafters({n: a for n, (a, _) in table.items()},
+                         {n: (i,) for i, n in enumerate(table)},
+                         {n: DraftCosts(c, verify, frozen=True) for n, (_, c) in table.items()}, 8)
+    assert rows[0].name == "M"
+    assert rows[0].best_k > 0 and rows[0].speedup > 1
+    assert rows[0].tokens_per_s == max(max(r.per_k.values()) for r in rows)
+    assert {r.name: r.best_k for r in rows}["L"] == 0  # as dear as the target: never drafts
+    assert rows[-1].speedup == pytest.approx(1.0)
+
+
+def test_drafter_search_end_to_end(model) -> None:
+    from matformer.draft import search_drafter
+
+    prompts = [random_tokens(1, 6, seed=s)[0] for s in range(2)]
+    rows = search_drafter(model, prompts, new_tokens=8, max_draft_len=3, reps=1)
+    names = {r.name for r in rows}
+    assert {"S", "M", "L"} <= names and "XL" not in names
+    assert all(0 <= r.acceptance <= 1 and r.best_k <= 3 for r in rows)
+    assert rows == sorted(rows, key=lambda r: -r.tokens_per_s)
+
+
+# ------------------------------------------------------------------ modes and timing
+@pytest.mark.parametrize("training", [True, False])
+def test_speculative_restores_the_callers_mode(training) -> None:
+    target, drafter = tiny_model(**SPREAD), tiny_model(seed=4, **SPREAD)
+    target.train(training)
+    drafter.train(not training)
+    speculative_generate(target, random_tokens(1, 4), 6, draft="S", temperature=0)
+    assert target.training is training
+    speculative_generate(target, random_tokens(1, 4), 6, draft_model=drafter, temperature=0)
+    assert target.training is training and drafter.training is not training
+
+
+def test_stats_seconds_count_only_our_time(model, monkeypatch) -> None:
+    """A fake clock that only the caller advances: our own time stays 0."""
+    import matformer.speculative as spec
+
+    clock = [0.0]
+    monkeypatch.setattr(spec, "perf_counter", lambda: clock[0])
+    stats = SpecStats()
+    for _ in speculative_stream(model, random_tokens(1, 4), 10, draft="S", temperature=0,
+                                stats=stats):
+        clock[0] += 100.0  # the caller's time between yields
+    assert stats.new_tokens == 10 and stats.seconds == 0.0

@@ -2,11 +2,11 @@
 
 The cache is plain state owned by whoever decodes; it is never stored on the modules, so one
 set of weights can serve as drafter and target at the same time, with one cache or two
-(arXiv 2310.07707, sec. 4.1.1). Like gpt-fast's cache it is preallocated, ``(n_layer, B, n_kv_head, max_len,
-head_dim)``, and indexed by position: a forward call at ``start_pos`` writes slots
-``start_pos .. start_pos + T - 1`` and attends to slots ``0 .. start_pos + T - 1``. Rolling back
-rejected draft tokens therefore costs nothing: the next call simply writes at an earlier position
-and never reads the stale slots beyond its end.
+(arXiv 2310.07707 sec. 4.1.1). Like gpt-fast's cache it is preallocated, ``(n_layer, B,
+n_kv_head, max_len, head_dim)``, and indexed by position: a forward call at ``start_pos``
+writes slots ``start_pos .. start_pos + T - 1`` and attends to slots ``0 .. start_pos + T - 1``.
+Rolling back rejected draft tokens therefore costs nothing: the next call simply writes at an
+earlier position and never reads the stale slots beyond its end.
 
 Batched prompts of different lengths are left-padded: row ``b`` holds real tokens from slot
 ``start[b]`` on. Padded slots are masked out of attention and rotary positions are counted from
@@ -94,10 +94,10 @@ class KVCache:
         self.start = padded_len - lengths
         self._padded = bool(self.start.any())
 
-    def reset(self) -> None:
-        """Forget everything (no need to zero: slots are always written before being read)."""
-        self.start.zero_()
-        self._padded = False
+    @property
+    def padded(self) -> bool:
+        """True while some row starts after slot 0 (a left-padded batch)."""
+        return self._padded
 
     # ----------------------------------------------------------------- used by the model
     def prepare(self, start_pos: int, T: int, rope_cos: Tensor, rope_sin: Tensor

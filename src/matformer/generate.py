@@ -3,8 +3,10 @@
 * :func:`sample_next` / :func:`logits_to_probs` -- temperature, top-k and top-p, seeded by an
   explicit ``torch.Generator``; ``temperature=0`` is greedy.
 * :func:`generate_stream` -- the fast decoder: one prefill forward over the (left-padded) prompts
-  fills a :class:`~matformer.cache.KVCache`, then every step feeds one token per row. Yields each
-  step's tokens as they come.
+  fills a :class:`~matformer.cache.KVCache`, then every step feeds one token per row, through
+  the lean per-submodel forward of :mod:`matformer.runner` (eager, or ``torch.compile``-d with
+  ``compile=True``; the default compiles on CUDA only) unless the batch is left-padded. Yields
+  each step's tokens as they come.
 * :func:`generate` -- collects the stream; falls back to the simple uncached reference decoder
   (re-runs the model over the whole, cropped, context every step) when asked to or when the
   prompt plus the new tokens do not fit the context.
@@ -22,11 +24,9 @@ from torch import Tensor
 
 from .cache import KVCache
 from .model import MatFormerLM, WidthSpec
+from .runner import HeadSpec, RunnerPool, SubmodelRunner
 
 log = logging.getLogger(__name__)
-
-HeadSpec = None | str | int | Sequence[int]
-
 
 def _check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
     if temperature < 0:
@@ -102,11 +102,20 @@ def _as_batch(prompt: Tensor | Sequence[Sequence[int]], prompt_lengths: Sequence
 
 
 def prefill(model: MatFormerLM, prompt: Tensor, cache: KVCache, *, widths: WidthSpec = None,
-            heads: HeadSpec = None, prompt_lengths: Tensor | None = None) -> Tensor:
-    """Run the (left-padded) prompts through ``model`` into ``cache``; last-position logits."""
-    T = prompt.shape[1]
-    if prompt_lengths is not None:
-        cache.set_prompt_lengths(prompt_lengths, T)
+            heads: HeadSpec = None, prompt_lengths: Tensor | None = None,
+            runner: SubmodelRunner | None = None) -> Tensor:
+    """Run the (left-padded) prompts through ``model`` into ``cache``; last-position logits.
+
+    The cache's padding state is set here, so a cache reused after a left-padded batch forgets
+    that batch's padding. With a ``runner`` (of the same submodel) and no padding, the lean
+    path runs and only the last position is projected onto the vocabulary.
+    """
+    B, T = prompt.shape
+    if prompt_lengths is None:
+        prompt_lengths = torch.full((B,), T, dtype=torch.long)
+    cache.set_prompt_lengths(prompt_lengths, T)
+    if runner is not None and not cache.padded:
+        return runner(prompt, cache, 0, last_only=True)[:, -1]
     return model(prompt, widths=widths, heads=heads, cache=cache, start_pos=0)[:, -1]
 
 
@@ -117,7 +126,8 @@ def generate_stream(model: MatFormerLM, prompt: Tensor | Sequence[Sequence[int]]
                     top_p: float | None = None, eos_id: int | None = None,
                     generator: torch.Generator | None = None,
                     prompt_lengths: Sequence[int] | Tensor | None = None,
-                    cache: KVCache | None = None) -> Iterator[Tensor]:
+                    cache: KVCache | None = None, runners: RunnerPool | None = None,
+                    compile: bool | None = None) -> Iterator[Tensor]:
     """KV-cached decoding; yields the (B,) new tokens of each step as soon as they exist.
 
     Args:
@@ -130,6 +140,13 @@ def generate_stream(model: MatFormerLM, prompt: Tensor | Sequence[Sequence[int]]
         eos_id: Rows that emit it keep emitting it; the stream ends when every row has.
         prompt_lengths: Real tokens per row of a left-padded (B, T) prompt.
         cache: A cache to fill (made here when None); it must hold T + max_new_tokens - 1 slots.
+        runners: Where the lean per-submodel forward comes from (pass one to reuse compiled
+            graphs across calls); made here when None.
+        compile: For a pool made here: ``torch.compile`` the lean forward (None: on CUDA only).
+
+    Unpadded batches run the lean :class:`~matformer.runner.SubmodelRunner`; left-padded ones
+    run ``model.forward`` (which masks the padding). The model's train/eval mode is restored
+    when the stream ends.
     """
     _check_sampling(temperature, top_k, top_p)
     if max_new_tokens < 0:
@@ -143,23 +160,33 @@ def generate_stream(model: MatFormerLM, prompt: Tensor | Sequence[Sequence[int]]
                          f"exceeds the context max_seq_len={ctx}")
     if max_new_tokens == 0:
         return
-    model.eval()
     ws, hs = model.resolve_widths(widths), model.resolve_heads(heads)
+    runner = (runners or RunnerPool(model, compile=compile)).get(ws, hs)
     if cache is None:
         cache = KVCache.for_model(model, B, max(need, T))
-    logits = prefill(model, ids.to(cache.k.device), cache, widths=ws, heads=hs,
-                     prompt_lengths=lengths)
-    done = torch.zeros(B, dtype=torch.bool, device=logits.device)
-    for step in range(max_new_tokens):
-        nxt = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p,
-                          generator=generator)
-        if eos_id is not None:
-            nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
-            done |= nxt == eos_id
-        yield nxt
-        if step == max_new_tokens - 1 or (eos_id is not None and bool(done.all())):
-            return
-        logits = model(nxt[:, None], widths=ws, heads=hs, cache=cache, start_pos=T + step)[:, -1]
+    was_training = model.training
+    model.eval()
+    try:
+        logits = prefill(model, ids.to(cache.k.device), cache, widths=ws, heads=hs,
+                         prompt_lengths=lengths, runner=runner)
+        lean = not cache.padded
+        done = torch.zeros(B, dtype=torch.bool, device=logits.device)
+        for step in range(max_new_tokens):
+            nxt = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p,
+                              generator=generator)
+            if eos_id is not None:
+                nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
+                done |= nxt == eos_id
+            yield nxt
+            if step == max_new_tokens - 1 or (eos_id is not None and bool(done.all())):
+                return
+            if lean:
+                logits = runner(nxt[:, None], cache, T + step)[:, -1]
+            else:
+                logits = model(nxt[:, None], widths=ws, heads=hs, cache=cache,
+                               start_pos=T + step)[:, -1]
+    finally:
+        model.train(was_training)
 
 
 @torch.no_grad()
@@ -168,7 +195,8 @@ def generate(model: MatFormerLM, prompt: Tensor | Sequence[Sequence[int]], max_n
              top_p: float | None = None, eos_id: int | None = None,
              generator: torch.Generator | None = None, heads: HeadSpec = None,
              prompt_lengths: Sequence[int] | Tensor | None = None,
-             use_cache: bool | None = None) -> Tensor:
+             use_cache: bool | None = None, runners: RunnerPool | None = None,
+             compile: bool | None = None) -> Tensor:
     """Continue (B, T) prompts by up to ``max_new_tokens``; stops early when all rows hit EOS.
 
     Returns (B, T + n) ids: the (left-padded) prompts followed by the new tokens; rows that
@@ -178,6 +206,7 @@ def generate(model: MatFormerLM, prompt: Tensor | Sequence[Sequence[int]], max_n
         use_cache: True decodes with a KV cache (:func:`generate_stream`); False runs the simple
             reference decoder that re-runs the model over the (cropped) context each step; None
             (default) uses the cache whenever prompt + new tokens fit the context.
+        runners, compile: The lean forwards to decode with (see :func:`generate_stream`).
         Others: as in :func:`generate_stream`.
     """
     ids, lengths = _as_batch(prompt, prompt_lengths, 0 if eos_id is None else eos_id)
@@ -189,7 +218,8 @@ def generate(model: MatFormerLM, prompt: Tensor | Sequence[Sequence[int]], max_n
     if use_cache:
         steps = list(generate_stream(model, ids, max_new_tokens, widths=widths, heads=heads,
                                      temperature=temperature, top_k=top_k, top_p=top_p,
-                                     eos_id=eos_id, generator=generator, prompt_lengths=lengths))
+                                     eos_id=eos_id, generator=generator, prompt_lengths=lengths,
+                                     runners=runners, compile=compile))
         return torch.cat([ids.to(steps[0].device), torch.stack(steps, 1)], 1) if steps else ids
     if lengths is not None:
         raise ValueError("left-padded prompts need the KV cache (use_cache=True)")
@@ -204,7 +234,20 @@ def _generate_uncached(model: MatFormerLM, prompt: Tensor, max_new_tokens: int, 
                        top_k: int | None, top_p: float | None, eos_id: int | None,
                        generator: torch.Generator | None) -> Tensor:
     """The reference decoder: each step re-runs the model on the (cropped) context."""
+    was_training = model.training
     model.eval()
+    try:
+        return _decode_uncached(model, prompt, max_new_tokens, widths=widths, heads=heads,
+                                temperature=temperature, top_k=top_k, top_p=top_p,
+                                eos_id=eos_id, generator=generator)
+    finally:
+        model.train(was_training)
+
+
+def _decode_uncached(model: MatFormerLM, prompt: Tensor, max_new_tokens: int, *,
+                     widths: WidthSpec, heads: HeadSpec, temperature: float,
+                     top_k: int | None, top_p: float | None, eos_id: int | None,
+                     generator: torch.Generator | None) -> Tensor:
     ctx = model.config.max_seq_len
     ws, hs = model.resolve_widths(widths), model.resolve_heads(heads)
     out = prompt

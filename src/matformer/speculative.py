@@ -3,7 +3,7 @@
 Each round the drafter proposes ``k`` tokens one at a time, the target scores all of them in a
 single forward over ``k + 1`` positions, and the longest acceptable prefix is kept plus one
 token from the target (a correction or a bonus), so every round costs one target forward and
-emits between 1 and ``k + 1`` tokens (arXiv 2310.07707 sec. 4.1.1 and App. C.1; Leviathan et al. 2023).
+emits between 1 and ``k + 1`` tokens (arXiv 2310.07707 sec. 4.1.1; Leviathan et al. 2023).
 
 Three ways to hold the drafter's keys and values:
 
@@ -23,21 +23,26 @@ tokens are rolled back for free. One sequence at a time (B = 1), like gpt-fast.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
+from time import perf_counter
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from .cache import KVCache
-from .generate import HeadSpec, _check_sampling, logits_to_probs
+from .draft import Acceptance, DraftCosts, choose_draft_len, measure_costs, synced_clock
+from .generate import HeadSpec, _check_sampling, logits_to_probs, prefill
 from .model import MatFormerLM, WidthSpec
+from .runner import RunnerPool, SubmodelRunner
 
 log = logging.getLogger(__name__)
 
 MODES = ("two-cache", "shared-cache", "external")
+#: With the adaptive rule at plain decoding, draft one token after this many rounds, so a
+#: drafter whose acceptance has risen is noticed again (costs about 1% of plain speed).
+PROBE_EVERY = 64
 
 
 @dataclass
@@ -151,42 +156,25 @@ def _check_draft(model: MatFormerLM, draft: tuple[int, ...], target: tuple[int, 
                          "drafting with the target itself cannot speed anything up")
 
 
-@torch.no_grad()
-def speculative_stream(
-    model: MatFormerLM, prompt: Tensor, max_new_tokens: int, *,
-    draft: WidthSpec = None, target: WidthSpec = None, draft_heads: HeadSpec = None,
-    target_heads: HeadSpec = None, draft_model: MatFormerLM | None = None,
-    shared_cache: bool = False, draft_len: int = 4, adaptive: bool = False,
-    max_draft_len: int = 16, temperature: float = 0.0, top_k: int | None = None,
-    top_p: float | None = None, eos_id: int | None = None,
-    generator: torch.Generator | None = None, stats: SpecStats | None = None,
-    cache: KVCache | None = None,
-) -> Iterator[Tensor]:
-    """Speculative decoding of one sequence; yields each round's emitted ids (1-D) as they come.
+@dataclass
+class _Setup:
+    """Everything a decoding round needs, resolved once."""
 
-    Args:
-        model: The target's weights (and the drafter's, unless ``draft_model`` is given).
-        prompt: (1, T) or (T,) ids.
-        max_new_tokens: Tokens to generate (fewer if ``eos_id`` appears).
-        draft: Drafter widths; default: ``model``'s smallest granularity, or the full
-            ``draft_model``. ``draft_heads`` likewise for nested heads.
-        target: Target widths; default: the full model. ``target_heads`` likewise.
-        draft_model: A separately trained drafter (same vocabulary) with its own cache.
-        shared_cache: One cache for drafter and target (nested drafter only).
-        draft_len: Tokens drafted per round (the starting value when ``adaptive``).
-        adaptive: Grow the draft by 2 after a fully accepted round, shrink it by 1 otherwise
-            (Hugging Face's assisted-generation rule), within 1..``max_draft_len``.
-        temperature, top_k, top_p, generator: The target distribution to sample from;
-            ``temperature=0`` is greedy.
-        eos_id: Stop after emitting it.
-        stats: Filled in as decoding goes (counts, acceptance, seconds).
-        cache: The target's cache (made here when None); with ``shared_cache`` the drafter's too.
-    """
-    _check_sampling(temperature, top_k, top_p)
-    if draft_len < 1 or max_draft_len < draft_len:
-        raise ValueError(f"need 1 <= draft_len ({draft_len}) <= max_draft_len ({max_draft_len})")
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
+    model: MatFormerLM
+    drafter: MatFormerLM
+    target: SubmodelRunner
+    draft: SubmodelRunner
+    tcache: KVCache
+    dcache: KVCache
+    mode: str
+    key: tuple  # (draft widths, draft heads, target widths, target heads) for cached costs
+
+
+def _setup(model: MatFormerLM, prompt: Tensor, max_new_tokens: int, draft: WidthSpec,
+           target: WidthSpec, draft_heads: HeadSpec, target_heads: HeadSpec,
+           draft_model: MatFormerLM | None, shared_cache: bool, runners: RunnerPool,
+           draft_runners: RunnerPool | None, cache: KVCache | None) -> tuple[_Setup, Tensor]:
+    """Check the arguments; pick runners and caches. Returns the setup and the 1-D prompt."""
     ids = prompt.reshape(-1) if prompt.dim() == 1 or prompt.shape[0] == 1 else None
     if ids is None or ids.numel() == 0:
         raise ValueError(f"speculative decoding takes one non-empty prompt, got shape "
@@ -197,7 +185,7 @@ def speculative_stream(
                          f"the context max_seq_len={ctx}")
     tw, th = model.resolve_widths(target), _heads(model, target, target_heads)
     if draft_model is None:
-        drafter = model
+        drafter, dpool = model, runners
         draft = model.config.names[0] if draft is None else draft
         dw, dh = model.resolve_widths(draft), _heads(model, draft, draft_heads)
         _check_draft(model, dw, tw, dh, th)
@@ -211,86 +199,216 @@ def speculative_stream(
         if T + max_new_tokens - 1 > draft_model.config.max_seq_len:
             raise ValueError("prompt + max_new_tokens exceed the drafter's context")
         drafter, mode = draft_model, "external"
+        dpool = draft_runners or RunnerPool(draft_model, compile=runners.compile)
         dw, dh = drafter.resolve_widths(draft), _heads(drafter, draft, draft_heads)
+    n_slots = max(T + max_new_tokens - 1, T)
+    tcache = KVCache.for_model(model, 1, n_slots) if cache is None else cache
+    dcache = tcache if shared_cache else KVCache.for_model(drafter, 1, n_slots)
+    setup = _Setup(model, drafter, runners.get(tw, th), dpool.get(dw, dh), tcache, dcache, mode,
+                   (dw, dh, tw, th, mode))
+    return setup, ids
+
+
+@dataclass
+class _Sampler:
+    """Greedy or rejection-sampled acceptance of drafts, with the target's distribution."""
+
+    temperature: float
+    top_k: int | None
+    top_p: float | None
+    generator: torch.Generator | None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def probs(self, logits: Tensor) -> Tensor:
+        return logits_to_probs(logits, temperature=self.temperature, top_k=self.top_k,
+                               top_p=self.top_p)
+
+    def first(self, logits: Tensor) -> Tensor:
+        if self.greedy:
+            return logits.argmax(-1, keepdim=True)
+        return torch.multinomial(self.probs(logits), 1, generator=self.generator)
+
+
+def _draft(s: _Setup, out: Tensor, n: int, draft_valid: int, k: int, sampler: _Sampler
+           ) -> tuple[int, Tensor | None]:
+    """Draft ``k`` tokens into ``out[n : n + k]``, feeding everything the drafter's cache
+    lacks. Returns the new count of drafter cache slots holding the sequence, and the draft
+    distributions (k, vocab) when sampling."""
+    draft_probs = []
+    for i in range(k):
+        dl = s.draft(out[None, draft_valid: n + i], s.dcache, draft_valid, last_only=True)[0, -1]
+        draft_valid = n + i
+        if sampler.greedy:
+            out[n + i] = dl.argmax()
+        else:
+            p = sampler.probs(dl)
+            out[n + i] = torch.multinomial(p, 1, generator=sampler.generator)[0]
+            draft_probs.append(p)
+    return draft_valid, torch.stack(draft_probs) if draft_probs else None
+
+
+def _verify(s: _Setup, out: Tensor, n: int, k: int, draft_probs: Tensor | None,
+            sampler: _Sampler) -> Tensor:
+    """One target forward over slots n - 1 .. n - 1 + k (in a shared cache this overwrites the
+    drafter's K/V of those slots with the target's); the emitted 1..k+1 tokens."""
+    tl = s.target(out[None, n - 1: n + k], s.tcache, n - 1)[0]  # (k + 1, vocab)
+    drafts = out[n: n + k]
+    if k == 0 and sampler.greedy:  # a plain decoding step
+        return tl.argmax(-1)
+    if sampler.greedy:
+        return greedy_accept(drafts, tl)
+    dp = draft_probs if draft_probs is not None else tl.new_zeros(0, tl.shape[-1])
+    return accept_reject(drafts, dp, sampler.probs(tl), sampler.generator)
+
+
+def _costs(s: _Setup, pool: RunnerPool, pos: int, max_draft_len: int,
+           costs: DraftCosts | None) -> DraftCosts:
+    """The given cost model, else this pool's earlier measurement, else a fresh one."""
+    if costs is not None:
+        return costs
+    found = pool.measured.get(("draft-costs", *s.key))
+    if isinstance(found, DraftCosts):
+        return found
+    measured = measure_costs(s.draft, s.target, s.dcache, s.tcache, pos, max_draft_len + 1)
+    pool.measured[("draft-costs", *s.key)] = measured
+    log.info("measured costs: drafter token %.2f ms, verification %s", 1e3 * measured.draft_token,
+             {n: round(1e3 * c, 2) for n, c in measured.verify.items()})
+    return measured
+
+
+@torch.no_grad()
+def speculative_stream(
+    model: MatFormerLM, prompt: Tensor, max_new_tokens: int, *,
+    draft: WidthSpec = None, target: WidthSpec = None, draft_heads: HeadSpec = None,
+    target_heads: HeadSpec = None, draft_model: MatFormerLM | None = None,
+    shared_cache: bool = False, draft_len: int = 4, adaptive: bool = False,
+    max_draft_len: int = 16, temperature: float = 0.0, top_k: int | None = None,
+    top_p: float | None = None, eos_id: int | None = None,
+    generator: torch.Generator | None = None, stats: SpecStats | None = None,
+    cache: KVCache | None = None, runners: RunnerPool | None = None,
+    draft_runners: RunnerPool | None = None, compile: bool | None = None,
+    costs: DraftCosts | None = None, acceptance: Acceptance | None = None,
+) -> Iterator[Tensor]:
+    """Speculative decoding of one sequence; yields each round's emitted ids (1-D) as they come.
+
+    Args:
+        model: The target's weights (and the drafter's, unless ``draft_model`` is given).
+        prompt: (1, T) or (T,) ids.
+        max_new_tokens: Tokens to generate (fewer if ``eos_id`` appears).
+        draft: Drafter widths; default: ``model``'s smallest granularity, or the full
+            ``draft_model``. ``draft_heads`` likewise for nested heads.
+        target: Target widths; default: the full model. ``target_heads`` likewise.
+        draft_model: A separately trained drafter (same vocabulary) with its own cache.
+        shared_cache: One cache for drafter and target (nested drafter only).
+        draft_len: Tokens drafted per round (not used with ``adaptive``).
+        adaptive: Choose each round's draft length in ``0..max_draft_len`` to maximise
+            expected tokens/s (:func:`~matformer.draft.choose_draft_len`) from the measured
+            costs and the running acceptance; 0 is a plain decoding step.
+        temperature, top_k, top_p, generator: The target distribution to sample from;
+            ``temperature=0`` is greedy.
+        eos_id: Stop after emitting it.
+        stats: Filled in as decoding goes (counts, acceptance, seconds spent in here).
+        cache: The target's cache (made here when None); with ``shared_cache`` the drafter's too.
+        runners, draft_runners, compile: Lean forwards of the model (and of ``draft_model``);
+            made here when None (``compile`` as in :class:`~matformer.runner.RunnerPool`).
+        costs: A cost model for ``adaptive`` (default: measured once per pool, then updated).
+        acceptance: The running acceptance to start from and update (default: the pool's,
+            kept per drafter/target pair across calls; at first a weak prior of 2/3).
+    """
+    _check_sampling(temperature, top_k, top_p)
+    if draft_len < 1 or max_draft_len < draft_len:
+        raise ValueError(f"need 1 <= draft_len ({draft_len}) <= max_draft_len ({max_draft_len})")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
+    pool = runners or RunnerPool(model, compile=compile)
+    s, ids = _setup(model, prompt, max_new_tokens, draft, target, draft_heads, target_heads,
+                    draft_model, shared_cache, pool, draft_runners, cache)
     stats = SpecStats() if stats is None else stats
-    stats.mode = mode
+    stats.mode = s.mode
     if max_new_tokens == 0:
         return
-    model.eval()
-    drafter.eval()
-    n_slots = T + max_new_tokens - 1
-    tcache = KVCache.for_model(model, 1, max(n_slots, T)) if cache is None else cache
-    dcache = tcache if shared_cache else KVCache.for_model(drafter, 1, max(n_slots, T))
-    greedy = temperature == 0
+    modes = [(m, m.training) for m in (s.model, s.drafter)]
+    for m, _ in modes:
+        m.eval()
+    if acceptance is None:  # the running acceptance carries over calls with this pool
+        found = pool.measured.setdefault(("acceptance", *s.key, temperature == 0), Acceptance())
+        acceptance = found if isinstance(found, Acceptance) else Acceptance()
+    try:
+        yield from _decode(s, pool, ids, max_new_tokens, stats, _Sampler(
+            temperature, top_k, top_p, generator), eos_id, draft_len,
+            max_draft_len if adaptive else None, costs, acceptance)
+    finally:
+        for m, was_training in reversed(modes):
+            m.train(was_training)
 
-    def probs(logits: Tensor) -> Tensor:
-        return logits_to_probs(logits, temperature=temperature, top_k=top_k, top_p=top_p)
 
-    generated = 0  # local count: a caller's ``stats`` may already hold earlier calls' counts
+def _decode(s: _Setup, pool: RunnerPool, ids: Tensor, max_new_tokens: int, stats: SpecStats,
+            sampler: _Sampler, eos_id: int | None, draft_len: int, max_k: int | None,
+            costs: DraftCosts | None, acceptance: Acceptance) -> Iterator[Tensor]:
+    """The rounds of :func:`speculative_stream` (``max_k`` None: fixed draft length).
 
-    def emit(tokens: Tensor) -> Tensor:
-        nonlocal generated
-        if eos_id is not None and bool((tokens == eos_id).any()):
-            tokens = tokens[: int((tokens == eos_id).nonzero()[0, 0]) + 1]
-        stats.new_tokens += tokens.numel()
-        generated += tokens.numel()
-        return tokens
-
-    t0, seconds0 = time.perf_counter(), stats.seconds
-    out = torch.empty(T + max_new_tokens, dtype=torch.long, device=tcache.k.device)
+    ``stats.seconds`` counts only the time spent in here, not the caller's between yields.
+    """
+    t0 = perf_counter()
+    T, device = ids.numel(), s.tcache.k.device
+    out = torch.empty(T + max_new_tokens, dtype=torch.long, device=device)
     out[:T] = ids
-    logits = model(out[None, :T], widths=tw, heads=th, cache=tcache)[0, -1]  # prefill
+    logits = prefill(s.model, out[None, :T], s.tcache, runner=s.target)[0]
     stats.target_forwards += 1
-    first = logits.argmax(-1, keepdim=True) if greedy else torch.multinomial(
-        probs(logits), 1, generator=generator)
+    out[T] = sampler.first(logits)[0]
     n = T + 1  # tokens in `out`; the last one is not in any cache yet
-    out[T] = first[0]
-    draft_valid = T if shared_cache else 0  # drafter cache slots that hold the current sequence
-    tokens = emit(first)
-    stats.seconds = seconds0 + time.perf_counter() - t0
-    yield tokens
-    k = draft_len
-    while generated < max_new_tokens and not (eos_id is not None and int(tokens[-1]) == eos_id):
+    draft_valid = T if s.dcache is s.tcache else 0  # drafter cache slots holding the sequence
+    if max_k is not None:
+        costs = _costs(s, pool, n - 1, max_k, costs)
+    generated, k, idle = 0, draft_len, 0
+    tokens = out[T: T + 1].clone()
+    while True:
+        tokens = _emit(tokens, eos_id, stats)
+        generated += tokens.numel()
+        stats.seconds += perf_counter() - t0
+        yield tokens
+        t0 = perf_counter()
+        if generated >= max_new_tokens or (eos_id is not None and int(tokens[-1]) == eos_id):
+            return
+        if max_k is not None:
+            k = choose_draft_len(acceptance.rate, costs, max_k)
+            idle = idle + 1 if k == 0 else 0
+            if idle >= PROBE_EVERY:  # look again at the acceptance once in a while
+                k, idle = 1, 0
         k_now = min(k, max_new_tokens - generated - 1)
-        pos = n - 1  # slot of the newest token
-        draft_probs = []
-        for i in range(k_now):  # draft: feed everything the drafter's cache lacks
-            dl = drafter(out[None, draft_valid: n + i], widths=dw, heads=dh, cache=dcache,
-                         start_pos=draft_valid)[0, -1]
-            draft_valid = n + i
-            if greedy:
-                out[n + i] = dl.argmax()
-            else:
-                p = probs(dl)
-                out[n + i] = torch.multinomial(p, 1, generator=generator)[0]
-                draft_probs.append(p)
-        stats.draft_forwards += k_now
-        # Verify all drafts in one target forward over slots pos .. pos + k_now (in a shared
-        # cache this overwrites the drafter's K/V of those slots with the target's).
-        tl = model(out[None, pos: n + k_now], widths=tw, heads=th, cache=tcache,
-                   start_pos=pos)[0]
-        stats.target_forwards += 1
-        drafts = out[n: n + k_now]
-        if greedy:
-            accepted = greedy_accept(drafts, tl)
-        else:
-            dp = torch.stack(draft_probs) if draft_probs else tl.new_zeros(0, tl.shape[-1])
-            accepted = accept_reject(drafts, dp, probs(tl), generator)
+        t_draft = perf_counter()
+        draft_valid, draft_probs = _draft(s, out, n, draft_valid, k_now, sampler)
+        t_verify = synced_clock(device)
+        accepted = _verify(s, out, n, k_now, draft_probs, sampler)
         a = accepted.numel() - 1  # drafts kept
+        if max_k is not None:
+            t_end = perf_counter()
+            costs.record_draft(t_verify - t_draft, k_now)
+            costs.record_verify(k_now + 1, t_end - t_verify)
+            acceptance.update(a, k_now)
         out[n: n + a + 1] = accepted
         n += a + 1
         # Slots < n - 1 now hold the accepted sequence: the target's, and the drafter's too up
         # to where it drafted. Anything later is stale and will be overwritten before it is read.
-        draft_valid = n - 1 if shared_cache else min(draft_valid, n - 1)
+        draft_valid = n - 1 if s.dcache is s.tcache else min(draft_valid, n - 1)
+        stats.draft_forwards += k_now
+        stats.target_forwards += 1
         stats.rounds += 1
         stats.drafted += k_now
         stats.accepted += a
         stats.draft_lens.append(k_now)
-        if adaptive:
-            k = min(k + 2, max_draft_len) if a == k_now else max(1, k - 1)
-        tokens = emit(accepted)
-        stats.seconds = seconds0 + time.perf_counter() - t0
-        yield tokens
+        tokens = accepted
+
+
+def _emit(tokens: Tensor, eos_id: int | None, stats: SpecStats) -> Tensor:
+    """Cut after the first ``eos_id``; count what is emitted."""
+    if eos_id is not None and bool((tokens == eos_id).any()):
+        tokens = tokens[: int((tokens == eos_id).nonzero()[0, 0]) + 1]
+    stats.new_tokens += tokens.numel()
+    return tokens
 
 
 def speculative_generate(model: MatFormerLM, prompt: Tensor, max_new_tokens: int,

@@ -1,0 +1,312 @@
+"""How to draft: the cost model, the draft-length rule, and the search for the best drafter.
+
+Speculative decoding pays only when a round's expected tokens outweigh its cost. With per-token
+acceptance ``a`` (a drafted token is kept with probability ``a`` given that the ones before it
+were), a round of ``k`` drafts emits ``E(k) = (1 - a^(k+1)) / (1 - a)`` tokens on average
+(Leviathan et al. 2023, eq. 1) and costs ``k c_d + c_v(k + 1)``: ``k`` drafter forwards of one
+token and one target forward over ``k + 1`` tokens. Plain decoding is ``k = 0``: one token for
+``c_v(1)``. :func:`choose_draft_len` picks the ``k`` of highest ``E(k) / cost(k)`` from *measured*
+costs (:class:`DraftCosts`) and a running acceptance (:class:`Acceptance`), so drafting is used
+only where it is expected to pay on this machine, for this drafter and this text.
+
+:func:`search_drafter` does the same one level up: over candidate drafters (any Mix'n'Match
+submodel nested in the target) it measures acceptance on held-out prefixes and the costs, and
+ranks (drafter, k) by expected tokens per second.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import statistics
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .cache import KVCache
+from .model import MatFormerLM
+from .runner import RunnerPool, SubmodelRunner
+
+log = logging.getLogger(__name__)
+
+
+def expected_tokens(k: int, alpha: float) -> float:
+    """Mean tokens a round of ``k`` drafts emits at per-token acceptance ``alpha``."""
+    if alpha >= 1.0:
+        return float(k + 1)
+    return (1.0 - alpha ** (k + 1)) / (1.0 - alpha)
+
+
+@dataclass
+class DraftCosts:
+    """Seconds of one drafter token and of one target forward over ``n`` tokens.
+
+    ``verify`` maps ``n`` to measured seconds; :meth:`verify_cost` fits a line through them.
+    With ``frozen`` the numbers are a fixed cost model (tests, what-if tables); otherwise each
+    estimate becomes the median of its last ``window`` measurements (the starting value
+    included), so a burst of load from other jobs does not swing the choice of draft length.
+    """
+
+    draft_token: float
+    verify: dict[int, float]
+    frozen: bool = False
+    window: int = 15
+
+    def __post_init__(self) -> None:
+        self._line: tuple[float, float] | None = None  # (cost at n = 0, slope), refit on change
+        self._draft_seen: deque[float] = deque([self.draft_token], maxlen=self.window)
+        self._verify_seen = {n: deque([c], maxlen=self.window) for n, c in self.verify.items()}
+
+    def verify_cost(self, n: int) -> float:
+        """Estimated seconds of a target forward over ``n`` tokens: a least-squares line
+        through the measured lengths (slope >= 0), which smooths out timing noise."""
+        if self._line is None:
+            self._line = self._fit()
+        return max(self._line[0] + self._line[1] * n, 1e-12)
+
+    def _fit(self) -> tuple[float, float]:
+        ns = sorted(self.verify)
+        if len(ns) == 1:  # one measurement: assume cost grows in proportion (pessimistic)
+            return 0.0, self.verify[ns[0]] / ns[0]
+        mean_n = sum(ns) / len(ns)
+        mean_c = sum(self.verify.values()) / len(ns)
+        slope = max(0.0, sum((m - mean_n) * (self.verify[m] - mean_c) for m in ns) / sum(
+            (m - mean_n) ** 2 for m in ns))
+        return mean_c - slope * mean_n, slope
+
+    def round_cost(self, k: int) -> float:
+        """Seconds of a round with ``k`` drafts (``k = 0``: a plain decoding step)."""
+        return k * self.draft_token + self.verify_cost(k + 1)
+
+    def record_draft(self, seconds: float, tokens: int) -> None:
+        if not self.frozen and tokens > 0:
+            self._draft_seen.append(seconds / tokens)
+            self.draft_token = statistics.median(self._draft_seen)
+
+    def record_verify(self, n: int, seconds: float) -> None:
+        if self.frozen:
+            return
+        seen = self._verify_seen.setdefault(n, deque(maxlen=self.window))
+        seen.append(seconds)
+        self.verify[n] = statistics.median(seen)
+        self._line = None
+
+
+@dataclass
+class Acceptance:
+    """Running per-token acceptance: maximum likelihood with a prior and exponential forgetting.
+
+    A round that kept ``a`` of ``k`` drafts saw ``a`` acceptances and, if ``a < k``, one
+    rejection; the estimate is acceptances / (acceptances + rejections).
+    """
+
+    accepted: float = 2.0
+    rejected: float = 1.0
+    decay: float = 0.95
+
+    @classmethod
+    def with_prior(cls, rate: float, strength: float = 4.0) -> Acceptance:
+        """A prior worth ``strength`` observations at acceptance ``rate``."""
+        rate = min(max(rate, 0.0), 1.0)
+        return cls(accepted=rate * strength, rejected=(1.0 - rate) * strength)
+
+    @property
+    def rate(self) -> float:
+        total = self.accepted + self.rejected
+        return self.accepted / total if total > 0 else 0.0
+
+    def update(self, kept: int, drafted: int) -> None:
+        if drafted == 0:
+            return
+        self.accepted = self.decay * self.accepted + kept
+        self.rejected = self.decay * self.rejected + (1.0 if kept < drafted else 0.0)
+
+
+#: Drafting must be expected to beat plain decoding by this fraction before it is chosen: timings
+#: on a shared machine are noisy by about this much, and a wrong "drafting pays" costs speed.
+MARGIN = 0.1
+
+
+def choose_draft_len(alpha: float, costs: DraftCosts, max_draft_len: int,
+                     margin: float = MARGIN) -> int:
+    """The draft length in ``0..max_draft_len`` of highest expected tokens per second.
+
+    ``k > 0`` is chosen only when it is expected to be faster than plain decoding (``k = 0``)
+    by more than ``margin``; ties go to the shorter draft.
+    """
+    plain = 1.0 / costs.round_cost(0)
+    best_k, best = 0, plain * (1 + margin)
+    for k in range(1, max_draft_len + 1):
+        speed = expected_tokens(k, alpha) / costs.round_cost(k)
+        if speed > best * (1 + 1e-9):
+            best_k, best = k, speed
+    return best_k
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def synced_clock(device: torch.device) -> float:
+    """``time.perf_counter()`` once the device has finished its queued work."""
+    _sync(device)
+    return time.perf_counter()
+
+
+def time_call(fn: Callable[[], object], device: torch.device, reps: int = 3) -> float:
+    """Median seconds of ``reps`` timed calls of ``fn()`` after one untimed call (the typical
+    cost, as decoding will see it, rather than the best case)."""
+    fn()
+    times = []
+    for _ in range(reps):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def measure_costs(drafter: SubmodelRunner, target: SubmodelRunner, dcache: KVCache,
+                  tcache: KVCache, pos: int, max_n: int, *, reps: int = 5) -> DraftCosts:
+    """Measure a drafter token and target forwards over 1, 2 and ``max_n`` tokens at ``pos``.
+
+    Writes scratch K/V into slots ``pos ..``; callers measure at the first slot not yet holding
+    the sequence (every decoding call writes its slots before reading them, so nothing stale is
+    ever read). ``max_n`` is reduced to what fits both caches.
+    """
+    device = tcache.k.device
+    room = min(tcache.max_len, dcache.max_len) - pos
+    if room < 1:
+        raise ValueError(f"no free cache slot at position {pos} to measure costs")
+    tok = torch.zeros(1, max(max_n, 1), dtype=torch.long, device=device)
+    d = time_call(lambda: drafter(tok[:, :1], dcache, pos, last_only=True), device, reps)
+    verify = {n: time_call(lambda n=n: target(tok[:, :n], tcache, pos), device, reps)
+              for n in sorted({1, min(2, room), min(max_n, room)})}
+    return DraftCosts(draft_token=d, verify=verify)
+
+
+@dataclass
+class DrafterRow:
+    """One searched drafter: its widths, measured acceptance and costs, and its best draft."""
+
+    name: str
+    widths: tuple[int, ...]
+    acceptance: float
+    draft_ms: float
+    best_k: int
+    tokens_per_s: float
+    speedup: float
+    per_k: dict[int, float] = field(default_factory=dict)  # k -> expected tokens/s
+
+
+def rank_drafters(acceptance: dict[str, float], widths: dict[str, tuple[int, ...]],
+                  costs: dict[str, DraftCosts], max_draft_len: int) -> list[DrafterRow]:
+    """Rank drafters by the expected tokens/s of their best draft length (pure arithmetic).
+
+    Args:
+        acceptance: Per-token acceptance of each drafter (name -> rate).
+        widths: Each drafter's widths.
+        costs: Each drafter's costs against the same target (``verify`` is the target's).
+        max_draft_len: Longest draft considered.
+
+    Returns:
+        Rows sorted best first; ``speedup`` is relative to plain decoding (k = 0).
+    """
+    rows = []
+    for name, alpha in acceptance.items():
+        c = costs[name]
+        per_k = {k: expected_tokens(k, alpha) / c.round_cost(k) for k in range(max_draft_len + 1)}
+        k = choose_draft_len(alpha, c, max_draft_len)
+        rows.append(DrafterRow(name, widths[name], alpha, 1e3 * c.draft_token, k, per_k[k],
+                               per_k[k] / per_k[0], per_k))
+    return sorted(rows, key=lambda r: (-r.tokens_per_s, r.best_k))
+
+
+def drafter_candidates(model: MatFormerLM, target: tuple[int, ...], max_rule: int = 6
+                       ) -> dict[str, tuple[int, ...]]:
+    """Uniform granularities and up to ``max_rule`` Mix'n'Match rule candidates (spread evenly
+    over their sizes) that are nested in, and smaller than, the target."""
+    from .submodels.candidates import candidates
+
+    fits = [c for c in candidates(model.config)
+            if c.widths != target and all(w <= t for w, t in zip(c.widths, target, strict=True))]
+    out = {c.name: c.widths for c in fits if c.pattern == "uniform"}
+    rule = [c for c in fits if c.pattern == "rule" and c.widths not in out.values()]
+    step = max(1, math.ceil(len(rule) / max_rule)) if rule else 1
+    out |= {c.name: c.widths for c in rule[::step][:max_rule]}
+    return out
+
+
+@torch.no_grad()
+def greedy_acceptance(model: MatFormerLM, sequences: Sequence[Tensor], prompt_len: int,
+                      widths: tuple[int, ...]) -> float:
+    """Per-token greedy acceptance of drafter ``widths`` along the target's own continuations.
+
+    ``sequences`` are (prompt_len + n,) ids whose last n tokens are the target's greedy output;
+    a drafted token is accepted iff it equals the target's, so the acceptance is the drafter's
+    argmax agreement at those positions (the two-cache setting: the drafter's own K/V).
+    """
+    hits = total = 0
+    for seq in sequences:
+        pred = model(seq[None, :-1], widths=widths)[0, prompt_len - 1:].argmax(-1)
+        hits += int((pred == seq[prompt_len:]).sum())
+        total += seq.numel() - prompt_len
+    return hits / max(total, 1)
+
+
+@torch.no_grad()
+def search_drafter(model: MatFormerLM, prompts: Sequence[Tensor], *,
+                   target: tuple[int, ...] | None = None, new_tokens: int = 32,
+                   max_draft_len: int = 8, runners: RunnerPool | None = None,
+                   drafters: dict[str, tuple[int, ...]] | None = None, reps: int = 7
+                   ) -> list[DrafterRow]:
+    """Rank drafters (and draft lengths) for ``target`` by expected tokens/s on this machine.
+
+    Acceptance: the target greedily continues each held-out prompt (1-D ids of one length) by
+    ``new_tokens``; each drafter's agreement along those continuations is its acceptance.
+    Costs: a drafter token and target forwards over 1, 2 and ``max_draft_len + 1`` tokens,
+    timed at the end of a filled cache, all interleaved in each of ``reps`` rounds (median).
+
+    Returns:
+        :func:`rank_drafters` rows, best first (a best ``k`` of 0: do not draft).
+    """
+    from .generate import generate
+
+    pool = runners or RunnerPool(model)
+    tw = model.resolve_widths(target)
+    drafters = drafter_candidates(model, tw) if drafters is None else drafters
+    T = prompts[0].numel()
+    seqs = [generate(model, p.reshape(1, -1), new_tokens, widths=tw, temperature=0,
+                     runners=pool)[0] for p in prompts]
+    acceptance = {n: greedy_acceptance(model, seqs, T, w) for n, w in drafters.items()}
+    pos = T + new_tokens // 2
+    cache = KVCache.for_model(model, 1, min(pos + max_draft_len + 1, model.config.max_seq_len))
+    pool.get(tw)(seqs[0][None, :pos], cache, 0)
+    device = cache.k.device
+    target = pool.get(tw)
+    tok = torch.zeros(1, max_draft_len + 1, dtype=torch.long, device=device)
+    runners = {name: pool.get(w) for name, w in drafters.items()}
+    calls: dict[Any, Callable[[], object]] = {
+        name: (lambda r=r: r(tok[:, :1], cache, pos, last_only=True))
+        for name, r in runners.items()}
+    ns = sorted({1, 2, min(max_draft_len + 1, cache.max_len - pos)})
+    calls |= {n: (lambda n=n: target(tok[:, :n], cache, pos)) for n in ns}
+    times: dict[Any, list[float]] = {key: [] for key in calls}
+    for _ in range(reps):  # interleaved: load on a shared machine hits every candidate alike
+        for key, fn in calls.items():
+            times[key].append(time_call(fn, device, reps=3))
+    verify = {n: statistics.median(times[n]) for n in ns}
+    costs = {name: DraftCosts(statistics.median(times[name]), dict(verify), frozen=True)
+             for name in drafters}
+    rows = rank_drafters(acceptance, drafters, costs, max_draft_len)
+    log.info("drafter search: best %s (k=%d, %.2fx plain)", rows[0].name, rows[0].best_k,
+             rows[0].speedup)
+    return rows
