@@ -12,11 +12,10 @@ import pytest
 import torch
 
 from matformer import data
+from matformer.corpora import CORPORA, load_corpus
 from matformer.data import (
-    CORPORA,
     TokenDataset,
     default_cache_dir,
-    load_corpus,
     prepare_data,
     split_documents,
     token_dtype,

@@ -2,12 +2,12 @@
 
 One rule: never delete or overwrite what the user did not ask to replace.
 
-- A writer fills a fresh temporary directory beside its target (``.NAME.tmp-XXXX``) and renames
+- A writer fills a fresh temporary directory beside its target (``.NAME.tmp-<random>``) and renames
   it into place only when everything is written and flushed to disk, so a crash, a full disk or
   an exception leaves the previous content where it was.
 - An existing target (a file or a non-empty directory) is refused unless the caller asks to
   replace it (``overwrite``, the CLI's ``--force``); it is then replaced as a whole: moved aside
-  (``.NAME.old-XXXX``), the new one renamed in, the old one removed. Stale files never survive.
+  (``.NAME.old-<random>``), the new one renamed in, the old one removed. Stale files never survive.
 - A command's input is never its output, ``--force`` or not.
 - :func:`clean_leftovers` removes what an interrupted write left beside its target.
 """

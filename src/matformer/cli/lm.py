@@ -1,4 +1,5 @@
-"""``matformer train | eval | generate | consistency``: language-model commands.
+"""``matformer train | eval | consistency``: language-model commands (``generate`` has its own
+module).
 
 Each command returns ``(result, text)`` (see :mod:`matformer.cli.common`)."""
 
@@ -7,23 +8,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .args import (
-    DRAFT_LEN,
-    NON_NEGATIVE,
-    NON_NEGATIVE_INT,
     POSITIVE,
     POSITIVE_INT,
     RATIOS,
-    SEED,
     Number,
-    check_generate,
     names,
     one_submodel,
 )
@@ -40,13 +34,10 @@ from .common import (
     train_config,
 )
 
-#: ``generate --dtype`` choices.
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
 
 def add_train(sub: argparse._SubParsersAction) -> None:
     from ..config import PRESETS
-    from ..data import CORPORA
+    from ..corpora import CORPORA
     from ..tokenizer import MIN_BPE_VOCAB_SIZE
 
     p = add_command(
@@ -101,67 +92,6 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(check_args=one_submodel)
 
 
-def add_generate(sub: argparse._SubParsersAction) -> None:
-    examples = """\
-examples:
-  matformer generate runs/demo --prompt "ROMEO." --granularity S --stream
-  matformer generate runs/demo --prompt "ROMEO." --prompt "JULIET." --temperature 0  # a batch
-  matformer generate runs/demo --prompt "ROMEO." --draft S --shared-cache --stats  # S drafts XL
-  matformer generate runs/demo --granularity L --draft M --adaptive --temperature 0.8
-  matformer generate runs/demo --draft-model runs/base-S --stats       # external drafter
-  matformer generate runs/demo --draft auto --draft-table --adaptive --stats  # search a drafter
-  matformer generate runs/demo --dtype bf16 --compile --stats   # bf16 weights + cache, compiled
-"""
-    p = add_command(
-        sub, "generate", "sample text from any submodel (KV cache; speculative with --draft)",
-        examples,
-        description="Generate with a KV cache from any submodel. With --draft, a smaller "
-        "submodel of the same weights drafts tokens that the target (--granularity/--widths, "
-        "default the full model) verifies: the output follows the target's distribution "
-        "(token for token at --temperature 0).")
-    p.add_argument("checkpoint", type=Path, help="checkpoint or run directory")
-    p.add_argument("--prompt", action="append",
-                   help="prompt text; repeat for a batch (left-padded; default: a newline)")
-    p.add_argument("--granularity", help="submodel by name (default: the full model)")
-    p.add_argument("--widths", help="per-layer FFN widths: one int, or one per layer")
-    p.add_argument("--max-new-tokens", type=NON_NEGATIVE_INT, default=200,
-                   help="tokens to generate")
-    p.add_argument("--temperature", type=NON_NEGATIVE, default=0.8, help="0 = greedy")
-    p.add_argument("--top-k", type=POSITIVE_INT, help="sample among the k likeliest tokens")
-    p.add_argument("--top-p", type=Number(float, low=0, high=1, low_open=True),
-                   help="nucleus sampling: the smallest set of tokens with this probability")
-    p.add_argument("--seed", type=SEED, default=0, help="sampling seed")
-    p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
-    p.add_argument("--no-cache", action="store_true",
-                   help="the slow reference decoder (re-runs the whole context every token)")
-    p.add_argument("--stats", action="store_true",
-                   help="print tokens/s (and, speculative, acceptance) to stderr")
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"),
-                   help="weights and KV cache precision")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the decode forward, one graph per submodel "
-                   "(default: on with CUDA, off on CPU)")
-    s = p.add_argument_group("speculative decoding")
-    s.add_argument("--draft", help="drafter: a granularity name or per-layer widths of the "
-                   "same weights (or of --draft-model); 'auto' searches uniform and "
-                   "Mix'n'Match drafters for the highest expected speed on held-out prompts")
-    s.add_argument("--draft-table", action="store_true",
-                   help="with --draft auto: print the searched table to stderr")
-    s.add_argument("--draft-model", type=Path,
-                   help="a separately trained drafter checkpoint with the same tokenizer")
-    s.add_argument("--shared-cache", action="store_true",
-                   help="one KV cache for drafter and target (the target overwrites the draft's)")
-    s.add_argument("--draft-len", type=POSITIVE_INT,
-                   help=f"tokens drafted per round (default: {DRAFT_LEN})")
-    s.add_argument("--adaptive", action="store_true",
-                   help="choose each round's draft length (0 = plain decoding) from measured "
-                   "costs and the running acceptance")
-    s.add_argument("--max-draft-len", type=POSITIVE_INT, default=8,
-                   help="longest draft (--adaptive, --draft auto)")
-    p.set_defaults(check_args=check_generate)
-
-
 def add_consistency(sub: argparse._SubParsersAction) -> None:
     examples = """\
 examples:
@@ -189,7 +119,8 @@ examples:
 def train(args: argparse.Namespace) -> Result:
     from .. import checkpoint as ckpt
     from .. import distributed as dist
-    from ..data import absolute_spec, load_corpus, prepare_data
+    from ..corpora import absolute_spec, load_corpus
+    from ..data import prepare_data
     from ..model import MatFormerLM
     from ..runs import check_new_run_dir, read_train_config
     from ..tokenizer import Tokenizer
@@ -296,146 +227,6 @@ def evaluate(args: argparse.Namespace) -> Result:
     lines.append(f"(unigram entropy of the validation tokens: {result['unigram_entropy']:.4f} "
                  "nats)")
     return result, "\n".join(lines)
-
-
-def generate(args: argparse.Namespace) -> Result:
-    from ..config import parse_widths
-    from ..generate import generate, generate_stream
-    from ..runner import RunnerPool
-    from ..speculative import SpecStats
-
-    model, tokenizer = load_checkpoint(args.checkpoint)
-    model = model.to(DTYPES[args.dtype]).eval()
-    cfg = model.config
-    widths: Any = args.granularity
-    if args.widths:
-        widths = parse_widths(args.widths, cfg.n_layer)
-    heads = args.granularity if cfg.nest_heads and args.granularity else None
-    prompts = [tokenizer.encode(p) or [tokenizer.eos_id] for p in args.prompt or ["\n"]]
-    gen = torch.Generator().manual_seed(args.seed)
-    sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                    eos_id=tokenizer.eos_id, generator=gen)
-    runners = RunnerPool(model, compile=args.compile)
-    draft: Any = args.draft
-    draft_len = args.draft_len
-    if draft == "auto":
-        if args.draft_model:
-            raise ValueError("--draft auto searches submodels of the same weights; "
-                             "drop --draft-model")
-        draft, draft_len = _auto_drafter(args, model, tokenizer, widths, runners)
-    speculative = draft is not None or args.draft_model is not None
-    if speculative and (len(prompts) > 1 or args.no_cache):
-        raise ValueError("speculative decoding takes one --prompt and needs the KV cache")
-    stats: SpecStats | None = None
-    pieces: Any  # each piece: the new tokens of every row
-    if speculative:
-        stats = SpecStats()
-        pieces = _speculative_pieces(args, model, tokenizer, prompts[0], draft, draft_len,
-                                     widths, heads, runners, stats, sampling)
-    elif args.no_cache or (len(prompts) == 1 and
-                           len(prompts[0]) + args.max_new_tokens - 1 > cfg.max_seq_len):
-        # Longer than the context: the reference decoder slides its window (no cache).
-        out = generate(model, torch.tensor(prompts), args.max_new_tokens, widths=widths,
-                       heads=heads, use_cache=False, **sampling)
-        pieces = [out[:, len(prompts[0]):].tolist()]
-    else:
-        pieces = ([[t] for t in step.tolist()] for step in generate_stream(
-            model, prompts, args.max_new_tokens, widths=widths, heads=heads, runners=runners,
-            **sampling))
-    new: list[list[int]] = [[] for _ in prompts]
-    streaming = args.stream and len(prompts) == 1 and not args.json
-    shown = tokenizer.decode(prompts[0], skip_special_tokens=True) if streaming else ""
-    print(shown, end="", flush=True)  # streaming: the text is printed as it grows
-    t0 = time.perf_counter()
-    for piece in pieces:
-        for row, tokens in zip(new, piece, strict=True):
-            row.extend(tokens)
-        if streaming:
-            text = tokenizer.decode(prompts[0] + new[0], skip_special_tokens=True)
-            print(text[len(shown):], end="", flush=True)
-            shown = text
-    if streaming:
-        print()
-    elapsed = time.perf_counter() - t0
-    texts = [tokenizer.decode(p + n, skip_special_tokens=True) for p, n in zip(prompts, new,
-                                                                              strict=True)]
-    n_new = sum(len(n) for n in new)
-    info: dict[str, Any] = {"new_tokens": n_new, "seconds": elapsed,
-                            "tokens_per_second": n_new / elapsed if elapsed else 0.0}
-    if stats is not None:
-        info.update(stats.as_dict())
-    if runners.compile:
-        info["compile_seconds"] = runners.compile_seconds
-    result = {"widths": list(model.resolve_widths(widths)), "text": texts[0], "texts": texts,
-              "stats": info}
-    if args.stats and not args.json:
-        line = f"{n_new} tokens in {elapsed:.2f}s ({info['tokens_per_second']:.1f} tokens/s)"
-        if stats is not None:
-            line += (f"; {stats.mode}: acceptance {stats.acceptance_rate:.1%}, "
-                     f"{stats.tokens_per_target_forward:.2f} tokens per target forward, "
-                     f"{stats.rounds} rounds")
-        print(line, file=sys.stderr)
-    return result, "" if streaming else "\n\n".join(texts)
-
-
-def _speculative_pieces(args: argparse.Namespace, model: Any, tokenizer: Any, prompt: list[int],
-                        draft: Any, draft_len: int, widths: Any, heads: Any, runners: Any,
-                        stats: Any, sampling: dict[str, Any]) -> Any:
-    """The speculative branch of ``generate``: each round's tokens, as one-row pieces."""
-    from ..config import parse_widths
-    from ..speculative import speculative_stream
-
-    draft_model = None
-    if args.draft_model:
-        draft_model, draft_tok = load_checkpoint(args.draft_model)
-        draft_model = draft_model.to(DTYPES[args.dtype])
-        if draft_tok != tokenizer:
-            raise ValueError(f"{args.draft_model} uses another tokenizer than the target")
-    dcfg = (draft_model or model).config
-    if isinstance(draft, str) and draft not in dcfg.names:
-        if not all(v.strip().isdigit() for v in draft.split(",")):
-            raise ValueError(f"--draft {draft!r} is not a granularity name of "
-                             f"{args.draft_model or args.checkpoint} (it has "
-                             f"{', '.join(dcfg.names)}) nor per-layer FFN widths "
-                             "(integers separated by commas)")
-        draft = parse_widths(draft, dcfg.n_layer)
-    return ([t.tolist()] for t in speculative_stream(
-        model, torch.tensor(prompt), args.max_new_tokens, draft=draft, target=widths,
-        target_heads=heads, draft_model=draft_model, shared_cache=args.shared_cache,
-        draft_len=draft_len, adaptive=args.adaptive,
-        max_draft_len=max(args.max_draft_len, draft_len), stats=stats, runners=runners,
-        **sampling))
-
-
-def _auto_drafter(args: argparse.Namespace, model: Any, tokenizer: Any, target: Any,
-                  runners: Any) -> tuple[tuple[int, ...] | None, int]:
-    """``--draft auto``: search drafters on held-out prompts; (widths or None, draft length)."""
-    from ..checkpoint import read_metadata
-    from ..data import validation_batches
-    from ..draft import search_drafter
-
-    batches, _ = validation_batches(tokenizer, read_metadata(args.checkpoint),
-                                    model.config.max_seq_len, batch_size=1, max_batches=4)
-    prompts = [x[0, :32].to(next(model.parameters()).device) for x, _ in batches]
-    new = min(32, model.config.max_seq_len - 33)
-    tw = model.resolve_widths(target)
-    rows = search_drafter(model, prompts, target=tw, new_tokens=new, runners=runners,
-                          max_draft_len=args.max_draft_len)
-    if args.draft_table:
-        print(f"{'drafter':<18}{'widths':<34}{'accept':>7}{'draft ms':>9}{'best k':>7}"
-              f"{'tok/s':>9}{'vs plain':>9}", file=sys.stderr)
-        for r in rows:
-            print(f"{r.name:<18}{','.join(map(str, r.widths)):<34}{r.acceptance:>7.1%}"
-                  f"{r.draft_ms:>9.2f}{r.best_k:>7}{r.tokens_per_s:>9.1f}{r.speedup:>8.2f}x",
-                  file=sys.stderr)
-    best = rows[0]
-    if best.best_k == 0:
-        print("--draft auto: no drafter is expected to beat plain decoding here; decoding "
-              "without one", file=sys.stderr)
-        return None, args.draft_len
-    print(f"--draft auto: {best.name} ({','.join(map(str, best.widths))}), k={best.best_k}, "
-          f"expected {best.speedup:.2f}x plain", file=sys.stderr)
-    return best.widths, best.best_k
 
 
 def consistency(args: argparse.Namespace) -> Result:

@@ -18,6 +18,7 @@ import sys
 import torch
 
 from . import byom as cli_byom
+from . import generate as cli_generate
 from . import gguf as cli_gguf
 from . import lm as cli_lm
 from . import serve as cli_serve
@@ -39,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "every command, latency measurements included (default: all cores; 1 "
                         "is often faster on a machine busy with other jobs)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (cli_lm.add_train, cli_lm.add_eval, cli_lm.add_generate, cli_lm.add_consistency,
+    for add in (cli_lm.add_train, cli_lm.add_eval, cli_generate.add_generate, cli_lm.add_consistency,
                 cli_submodels.add_mixnmatch, cli_submodels.add_extract,
                 cli_submodels.add_export_hf, cli_submodels.add_import_hf, cli_serve.add_serve,
                 cli_gguf.add_export_gguf, cli_byom.add_parsers):
@@ -76,7 +77,7 @@ def _refuse_vision(args: argparse.Namespace) -> None:
                              "`matformer vision eval|retrieve|mixnmatch` for it")
 
 
-COMMANDS = {"train": cli_lm.train, "eval": cli_lm.evaluate, "generate": cli_lm.generate,
+COMMANDS = {"train": cli_lm.train, "eval": cli_lm.evaluate, "generate": cli_generate.generate,
             "consistency": cli_lm.consistency, "mixnmatch": cli_submodels.mixnmatch,
             "extract": cli_submodels.extract, "export-hf": cli_submodels.export_hf,
             "import-hf": cli_submodels.import_hf, "vision": _vision, "serve": cli_serve.serve,

@@ -353,7 +353,7 @@ def export_hf(args: argparse.Namespace) -> Result:
 
 def import_hf(args: argparse.Namespace) -> Result:
     from .. import checkpoint as ckpt
-    from ..data import absolute_spec
+    from ..corpora import absolute_spec
     from ..outputs import check_output
     from ..submodels.hf import import_hf
 

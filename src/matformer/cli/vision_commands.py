@@ -68,7 +68,7 @@ def _same_data(models: list[Any]) -> None:
 def _train(args: argparse.Namespace) -> Result:
     from .. import checkpoint as ckpt
     from .. import distributed as dist
-    from ..data import absolute_spec
+    from ..corpora import absolute_spec
     from ..runs import check_new_run_dir, read_train_config
     from ..train import TrainConfig, run
     from ..vision import VIT_PRESETS, MatViT, VisionTask, evaluate_classifier, vit_preset

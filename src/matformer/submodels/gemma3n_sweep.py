@@ -283,7 +283,7 @@ def text_token_batches(src: str | Path, data: str, seq_len: int, batch_size: int
     with the folder's own tokenizer; returns (batches, number of tokens)."""
     from transformers import AutoTokenizer
 
-    from ..data import load_corpus
+    from ..corpora import load_corpus
 
     tok = AutoTokenizer.from_pretrained(str(src))
     ids = tok("\n\n".join(load_corpus(data)), add_special_tokens=False)["input_ids"]
