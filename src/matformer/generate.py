@@ -16,6 +16,7 @@ Speculative decoding with a nested drafter lives in :mod:`matformer.speculative`
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Iterator, Sequence
 
@@ -119,6 +120,39 @@ def prefill(model: MatFormerLM, prompt: Tensor, cache: KVCache, *, widths: Width
     return model(prompt, widths=widths, heads=heads, cache=cache, start_pos=0)[:, -1]
 
 
+def _stream_batch(model: MatFormerLM, prompt: Tensor | Sequence[Sequence[int]],
+                  prompt_lengths: Sequence[int] | Tensor | None, max_new_tokens: int,
+                  eos_id: int | None) -> tuple[Tensor, Tensor | None, int]:
+    """The (left-padded) batch, its prompt lengths, and the cache slots decoding it needs.
+
+    Raises:
+        ValueError: A negative ``max_new_tokens``, or prompt + new tokens beyond the context.
+    """
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
+    ids, lengths = _as_batch(prompt, prompt_lengths, 0 if eos_id is None else eos_id)
+    T = ids.shape[1]
+    need = T + max_new_tokens - 1
+    ctx = model.config.max_seq_len
+    if T > ctx or need > ctx:
+        raise ValueError(f"prompt ({T} tokens) + max_new_tokens ({max_new_tokens}) - 1 = {need} "
+                         f"exceeds the context max_seq_len={ctx}")
+    return ids, lengths, need
+
+
+@contextlib.contextmanager
+def eval_mode(*models: torch.nn.Module) -> Iterator[None]:
+    """Put ``models`` in eval mode for the block; restore each one's train/eval mode after."""
+    modes = [(m, m.training) for m in models]
+    for m, _ in modes:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, was_training in reversed(modes):
+            m.train(was_training)
+
+
 @torch.no_grad()
 def generate_stream(model: MatFormerLM, prompt: Tensor | Sequence[Sequence[int]],
                     max_new_tokens: int, *, widths: WidthSpec = None, heads: HeadSpec = None,
@@ -149,24 +183,15 @@ def generate_stream(model: MatFormerLM, prompt: Tensor | Sequence[Sequence[int]]
     when the stream ends.
     """
     _check_sampling(temperature, top_k, top_p)
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
-    ids, lengths = _as_batch(prompt, prompt_lengths, 0 if eos_id is None else eos_id)
-    B, T = ids.shape
-    need = T + max_new_tokens - 1
-    ctx = model.config.max_seq_len
-    if T > ctx or need > ctx:
-        raise ValueError(f"prompt ({T} tokens) + max_new_tokens ({max_new_tokens}) - 1 = {need} "
-                         f"exceeds the context max_seq_len={ctx}")
+    ids, lengths, need = _stream_batch(model, prompt, prompt_lengths, max_new_tokens, eos_id)
     if max_new_tokens == 0:
         return
+    B, T = ids.shape
     ws, hs = model.resolve_widths(widths), model.resolve_heads(heads)
     runner = (runners or RunnerPool(model, compile=compile)).get(ws, hs)
     if cache is None:
         cache = KVCache.for_model(model, B, max(need, T))
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         logits = prefill(model, ids.to(cache.k.device), cache, widths=ws, heads=hs,
                          prompt_lengths=lengths, runner=runner)
         lean = not cache.padded
@@ -185,8 +210,6 @@ def generate_stream(model: MatFormerLM, prompt: Tensor | Sequence[Sequence[int]]
             else:
                 logits = model(nxt[:, None], widths=ws, heads=hs, cache=cache,
                                start_pos=T + step)[:, -1]
-    finally:
-        model.train(was_training)
 
 
 @torch.no_grad()
@@ -234,14 +257,10 @@ def _generate_uncached(model: MatFormerLM, prompt: Tensor, max_new_tokens: int, 
                        top_k: int | None, top_p: float | None, eos_id: int | None,
                        generator: torch.Generator | None) -> Tensor:
     """The reference decoder: each step re-runs the model on the (cropped) context."""
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         return _decode_uncached(model, prompt, max_new_tokens, widths=widths, heads=heads,
                                 temperature=temperature, top_k=top_k, top_p=top_p,
                                 eos_id=eos_id, generator=generator)
-    finally:
-        model.train(was_training)
 
 
 def _decode_uncached(model: MatFormerLM, prompt: Tensor, max_new_tokens: int, *,

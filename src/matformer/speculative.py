@@ -34,7 +34,7 @@ from torch import Tensor
 
 from .cache import KVCache
 from .draft import Acceptance, DraftCosts, choose_draft_len, measure_costs, synced_clock
-from .generate import HeadSpec, _check_sampling, logits_to_probs, prefill
+from .generate import HeadSpec, _check_sampling, eval_mode, logits_to_probs, prefill
 from .model import MatFormerLM, WidthSpec
 from .runner import RunnerPool, SubmodelRunner
 from .speculative_sampling import accept_reject, greedy_accept
@@ -230,6 +230,24 @@ def _costs(s: _Setup, pool: RunnerPool, pos: int, max_draft_len: int,
     return measured
 
 
+def _check_lengths(draft_len: int, max_draft_len: int, max_new_tokens: int) -> None:
+    """Raise ValueError unless ``1 <= draft_len <= max_draft_len`` and ``max_new_tokens >= 0``."""
+    if draft_len < 1 or max_draft_len < draft_len:
+        raise ValueError(f"need 1 <= draft_len ({draft_len}) <= max_draft_len ({max_draft_len})")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
+
+
+def _acceptance(s: _Setup, pool: RunnerPool, greedy: bool,
+                acceptance: Acceptance | None) -> Acceptance:
+    """The given running acceptance, else this pool's for the drafter/target pair (so it
+    carries over calls with the pool), else a fresh one."""
+    if acceptance is not None:
+        return acceptance
+    found = pool.measured.setdefault(("acceptance", *s.key, greedy), Acceptance())
+    return found if isinstance(found, Acceptance) else Acceptance()
+
+
 @torch.no_grad()
 def speculative_stream(
     model: MatFormerLM, prompt: Tensor, max_new_tokens: int, *,
@@ -270,10 +288,7 @@ def speculative_stream(
             kept per drafter/target pair across calls; at first a weak prior of 2/3).
     """
     _check_sampling(temperature, top_k, top_p)
-    if draft_len < 1 or max_draft_len < draft_len:
-        raise ValueError(f"need 1 <= draft_len ({draft_len}) <= max_draft_len ({max_draft_len})")
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
+    _check_lengths(draft_len, max_draft_len, max_new_tokens)
     pool = runners or RunnerPool(model, compile=compile)
     s, ids = _setup(model, prompt, max_new_tokens, draft, target, draft_heads, target_heads,
                     draft_model, shared_cache, pool, draft_runners, cache)
@@ -281,19 +296,11 @@ def speculative_stream(
     stats.mode = s.mode
     if max_new_tokens == 0:
         return
-    modes = [(m, m.training) for m in (s.model, s.drafter)]
-    for m, _ in modes:
-        m.eval()
-    if acceptance is None:  # the running acceptance carries over calls with this pool
-        found = pool.measured.setdefault(("acceptance", *s.key, temperature == 0), Acceptance())
-        acceptance = found if isinstance(found, Acceptance) else Acceptance()
-    try:
+    with eval_mode(s.model, s.drafter):
+        acceptance = _acceptance(s, pool, temperature == 0, acceptance)
         yield from _decode(s, pool, ids, max_new_tokens, stats, _Sampler(
             temperature, top_k, top_p, generator), eos_id, draft_len,
             max_draft_len if adaptive else None, costs, acceptance)
-    finally:
-        for m, was_training in reversed(modes):
-            m.train(was_training)
 
 
 def _decode(s: _Setup, pool: RunnerPool, ids: Tensor, max_new_tokens: int, stats: SpecStats,

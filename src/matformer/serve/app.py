@@ -14,7 +14,7 @@ import json
 import logging
 import re
 import secrets
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
@@ -111,19 +111,18 @@ def _validation_error(exc: RequestValidationError) -> JSONResponse:
                              param, err.get("type")))
 
 
-def create_app(server: Server) -> FastAPI:
-    """The FastAPI application; its lifespan starts the scheduler and, on shutdown, lets it
-    finish every running and waiting request before the thread stops."""
+@contextlib.asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """Start the scheduler; on shutdown let it finish every running and waiting request."""
+    server: Server = app.state.server
+    server.scheduler.start()
+    yield
+    log.info("shutting down: finishing %s", server.scheduler.load)
+    await asyncio.to_thread(server.scheduler.shutdown)
 
-    @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        server.scheduler.start()
-        yield
-        log.info("shutting down: finishing %s", server.scheduler.load)
-        await asyncio.to_thread(server.scheduler.shutdown)
 
-    app = FastAPI(title="matformer", lifespan=lifespan)
-    app.state.server = server
+def _add_error_handlers(app: FastAPI) -> None:
+    """Answer every error, expected or not, with an OpenAI-style JSON error body."""
 
     @app.exception_handler(P.APIError)
     async def api_error(request: Request, exc: P.APIError) -> JSONResponse:
@@ -138,6 +137,10 @@ def create_app(server: Server) -> FastAPI:
         log.exception("unhandled error")
         return _error(P.APIError(500, f"internal error: {exc}", type_="server_error"))
 
+
+def _bearer_auth(server: Server) -> Callable[[Request], None]:
+    """The dependency of ``/v1/*``: with an API key, a request must carry it as a bearer token."""
+
     def auth(request: Request) -> None:
         if server.api_key is None:
             return
@@ -145,6 +148,33 @@ def create_app(server: Server) -> FastAPI:
         if not secrets.compare_digest(given.encode(), f"Bearer {server.api_key}".encode()):
             raise P.APIError(401, "missing or incorrect API key (Authorization: Bearer ...)",
                              code="invalid_api_key")
+
+    return auth
+
+
+def _completion_ids(server: Server, prompt: str | list[int] | list[str]) -> list[int]:
+    """The token ids of a ``/v1/completions`` prompt: a string, a list of exactly one string,
+    or token ids (checked against the vocabulary)."""
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+        if len(prompt) != 1:
+            raise P.APIError(400, "prompt: one prompt per request (a list of strings must "
+                             "hold exactly one)", "prompt")
+        prompt = prompt[0]
+    if isinstance(prompt, list):
+        vocab = server.model.config.vocab_size
+        if any(not 0 <= t < vocab for t in prompt):
+            raise P.APIError(400, f"prompt: token ids must be in 0..{vocab - 1}", "prompt")
+        return list(prompt)
+    return server.tokenizer.encode(prompt)
+
+
+def create_app(server: Server) -> FastAPI:
+    """The FastAPI application; its lifespan starts the scheduler and, on shutdown, lets it
+    finish every running and waiting request before the thread stops."""
+    app = FastAPI(title="matformer", lifespan=_lifespan)
+    app.state.server = server
+    _add_error_handlers(app)
+    auth = _bearer_auth(server)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -161,20 +191,7 @@ def create_app(server: Server) -> FastAPI:
 
     @app.post("/v1/completions", dependencies=[Depends(auth)])
     async def completions(body: P.CompletionRequest) -> Any:
-        prompt = body.prompt
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
-            if len(prompt) != 1:
-                raise P.APIError(400, "prompt: one prompt per request (a list of strings must "
-                                 "hold exactly one)", "prompt")
-            prompt = prompt[0]
-        if isinstance(prompt, list):
-            vocab = server.model.config.vocab_size
-            if any(not 0 <= t < vocab for t in prompt):
-                raise P.APIError(400, f"prompt: token ids must be in 0..{vocab - 1}", "prompt")
-            ids = list(prompt)
-        else:
-            ids = server.tokenizer.encode(prompt)
-        return await _generate(server, body, ids, chat=False,
+        return await _generate(server, body, _completion_ids(server, body.prompt), chat=False,
                                max_tokens=body.max_tokens, default=DEFAULT_COMPLETION_TOKENS)
 
     @app.post("/v1/chat/completions", dependencies=[Depends(auth)])

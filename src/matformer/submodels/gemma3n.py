@@ -313,6 +313,60 @@ def _sliced(name: str, rest: str, part: Any, plan: SlicePlan, new_index: dict[in
     return name, part[:]
 
 
+def _sliced_shard(path: Path, prefix: str, plan: SlicePlan, new_index: dict[int, int],
+                  hpl: int) -> dict[str, torch.Tensor]:
+    """The kept part of every tensor of one source shard, under its new name; tensors outside
+    the language model (vision/audio towers) untouched."""
+    from safetensors import safe_open
+
+    out: dict[str, torch.Tensor] = {}
+    with safe_open(str(path), "pt") as f:
+        for name in f.keys():  # noqa: SIM118 (safe_open is not iterable)
+            rest = name[len(prefix):] if name.startswith(prefix) else None
+            if rest is None:
+                out[name] = f.get_tensor(name)  # vision/audio towers: untouched
+                continue
+            got = _sliced(name, rest, f.get_slice(name), plan, new_index, hpl)
+            if got is not None:
+                out[got[0]] = got[1].contiguous()
+    return out
+
+
+def _write_shards(src: Path, tmp: Path, files: Sequence[str], prefix: str, plan: SlicePlan,
+                  hpl: int) -> tuple[int, int]:
+    """Stream each source shard into its sliced namesake in ``tmp`` (plus the index when the
+    source has one or several shards); returns (stored bytes, stored parameters)."""
+    from safetensors.torch import save_file
+
+    new_index = {i: j for j, i in enumerate(plan.kept)}
+    weight_map: dict[str, str] = {}
+    total = params = 0
+    for fname in files:
+        out = _sliced_shard(src / fname, prefix, plan, new_index, hpl)
+        for name, t in out.items():
+            weight_map[name] = fname
+            total += t.numel() * t.element_size()
+            params += t.numel()
+        if not out:  # every tensor of this shard belonged to skipped layers
+            continue
+        save_file(out, str(tmp / fname), metadata={"format": "pt"})
+        log.info("wrote %s (%d tensors)", fname, len(out))
+        del out
+    if len(files) > 1 or (src / "model.safetensors.index.json").exists():
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {"total_size": total}, "weight_map": dict(sorted(
+                weight_map.items()))}, indent=2) + "\n")
+    return total, params
+
+
+def _copy_side_files(src: Path, tmp: Path, files: Sequence[str]) -> None:
+    """Copy every file of ``src`` that is neither weights, config nor slice info."""
+    for p in src.iterdir():  # tokenizer, processor, generation config, chat template ...
+        if p.is_file() and p.name not in files and p.name not in (
+                "config.json", "model.safetensors.index.json", SLICE_INFO):
+            shutil.copy2(p, tmp / p.name)
+
+
 def slice_hf(src: str | Path, dst: str | Path, widths: Sequence[int],
              skip: Sequence[int] = ()) -> dict[str, Any]:
     """Write the slice (``widths`` of the kept layers, ``skip``) of the Gemma 3n folder ``src``
@@ -323,9 +377,6 @@ def slice_hf(src: str | Path, dst: str | Path, widths: Sequence[int],
     generation files are copied. ``dst`` is written beside itself first and then renamed, so a
     failure never leaves a half-written folder there.
     """
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
     src, dst = Path(src), Path(dst)
     if dst.exists() and any(dst.iterdir()):
         raise ValueError(f"{dst} exists and is not empty; choose a new output folder")
@@ -333,45 +384,16 @@ def slice_hf(src: str | Path, dst: str | Path, widths: Sequence[int],
     text = text_config(config)
     plan = plan_slice(text, widths, skip)
     hpl = int(text.get("hidden_size_per_layer_input", 256))
-    new_index = {i: j for j, i in enumerate(plan.kept)}
     files, _ = _shards(src)
     prefix = _prefix_of(src, files)
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
     try:
-        weight_map: dict[str, str] = {}
-        total = params = 0
-        for fname in files:
-            out: dict[str, torch.Tensor] = {}
-            with safe_open(str(src / fname), "pt") as f:
-                for name in f.keys():  # noqa: SIM118 (safe_open is not iterable)
-                    rest = name[len(prefix):] if name.startswith(prefix) else None
-                    if rest is None:
-                        out[name] = f.get_tensor(name)  # vision/audio towers: untouched
-                        continue
-                    got = _sliced(name, rest, f.get_slice(name), plan, new_index, hpl)
-                    if got is not None:
-                        out[got[0]] = got[1].contiguous()
-            for name, t in out.items():
-                weight_map[name] = fname
-                total += t.numel() * t.element_size()
-                params += t.numel()
-            if not out:  # every tensor of this shard belonged to skipped layers
-                continue
-            save_file(out, str(tmp / fname), metadata={"format": "pt"})
-            log.info("wrote %s (%d tensors)", fname, len(out))
-            del out
-        if len(files) > 1 or (src / "model.safetensors.index.json").exists():
-            (tmp / "model.safetensors.index.json").write_text(json.dumps(
-                {"metadata": {"total_size": total}, "weight_map": dict(sorted(
-                    weight_map.items()))}, indent=2) + "\n")
+        total, params = _write_shards(src, tmp, files, prefix, plan, hpl)
         new_text = sliced_text_config(text, plan)
         config = {**config, "text_config": new_text} if "text_config" in config else new_text
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        for p in src.iterdir():  # tokenizer, processor, generation config, chat template ...
-            if p.is_file() and p.name not in files and p.name not in (
-                    "config.json", "model.safetensors.index.json", SLICE_INFO):
-                shutil.copy2(p, tmp / p.name)
+        _copy_side_files(src, tmp, files)
         info = {"source": str(src), "widths": list(plan.widths), "skipped_layers": list(plan.skip),
                 "kept_layers": list(plan.kept), "num_hidden_layers": len(plan.kept),
                 "num_kv_shared_layers": new_text["num_kv_shared_layers"],

@@ -33,11 +33,12 @@ the destination and renamed, so a crash never leaves a half-written model behind
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -195,6 +196,76 @@ def _add_tensor(writer: gguf_lib.GGUFWriter, name: str, t: Tensor, dtype: str) -
 _FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0"}
 
 
+def _add_hparams(writer: gguf_lib.GGUFWriter, cfg: ModelConfig, arch: str, dtype: str,
+                 name: str) -> None:
+    """The model's shape, RoPE and norm settings and storage type, as ``arch`` reads them."""
+    gguf = _gguf()
+    sizes = [w or 1 for w in cfg.ffn_dims]  # skipped FFNs are one zero unit (see _tensors)
+    writer.add_name(name)
+    writer.add_context_length(cfg.max_seq_len)
+    writer.add_embedding_length(cfg.d_model)
+    writer.add_block_count(cfg.n_layer)
+    writer.add_feed_forward_length(sizes if arch == "deci" else sizes[0])
+    writer.add_head_count(cfg.n_head)
+    writer.add_head_count_kv(cfg.kv_heads)
+    writer.add_key_length(cfg.head_dim)
+    writer.add_value_length(cfg.head_dim)
+    writer.add_rope_dimension_count(cfg.head_dim)
+    writer.add_rope_freq_base(float(cfg.rope_theta))
+    writer.add_layer_norm_rms_eps(float(cfg.norm_eps))
+    writer.add_vocab_size(cfg.vocab_size)
+    writer.add_file_type(int(getattr(gguf.LlamaFileType, _FILE_TYPES[dtype])))
+
+
+def _add_tokenizer(writer: gguf_lib.GGUFWriter, vocab: tuple[list[str], list[int], list[str]],
+                   eos_id: int) -> None:
+    """llama.cpp's ``gpt2`` tokenizer from :func:`_vocab`'s output; EOS doubles as BOS (never
+    added)."""
+    tokens, types, merges = vocab
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("gpt-2")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    writer.add_bos_token_id(eos_id)
+    writer.add_eos_token_id(eos_id)
+    writer.add_add_bos_token(False)
+    writer.add_add_eos_token(False)
+
+
+@contextlib.contextmanager
+def _atomic_file(out: Path) -> Iterator[Path]:
+    """A temporary file beside ``out``, renamed to ``out`` when the block succeeds and removed
+    when it fails, so a crash never leaves a half-written file at ``out``."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _write_gguf(path: Path, sub: MatFormerLM, arch: str, dtype: str, name: str,
+                vocab: tuple[list[str], list[int], list[str]], eos_id: int) -> dict[str, int]:
+    """Write the whole GGUF file of the dense model ``sub``; returns tensors per stored type."""
+    writer = _gguf().GGUFWriter(str(path), arch)
+    _add_hparams(writer, sub.config, arch, dtype, name)
+    _add_tokenizer(writer, vocab, eos_id)
+    stored: dict[str, int] = {}
+    for key, t in _tensors(sub).items():
+        kind = _add_tensor(writer, key, t, dtype)
+        stored[kind] = stored.get(kind, 0) + 1
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return stored
+
+
 # ----------------------------------------------------------------------------- export
 @torch.no_grad()
 def export_gguf(model: MatFormerLM, tokenizer: Tokenizer, out: str | Path, *,
@@ -230,51 +301,10 @@ def export_gguf(model: MatFormerLM, tokenizer: Tokenizer, out: str | Path, *,
     sub = model if widths is None else extract(model, widths)
     cfg = sub.config
     arch = architecture(cfg)
-    gguf = _gguf()
-    tokens, types, merges = _vocab(tokenizer, cfg.vocab_size)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    vocab = _vocab(tokenizer, cfg.vocab_size)
+    with _atomic_file(out) as tmp:
+        stored = _write_gguf(tmp, sub, arch, dtype, name or cfg.names[0], vocab, tokenizer.eos_id)
     dims = list(cfg.ffn_dims)
-    sizes = [w or 1 for w in dims]  # skipped FFNs are written as one zero unit (see _tensors)
-    stored: dict[str, int] = {}
-    try:
-        writer = gguf.GGUFWriter(str(tmp), arch)
-        writer.add_name(name or cfg.names[0])
-        writer.add_context_length(cfg.max_seq_len)
-        writer.add_embedding_length(cfg.d_model)
-        writer.add_block_count(cfg.n_layer)
-        writer.add_feed_forward_length(sizes if arch == "deci" else sizes[0])
-        writer.add_head_count(cfg.n_head)
-        writer.add_head_count_kv(cfg.kv_heads)
-        writer.add_key_length(cfg.head_dim)
-        writer.add_value_length(cfg.head_dim)
-        writer.add_rope_dimension_count(cfg.head_dim)
-        writer.add_rope_freq_base(float(cfg.rope_theta))
-        writer.add_layer_norm_rms_eps(float(cfg.norm_eps))
-        writer.add_vocab_size(cfg.vocab_size)
-        writer.add_file_type(int(getattr(gguf.LlamaFileType, _FILE_TYPES[dtype])))
-        writer.add_tokenizer_model("gpt2")
-        writer.add_tokenizer_pre("gpt-2")
-        writer.add_token_list(tokens)
-        writer.add_token_types(types)
-        writer.add_token_merges(merges)
-        writer.add_bos_token_id(tokenizer.eos_id)
-        writer.add_eos_token_id(tokenizer.eos_id)
-        writer.add_add_bos_token(False)
-        writer.add_add_eos_token(False)
-        for key, t in _tensors(sub).items():
-            kind = _add_tensor(writer, key, t, dtype)
-            stored[kind] = stored.get(kind, 0) + 1
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     info = {"out": str(out), "architecture": arch, "ffn_widths": dims, "dtype": dtype,
             "tensor_types": stored, "params": sub.num_params(),
             "bytes": out.stat().st_size, "vocab_size": cfg.vocab_size}

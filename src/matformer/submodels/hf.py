@@ -212,13 +212,8 @@ def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def import_hf(folder: str | Path, *, name: str = "hf") -> tuple[MatFormerLM, Tokenizer]:
-    """Load a Llama/Arcee transformers folder (such as one :func:`export_hf` wrote) as ours.
-
-    Zero padding recorded in ``matformer_ffn_widths`` is trimmed, so an exported per-layer
-    model comes back with its per-layer widths.
-    """
-    folder = Path(folder)
+def _read_hf_config(folder: Path) -> dict[str, Any]:
+    """``config.json`` of a transformers folder, checked for the keys a Llama/Arcee one has."""
     try:
         c = json.loads((folder / "config.json").read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -232,6 +227,12 @@ def import_hf(folder: str | Path, *, name: str = "hf") -> tuple[MatFormerLM, Tok
     if lacking:
         raise ExportError(f"{folder}/config.json lacks {lacking}: not a complete Llama/Arcee "
                           "config")
+    return c
+
+
+def _config_from_hf(c: dict[str, Any], folder: Path, name: str) -> ModelConfig:
+    """Our dense config (granularity ``name``) for a Llama/Arcee ``config.json``; raises
+    ExportError for what a MatFormer cannot represent (biases, RoPE scaling, odd head_dim)."""
     act = {v[1:]: k for k, v in ARCHITECTURES.items()}.get((c.get("model_type"),
                                                            c.get("hidden_act")))
     if act is None:
@@ -250,13 +251,17 @@ def import_hf(folder: str | Path, *, name: str = "hf") -> tuple[MatFormerLM, Tok
         raise ExportError(f"{folder}: cannot represent {problems} in a MatFormer config")
     n = c["num_hidden_layers"]
     dims = tuple(c.get("matformer_ffn_widths") or [c["intermediate_size"]] * n)
-    cfg = ModelConfig(
+    return ModelConfig(
         vocab_size=c["vocab_size"], n_layer=n, n_head=c["num_attention_heads"],
         n_kv_head=c.get("num_key_value_heads"), d_model=c["hidden_size"],
         d_ff=dims[0] if len(set(dims)) == 1 else dims, ratios=(1.0,), names=(name,),
         activation=act, max_seq_len=c["max_position_embeddings"],
         rope_theta=float(rope["rope_theta"]), norm_eps=c["rms_norm_eps"],
         tie_embeddings=bool(c.get("tie_word_embeddings", False)))
+
+
+def _load_hf_model(folder: Path, cfg: ModelConfig) -> MatFormerLM:
+    """Our model with the folder's weights renamed, padding trimmed to ``cfg``'s widths."""
     hf = _read_weights(folder)
     missing = sorted(theirs for _, theirs in _name_map(cfg) if theirs not in hf)
     if missing:
@@ -266,9 +271,20 @@ def import_hf(folder: str | Path, *, name: str = "hf") -> tuple[MatFormerLM, Tok
                                if ours.startswith("blocks.") else 0).float().contiguous().clone()
              for ours, theirs in _name_map(cfg)}
     try:
-        model = materialize(MatFormerLM, cfg, state)
+        return materialize(MatFormerLM, cfg, state)
     except CheckpointError as e:
         raise ExportError(f"{folder}: {e}") from e
+
+
+def import_hf(folder: str | Path, *, name: str = "hf") -> tuple[MatFormerLM, Tokenizer]:
+    """Load a Llama/Arcee transformers folder (such as one :func:`export_hf` wrote) as ours.
+
+    Zero padding recorded in ``matformer_ffn_widths`` is trimmed, so an exported per-layer
+    model comes back with its per-layer widths.
+    """
+    folder = Path(folder)
+    cfg = _config_from_hf(_read_hf_config(folder), folder, name)
+    model = _load_hf_model(folder, cfg)
     tok_file = folder / "tokenizer.json"
     if not tok_file.exists():
         raise FileNotFoundError(f"{folder} has no tokenizer.json (a fast tokenizer is needed)")
