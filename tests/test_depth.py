@@ -249,3 +249,21 @@ def test_mixnmatch_depth_candidates(tmp_path, capsys):
     assert depth["M-attn1"]["heads"] == [4, 0, 4] and "prefill_ms" in depth["M-attn1"]
     assert depth["M-attn1"]["params"] < m["params"] and depth["M-ffn2"]["params"] < m["params"]
     assert depth["M-attn1"]["val_loss"] != m["val_loss"]
+
+
+def test_budget_pick_of_an_attention_skipping_row_extracts_that_skip(tmp_path, capsys):
+    import json
+
+    model = _model4()
+    run = ckpt.save_checkpoint(tmp_path / "run", model, Tokenizer.byte_level())
+    cfg = model.config
+    rows = [{"name": "M", "widths": list(cfg.ffn_widths("M")), "val_loss": 2.0,
+             **mm.static_cost(cfg, cfg.ffn_widths("M"), 64)},
+            {"name": "XL-attn1", "widths": list(cfg.ffn_dims), "heads": list(HEADS),
+             "val_loss": 1.0, **mm.static_cost(cfg, cfg.ffn_dims, 64, HEADS)}]
+    (tmp_path / "mixnmatch.json").write_text(json.dumps({"candidates": rows}))
+    assert main(["extract", str(run), "--max-params", str(rows[1]["params"]), "--sweep",
+                 str(tmp_path), "--out", str(tmp_path / "sub"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["heads"] == list(HEADS)
+    sub = load_checkpoint(tmp_path / "sub")[0]
+    assert sub.config.skip_attention == (1,) and sub.num_params() == rows[1]["params"]
