@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
 
 import pytest
 import torch
@@ -214,6 +215,9 @@ def test_cli_skip_attention_in_eval_extract_generate_and_exports(tmp_path, capsy
     assert main(["eval", str(tmp_path / "sub"), "--batches", "2", "--json"]) == 0
     loss = json.loads(capsys.readouterr().out)["results"][0]["val_loss"]
     assert loss == pytest.approx(row["val_loss"], abs=1e-5)
+    if importlib.util.find_spec("gguf") is not None:  # the extracted checkpoint exports as is
+        assert main(["export-gguf", str(tmp_path / "sub"), "--out", str(tmp_path / "s.gguf")]) == 0
+        assert "no attention in layers [1]" in capsys.readouterr().out
     assert main(["generate", str(run), "--skip-attention", "1", "--prompt", "ab",
                  "--max-new-tokens", "4", "--temperature", "0"]) == 0
     capsys.readouterr()

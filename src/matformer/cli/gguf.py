@@ -87,6 +87,9 @@ def export_gguf(args: argparse.Namespace) -> Result:
     lines = [f"exported {info['architecture']} ({info['params'] / 1e6:.3f}M params, FFN widths "
              f"{','.join(map(str, info['ffn_widths']))}) to {info['out']}: "
              f"{info['bytes'] / 1e6:.2f} MB, tensors {types}"]
+    if info["skip_attention"]:
+        lines.append(f"note: no attention in layers {info['skip_attention']} (deci "
+                     "attention-free layers; untrained depth elasticity)")
     if "check_max_abs_logit_diff" in info:
         lines.append(f"check: llama.cpp logits vs ours, max abs diff "
                      f"{info['check_max_abs_logit_diff']:.2e}")
