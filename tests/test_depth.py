@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
 
 import pytest
 import torch
@@ -90,3 +91,183 @@ def test_export_hf_pads_a_skipped_ffn_exactly(tmp_path):
         back = import_hf(tmp_path / "hf")[0]
         assert back.config.ffn_dims == WIDTHS
         torch.testing.assert_close(back(x), ref, rtol=0, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- skipped attention
+HEADS = (4, 0, 4)  # the middle layer skips its attention
+
+
+def _model4(**overrides):
+    kw = dict(vocab_size=257, n_layer=3, n_head=4, d_model=32, d_ff=64, max_seq_len=64,
+              rope_theta=500.0, norm_eps=1e-6, init_std=0.2)
+    return tiny_model(**{**kw, **overrides}).eval()
+
+
+def test_skipped_attention_passes_the_residual_to_the_ffn():
+    model = _model4()
+    block = model.blocks[1]
+    x = torch.randn(2, 7, 32)
+    cos, sin = model.rope_cos[:7], model.rope_sin[:7]
+    with torch.no_grad():
+        ref = x + block.ffn(block.ffn_norm(x))
+        torch.testing.assert_close(block(x, cos, sin, n_head=0), ref, rtol=0, atol=0)
+        # the whole model: as if the layer's attention output were exactly 0
+        zeroed = copy.deepcopy(model)
+        zeroed.blocks[1].attn.o_proj.weight.zero_()
+        ids = random_tokens(2, 20, vocab=257)
+        torch.testing.assert_close(model(ids, heads=HEADS), zeroed(ids), rtol=0, atol=0)
+        a = generate(model, ids[:, :5], 12, widths=WIDTHS, heads=HEADS, temperature=0.0)
+        b = generate(zeroed, ids[:, :5], 12, widths=WIDTHS, temperature=0.0)
+    assert torch.equal(a, b)
+
+
+def test_runner_skips_attention_like_forward():
+    from matformer.cache import KVCache
+    from matformer.runner import SubmodelRunner
+
+    model = _model4(n_kv_head=2)
+    heads = (0, 4, 0)
+    ids = random_tokens(1, 12, vocab=257)
+    runner = SubmodelRunner(model, WIDTHS, heads)
+    cache = KVCache.for_model(model, 1, 16)
+    with torch.no_grad():
+        got = torch.cat([runner(ids[:, :8], cache, 0), runner(ids[:, 8:], cache, 8)], 1)
+        torch.testing.assert_close(got, model(ids, widths=WIDTHS, heads=heads))
+
+
+def test_extract_skipped_attention_drops_its_weights_and_round_trips(tmp_path):
+    from matformer.config import ModelConfig
+
+    model = _model4()
+    sub = extract(model, WIDTHS, heads=HEADS)
+    assert sub.config.skip_attention == (1,) and sub.blocks[1].attn is None
+    assert not [k for k in sub.state_dict() if k.startswith(("blocks.1.attn", "blocks.1.attn_"))]
+    assert sub.num_params() == model.num_params(WIDTHS, heads=HEADS) == sum(
+        p.numel() for p in sub.parameters())
+    assert sub.num_params() < model.num_params(WIDTHS)
+    assert sub.resolve_heads(None) == HEADS and sub.resolve_heads(4) == HEADS
+    with pytest.raises(ValueError, match=r"layers \[1\] of this model have no attention"):
+        sub.resolve_heads((4, 4, 4))
+    assert ModelConfig.from_dict(sub.config.to_dict()) == sub.config
+    assert "skip_attention" not in model.config.to_dict()  # unchanged files without skips
+    ckpt.save_checkpoint(tmp_path / "sub", sub, Tokenizer.byte_level())
+    back = load_checkpoint(tmp_path / "sub")[0]
+    x = random_tokens(2, 16, vocab=257)
+    with torch.no_grad():
+        ref = model(x, widths=WIDTHS, heads=HEADS)
+        assert torch.equal(sub(x), ref) and torch.equal(back(x), ref)
+
+
+def test_bad_skip_attention():
+    from matformer.config import parse_layers
+
+    cfg = _model4().config
+    with pytest.raises(ValueError, match=r"skip_attention=\(3,\) is invalid: must be distinct "
+                       r"layer indices in 0\.\.2"):
+        cfg.replace(skip_attention=(3,))
+    with pytest.raises(ValueError, match=r"--skip-attention '1,1': need distinct layer indices"):
+        parse_layers("1,1", 3)
+    with pytest.raises(ValueError, match="expected layer indices"):
+        parse_layers("a", 3)
+
+
+def test_export_hf_refuses_skipped_attention(tmp_path):
+    pytest.importorskip("transformers")
+    from matformer.submodels.hf import ExportError, export_hf
+
+    with pytest.raises(ExportError, match=r"skips the attention of layers \[1\].*export-gguf"):
+        export_hf(_model4(), Tokenizer.byte_level(), tmp_path / "hf", heads=HEADS)
+    assert not (tmp_path / "hf").exists()
+
+
+def test_gguf_refuses_what_llama_cpp_cannot_run(tmp_path):
+    pytest.importorskip("gguf")
+    from matformer.submodels.gguf import GGUFExportError, export_gguf
+
+    tok = Tokenizer.byte_level()
+    with pytest.raises(GGUFExportError, match="layer 0 skips its attention"):
+        export_gguf(_model4(), tok, tmp_path / "a.gguf", heads=(0, 4, 4))
+    with pytest.raises(GGUFExportError, match="all 4 heads or none"):
+        export_gguf(_model4(), tok, tmp_path / "b.gguf", heads=(4, 2, 4))
+    with pytest.raises(GGUFExportError, match="only deci"):
+        export_gguf(_model4(activation="relu2"), tok, tmp_path / "c.gguf", heads=HEADS)
+    assert not list(tmp_path.iterdir())
+
+
+def test_cli_skip_attention_in_eval_extract_generate_and_exports(tmp_path, capsys):
+    import json
+
+    from helpers import write_corpus
+
+    corpus = write_corpus(tmp_path / "corpus.txt", 800)
+    run = ckpt.save_checkpoint(tmp_path / "run", _model4(), Tokenizer.byte_level(),
+                               metadata={"data": str(corpus), "val_fraction": 0.1,
+                                         "seq_len": 32})
+    assert main(["eval", str(run), "--widths", "8,0,16", "--skip-attention", "1", "--batches",
+                 "2", "--json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)["results"]
+    assert row["heads"] == [4, 0, 4] and row["widths"] == list(WIDTHS)
+    assert main(["extract", str(run), "--widths", "8,0,16", "--skip-attention", "1",
+                 "--out", str(tmp_path / "sub")]) == 0
+    assert "no attention in layers [1]" in capsys.readouterr().out
+    sub = load_checkpoint(tmp_path / "sub")[0]
+    assert sub.config.skip_attention == (1,) and sub.config.ffn_dims == WIDTHS
+    assert main(["eval", str(tmp_path / "sub"), "--batches", "2", "--json"]) == 0
+    loss = json.loads(capsys.readouterr().out)["results"][0]["val_loss"]
+    assert loss == pytest.approx(row["val_loss"], abs=1e-5)
+    if importlib.util.find_spec("gguf") is not None:  # the extracted checkpoint exports as is
+        assert main(["export-gguf", str(tmp_path / "sub"), "--out", str(tmp_path / "s.gguf")]) == 0
+        assert "no attention in layers [1]" in capsys.readouterr().out
+    assert main(["generate", str(run), "--skip-attention", "1", "--prompt", "ab",
+                 "--max-new-tokens", "4", "--temperature", "0"]) == 0
+    capsys.readouterr()
+    assert main(["export-hf", str(run), "--skip-attention", "1",
+                 "--out", str(tmp_path / "hf")]) == 2
+    assert "skips the attention of layers [1]" in capsys.readouterr().err
+    assert main(["generate", str(run), "--skip-attention", "3", "--prompt", "a"]) == 2
+    assert "need distinct layer indices in 0..2" in capsys.readouterr().err
+
+
+def test_mixnmatch_depth_candidates(tmp_path, capsys):
+    import json
+
+    from helpers import write_corpus
+
+    cfg = _model4().config
+    cands = mm.depth_candidates(cfg)
+    assert [c.name for c in cands] == [f"XL-ffn{i}" for i in range(3)] + [
+        f"XL-attn{i}" for i in range(3)]
+    assert cands[1].widths == (64, 0, 64) and cands[4].heads == (4, 0, 4)
+    corpus = write_corpus(tmp_path / "corpus.txt", 800)
+    run = ckpt.save_checkpoint(tmp_path / "run", _model4(), Tokenizer.byte_level(),
+                               metadata={"data": str(corpus), "val_fraction": 0.1,
+                                         "seq_len": 32})
+    assert main(["mixnmatch", str(run), "--depth", "M", "--batches", "2", "--repeats", "1",
+                 "--prefill-len", "8", "--no-progress", "--out", str(tmp_path / "sw")]) == 0
+    capsys.readouterr()
+    rows = json.loads((tmp_path / "sw" / "mixnmatch.json").read_text())["candidates"]
+    depth = {r["name"]: r for r in rows if r["pattern"].startswith("depth-")}
+    assert sorted(depth) == sorted([f"M-ffn{i}" for i in range(3)] + [
+        f"M-attn{i}" for i in range(3)])
+    m = {r["name"]: r for r in rows}["M"]
+    assert depth["M-attn1"]["heads"] == [4, 0, 4] and "prefill_ms" in depth["M-attn1"]
+    assert depth["M-attn1"]["params"] < m["params"] and depth["M-ffn2"]["params"] < m["params"]
+    assert depth["M-attn1"]["val_loss"] != m["val_loss"]
+
+
+def test_budget_pick_of_an_attention_skipping_row_extracts_that_skip(tmp_path, capsys):
+    import json
+
+    model = _model4()
+    run = ckpt.save_checkpoint(tmp_path / "run", model, Tokenizer.byte_level())
+    cfg = model.config
+    rows = [{"name": "M", "widths": list(cfg.ffn_widths("M")), "val_loss": 2.0,
+             **mm.static_cost(cfg, cfg.ffn_widths("M"), 64)},
+            {"name": "XL-attn1", "widths": list(cfg.ffn_dims), "heads": list(HEADS),
+             "val_loss": 1.0, **mm.static_cost(cfg, cfg.ffn_dims, 64, HEADS)}]
+    (tmp_path / "mixnmatch.json").write_text(json.dumps({"candidates": rows}))
+    assert main(["extract", str(run), "--max-params", str(rows[1]["params"]), "--sweep",
+                 str(tmp_path), "--out", str(tmp_path / "sub"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["heads"] == list(HEADS)
+    sub = load_checkpoint(tmp_path / "sub")[0]
+    assert sub.config.skip_attention == (1,) and sub.num_params() == rows[1]["params"]

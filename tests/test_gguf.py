@@ -60,45 +60,53 @@ def test_rope_permute_matches_pair_layout():
     torch.testing.assert_close(pairs, expect)
 
 
-@pytest.mark.parametrize(("overrides", "widths", "arch"), [
-    ({}, None, "llama"),
-    ({"n_kv_head": 2, "tie_embeddings": False}, "M", "llama"),
-    ({}, (8, 64, 16), "deci"),
-    ({"n_kv_head": 1}, (16, 8, 32), "deci"),
-    ({}, (8, 0, 16), "deci"),  # a skipped FFN (depth elasticity)
-    ({}, (16, 64, 0), "deci"),  # ... on the last layer
-    ({"activation": "relu2"}, "L", "arcee"),
+@pytest.mark.parametrize(("overrides", "widths", "heads", "arch"), [
+    ({}, None, None, "llama"),
+    ({"n_kv_head": 2, "tie_embeddings": False}, "M", None, "llama"),
+    ({}, (8, 64, 16), None, "deci"),
+    ({"n_kv_head": 1}, (16, 8, 32), None, "deci"),
+    ({}, (8, 0, 16), None, "deci"),  # a skipped FFN (depth elasticity)
+    ({}, (16, 64, 0), None, "deci"),  # ... on the last layer
+    ({}, None, (4, 0, 4), "deci"),  # a skipped attention
+    ({"n_kv_head": 2}, (8, 0, 16), (4, 4, 0), "deci"),  # ... on the last layer, GQA
+    ({}, (8, 0, 16), (4, 0, 0), "deci"),  # ... and a layer with neither
+    ({"activation": "relu2"}, "L", None, "arcee"),
 ])
 @needs_llama
-def test_llama_cpp_logits_equal_ours(tmp_path, bpe, overrides, widths, arch):
+def test_llama_cpp_logits_equal_ours(tmp_path, bpe, overrides, widths, heads, arch):
     model = _model(bpe.vocab_size, **overrides)
-    info = export_gguf(model, bpe, tmp_path / "m.gguf", widths=widths)
+    info = export_gguf(model, bpe, tmp_path / "m.gguf", widths=widths, heads=heads)
     assert info["architecture"] == arch
     assert info["ffn_widths"] == list(model.resolve_widths(widths))
+    assert info["skip_attention"] == [i for i, h in enumerate(heads or ()) if not h]
     ids = random_tokens(1, 40, vocab=bpe.vocab_size, seed=1)
     llm = load_llama(tmp_path / "m.gguf", logits_all=True)
     llm.eval(ids[0].tolist())
     got = np.array(llm.scores[:40])
     llm.close()
     with torch.no_grad():
-        ref = model(ids, widths=widths)[0].numpy()
+        ref = model(ids, widths=widths, heads=heads)[0].numpy()
     np.testing.assert_allclose(got, ref, rtol=0, atol=5e-5)  # |logits| ~4, seen: <1e-5
 
 
-@pytest.mark.parametrize("widths", ["S", (8, 64, 16), (0, 16, 64)])
+@pytest.mark.parametrize(("widths", "heads"), [
+    ("S", None), ((8, 64, 16), None), ((0, 16, 64), None), ((8, 0, 16), (4, 0, 4)),
+])
 @needs_llama
-def test_llama_cpp_greedy_continuation_and_tokenisation(tmp_path, bpe, widths):
+def test_llama_cpp_greedy_continuation_and_tokenisation(tmp_path, bpe, widths, heads):
     model = _model(bpe.vocab_size)
-    export_gguf(model, bpe, tmp_path / "m.gguf", widths=widths)
+    export_gguf(model, bpe, tmp_path / "m.gguf", widths=widths, heads=heads)
     llm = load_llama(tmp_path / "m.gguf")
     prompt = "the king sat on"
     ids = bpe.encode(prompt)
     assert llm.tokenize(prompt.encode(), add_bos=False, special=False) == ids
     n_new = 24
     with torch.no_grad():
-        ours = generate(model, [ids], n_new, widths=widths, temperature=0.0)[0, len(ids):]
+        ours = generate(model, [ids], n_new, widths=widths, heads=heads,
+                        temperature=0.0)[0, len(ids):]
         # The test is only meaningful if no step is a near-tie at fp32 precision.
-        logits = model(torch.cat([torch.tensor(ids), ours])[None, :-1], widths=widths)[0]
+        logits = model(torch.cat([torch.tensor(ids), ours])[None, :-1], widths=widths,
+                       heads=heads)[0]
         top2 = logits[len(ids) - 1:].topk(2, -1).values
         assert (top2[:, 0] - top2[:, 1]).min() > 1e-3
     theirs = []

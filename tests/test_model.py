@@ -212,7 +212,7 @@ def test_bad_heads() -> None:
     model = tiny_model()
     with pytest.raises(ValueError, match="does not nest attention heads"):
         model(random_tokens(1, 4), heads="S")
-    with pytest.raises(ValueError, match=r"need 2 counts in 1\.\.2"):
+    with pytest.raises(ValueError, match=r"need 2 counts in 0\.\.2 \(0 skips the layer.s attention\)"):
         model(random_tokens(1, 4), heads=3)
     gqa = tiny_model(n_head=4, n_kv_head=2)
     with pytest.raises(ValueError, match="multiple of the GQA group size 2"):

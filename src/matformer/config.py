@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,9 @@ class ModelConfig:
             ``head_ratios[i] * n_head`` heads.
         head_ratios: Fractions of heads per granularity when ``nest_heads`` is on.
         init_std: Standard deviation of the normal weight init (GPT-2 style).
+        skip_attention: Indices of the layers that have no attention at all (depth elasticity:
+            an extracted submodel that skips those layers' attention; their weights are not
+            stored and the residual stream passes through). Empty for every trained model.
     """
 
     vocab_size: int = 257
@@ -79,10 +83,11 @@ class ModelConfig:
     nest_heads: bool = False
     head_ratios: tuple[float, ...] = field(default=DEFAULT_HEAD_RATIOS)
     init_std: float = 0.02
+    skip_attention: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         # JSON gives lists; store tuples so the config stays hashable and immutable.
-        for name in ("ratios", "names", "head_ratios"):
+        for name in ("ratios", "names", "head_ratios", "skip_attention"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         if isinstance(self.d_ff, list | tuple):
             object.__setattr__(self, "d_ff", tuple(int(w) for w in self.d_ff))
@@ -123,6 +128,11 @@ class ModelConfig:
             value = getattr(self, name)
             if not (isinstance(value, int | float) and value > 0 and math.isfinite(value)):
                 raise _fail(name, value, "must be a positive finite number")
+        skip = self.skip_attention
+        if (any(not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < self.n_layer
+                for i in skip) or list(skip) != sorted(set(skip))):
+            raise _fail("skip_attention", skip, "must be distinct layer indices in "
+                        f"0..{self.n_layer - 1}, ascending")
         if self.nest_heads:
             self._validate_ratios("head_ratios", self.head_ratios)
             if len(self.head_ratios) != self.num_granularities:
@@ -181,29 +191,44 @@ class ModelConfig:
         return tuple(max(1, round(r * d)) if d else 0 for d in self.ffn_dims)
 
     def head_counts(self, granularity: str | int) -> tuple[int, ...] | None:
-        """Per-layer head counts of a granularity, or None when heads are not nested."""
+        """Per-layer head counts of a granularity (0 at a layer without attention), or None
+        when heads are not nested."""
         if not self.nest_heads:
             return None
         r = self.head_ratios[self.granularity_index(granularity)]
-        return (round(r * self.n_head),) * self.n_layer
+        return tuple(0 if i in self.skip_attention else round(r * self.n_head)
+                     for i in range(self.n_layer))
 
-    def num_params(self, widths: tuple[int, ...] | None = None, *, embedding: bool = True) -> int:
-        """Parameter count of the submodel with these FFN widths (full model if None)."""
+    @property
+    def attention_heads(self) -> tuple[int, ...]:
+        """Query heads of every layer: ``n_head``, or 0 where ``skip_attention`` lists it."""
+        return tuple(0 if i in self.skip_attention else self.n_head for i in range(self.n_layer))
+
+    def _layer_heads(self, heads: Sequence[int] | None) -> tuple[int, ...]:
+        return self.attention_heads if heads is None else tuple(heads)
+
+    def num_params(self, widths: tuple[int, ...] | None = None, *, embedding: bool = True,
+                   heads: Sequence[int] | None = None) -> int:
+        """Parameter count of the submodel with these FFN widths (full model if None) and
+        per-layer query heads (``heads``; None: :attr:`attention_heads`). A layer without
+        attention (0 heads) has no attention weights and no attention norm."""
         widths = self.ffn_dims if widths is None else widths
-        d, hd = self.d_model, self.head_dim
-        attn = d * hd * (2 * self.n_head + 2 * self.kv_heads)
+        d, hd, group = self.d_model, self.head_dim, self.n_head // self.kv_heads
         mats = 3 if self.activation == "swiglu" else 2
-        blocks = sum(attn + mats * d * w + 2 * d for w in widths)
+        blocks = sum(d * hd * (2 * h + 2 * (h // group)) + (d if h else 0) + mats * d * w + d
+                     for w, h in zip(widths, self._layer_heads(heads), strict=True))
         emb = self.vocab_size * d * (1 if self.tie_embeddings else 2)
         return blocks + d + (emb if embedding else 0)
 
-    def flops_per_token(self, widths: tuple[int, ...] | None = None, seq_len: int | None = None
-                        ) -> int:
+    def flops_per_token(self, widths: tuple[int, ...] | None = None, seq_len: int | None = None,
+                        *, heads: Sequence[int] | None = None) -> int:
         """Forward FLOPs per token (2 per multiply-add), attention over ``seq_len`` included."""
         seq_len = self.max_seq_len if seq_len is None else seq_len
-        matmul = self.num_params(widths, embedding=False) - self.n_layer * 2 * self.d_model
+        hs = self._layer_heads(heads)
+        norms = sum(self.d_model * (2 if h else 1) for h in hs)
+        matmul = self.num_params(widths, embedding=False, heads=hs) - norms
         head = self.vocab_size * self.d_model
-        attn = self.n_layer * 2 * self.n_head * self.head_dim * seq_len  # QK^T and AV, causal avg
+        attn = sum(2 * h * self.head_dim * seq_len for h in hs)  # QK^T and AV, causal avg
         return 2 * (matmul + head) + attn
 
     # ----------------------------------------------------------------- (de)serialisation
@@ -212,6 +237,8 @@ class ModelConfig:
         for k, v in out.items():
             if isinstance(v, tuple):
                 out[k] = list(v)
+        if not self.skip_attention:  # files of models with attention everywhere stay as before
+            del out["skip_attention"]
         return out
 
     @classmethod
@@ -277,3 +304,16 @@ def parse_widths(text: str, n_layer: int) -> tuple[int, ...]:
         raise ValueError(f"--widths {text!r}: got {len(values)} values, the model has "
                          f"{n_layer} layers (give 1 or {n_layer})")
     return tuple(values)
+
+
+def parse_layers(text: str, n_layer: int, flag: str = "--skip-attention") -> tuple[int, ...]:
+    """Parse ``"3,4"``: distinct layer indices in ``0..n_layer-1``, returned ascending."""
+    try:
+        values = [int(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError as e:
+        raise ValueError(f"{flag} {text!r}: expected layer indices separated by commas") from e
+    bad = [v for v in values if not 0 <= v < n_layer]
+    if not values or bad or len(set(values)) != len(values):
+        raise ValueError(f"{flag} {text!r}: need distinct layer indices in 0..{n_layer - 1} "
+                         f"(the model has {n_layer} layers)")
+    return tuple(sorted(values))

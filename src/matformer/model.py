@@ -202,12 +202,15 @@ class Block(nn.Module):
     """Pre-norm Transformer block: x + attn(norm(x)), then x + ffn(norm(x)).
 
     ``causal=False`` makes the attention bidirectional (the vision encoder reuses this block).
+    ``attention=False`` builds a block without attention (a submodel that skips it): the
+    residual stream passes to the FFN unchanged.
     """
 
-    def __init__(self, cfg: ModelConfig, d_ff: int, causal: bool = True) -> None:
+    def __init__(self, cfg: ModelConfig, d_ff: int, causal: bool = True,
+                 attention: bool = True) -> None:
         super().__init__()
-        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.attn = Attention(cfg, causal)
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps) if attention else None
+        self.attn = Attention(cfg, causal) if attention else None
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn = NestedFFN(cfg.d_model, d_ff, cfg.activation)
 
@@ -215,7 +218,9 @@ class Block(nn.Module):
                 width: int | RowChunks | None = None, n_head: int | None = None,
                 cache: KVCache | None = None, layer: int = 0,
                 start_pos: int = 0, mask: Tensor | None = None) -> Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, n_head, cache, layer, start_pos, mask)
+        # n_head == 0 (depth elasticity): skip attention; the layer's cache slot stays unused
+        if self.attn is not None and n_head != 0:
+            x = x + self.attn(self.attn_norm(x), cos, sin, n_head, cache, layer, start_pos, mask)
         if width == 0:  # depth elasticity: this submodel skips the layer's FFN
             return x
         return x + self.ffn(self.ffn_norm(x), width)
@@ -232,7 +237,8 @@ class MatFormerLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.blocks = nn.ModuleList(Block(cfg, d) for d in cfg.ffn_dims)
+        self.blocks = nn.ModuleList(Block(cfg, d, attention=i not in cfg.skip_attention)
+                                    for i, d in enumerate(cfg.ffn_dims))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -291,22 +297,36 @@ class MatFormerLM(nn.Module):
         return widths
 
     def resolve_heads(self, heads: str | int | Sequence[int] | None) -> tuple[int, ...] | None:
-        """Per-layer head counts (None = all heads); a granularity name maps via head_ratios."""
+        """Per-layer head counts (None = all heads); a granularity name maps via head_ratios.
+
+        0 skips a layer's attention (depth elasticity). One int applies to every layer that has
+        attention; layers the config builds without attention (``skip_attention``) always get
+        0, and None resolves to a tuple with those zeros when there are any.
+        """
         cfg = self.config
+        skip = cfg.skip_attention
         if heads is None:
-            return None
+            return cfg.attention_heads if skip else None
         if isinstance(heads, str):
             counts = cfg.head_counts(heads)
             if counts is None:
                 raise ValueError("this model does not nest attention heads (nest_heads=False)")
             return counts
-        counts = (heads,) * cfg.n_layer if isinstance(heads, int) else tuple(heads)
+        if isinstance(heads, int):
+            counts = tuple(0 if i in skip else heads for i in range(cfg.n_layer))
+        else:
+            counts = tuple(int(h) for h in heads)
         group = cfg.n_head // cfg.kv_heads
         if len(counts) != cfg.n_layer or any(
-            not 1 <= h <= cfg.n_head or h % group for h in counts
+            not 0 <= h <= cfg.n_head or h % group for h in counts
         ):
-            raise ValueError(f"heads {counts}: need {cfg.n_layer} counts in 1..{cfg.n_head}, "
-                             f"each a multiple of the GQA group size {group}")
+            raise ValueError(f"heads {counts}: need {cfg.n_layer} counts in 0..{cfg.n_head} "
+                             f"(0 skips the layer's attention), each a multiple of the GQA "
+                             f"group size {group}")
+        bad = [i for i in skip if counts[i]]
+        if bad:
+            raise ValueError(f"heads {counts}: layers {bad} of this model have no attention "
+                             f"(skip_attention={list(skip)}); give 0 heads there")
         return counts
 
     # ----------------------------------------------------------------- forward
@@ -320,7 +340,8 @@ class MatFormerLM(nn.Module):
             widths: None for the full model, a granularity name ("S"), one int for every layer
                 or one int per layer; or a :class:`RowWidths`, one submodel per row of ``idx``.
             heads: Attention heads per layer when heads are nested; a granularity name picks
-                that granularity's head count. None uses every head.
+                that granularity's head count. None uses every head. 0 heads at a layer skips
+                its attention (any model).
             cache: Incremental decoding: a :class:`~matformer.cache.KVCache` owned by the
                 caller. ``idx`` holds the tokens of slots ``start_pos .. start_pos + T - 1``;
                 their K/V are written there and attention reads every slot before them.
@@ -349,8 +370,10 @@ class MatFormerLM(nn.Module):
                       mask)
         return self.lm_head(self.norm(x))  # (B, T, vocab)
 
-    def num_params(self, widths: WidthSpec = None, *, embedding: bool = True) -> int:
-        return self.config.num_params(self.resolve_widths(widths), embedding=embedding)
+    def num_params(self, widths: WidthSpec = None, *, embedding: bool = True,
+                   heads: str | int | Sequence[int] | None = None) -> int:
+        return self.config.num_params(self.resolve_widths(widths), embedding=embedding,
+                                      heads=self.resolve_heads(heads))
 
 
 def lm_loss(logits: Tensor, targets: Tensor) -> Tensor:

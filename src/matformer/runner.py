@@ -49,7 +49,7 @@ RECOMPILE_LIMIT = 256
 class _Layer:
     """Weight views of one block of one submodel, transposed for ``x @ w`` (views, no copies)."""
 
-    attn_norm: Tensor
+    attn_norm: Tensor | None  # None: the layer skips attention (its w* are empty)
     wq: Tensor  # (C, h * hd)
     wk: Tensor  # (C, kvh * hd)
     wv: Tensor
@@ -94,13 +94,18 @@ class SubmodelRunner:
             h = cfg.n_head if self.heads is None else self.heads[i]
             kvh = h * cfg.kv_heads // cfg.n_head
             w, attn, ffn = self.widths[i], block.attn, block.ffn
+            skip = h == 0 or attn is None  # depth elasticity: no attention in this layer
+            empty = ffn.up_proj.weight[:0].t()  # (C, 0): stands in for absent attention weights
             self.layers.append(_Layer(
-                attn_norm=block.attn_norm.weight, wq=attn.q_proj.weight[: h * hd].t(),
-                wk=attn.k_proj.weight[: kvh * hd].t(), wv=attn.v_proj.weight[: kvh * hd].t(),
-                wo=attn.o_proj.weight[:, : h * hd].t(), ffn_norm=block.ffn_norm.weight,
+                attn_norm=None if skip else block.attn_norm.weight,
+                wq=empty if skip else attn.q_proj.weight[: h * hd].t(),
+                wk=empty if skip else attn.k_proj.weight[: kvh * hd].t(),
+                wv=empty if skip else attn.v_proj.weight[: kvh * hd].t(),
+                wo=empty if skip else attn.o_proj.weight[:, : h * hd].t(),
+                ffn_norm=block.ffn_norm.weight,
                 gate=None if ffn.gate_proj is None else ffn.gate_proj.weight[:w].t(),
-                up=ffn.up_proj.weight[:w].t(), down=ffn.down_proj.weight[:, :w].t(), n_head=h,
-                n_kv_head=kvh))
+                up=ffn.up_proj.weight[:w].t(), down=ffn.down_proj.weight[:, :w].t(),
+                n_head=0 if skip else h, n_kv_head=0 if skip else kvh))
         self.embed, self.norm, self.lm_head = (model.embed.weight, model.norm.weight,
                                                model.lm_head.weight.t())
         dev, dtype = self.embed.device, self.embed.dtype
@@ -150,6 +155,9 @@ class SubmodelRunner:
             mask = None if T == 1 else self.causal[start_pos:end, :end]
         x = F.embedding(idx.reshape(-1), self.embed)  # (B * T, C)
         for i, L in enumerate(self.layers):
+            if L.attn_norm is None:  # a skipped attention: the residual passes to the FFN
+                x = torch.addmm(x, self._ffn_hidden(self._rms(x, L.ffn_norm), L), L.down)
+                continue
             h = self._rms(x, L.attn_norm)
             q = _rotate(torch.mm(h, L.wq).view(B, T, L.n_head, hd), cos, sin)
             k = _rotate(torch.mm(h, L.wk).view(B, T, L.n_kv_head, hd), cos, sin)

@@ -155,6 +155,24 @@ def add_latency(p: argparse.ArgumentParser, *, prefill: bool) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
+def add_skip_attention(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--skip-attention", metavar="LAYERS",
+                   help="layer indices whose attention the submodel skips, e.g. 3,4 (depth "
+                   "elasticity; untrained, so measure what it costs)")
+
+
+def skip_attention_heads(args: argparse.Namespace, model: Any, heads: Any) -> Any:
+    """``heads`` with 0 at the layers ``--skip-attention`` names (unchanged without it)."""
+    if not getattr(args, "skip_attention", None):
+        return heads
+    from ..config import parse_layers
+
+    cfg = model.config
+    skip = parse_layers(args.skip_attention, cfg.n_layer)
+    counts = model.resolve_heads(heads) or (cfg.n_head,) * cfg.n_layer
+    return tuple(0 if i in skip else h for i, h in enumerate(counts))
+
+
 def read_json(path: Path) -> Any:
     """A JSON file the command needs; ValueError naming the file when it is not valid JSON."""
     try:

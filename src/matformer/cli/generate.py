@@ -21,7 +21,13 @@ from .args import (
     Number,
     check_generate,
 )
-from .common import Result, add_command, load_checkpoint
+from .common import (
+    Result,
+    add_command,
+    add_skip_attention,
+    load_checkpoint,
+    skip_attention_heads,
+)
 
 #: ``generate --dtype`` choices.
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -50,6 +56,7 @@ examples:
                    help="prompt text; repeat for a batch (left-padded; default: a newline)")
     p.add_argument("--granularity", help="submodel by name (default: the full model)")
     p.add_argument("--widths", help="per-layer FFN widths: one int, or one per layer")
+    add_skip_attention(p)
     p.add_argument("--max-new-tokens", type=NON_NEGATIVE_INT, default=200,
                    help="tokens to generate")
     p.add_argument("--temperature", type=NON_NEGATIVE, default=0.8, help="0 = greedy")
@@ -100,7 +107,8 @@ def generate(args: argparse.Namespace) -> Result:
     widths: Any = args.granularity
     if args.widths:
         widths = parse_widths(args.widths, cfg.n_layer)
-    heads = args.granularity if cfg.nest_heads and args.granularity else None
+    heads = skip_attention_heads(
+        args, model, args.granularity if cfg.nest_heads and args.granularity else None)
     prompts = [tokenizer.encode(p) or [tokenizer.eos_id] for p in args.prompt or ["\n"]]
     gen = torch.Generator().manual_seed(args.seed)
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,

@@ -6,7 +6,14 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from .common import Result, add_command, add_eval_data, add_latency, load_checkpoint
+from .common import (
+    Result,
+    add_command,
+    add_eval_data,
+    add_latency,
+    load_checkpoint,
+    skip_attention_heads,
+)
 from .submodels import _add_budgets, _add_force, _add_submodel, _budgets, picked_submodel
 
 EXAMPLES = """\
@@ -15,6 +22,7 @@ examples:
   matformer export-gguf runs/demo --widths 256,256,512,512,1024,1024 --out demo-mix.gguf
   matformer export-gguf runs/demo --max-params 4.5e6 --sweep runs/demo/mixnmatch --out fit.gguf
   matformer export-gguf runs/demo-M --out demo-M.gguf --dtype q8_0 --check
+  matformer export-gguf runs/demo --granularity XL --skip-attention 4 --out demo-XL-a4.gguf
 """
 
 
@@ -45,7 +53,7 @@ def add_export_gguf(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(out_is_file=True)
 
 
-def _check(path: Path, model: Any, widths: Any) -> float:
+def _check(path: Path, model: Any, widths: Any, heads: Any = None) -> float:
     """Max |logit difference| between llama.cpp and us on 32 tokens of a fixed random text."""
     import torch
 
@@ -56,7 +64,7 @@ def _check(path: Path, model: Any, widths: Any) -> float:
                         generator=torch.Generator().manual_seed(0))
     got = llama_logits(path, ids[0].tolist())
     with torch.no_grad():
-        ref = model(ids, widths=widths)[0].float().numpy()
+        ref = model(ids, widths=widths, heads=heads)[0].float().numpy()
     return float(abs(got - ref).max())
 
 
@@ -69,15 +77,19 @@ def export_gguf(args: argparse.Namespace) -> Result:
     chosen = widths = None
     if args.widths or args.granularity or any(v is not None for v in _budgets(args).values()):
         widths, chosen = picked_submodel(args, model, tokenizer)
-    info = export_gguf(model, tokenizer, args.out, widths=widths, dtype=args.dtype,
+    heads = skip_attention_heads(args, model, None)
+    info = export_gguf(model, tokenizer, args.out, widths=widths, heads=heads, dtype=args.dtype,
                        overwrite=args.force, name=args.name)
     info["selected"] = chosen
     if args.check:
-        info["check_max_abs_logit_diff"] = _check(args.out, model, widths)
+        info["check_max_abs_logit_diff"] = _check(args.out, model, widths, heads)
     types = ", ".join(f"{n} {t}" for t, n in info["tensor_types"].items())
     lines = [f"exported {info['architecture']} ({info['params'] / 1e6:.3f}M params, FFN widths "
              f"{','.join(map(str, info['ffn_widths']))}) to {info['out']}: "
              f"{info['bytes'] / 1e6:.2f} MB, tensors {types}"]
+    if info["skip_attention"]:
+        lines.append(f"note: no attention in layers {info['skip_attention']} (deci "
+                     "attention-free layers; untrained depth elasticity)")
     if "check_max_abs_logit_diff" in info:
         lines.append(f"check: llama.cpp logits vs ours, max abs diff "
                      f"{info['check_max_abs_logit_diff']:.2e}")

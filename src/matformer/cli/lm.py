@@ -26,11 +26,13 @@ from .common import (
     Result,
     add_command,
     add_eval_data,
+    add_skip_attention,
     add_training_args,
     check_lm_train,
     checkpoint_batches,
     lm_model_config,
     load_checkpoint,
+    skip_attention_heads,
     train_config,
 )
 
@@ -87,6 +89,7 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("checkpoint", type=Path, help="checkpoint or run directory")
     p.add_argument("--granularity", help="only this granularity (default: all)")
     p.add_argument("--widths", help="per-layer FFN widths: one int, or one per layer")
+    add_skip_attention(p)
     add_eval_data(p, batches=None)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(check_args=one_submodel)
@@ -209,12 +212,16 @@ def evaluate(args: argparse.Namespace) -> Result:
         targets = {name: cfg.ffn_widths(name) for name in cfg.names}
     rows = []
     for name, widths in targets.items():
-        heads = name if cfg.nest_heads and name in cfg.names else None
+        heads = skip_attention_heads(args, model,
+                                     name if cfg.nest_heads and name in cfg.names else None)
         loss = evaluate_loss(model, batches, widths=widths, heads=heads, precision=args.precision)
+        hs = model.resolve_heads(heads)
         rows.append({"name": name, "widths": list(model.resolve_widths(widths)),
-                     "params": cfg.num_params(widths),
-                     "non_embedding_params": cfg.num_params(widths, embedding=False),
+                     "params": cfg.num_params(widths, heads=hs),
+                     "non_embedding_params": cfg.num_params(widths, embedding=False, heads=hs),
                      "val_loss": loss, "perplexity": perplexity(loss)})
+        if hs is not None:
+            rows[-1]["heads"] = list(hs)
     result = {"checkpoint": str(ckpt.resolve(args.checkpoint)), **info, "results": rows}
     lines = [f"{result['checkpoint']} on {info['data']} ({result['val_tokens']:,} validation "
              "tokens)",
@@ -224,6 +231,8 @@ def evaluate(args: argparse.Namespace) -> Result:
         ws = str(w[0]) + " (all layers)" if len(set(w)) == 1 else ",".join(map(str, w))
         lines.append(f"{r['name']:<10}{ws:<28}{r['non_embedding_params'] / 1e6:>14.2f}M"
                      f"{r['val_loss']:>10.4f}{r['perplexity']:>9.2f}")
+    if args.skip_attention:
+        lines.append(f"(attention skipped in layers {args.skip_attention})")
     lines.append(f"(unigram entropy of the validation tokens: {result['unigram_entropy']:.4f} "
                  "nats)")
     return result, "\n".join(lines)

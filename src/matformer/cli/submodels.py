@@ -16,8 +16,10 @@ from .common import (
     add_command,
     add_eval_data,
     add_latency,
+    add_skip_attention,
     checkpoint_batches,
     load_checkpoint,
+    skip_attention_heads,
 )
 
 MIXNMATCH_EXAMPLES = """\
@@ -56,6 +58,7 @@ def _add_submodel(p: argparse.ArgumentParser) -> None:
     p.add_argument("--widths", help="per-layer FFN widths: one int, or one per layer")
     p.add_argument("--any-width", action="store_true",
                    help="allow widths outside the trained nested set (untrained submodels)")
+    add_skip_attention(p)
 
 
 def add_mixnmatch(sub: argparse._SubParsersAction) -> None:
@@ -74,6 +77,10 @@ def add_mixnmatch(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--widths", action="append", default=[],
                    help="an extra candidate (repeatable): one int or one per layer")
     p.add_argument("--any-width", action="store_true", help="allow untrained widths")
+    p.add_argument("--depth", nargs="?", const="", metavar="GRANULARITY",
+                   help="also try skipping one layer's FFN, and one layer's attention, at a "
+                   "time in this granularity (default: the full model); untrained, so the "
+                   "sweep shows where skipping hurts least")
     p.add_argument("--baselines", nargs="+", type=Path, default=[],
                    help="independently trained dense checkpoints to overlay")
     p.add_argument("--no-latency", action="store_true", help="skip latency measurement")
@@ -92,6 +99,7 @@ def _check_mixnmatch(args: argparse.Namespace) -> None:
         given = [flag for flag, value in (("--out", args.out), ("--widths", args.widths),
                                           ("--baselines", args.baselines),
                                           ("--patterns", args.patterns != "rule"),
+                                          ("--depth", args.depth is not None),
                                           ("--data", args.data)) if value]
         if given:
             raise ValueError(f"--sweep reads a stored sweep; {', '.join(given)} would only "
@@ -175,18 +183,28 @@ def _submodel_widths(args: argparse.Namespace, model: Any) -> Any:
     return args.granularity
 
 
-def _submodel_heads(args: argparse.Namespace, model: Any) -> str | None:
+def _submodel_heads(args: argparse.Namespace, model: Any) -> Any:
     """The heads of the submodel eval measures: a head-nested model's granularity keeps its
-    own head count; per-layer widths keep every head (as eval and the sweep run them)."""
-    return args.granularity if model.config.nest_heads and args.granularity else None
+    own head count; per-layer widths keep every head (as eval and the sweep run them);
+    ``--skip-attention`` sets the layers it names to 0."""
+    heads = args.granularity if model.config.nest_heads and args.granularity else None
+    return skip_attention_heads(args, model, heads)
 
 
-def _heads_note(model: Any, heads: str) -> tuple[list[int], str]:
-    """Per-layer head counts of a head-nested granularity and what shipping it means."""
+def _heads_note(model: Any, heads: Any) -> tuple[list[int], str]:
+    """Per-layer head counts of a submodel (a head-nested granularity, or counts with 0 where
+    attention is skipped) and what shipping it means."""
     from ..submodels.extract import HEADS_NOTE
 
-    counts = model.config.head_counts(heads)
-    return list(counts), HEADS_NOTE.format(n=model.config.n_head, h=counts[0])
+    n = model.config.n_head
+    counts = list(model.resolve_heads(heads))
+    kept = [h for h in counts if h]
+    notes = [HEADS_NOTE.format(n=n, h=min(kept))] if kept and min(kept) < n else []
+    skipped = [i for i, h in enumerate(counts) if not h]
+    if skipped:
+        notes.append(f"no attention in layers {skipped} (untrained depth elasticity; those "
+                     "weights are not stored)")
+    return counts, "; ".join(notes)
 
 
 def _check_out(args: argparse.Namespace, source: Path) -> None:
@@ -227,8 +245,10 @@ def mixnmatch(args: argparse.Namespace) -> Result:
         cfg = model.config
         batches, info = checkpoint_batches(args, model, tokenizer)
         extra = [parse_widths(w, cfg.n_layer) for w in args.widths]
+        depth = None if args.depth is None else (args.depth or cfg.names[-1])
         cands = mm.candidates(cfg, [p.strip() for p in args.patterns.split(",") if p.strip()],
-                              widths=extra, seed=args.seed, nested=not args.any_width)
+                              widths=extra, seed=args.seed, nested=not args.any_width,
+                              depth=depth)
         baselines = []
         for path in args.baselines:
             bm, btok = load_checkpoint(path)
@@ -283,6 +303,9 @@ def picked_submodel(args: argparse.Namespace, model: Any, tokenizer: Any
             batches, info = checkpoint_batches(args, model, tokenizer)
             chosen = choose(model, batches, mm.candidates(model.config), budgets,
                             seq_len=info["seq_len"], **_sweep_kw(args))
+        if chosen.get("heads"):  # a depth candidate that skips attention (read below)
+            args.skip_attention = ",".join(str(i) for i, h in enumerate(chosen["heads"])
+                                           if not h)
         return tuple(chosen["widths"]), chosen
     widths = _submodel_widths(args, model)
     if widths is None:

@@ -31,11 +31,13 @@ MAX_ENUMERATION = 200_000
 
 @dataclass(frozen=True)
 class Candidate:
-    """A submodel to evaluate: a name, the pattern that produced it, one FFN width per layer."""
+    """A submodel to evaluate: a name, the pattern that produced it, one FFN width per layer
+    and, for a submodel that skips attention, one head count per layer (0: skipped)."""
 
     name: str
     pattern: str
     widths: tuple[int, ...]
+    heads: tuple[int, ...] | None = None
 
 
 # ----------------------------------------------------------------------------- widths
@@ -141,14 +143,37 @@ def _arrange(widths: tuple[int, ...], pattern: str, rng: random.Random) -> tuple
     raise ValueError(f"unknown pattern {pattern!r}; choose from {PATTERNS}")
 
 
+def depth_candidates(cfg: ModelConfig, base: str | int | None = None) -> list[Candidate]:
+    """Depth elasticity: granularity ``base`` (default: the full model) with one layer's FFN
+    skipped (pattern ``depth-ffn``, width 0), and with one layer's attention skipped (pattern
+    ``depth-attn``, 0 heads), for every layer. Layers whose FFN is already absent, or whose
+    attention the config already lacks, are left out. Neither was trained: the sweep measures
+    what each costs, so the layers where skipping hurts least show up.
+    """
+    g = cfg.num_granularities - 1 if base is None else cfg.granularity_index(base)
+    name, widths = cfg.names[g], cfg.ffn_widths(g)
+    out = []
+    for i in range(cfg.n_layer):
+        if widths[i] and sum(map(bool, widths)) > 1:
+            w = (*widths[:i], 0, *widths[i + 1:])
+            out.append(Candidate(f"{name}-ffn{i}", "depth-ffn", w))
+    heads = cfg.attention_heads
+    for i in range(cfg.n_layer):
+        if heads[i]:
+            h = (*heads[:i], 0, *heads[i + 1:])
+            out.append(Candidate(f"{name}-attn{i}", "depth-attn", widths, h))
+    return out
+
+
 def candidates(cfg: ModelConfig, patterns: Sequence[str] = ("rule",), *,
-               widths: Iterable[Sequence[int]] = (), seed: int = 0, nested: bool = True
-               ) -> list[Candidate]:
-    """Rule candidates, uniform granularities, ablation patterns and explicit widths, deduped.
+               widths: Iterable[Sequence[int]] = (), seed: int = 0, nested: bool = True,
+               depth: str | int | None = None) -> list[Candidate]:
+    """Rule candidates, uniform granularities, ablation patterns, explicit widths and (with
+    ``depth``, a granularity) :func:`depth_candidates` of that granularity, deduped.
 
     Ablation patterns re-order the widths of each mixed rule candidate, so every ablation point
-    has a rule point of identical size to be compared with. Duplicates (same widths) keep the
-    first occurrence, in the order: uniform, rule, patterns, explicit.
+    has a rule point of identical size to be compared with. Duplicates (same widths and heads)
+    keep the first occurrence, in the order: uniform, rule, patterns, explicit, depth.
     """
     bad = [p for p in patterns if p not in PATTERNS]
     if bad:
@@ -167,15 +192,20 @@ def candidates(cfg: ModelConfig, patterns: Sequence[str] = ("rule",), *,
     for w in widths:
         w = check_widths(cfg, w, nested=nested)
         out.append(Candidate(describe(cfg, w), "explicit", w))
-    unique: dict[tuple[int, ...], Candidate] = {}
+    if depth is not None:
+        out += depth_candidates(cfg, depth)
+    unique: dict[tuple[tuple[int, ...], tuple[int, ...] | None], Candidate] = {}
     for c in out:
-        unique.setdefault(c.widths, c)
+        unique.setdefault((c.widths, c.heads), c)
     return list(unique.values())
 
 
 # ----------------------------------------------------------------------------- costs
-def static_cost(cfg: ModelConfig, widths: Sequence[int], seq_len: int) -> dict[str, int]:
-    """Parameters (total, non-embedding) and forward FLOPs per token at context ``seq_len``."""
+def static_cost(cfg: ModelConfig, widths: Sequence[int], seq_len: int,
+                heads: Sequence[int] | None = None) -> dict[str, int]:
+    """Parameters (total, non-embedding) and forward FLOPs per token at context ``seq_len``
+    (``heads``: per-layer head counts, 0 where attention is skipped; None: every head)."""
     w = tuple(widths)
-    return {"params": cfg.num_params(w), "non_embedding_params": cfg.num_params(w, embedding=False),
-            "flops_per_token": cfg.flops_per_token(w, seq_len)}
+    return {"params": cfg.num_params(w, heads=heads),
+            "non_embedding_params": cfg.num_params(w, embedding=False, heads=heads),
+            "flops_per_token": cfg.flops_per_token(w, seq_len, heads=heads)}

@@ -36,6 +36,8 @@ def extract(model: nn.Module, widths: WidthSpec, *, heads: HeadSpec = None,
     count are kept but zeroed (query/key/value rows and output-projection columns), so they
     contribute exactly nothing. A dense config cannot hold fewer heads of the same size (its
     head size is ``d_model / n_head``), so attention costs what the full model's does.
+    A layer given 0 heads (depth elasticity) has no attention at all: the config lists it in
+    ``skip_attention`` and its attention weights are not copied.
     """
     cfg = model.config
     ws = model.resolve_widths(widths)
@@ -44,11 +46,15 @@ def extract(model: nn.Module, widths: WidthSpec, *, heads: HeadSpec = None,
         name = describe(cfg, ws)
         name = name if ":" not in name else "custom"
     d_ff: int | tuple[int, ...] = ws[0] if len(set(ws)) == 1 else ws
-    sub_cfg = cfg.replace(d_ff=d_ff, ratios=(1.0,), names=(name,), nest_heads=False)
+    skip = () if hs is None else tuple(i for i, h in enumerate(hs) if h == 0)
+    sub_cfg = cfg.replace(d_ff=d_ff, ratios=(1.0,), names=(name,), nest_heads=False,
+                          skip_attention=skip)
     hd, group = cfg.head_dim, cfg.n_head // cfg.kv_heads
     state = {}
     for key, t in model.state_dict().items():
         parts = key.split(".")
+        if parts[0] == "blocks" and int(parts[1]) in skip and parts[2] in ("attn", "attn_norm"):
+            continue  # a skipped attention: nothing to store
         if parts[0] == "blocks" and parts[2] == "ffn":
             w = ws[int(parts[1])]
             t = t[:, :w] if parts[3] == "down_proj" else t[:w]

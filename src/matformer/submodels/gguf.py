@@ -17,6 +17,13 @@ unit, which adds exactly 0. deci's own "FFN size 0" cannot be used: its graph th
 whole layer, attention output included (checked against llama.cpp as bundled in
 llama-cpp-python 0.3.36: logits off by 5; on the last layer it aborts).
 
+**Skipped attention** (0 heads) goes out as a ``deci`` attention-free layer, the way
+llama.cpp's converter writes Nemotron-51B's: per-layer head counts with ``head_count`` and
+``head_count_kv`` both 0 there, and no attention tensors; deci then feeds the layer's input
+straight to its FFN, as our block does. Layer 0 must keep its attention: llama.cpp derives the
+head size of every layer from layer 0's head count (0 there makes it 0 and the file fails to
+load), so such a submodel is refused.
+
 Two conversions make llama.cpp compute what we compute:
 
 * **RoPE layout.** Our attention rotates dimension ``i`` with ``i + head_dim/2`` ("rotate
@@ -76,12 +83,16 @@ def _gguf() -> Any:
 def architecture(cfg: ModelConfig) -> str:
     """The llama.cpp architecture that runs this dense config exactly; raises if none does."""
     widths = cfg.ffn_dims
-    uniform = len(set(widths)) == 1
+    uniform = len(set(widths)) == 1 and not cfg.skip_attention
     if cfg.activation == "swiglu":
         return "llama" if uniform else "deci"
     if cfg.activation == "relu2":
         if uniform:
             return "arcee"
+        if cfg.skip_attention:
+            raise GGUFExportError(
+                f"skipped attention at layers {list(cfg.skip_attention)} with relu2: only "
+                "deci (SwiGLU) has attention-free layers in llama.cpp; keep every attention")
         raise GGUFExportError(
             f"per-layer FFN widths {list(widths)} with relu2: llama.cpp's only relu2 "
             "architecture with our layout (arcee) builds every layer at one FFN size, and deci "
@@ -152,11 +163,12 @@ def _tensors(model: MatFormerLM) -> dict[str, Tensor]:
         out["output.weight"] = model.lm_head.weight
     for i, b in enumerate(model.blocks):
         p = f"blk.{i}."
-        out[p + "attn_norm.weight"] = b.attn_norm.weight
-        out[p + "attn_q.weight"] = rope_permute(b.attn.q_proj.weight, cfg.n_head)
-        out[p + "attn_k.weight"] = rope_permute(b.attn.k_proj.weight, cfg.kv_heads)
-        out[p + "attn_v.weight"] = b.attn.v_proj.weight
-        out[p + "attn_output.weight"] = b.attn.o_proj.weight
+        if b.attn is not None:  # a skipped attention has no tensors (deci: 0 heads)
+            out[p + "attn_norm.weight"] = b.attn_norm.weight
+            out[p + "attn_q.weight"] = rope_permute(b.attn.q_proj.weight, cfg.n_head)
+            out[p + "attn_k.weight"] = rope_permute(b.attn.k_proj.weight, cfg.kv_heads)
+            out[p + "attn_v.weight"] = b.attn.v_proj.weight
+            out[p + "attn_output.weight"] = b.attn.o_proj.weight
         out[p + "ffn_norm.weight"] = b.ffn_norm.weight
         if b.ffn.d_ff == 0:  # a skipped FFN: one hidden unit with zero weights adds exactly 0
             zero = torch.zeros(1, cfg.d_model)
@@ -206,8 +218,12 @@ def _add_hparams(writer: gguf_lib.GGUFWriter, cfg: ModelConfig, arch: str, dtype
     writer.add_embedding_length(cfg.d_model)
     writer.add_block_count(cfg.n_layer)
     writer.add_feed_forward_length(sizes if arch == "deci" else sizes[0])
-    writer.add_head_count(cfg.n_head)
-    writer.add_head_count_kv(cfg.kv_heads)
+    if cfg.skip_attention:  # per layer: 0 heads (and 0 kv heads) = attention-free
+        writer.add_head_count(list(cfg.attention_heads))
+        writer.add_head_count_kv([cfg.kv_heads if h else 0 for h in cfg.attention_heads])
+    else:
+        writer.add_head_count(cfg.n_head)
+        writer.add_head_count_kv(cfg.kv_heads)
     writer.add_key_length(cfg.head_dim)
     writer.add_value_length(cfg.head_dim)
     writer.add_rope_dimension_count(cfg.head_dim)
@@ -269,8 +285,9 @@ def _write_gguf(path: Path, sub: MatFormerLM, arch: str, dtype: str, name: str,
 # ----------------------------------------------------------------------------- export
 @torch.no_grad()
 def export_gguf(model: MatFormerLM, tokenizer: Tokenizer, out: str | Path, *,
-                widths: WidthSpec = None, dtype: str = "f32", overwrite: bool = False,
-                name: str | None = None) -> dict[str, Any]:
+                widths: WidthSpec = None, heads: Sequence[int] | None = None,
+                dtype: str = "f32", overwrite: bool = False, name: str | None = None
+                ) -> dict[str, Any]:
     """Write the submodel ``widths`` of ``model`` as one GGUF file llama.cpp runs as it is.
 
     Args:
@@ -279,6 +296,8 @@ def export_gguf(model: MatFormerLM, tokenizer: Tokenizer, out: str | Path, *,
         out: Destination ``.gguf`` file.
         widths: The submodel (extracted first); None exports the model as it is (the full model
             of a nested checkpoint).
+        heads: Per-layer head counts, 0 where the submodel skips a layer's attention (every
+            other count must be the full ``n_head``: llama.cpp layers have all heads or none).
         dtype: Storage of the weight matrices: f32 (exact), f16, bf16 or q8_0 (matrices whose
             rows are not a multiple of 32 values fall back to f16).
         overwrite: Replace an existing file (CLI: ``--force``).
@@ -298,7 +317,16 @@ def export_gguf(model: MatFormerLM, tokenizer: Tokenizer, out: str | Path, *,
     out = Path(out)
     if out.exists() and not overwrite:
         raise GGUFExportError(f"{out} already exists; pass --force (overwrite=True) to replace it")
-    sub = model if widths is None else extract(model, widths)
+    hs = model.resolve_heads(heads)
+    if hs is not None and any(h not in (0, model.config.n_head) for h in hs):
+        raise GGUFExportError(f"heads {list(hs)}: a GGUF layer has all {model.config.n_head} "
+                              "heads or none (0 skips its attention); fewer heads are not "
+                              "exported")
+    if hs is not None and hs[0] == 0:
+        raise GGUFExportError("heads: layer 0 skips its attention, which llama.cpp cannot load "
+                              "(it takes every layer's head size from layer 0's head count); "
+                              "skip attention in layers 1.. only")
+    sub = model if widths is None and heads is None else extract(model, widths, heads=hs)
     cfg = sub.config
     arch = architecture(cfg)
     vocab = _vocab(tokenizer, cfg.vocab_size)
@@ -306,6 +334,7 @@ def export_gguf(model: MatFormerLM, tokenizer: Tokenizer, out: str | Path, *,
         stored = _write_gguf(tmp, sub, arch, dtype, name or cfg.names[0], vocab, tokenizer.eos_id)
     dims = list(cfg.ffn_dims)
     info = {"out": str(out), "architecture": arch, "ffn_widths": dims, "dtype": dtype,
+            "skip_attention": list(cfg.skip_attention),
             "tensor_types": stored, "params": sub.num_params(),
             "bytes": out.stat().st_size, "vocab_size": cfg.vocab_size}
     log.info("exported %s (%s, FFN widths %s) to %s", arch, dtype, dims, out)

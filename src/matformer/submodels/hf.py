@@ -175,6 +175,11 @@ def export_hf(model: MatFormerLM, tokenizer: Tokenizer, out: str | Path, *,
     from .extract import extract
 
     sub = model if widths is None and heads is None else extract(model, widths, heads=heads)
+    if sub.config.skip_attention:
+        raise ExportError(f"the submodel skips the attention of layers "
+                          f"{list(sub.config.skip_attention)}: transformers' Llama has attention "
+                          "in every layer and no exact stand-in for none; use export-gguf (deci "
+                          "has attention-free layers) or keep every attention")
     hf_cfg, info = hf_config(sub.config, tokenizer.eos_id, pad=pad)
     out = Path(out)
     with atomic_output(out, overwrite=overwrite, sources=sources) as tmp:

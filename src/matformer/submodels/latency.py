@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 #: Setups to time: (model, widths) pairs.
-Setup = tuple[nn.Module, Any]
+#: (model, widths) or (model, widths, heads): one submodel to time.
+Setup = tuple[nn.Module, Any] | tuple[nn.Module, Any, Any]
 
 
 def _sync(device: torch.device | None) -> None:
@@ -71,17 +72,20 @@ def _device(model: nn.Module) -> torch.device:
 
 
 @torch.no_grad()
-def decode_step_fn(model: nn.Module, widths: Any, context: int) -> Callable[[], Any]:
-    """One cached decode step of ``widths`` at position ``context`` (the cache is filled once)."""
+def decode_step_fn(model: nn.Module, widths: Any, context: int, heads: Any = None
+                   ) -> Callable[[], Any]:
+    """One cached decode step of ``widths`` (and ``heads``) at position ``context`` (the cache
+    is filled once)."""
     from ..cache import KVCache
 
     device = _device(model)
     ctx = max(1, min(context, model.config.max_seq_len - 1))
     cache = KVCache.for_model(model, 1, ctx + 1)
+    kw = {} if heads is None else {"heads": heads}
     model(torch.zeros(1, ctx, dtype=torch.long, device=device), widths=widths, cache=cache,
-          start_pos=0)
+          start_pos=0, **kw)
     tok = torch.zeros(1, 1, dtype=torch.long, device=device)
-    return lambda: model(tok, widths=widths, cache=cache, start_pos=ctx)
+    return lambda: model(tok, widths=widths, cache=cache, start_pos=ctx, **kw)
 
 
 def _summarise(name: str, samples: list[float], scale: float = 1.0) -> dict[str, float]:
@@ -99,25 +103,26 @@ def lm_latency(setups: Sequence[Setup], *, prefill_len: int = 128, decode_steps:
         raise ValueError(f"prefill_len={prefill_len} and decode_steps={decode_steps} must be "
                          ">= 1")
     fns: list[Callable[[], Any]] = []
-    modes = [m.training for m, _ in setups]
+    modes = [s[0].training for s in setups]
     try:
-        for model, widths in setups:
+        for model, widths, *rest in setups:
             model.eval()
             n = min(prefill_len, model.config.max_seq_len)
             x = torch.randint(0, model.config.vocab_size, (1, n),
                               generator=torch.Generator().manual_seed(0)).to(_device(model))
-            step = decode_step_fn(model, widths, decode_context)
+            kw = {"heads": rest[0]} if rest else {}
+            step = decode_step_fn(model, widths, decode_context, **kw)
 
             def decode(step: Callable[[], Any] = step) -> None:
                 for _ in range(decode_steps):
                     step()
 
-            fns += [lambda m=model, x=x, w=widths: m(x, widths=w), decode]
+            fns += [lambda m=model, x=x, w=widths, kw=kw: m(x, widths=w, **kw), decode]
         times = measure(fns, repeats=repeats, warmup=warmup, threads=threads,
                         device=_device(setups[0][0]) if setups else None)
     finally:
-        for (model, _), mode in zip(setups, modes, strict=True):
-            model.train(mode)
+        for s, mode in zip(setups, modes, strict=True):
+            s[0].train(mode)
     return [{**_summarise("prefill", times[2 * i]),
              **_summarise("decode", times[2 * i + 1], 1 / decode_steps)}
             for i in range(len(setups))]

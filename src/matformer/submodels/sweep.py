@@ -63,10 +63,13 @@ def sweep(model: nn.Module, cands: Sequence[Candidate],
     setups: list[Setup] = []
     bar = tqdm(cands, desc="mixnmatch", unit="submodel", disable=not progress)
     for c in bar:
+        kw = {} if c.heads is None else {"heads": c.heads}  # a candidate that skips attention
         rows.append({"name": c.name, "pattern": c.pattern, "widths": list(c.widths),
-                     "span": span(cfg, c.widths), **cost(model, c.widths),
-                     **score(model, c.widths)})
-        setups.append((model, c.widths))
+                     "span": span(cfg, c.widths), **cost(model, c.widths, **kw),
+                     **score(model, c.widths, **kw)})
+        if c.heads is not None:
+            rows[-1]["heads"] = list(c.heads)
+        setups.append((model, c.widths) if c.heads is None else (model, c.widths, c.heads))
         bar.set_postfix(name=c.name[:20], **{objective.loss: f"{rows[-1][objective.loss]:.4f}"})
     for name, bm in baselines:
         rows.append({"name": name, "pattern": "baseline", "widths": list(bm.config.ffn_dims),
@@ -152,12 +155,12 @@ def lm_sweep(model: nn.Module, batches: Sequence[tuple[Tensor, Tensor]],
 
     seq_len = seq_len or model.config.max_seq_len
 
-    def score(m: nn.Module, widths: Any) -> Row:
-        loss = evaluate_loss(m, batches, widths=widths, precision=precision)
+    def score(m: nn.Module, widths: Any, heads: Any = None) -> Row:
+        loss = evaluate_loss(m, batches, widths=widths, heads=heads, precision=precision)
         return {"val_loss": loss, "perplexity": perplexity(loss)}
 
-    def cost(m: nn.Module, widths: Any) -> Row:
-        return static_cost(m.config, m.resolve_widths(widths), seq_len)
+    def cost(m: nn.Module, widths: Any, heads: Any = None) -> Row:
+        return static_cost(m.config, m.resolve_widths(widths), seq_len, m.resolve_heads(heads))
 
     def timer(setups: Sequence[Setup]) -> list[Row]:
         return lm_latency(setups, prefill_len=prefill_len, repeats=repeats, threads=threads)
@@ -175,7 +178,7 @@ def choose(model: nn.Module, batches: Sequence[tuple[Tensor, Tensor]],
     seq_len = seq_len or cfg.max_seq_len
     static = {k: v for k, v in budgets.items()
               if k in ("max_params", "max_flops") and v is not None}
-    rows = [{"name": c.name, **static_cost(cfg, c.widths, seq_len), "val_loss": 0.0}
+    rows = [{"name": c.name, **static_cost(cfg, c.widths, seq_len, c.heads), "val_loss": 0.0}
             for c in cands]
     select(rows, **static)  # raises, naming the smallest achievable size, if nothing fits
     col = LM_OBJECTIVE.budgets

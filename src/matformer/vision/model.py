@@ -182,7 +182,8 @@ class MatViT(nn.Module):
             self.pos_embed = nn.Parameter(torch.empty(1, cfg.num_patches + 1, d))
         else:  # persistent, so meta-device loading and extract() copy it like a weight
             self.register_buffer("pos_embed", torch.empty(1, cfg.num_patches + 1, d))
-        self.blocks = nn.ModuleList(Block(cfg, w, causal=False) for w in cfg.ffn_dims)
+        self.blocks = nn.ModuleList(Block(cfg, w, causal=False, attention=i not in cfg.skip_attention)
+                                    for i, w in enumerate(cfg.ffn_dims))
         self.norm = RMSNorm(d, cfg.norm_eps)
         self.head = nn.Linear(d, cfg.num_classes)
         if not self.cls_token.is_meta:
