@@ -16,6 +16,7 @@ import sys
 import torch
 
 from . import lm as cli_lm
+from . import reproduce as cli_reproduce
 from . import submodels as cli_submodels
 from .common import EXAMPLES, Result
 
@@ -31,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (cli_lm.add_train, cli_lm.add_eval, cli_lm.add_generate, cli_lm.add_consistency,
                 cli_submodels.add_mixnmatch, cli_submodels.add_extract,
-                cli_submodels.add_export_hf, cli_submodels.add_import_hf):
+                cli_submodels.add_export_hf, cli_submodels.add_import_hf,
+                cli_reproduce.add_reproduce, cli_reproduce.add_sizes):
         add(sub)
     _add_vision(sub)
     return parser
@@ -51,7 +53,7 @@ def _vision(args: argparse.Namespace) -> Result:
 
 def _refuse_vision(args: argparse.Namespace) -> None:
     """Language-model commands given a MatViT checkpoint: say which commands fit it."""
-    if args.command in ("eval", "generate", "consistency", "mixnmatch", "export-hf"):
+    if args.command in ("eval", "generate", "consistency", "mixnmatch", "export-hf", "sizes"):
         from ..checkpoint import CheckpointError
         from ..families import model_kind
 
@@ -67,7 +69,8 @@ def _refuse_vision(args: argparse.Namespace) -> None:
 COMMANDS = {"train": cli_lm.train, "eval": cli_lm.evaluate, "generate": cli_lm.generate,
             "consistency": cli_lm.consistency, "mixnmatch": cli_submodels.mixnmatch,
             "extract": cli_submodels.extract, "export-hf": cli_submodels.export_hf,
-            "import-hf": cli_submodels.import_hf, "vision": _vision}
+            "import-hf": cli_submodels.import_hf, "vision": _vision,
+            "reproduce": cli_reproduce.reproduce, "sizes": cli_reproduce.sizes}
 
 
 def main(argv: list[str] | None = None) -> int:
