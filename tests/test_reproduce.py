@@ -13,8 +13,8 @@ from helpers import random_tokens, tiny_model, write_corpus
 
 from matformer.reproduce import RECIPES, ReproConfig, quick_config
 from matformer.reproduce.report import stat, verdict
+from matformer.reproduce.run import reproduce
 from matformer.reproduce.sizes import size_table
-from matformer.reproduce.stages import reproduce
 
 
 def test_plan_follows_the_matching_rule() -> None:

@@ -71,7 +71,7 @@ def reproduce(args: argparse.Namespace) -> Result:
     import torch
 
     from ..reproduce import plan
-    from ..reproduce.stages import reproduce as run
+    from ..reproduce.run import reproduce as run
 
     changes = {k: v for k, v in (("shape", args.preset), ("data", args.data),
                                  ("seeds", args.seeds), ("base_steps", args.base_steps),

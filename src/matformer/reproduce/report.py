@@ -295,6 +295,42 @@ def _mixnmatch_lines(sweep: dict[str, Any] | None) -> list[str]:
     return lines
 
 
+def _claims(rc: ReproConfig, res: dict[str, Any], sweep: dict[str, Any] | None) -> list[str]:
+    """One row per claim of the paper: what it reports, what we measured (``sample`` recipe
+    unless named), and the verdict by the spread rule."""
+    v, L = res["vs_baseline"]["sample"], res["losses"]
+    small = ", ".join(f"{g} {_fmt(v[g])} ({v[g]['verdict']})" for g in ("S", "M", "L"))
+    xl = v["XL"]["mean"] / L["base-XL"]["XL"]["mean"]
+    rows = ["| claim (arXiv 2310.07707) | paper (850M) | ours (MatLM `sample` unless named) |",
+            "|---|---|---|",
+            f"| S/M/L at or below their dense baselines (Table 6) | -0.047 / -0.037 / -0.024 "
+            f"nats | {small} |",
+            f"| XL within about 1% of its baseline | +0.006 nats (+0.2%) | "
+            f"{_fmt(v['XL'])} nats ({xl:+.1%}; {v['XL']['verdict']}) |"]
+    if "xl-up" in res["vs_baseline"]:
+        u = res["vs_baseline"]["xl-up"]["XL"]
+        rows.append(f"| XL-upweighted sampling closes the XL gap (Table 6) | -0.011 nats | "
+                    f"xl-up XL {_fmt(u)} ({u['verdict']}) |")
+    a = (sweep or {}).get("analysis", {}).get("vs_line", {}).get("rule")
+    if a:
+        rows.append(f"| Mix'n'Match lies on the S-M-L-XL curve (sec. 3.3) | on the curve | mean "
+                    f"{a['mean']:+.4f} nats from the line, {a['fraction_below']:.0%} below "
+                    "(seed 0) |")
+    c = res["consistency"]["sample"]
+    hard = ", ".join(f"{g} {_fmt(c[g]['hard_minus_baseline'], 1, pct=True)} points "
+                     f"({c[g]['hard_minus_baseline']['verdict']})" for g in ("S", "M", "L"))
+    rows.append(f"| submodels more consistent with XL than baselines (sec. 3.4) | up to "
+                f"+{PAPER_CONSISTENCY_GAIN:.1%} | hard agreement {hard} |")
+    sp = res["speculative"]
+    rows.append(f"| S drafting XL: shared cache > MatLM two caches > baseline pair (Table 2) | "
+                f"1.16x > 1.14x > 1.10x | {_fmt(sp['sample:shared-cache']['speedup'], 2)}x, "
+                f"{_fmt(sp['sample:two-cache']['speedup'], 2)}x, "
+                f"{_fmt(sp['baseline:external']['speedup'], 2)}x (acceptance "
+                f"{_fmt(sp['sample:shared-cache']['acceptance'], 0, pct=True)}% vs "
+                f"{_fmt(sp['baseline:external']['acceptance'], 0, pct=True)}%) |")
+    return rows
+
+
 def markdown(rc: ReproConfig, res: dict[str, Any], sweep: dict[str, Any] | None,
              meta: dict[str, Any]) -> str:
     env = meta["environment"]
@@ -331,6 +367,7 @@ def markdown(rc: ReproConfig, res: dict[str, Any], sweep: dict[str, Any] | None,
         "- Numbers are mean ± spread (sample standard deviation over seeds); a difference is "
         "called (lower/higher) only when its mean exceeds its spread; with one seed nothing "
         "is called.", "",
+        "## Claims at a glance", "", *_claims(rc, res, sweep), "",
         "## Validation loss (the paper's Table 6 layout)", "", *_loss_table(rc, res), "",
         "![loss vs parameters](loss_vs_params.png)", "",
         "### MatLM minus its dense baseline (same size), nats", "",

@@ -4,7 +4,7 @@ Each stage stores its result as one JSON file under ``OUT/stages/`` (written ato
 rerun skips the stages whose file exists, and a training run killed half-way resumes from its
 latest checkpoint. Stages, in order, per seed: tokenizer and data (once), every training run,
 evaluation of every granularity, consistency, speculative decoding; then the Mix'n'Match sweep
-(seed 0, the ``sample`` MatLM, baselines overlaid) and the report.
+(seed 0, the ``sample`` MatLM, baselines overlaid). :mod:`.run` puts them in order.
 """
 
 from __future__ import annotations
@@ -267,51 +267,3 @@ def mixnmatch(model: MatFormerLM, bases: dict[str, MatFormerLM], batches: list,
               "baselines": rows[len(cands):], "analysis": line_analysis(rows[: len(cands)])}
     files = write_report(result, out, title="Mix'n'Match")
     return {**result, "files": {k: str(v) for k, v in files.items()}}
-
-
-# ----------------------------------------------------------------------------- the whole
-def reproduce(rc: ReproConfig, out: str | Path, *, device: str = "cpu",
-              progress: Progress | None = None, command: str = "") -> dict[str, Any]:
-    """Run (or finish) a reproduction into ``out``; returns the results written there.
-
-    ``out/config.json`` fixes the settings: a rerun with other settings is refused (start a
-    new ``out`` instead), with the same ones it skips finished stages. More ``seeds`` than a
-    finished run had are allowed: only the new seeds are trained.
-    """
-    from .report import write_all
-
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    cfg_file = out / "config.json"
-    if cfg_file.is_file():
-        old = ReproConfig.from_dict(json.loads(cfg_file.read_text()))
-        if {**old.to_dict(), "seeds": 0} != {**rc.to_dict(), "seeds": 0}:
-            raise ValueError(f"{out} holds a reproduction with other settings ({cfg_file}); "
-                             "rerun it with the same ones to resume, or choose a new --out")
-    write_text_atomic(cfg_file, json.dumps(rc.to_dict(), indent=1) + "\n")
-    stages = Stages(out / "stages", progress)
-    t0 = time.perf_counter()
-    tokenizer, data = prepare(rc, out)
-    eval_b = val_batches(rc, data, rc.eval_batches)
-    cons_b = eval_b[: rc.consistency_batches]
-    runs = rc.runs()
-    for seed in range(rc.seeds):
-        for spec in runs:
-            run_dir = out / "runs" / f"seed{seed}" / spec.name
-            stages.run(f"train-seed{seed}-{spec.name}", lambda s=spec, d=run_dir, sd=seed:
-                       train_run(s, rc, tokenizer, data, sd, d, device))
-        models = {s.name: load_run(out / "runs" / f"seed{seed}" / s.name, device) for s in runs}
-        for spec in runs:
-            stages.run(f"eval-seed{seed}-{spec.name}",
-                       lambda m=models[spec.name]: evaluate_run(m, eval_b, rc))
-        matlms = {r: models[r] for r in rc.recipes}
-        bases = {g: models[f"base-{g}"] for g in GRANULARITIES}
-        stages.run(f"consistency-seed{seed}",
-                   lambda m=matlms, b=bases: consistency(m, b, cons_b))
-        stages.run(f"speculative-seed{seed}",
-                   lambda m=matlms, b=bases: speculative(m, b, rc, data))
-        if seed == 0:
-            stages.run("mixnmatch", lambda m=matlms, b=bases: mixnmatch(
-                m["sample"], b, eval_b[: rc.sweep_batches], rc, out / "mixnmatch"))
-    return write_all(rc, out, stages, device=device, command=command,
-                     seconds=time.perf_counter() - t0)
