@@ -135,7 +135,7 @@ def plot_losses(res: dict[str, Any], sweep: dict[str, Any] | None, path: Path) -
     from ..submodels.report import pyplot
 
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7.5, 5.2), layout="constrained")
+    fig, ax = plt.subplots(figsize=(7.5, 6.0), layout="constrained")
     if sweep:
         pts = [r for r in sweep["candidates"] if r["pattern"] != "uniform"]
         ax.scatter([r["non_embedding_params"] / 1e6 for r in pts],
@@ -158,7 +158,7 @@ def plot_losses(res: dict[str, Any], sweep: dict[str, Any] | None, path: Path) -
     ax.set_xlabel("non-embedding parameters (M)")
     ax.set_ylabel("validation loss (nats/token)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncol=2, fontsize=8)
     ax.set_title("Loss vs size: nested recipes, baselines, Mix'n'Match")
     fig.savefig(path, dpi=110)
     plt.close(fig)
