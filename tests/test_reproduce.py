@@ -94,3 +94,27 @@ def test_quick_reproduction_report_structure(tmp_path: Path) -> None:
     assert again and all(what == "skip" for _, what in again)
     with pytest.raises(ValueError, match="other settings"):
         reproduce(quick_config(data=str(corpus), base_steps=5), out)
+
+
+def test_cli_train_distill_then_sizes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    from matformer.cli import main
+
+    monkeypatch.setenv("MATFORMER_CACHE", str(tmp_path / "cache"))
+    corpus = write_corpus(tmp_path / "corpus.txt")
+    run = tmp_path / "run"
+    assert main(["train", "--preset", "tiny", "--tokenizer", "byte", "--steps", "4",
+                 "--batch-size", "4", "--seq-len", "32", "--eval-interval", "4",
+                 "--eval-batches", "1", "--ckpt-interval", "4", "--warmup-steps", "1",
+                 "--precision", "fp32", "--no-progress", "--distill", "0.5",
+                 "--data", str(corpus), "--out", str(run)]) == 0
+    assert json.loads((run / "train_config.json").read_text())["distill"] == 0.5
+    capsys.readouterr()
+    assert main(["sizes", str(run), "--batches", "1", "--batch-size", "2", "--repeats", "1",
+                 "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert [r["name"] for r in res["sizes"]] == ["S", "M", "L", "XL"]
+    assert Path(res["plot"]).is_file() and res["threads"] == 1
+    assert main(["train", "--preset", "tiny", "--mode", "baseline", "--distill", "0.5",
+                 "--data", str(corpus), "--out", str(tmp_path / "bad")]) == 2
+    assert "needs a nested model" in capsys.readouterr().err
