@@ -291,6 +291,12 @@ def _mixnmatch_lines(sweep: dict[str, Any] | None) -> list[str]:
                      f"to {a['max']:+.4f}); {a['fraction_below']:.0%} lie below the line "
                      "(better than interpolating the uniform sizes). The paper: Mix'n'Match "
                      "models lie on the S-M-L-XL curve (arXiv 2310.07707 sec. 3.3, Fig. 3).")
+    dec = sweep["analysis"].get("vs_rule_same_widths", {}).get("decreasing")
+    if dec:
+        lines.append(f"\nThe same widths in decreasing order (wide layers first): loss minus the "
+                     f"increasing order's, mean {dec['mean']:+.4f} nats (from {dec['min']:+.4f} "
+                     f"to {dec['max']:+.4f}) over {dec['n']} pairs; decreasing is better in "
+                     f"{dec['fraction_below']:.0%} of them.")
     lines.append("Full table: [mixnmatch/mixnmatch.md](mixnmatch/mixnmatch.md).")
     return lines
 
@@ -316,6 +322,12 @@ def _claims(rc: ReproConfig, res: dict[str, Any], sweep: dict[str, Any] | None) 
         rows.append(f"| Mix'n'Match lies on the S-M-L-XL curve (sec. 3.3) | on the curve | mean "
                     f"{a['mean']:+.4f} nats from the line, {a['fraction_below']:.0%} below "
                     "(seed 0) |")
+    dec = (sweep or {}).get("analysis", {}).get("vs_rule_same_widths", {}).get("decreasing")
+    if dec:
+        rows.append(f"| increasing widths with depth beat decreasing ones at the same size "
+                    f"(App. D) | increasing wins | decreasing minus increasing: mean "
+                    f"{dec['mean']:+.4f} nats over {dec['n']} pairs, increasing better in "
+                    f"{dec['n'] - round(dec['fraction_below'] * dec['n'])} (seed 0) |")
     c = res["consistency"]["sample"]
     hard = ", ".join(f"{g} {_fmt(c[g]['hard_minus_baseline'], 1, pct=True)} points "
                      f"({c[g]['hard_minus_baseline']['verdict']})" for g in ("S", "M", "L"))

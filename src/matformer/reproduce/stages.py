@@ -253,12 +253,14 @@ def speculative(matlms: dict[str, MatFormerLM], bases: dict[str, MatFormerLM],
 def mixnmatch(model: MatFormerLM, bases: dict[str, MatFormerLM], batches: list,
               rc: ReproConfig, out: Path) -> dict[str, Any]:
     """The Mix'n'Match sweep of one MatLM with the dense baselines overlaid (latency measured
-    with one torch thread); writes ``out/mixnmatch.{json,png,md}``."""
+    with one torch thread); writes ``out/mixnmatch.{json,png,md}``. Candidates: the paper's
+    rule (non-decreasing with depth, least slope) and, for every mixed one, the same widths in
+    decreasing order (the paper found increasing better, arXiv 2310.07707 App. D)."""
     from ..submodels.candidates import candidates
     from ..submodels.report import line_analysis, write_report
     from ..submodels.sweep import lm_sweep
 
-    cands = candidates(model.config)
+    cands = candidates(model.config, ("rule", "decreasing"))
     baselines = [(f"baseline {g}", bases[g]) for g in GRANULARITIES]
     rows = lm_sweep(model, batches, cands, seq_len=rc.seq_len, baselines=baselines,
                     prefill_len=rc.seq_len, repeats=rc.timing_repeats, threads=1,
