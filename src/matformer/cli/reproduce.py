@@ -16,7 +16,7 @@ EXAMPLES = """\
 examples:
   matformer reproduce --quick --out reports/quick          # a few minutes: checks the pipeline
   matformer reproduce --out reports/repro                  # the default reproduction (CPU)
-  matformer reproduce --out reports/repro --seeds 3        # add seeds to a finished one
+  matformer reproduce --out reports/repro --seeds 5        # add seeds to a finished one
   matformer reproduce --recipes sample,xl-up --base-steps 300 --out reports/r2
   matformer reproduce --preset paper-78m --device cuda --base-steps 2000 --out reports/gpu
   matformer sizes runs/demo                                # params, loss, tokens/s per size
@@ -43,7 +43,8 @@ def add_reproduce(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", help="corpus (default shakespeare)")
     p.add_argument("--recipes", help="nested recipes, comma separated, from "
                    f"{','.join(RECIPES)} (sample always runs; default: all)")
-    p.add_argument("--seeds", type=int, help="repetitions with seeds 0..N-1 (default 1)")
+    p.add_argument("--seeds", type=int, help="repetitions with seeds 0..N-1 (default 3; a "
+                   "finished run takes more)")
     p.add_argument("--base-steps", type=int, help="X: one baseline's steps (default 150)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--seq-len", type=int)

@@ -91,6 +91,12 @@ def aggregate(rc: ReproConfig, stages: Stages) -> dict[str, Any]:
     for rec in vs_base.values():
         for d in rec.values():
             d["verdict"] = verdict(d)
+    vs_sample = {rec: {g: stat([ev[s][rec][g]["val_loss"] - ev[s]["sample"][g]["val_loss"]
+                                for s in seeds]) for g in GRANULARITIES}
+                 for rec in rc.recipes if rec != "sample"}
+    for rec in vs_sample.values():
+        for d in rec.values():
+            d["verdict"] = verdict(d)
     equal = {rec: {g: stat([ev[s][rec][g]["val_loss"] - ev[s][f"base-{g}-4x"][g]["val_loss"]
                             for s in seeds]) for g in ("S", "XL")} for rec in rc.recipes}
     for rec in equal.values():
@@ -122,7 +128,8 @@ def aggregate(rc: ReproConfig, stages: Stages) -> dict[str, Any]:
                     "steps": tr[seeds[0]][r.name]["steps"],
                     "tokens": tr[seeds[0]][r.name]["tokens"], "kind": r.kind}
                 for r in runs}
-    return {"seeds": seeds, "losses": losses, "vs_baseline": vs_base, "equal_tokens": equal,
+    return {"seeds": seeds, "losses": losses, "vs_baseline": vs_base, "vs_sample": vs_sample,
+            "equal_tokens": equal,
             "consistency": consistency, "speculative": speculative,
             "speculative_settings": {k: v for k, v in spec[seeds[0]].items() if k != "setups"},
             "training": training}
@@ -141,6 +148,11 @@ def plot_losses(res: dict[str, Any], sweep: dict[str, Any] | None, path: Path) -
         ax.scatter([r["non_embedding_params"] / 1e6 for r in pts],
                    [r["val_loss"] for r in pts], s=14, color="tab:gray", alpha=0.6, zorder=2,
                    label="Mix'n'Match submodels of sample (seed 0)")
+        uni = sorted((r for r in sweep["candidates"] if r["pattern"] == "uniform"),
+                     key=lambda r: r["params"])
+        ax.plot([r["non_embedding_params"] / 1e6 for r in uni], [r["val_loss"] for r in uni],
+                "x--", color="tab:gray", lw=0.8, zorder=2,
+                label="sample, seed 0 alone: S..XL (what Mix'n'Match is compared with)")
     markers = {"sample": "o", "xl-up": "s", "distill": "^", "joint": "v"}
     for rec in res["vs_baseline"]:
         rows = res["losses"][rec]
@@ -225,6 +237,14 @@ def _delta_table(rc: ReproConfig, res: dict[str, Any]) -> list[str]:
                                                             strict=True)) if p else "-")
         lines.append(f"| {rec} | " + " | ".join(f"{_fmt(d[g])} ({d[g]['verdict']})"
                                                  for g in GRANULARITIES) + f" | {paper} |")
+    return lines
+
+
+def _vs_sample_table(res: dict[str, Any]) -> list[str]:
+    lines = ["| recipe | S | M | L | XL |", "|---|---|---|---|---|"]
+    for rec, d in res["vs_sample"].items():
+        lines.append(f"| {rec} | " + " | ".join(f"{_fmt(d[g])} ({d[g]['verdict']})"
+                                                 for g in GRANULARITIES) + " |")
     return lines
 
 
@@ -385,6 +405,8 @@ def markdown(rc: ReproConfig, res: dict[str, Any], sweep: dict[str, Any] | None,
         "### MatLM minus its dense baseline (same size), nats", "",
         "Paper's expectation: S/M/L at or below their baselines, XL within about 1%.", "",
         *_delta_table(rc, res), "",
+        "### Each recipe minus uniform sampling (paired by seed), nats", "",
+        *(_vs_sample_table(res) if res["vs_sample"] else ["(only `sample` was run)"]), "",
         "### Equal-tokens gap: what sharing costs each model", "", *_equal_table(rc, res), "",
         "### Training compute", "", *_compute_table(res), "",
         "## Mix'n'Match", "", *_mixnmatch_lines(sweep), "",

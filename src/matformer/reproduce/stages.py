@@ -88,13 +88,14 @@ def val_batches(rc: ReproConfig, data: TokenDataset, n: int) -> list[tuple[torch
 
 
 # ----------------------------------------------------------------------------- training
-def train_flops(model_cfg: Any, spec: RunSpec, rc: ReproConfig) -> float:
+def train_flops(model_cfg: Any, spec: RunSpec, rc: ReproConfig, seed: int) -> float:
     """Training FLOPs of a run: 3 x forward FLOPs per token (forward + backward) x tokens;
-    distillation adds a forward of the full model on the steps that train a smaller one."""
+    distillation adds a forward of the full model on the steps that train a smaller one. The
+    granularity drawn at each step depends on the seed, as in training."""
     from ..train import TrainConfig, granularities_for_step
 
     tokens = rc.batch_size * rc.seq_len
-    cfg = TrainConfig(mode=spec.mode, steps=spec.steps, probs=spec.probs, seed=0)
+    cfg = TrainConfig(mode=spec.mode, steps=spec.steps, probs=spec.probs, seed=seed)
     full = model_cfg.flops_per_token(None, rc.seq_len)
     total = 0.0
     for step in range(spec.steps):
@@ -129,7 +130,7 @@ def train_run(spec: RunSpec, rc: ReproConfig, tokenizer: Tokenizer, data: TokenD
     trainer, _, _, seconds = run(model, task, cfg, run_dir, env, resume=resume, progress=False)
     return {"run": spec.name, "kind": spec.kind, "mode": spec.mode, "steps": trainer.step,
             "tokens": trainer.step * rc.batch_size * rc.seq_len, "train_seconds": seconds,
-            "resumed": resume, "flops": train_flops(mcfg, spec, rc),
+            "resumed": resume, "flops": train_flops(mcfg, spec, rc, seed),
             "params": mcfg.num_params(), "non_embedding_params": mcfg.num_params(embedding=False)}
 
 
