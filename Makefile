@@ -26,7 +26,7 @@ demo: setup
 	$(BIN)/matformer generate $(RUN) --granularity S --prompt "ROMEO." --max-new-tokens 60
 	$(BIN)/matformer sizes $(RUN)
 
-# The paper's claims at small scale (see docs/reproduction/): about an hour on 2 CPU cores.
+# The paper's claims at small scale, 3 seeds: 37 min on 2 shared CPU cores (docs/reproduction/).
 reproduce: setup
 	$(BIN)/matformer reproduce --out reports/reproduce
 

@@ -181,7 +181,8 @@ def _prompts(rc: ReproConfig, data: TokenDataset) -> list[torch.Tensor]:
 
 def speculative(matlms: dict[str, MatFormerLM], bases: dict[str, MatFormerLM],
                 rc: ReproConfig, data: TokenDataset) -> dict[str, Any]:
-    """Greedy speculative decoding on held-out prefixes, one torch thread, measured here.
+    """Greedy speculative decoding on held-out prefixes, one torch thread, measured here
+    (on CUDA the device is synchronised around every timed call).
 
     Setups: each MatLM's XL alone and S drafting XL (two caches; one shared cache), and the
     dense XL alone and the dense S drafting it. Every setup decodes every prefix in each of
@@ -192,7 +193,9 @@ def speculative(matlms: dict[str, MatFormerLM], bases: dict[str, MatFormerLM],
     from ..generate import generate
     from ..speculative import SpecStats, speculative_generate
 
-    prompts = _prompts(rc, data)
+    device = next(bases["XL"].parameters()).device
+    prompts = [p.to(device) for p in _prompts(rc, data)]
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     n_new = min(rc.spec_new_tokens, rc.seq_len - rc.spec_prompt_len + 1)
     setups: dict[str, Callable[[torch.Tensor], tuple[torch.Tensor, SpecStats | None]]] = {}
 
@@ -221,8 +224,10 @@ def speculative(matlms: dict[str, MatFormerLM], bases: dict[str, MatFormerLM],
             for _ in range(rc.timing_repeats):
                 for i, p in enumerate(prompts):
                     for key, fn in setups.items():
+                        sync()
                         t0 = time.perf_counter()
                         outs[key][i] = fn(p)
+                        sync()
                         times[key][i].append(time.perf_counter() - t0)
     finally:
         torch.set_num_threads(old)
