@@ -14,6 +14,7 @@ from helpers import random_tokens, tiny_model, write_corpus
 from matformer.reproduce import RECIPES, ReproConfig, quick_config
 from matformer.reproduce.report import stat, verdict
 from matformer.reproduce.run import reproduce
+from matformer.reproduce.scaling import fit, scaled_config
 from matformer.reproduce.sizes import size_table
 
 
@@ -50,6 +51,19 @@ def test_stat_and_verdict() -> None:
     assert verdict(stat([-0.05, 0.04, 0.0])) == "within spread"
 
 
+def test_scaling_fit_recovers_a_known_law() -> None:
+    a, b, c = 20.0, -0.12, 1.5
+    pts = [(n, d, a * (n * d) ** b + c) for n in (1e5, 3e5, 1e6) for d in (1e5, 4e5)]
+    f = fit(pts)
+    assert f["b"] == pytest.approx(b, abs=1e-3)
+    assert f["a"] == pytest.approx(a, rel=0.02) and f["c"] == pytest.approx(c, abs=0.01)
+    assert f["rmse"] < 1e-3 and f["points"] == 6
+    with pytest.raises(ValueError, match=">= 3 points"):
+        fit(pts[:2])
+    half = scaled_config(ReproConfig(base_steps=100), "repro-64")
+    assert half.base_steps == 50 and half.recipes == ("sample",) and half.seeds == 1
+
+
 def test_size_table_rows() -> None:
     model = tiny_model()
     x = random_tokens(2, 16)
@@ -68,8 +82,9 @@ def test_quick_reproduction_report_structure(tmp_path: Path) -> None:
     out = tmp_path / "report"
     seen: list[tuple[str, str]] = []
     res = reproduce(rc, out, progress=lambda k, what, s: seen.append((k, what)),
-                    command="matformer reproduce --quick")
+                    command="matformer reproduce --quick", scaling=True)
     for name in ("report.md", "results.json", "loss_vs_params.png", "consistency.png",
+                 "scaling.png",
                  "mixnmatch/mixnmatch.png", "mixnmatch/mixnmatch.json"):
         assert (out / name).is_file(), name
     text = (out / "report.md").read_text()
@@ -87,10 +102,13 @@ def test_quick_reproduction_report_structure(tmp_path: Path) -> None:
     assert {"sample:XL", "sample:shared-cache", "baseline:external"} <= set(spec)
     assert spec["sample:shared-cache"]["matches_target_greedy"] is True
     assert res["seeds"] == [0]
+    fits = data["scaling"]["fits"]
+    assert set(fits) == {"matlm", "baseline"} and fits["matlm"]["points"] == 12
+    assert "| dense baselines |" in text.split("## Scaling")[1]
     assert all(what == "done" for _, what in seen if what != "start")
     # a rerun skips every stage and rewrites the same report
     again: list[tuple[str, str]] = []
-    reproduce(rc, out, progress=lambda k, what, s: again.append((k, what)))
+    reproduce(rc, out, progress=lambda k, what, s: again.append((k, what)), scaling=True)
     assert again and all(what == "skip" for _, what in again)
     with pytest.raises(ValueError, match="other settings"):
         reproduce(quick_config(data=str(corpus), base_steps=5), out)

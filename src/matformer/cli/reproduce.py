@@ -18,6 +18,7 @@ examples:
   matformer reproduce --out reports/repro                  # the default reproduction (CPU)
   matformer reproduce --out reports/repro --seeds 5        # add seeds to a finished one
   matformer reproduce --recipes sample,xl-up --base-steps 300 --out reports/r2
+  matformer reproduce --out reports/repro --scaling        # + 2 narrower sizes, the fits
   matformer reproduce --preset paper-78m --device cuda --base-steps 2000 --out reports/gpu
   matformer sizes runs/demo                                # params, loss, tokens/s per size
 """
@@ -49,6 +50,9 @@ def add_reproduce(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--seq-len", type=int)
     p.add_argument("--distill", type=float, help="weight of the distill recipe (default 0.5)")
+    p.add_argument("--scaling", action="store_true",
+                   help="also train the sample MatLM and the baselines at two narrower sizes "
+                   "(seed 0) and fit Loss = a (N D)^b + c for both families")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--no-progress", action="store_true", help="no per-stage lines")
     p.add_argument("--json", action="store_true", help="print results.json")
@@ -95,7 +99,8 @@ def reproduce(args: argparse.Namespace) -> Result:
 
     command = "matformer " + " ".join(shlex.quote(a) for a in sys.argv[1:]) \
         if sys.argv and Path(sys.argv[0]).name == "matformer" else _describe(args)
-    results = run(rc, args.out, device=args.device, progress=progress, command=command)
+    results = run(rc, args.out, device=args.device, progress=progress, command=command,
+                  scaling=args.scaling)
     s, v = results["losses"], results["vs_baseline"]["sample"]
     lines = [f"wrote {args.out / 'report.md'}, results.json, loss_vs_params.png, consistency.png",
              "val loss S / M / L / XL:",

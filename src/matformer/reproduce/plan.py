@@ -26,7 +26,15 @@ XL_UP_PROBS = (0.17, 0.20, 0.22, 0.41)
 SHAPES: dict[str, dict[str, Any]] = {
     "repro": dict(d_model=128, n_layer=4, n_head=4, d_ff=512, max_seq_len=64),
     "quick": dict(d_model=32, n_layer=2, n_head=2, d_ff=128, max_seq_len=32),
+    # the narrower sizes of the scaling study (`--scaling`), half and three quarters as wide
+    "repro-64": dict(d_model=64, n_layer=4, n_head=4, d_ff=256, max_seq_len=64),
+    "repro-96": dict(d_model=96, n_layer=4, n_head=4, d_ff=384, max_seq_len=64),
+    "quick-16": dict(d_model=16, n_layer=2, n_head=2, d_ff=64, max_seq_len=32),
+    "quick-24": dict(d_model=24, n_layer=2, n_head=2, d_ff=96, max_seq_len=32),
 }
+#: The sizes of the scaling study for a main shape, narrowest first, the main shape last.
+SCALING_SHAPES = {"repro": ("repro-64", "repro-96", "repro"),
+                  "quick": ("quick-16", "quick-24", "quick")}
 
 
 @dataclass(frozen=True)
@@ -181,5 +189,7 @@ PAPER_LOSS = {
 #: Speculative decoding speed-ups over plain XL decoding, 850M XL (Table 2: LAMBADA, TriviaQA).
 PAPER_SPEEDUP = {"baseline": (1.10, 1.08), "two-cache": (1.14, 1.11),
                  "shared-cache": (1.16, 1.14)}
+#: Scaling fits Loss(N, D) = a (N D)^b + c over all submodels (sec. 6).
+PAPER_SCALING = {"baseline": (14.08, -0.10, 0.89), "matlm": (21.60, -0.13, 1.33)}
 #: Consistency (sec. 3.4): MatLM submodels up to 11.5% more consistent with their XL.
 PAPER_CONSISTENCY_GAIN = 0.115

@@ -27,7 +27,8 @@ from .stages import (
 
 
 def reproduce(rc: ReproConfig, out: str | Path, *, device: str = "cpu",
-              progress: Progress | None = None, command: str = "") -> dict[str, Any]:
+              progress: Progress | None = None, command: str = "",
+              scaling: bool = False) -> dict[str, Any]:
     """Run (or finish) a reproduction into ``out``; returns the results written there.
 
     ``out/config.json`` fixes the settings: a rerun with other settings is refused (start a
@@ -67,5 +68,16 @@ def reproduce(rc: ReproConfig, out: str | Path, *, device: str = "cpu",
         if seed == 0:
             stages.run("mixnmatch", lambda m=matlms, b=bases: mixnmatch(
                 m["sample"], b, eval_b[: rc.sweep_batches], rc, out / "mixnmatch"))
+    if scaling:  # the seed-0 models at two narrower sizes, and the fits
+        from .scaling import scaling as study
+
+        def train(spec: Any, c: ReproConfig, d: Path) -> dict[str, Any]:
+            return train_run(spec, c, tokenizer, data, 0, d, device)
+
+        def evaluate(c: ReproConfig, d: Path) -> dict[str, Any]:
+            return evaluate_run(load_run(d, device), eval_b, c)
+
+        result = study(rc, out, stages, train, evaluate)  # its runs are stages of their own
+        stages.run("scaling-fit", lambda: dict(result))
     return write_all(rc, out, stages, device=device, command=command,
                      seconds=time.perf_counter() - t0)
