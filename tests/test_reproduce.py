@@ -43,6 +43,13 @@ def test_config_validation_and_sample_first() -> None:
     assert ReproConfig.from_dict(ReproConfig().to_dict()) == ReproConfig()
 
 
+def test_refuses_a_folder_that_is_not_a_reproduction(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="not empty and holds no reproduction"):
+        reproduce(quick_config(), tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
 def test_stat_and_verdict() -> None:
     one = stat([0.5])
     assert one["sd"] == 0 and verdict(one) == "1 seed"

@@ -36,8 +36,13 @@ def reproduce(rc: ReproConfig, out: str | Path, *, device: str = "cpu",
     finished run had are allowed: only the new seeds are trained.
     """
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     cfg_file = out / "config.json"
+    if out.is_dir() and any(out.iterdir()) and not cfg_file.is_file():
+        raise ValueError(f"--out {out} is not empty and holds no reproduction (no "
+                         f"{cfg_file.name}); nothing was changed: choose a new or empty --out")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; choose a directory")
+    out.mkdir(parents=True, exist_ok=True)
     if cfg_file.is_file():
         old = ReproConfig.from_dict(json.loads(cfg_file.read_text()))
         if {**old.to_dict(), "seeds": 0} != {**rc.to_dict(), "seeds": 0}:
