@@ -4,7 +4,7 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 RUN     ?= runs/demo
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo reproduce test lint bench clean
 
 $(BIN)/matformer: requirements.txt pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -19,12 +19,17 @@ $(BIN)/matformer: requirements.txt pyproject.toml
 setup: $(BIN)/matformer
 
 # The main job: a nested S/M/L/XL language model on Shakespeare, ~14 minutes from a fresh clone on 2 idle CPU cores,
-# then the validation table of every granularity and a sample from the smallest one.
+# then a sample from the smallest size and, last, what each size costs and gives: parameters,
+# validation loss and measured decode speed (tokens/s), with a plot in $(RUN)/sizes.png.
 demo: setup
 	@if [ -f $(RUN)/latest ]; then $(BIN)/matformer train --out $(RUN) --resume; \
 	else $(BIN)/matformer train --preset demo --data shakespeare --out $(RUN); fi
-	$(BIN)/matformer eval $(RUN)
 	$(BIN)/matformer generate $(RUN) --granularity S --prompt "ROMEO." --max-new-tokens 60
+	$(BIN)/matformer sizes $(RUN)
+
+# The paper's claims at small scale, 3 seeds: 37 min on 2 shared CPU cores (docs/reproduction/).
+reproduce: setup
+	$(BIN)/matformer reproduce --out reports/reproduce
 
 test: setup
 	$(BIN)/python -m pytest -q
@@ -36,4 +41,4 @@ bench: setup
 	$(BIN)/python benchmarks/train_throughput.py
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .ruff_cache
+	rm -rf $(VENV) runs reports .pytest_cache .ruff_cache

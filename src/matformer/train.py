@@ -10,6 +10,12 @@
   single granularity, trained by the same loop: the independently trained counterpart the
   paper compares with.
 
+Self-distillation (``distill=W``, ``sample`` and ``joint`` modes): in the same step the full
+model's predictions, detached, teach every smaller submodel trained in that step; its loss
+becomes ``(1 - W) * CE + W * KL(full || submodel)``. The full model itself trains on CE alone.
+This is the in-place distillation of newer elastic-training methods (e.g. "slimmable" and
+once-for-all networks), not part of the MatFormer paper's recipe (arXiv 2310.07707 sec. 3.2).
+
 Everything a step needs (batch, granularity, learning rate) is a function of the step number
 and the seed, so a run resumed from a checkpoint ends with bit-identical weights.
 """
@@ -67,6 +73,9 @@ class TrainConfig:
         weight_decay: Applied to matrices and embeddings, not to norms.
         grad_clip: Max global gradient norm (0 disables clipping).
         probs: Sampling probabilities per granularity (``sample`` mode); None is uniform.
+        distill: Self-distillation weight W in [0, 1] (``sample``/``joint``): smaller
+            submodels minimise ``(1 - W) CE + W KL(full || submodel)`` against the full model's
+            detached predictions on the same batch; 0 is off.
         loss_weights: Per-granularity loss weights (``joint`` mode); None is equal.
         eval_interval / eval_batches: Validation of every granularity every N steps, on the first
             ``eval_batches`` validation batches.
@@ -93,6 +102,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     probs: tuple[float, ...] | None = None
     loss_weights: tuple[float, ...] | None = None
+    distill: float = 0.0
     eval_interval: int = 100
     eval_batches: int = 20
     ckpt_interval: int = 100
@@ -144,6 +154,11 @@ class TrainConfig:
             if v is not None and not (all(p >= 0 and math.isfinite(p) for p in v) and sum(v) > 0):
                 raise ValueError(f"TrainConfig.{name}={v}: need finite non-negative values, "
                                  "sum > 0")
+        if not 0.0 <= self.distill <= 1.0:
+            raise ValueError(f"TrainConfig.distill={self.distill} must be in [0, 1]")
+        if self.distill and self.mode == "baseline":
+            raise ValueError("TrainConfig.distill needs a nested model (mode sample or joint): "
+                             "a baseline has no full model to learn from")
         if self.precision not in ("bf16", "fp32"):
             raise ValueError(f"TrainConfig.precision={self.precision!r}: choose 'bf16' or 'fp32'")
 
@@ -182,6 +197,14 @@ def granularities_for_step(step: int, cfg: TrainConfig, names: tuple[str, ...]
     probs = torch.tensor(_normalised(cfg.probs, len(names), "probs"))
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
     return [(names[int(torch.multinomial(probs, 1, generator=gen))], 1.0)]
+
+
+def kl_to_teacher(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+    """Mean over positions of KL(teacher || student) of the next-token distributions, in
+    nats, computed in fp32; the teacher is detached (no gradient flows into it)."""
+    t = teacher_logits.detach().float().log_softmax(-1).flatten(0, -2)
+    s = student_logits.float().log_softmax(-1).flatten(0, -2)
+    return nn.functional.kl_div(s, t, log_target=True, reduction="batchmean")
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
@@ -250,6 +273,14 @@ class LMTask:
              ) -> Tensor:
         return lm_loss(model(x, widths=name, heads=heads), y)
 
+    def distill_loss(self, model: nn.Module, x: Tensor, y: Tensor, name: str,
+                     heads: str | None, teacher_logits: Tensor, weight: float
+                     ) -> tuple[Tensor, Tensor]:
+        """``((1 - weight) CE + weight KL(teacher || submodel), CE)`` of one submodel."""
+        logits = model(x, widths=name, heads=heads)
+        ce = lm_loss(logits, y)
+        return (1 - weight) * ce + weight * kl_to_teacher(logits, teacher_logits), ce
+
     def evaluate(self, model: MatFormerLM, cfg: TrainConfig) -> dict[str, float]:
         batches = self.data.val_batches(cfg.batch_size, self.seq_len, cfg.eval_batches)
         return evaluate_granularities(model, batches, precision=cfg.precision)
@@ -284,6 +315,9 @@ class Trainer:
         self.names = mcfg.names
         _normalised(cfg.probs, len(self.names), "probs")  # fail now, not at step 0
         _normalised(cfg.loss_weights, len(self.names), "loss_weights")
+        if cfg.distill and not hasattr(task, "distill_loss"):
+            raise ValueError(f"TrainConfig.distill: {type(task).__name__} has no distillation "
+                             "loss (language models only)")
         self.optimizer = make_optimizer(self.model, cfg)
         self._loss = torch.compile(task.loss, dynamic=False) if cfg.compile else task.loss
         self.step = 0
@@ -380,16 +414,27 @@ class Trainer:
         losses = {name: 0.0 for name, _ in plan}
         n_backward, k = micro * len(plan), 0
         heads = self.raw.config.nest_heads
+        full = self.names[-1]
+        students = cfg.distill > 0 and any(name != full for name, _ in plan)
         for xm, ym in zip(x.chunk(micro), y.chunk(micro), strict=True):
             xm, ym = xm.to(env.device), ym.to(env.device)
+            teacher = None
+            if students:  # the full model's predictions on this micro-batch, no gradient
+                with torch.no_grad(), autocast(cfg.precision, env.device):
+                    teacher = self.model(xm).float()
             for name, weight in plan:
                 k += 1
+                h = name if heads else None
                 # Gradients are synchronised across ranks once, on the last backward of the step.
                 with dist.gradient_sync(self.model, enabled=k == n_backward):
                     with autocast(cfg.precision, env.device):
-                        loss = self._loss(self.model, xm, ym, name, name if heads else None)
+                        if teacher is not None and name != full:
+                            loss, ce = self.task.distill_loss(self.model, xm, ym, name, h,
+                                                              teacher, cfg.distill)
+                        else:
+                            loss = ce = self._loss(self.model, xm, ym, name, h)
                     (loss * weight / micro).backward()
-                losses[name] += loss.item() / micro
+                losses[name] += ce.item() / micro  # logged: the cross-entropy alone
         norm = None
         if cfg.grad_clip > 0:
             norm = nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)

@@ -81,6 +81,10 @@ def add_train(sub: argparse._SubParsersAction) -> None:
                    "the model's max_seq_len, which is also the maximum)")
     t.add_argument("--eval-batches", type=POSITIVE_INT, default=20,
                    help="validation batches at every evaluation")
+    t.add_argument("--distill", type=Number(float, low=0, high=1), default=0.0, metavar="W",
+                   help="self-distillation (sample/joint): smaller submodels minimise (1-W) CE "
+                   "+ W KL(full || submodel) against the full model's detached predictions on "
+                   "the same batch (default 0: off)")
 
 
 def add_eval(sub: argparse._SubParsersAction) -> None:
@@ -158,7 +162,8 @@ def train(args: argparse.Namespace) -> Result:
             if args.tokens:
                 steps = max(1, math.ceil(args.tokens / (args.batch_size * seq_len)))
             cfg = train_config(args, TrainConfig, steps=steps, grad_accum=args.grad_accum,
-                               seq_len=args.seq_len, eval_batches=args.eval_batches)
+                               seq_len=args.seq_len, eval_batches=args.eval_batches,
+                               distill=args.distill)
             torch.manual_seed(cfg.seed)  # the same initial weights on every rank
             model = MatFormerLM(mcfg)
         if env.is_main:  # tokenise once into the shared cache before the other ranks read it

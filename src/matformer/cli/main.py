@@ -21,6 +21,7 @@ from . import byom as cli_byom
 from . import generate as cli_generate
 from . import gguf as cli_gguf
 from . import lm as cli_lm
+from . import reproduce as cli_reproduce
 from . import serve as cli_serve
 from . import submodels as cli_submodels
 from .args import POSITIVE_INT, HelpFormatter, Parser
@@ -43,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     for add in (cli_lm.add_train, cli_lm.add_eval, cli_generate.add_generate, cli_lm.add_consistency,
                 cli_submodels.add_mixnmatch, cli_submodels.add_extract,
                 cli_submodels.add_export_hf, cli_submodels.add_import_hf, cli_serve.add_serve,
-                cli_gguf.add_export_gguf, cli_byom.add_parsers):
+                cli_gguf.add_export_gguf, cli_byom.add_parsers, cli_reproduce.add_reproduce,
+                cli_reproduce.add_sizes):
         add(sub)
     _add_vision(sub)
     return parser
@@ -64,7 +66,7 @@ def _vision(args: argparse.Namespace) -> Result:
 def _refuse_vision(args: argparse.Namespace) -> None:
     """Language-model commands given a MatViT checkpoint: say which commands fit it."""
     if args.command in ("eval", "generate", "consistency", "mixnmatch", "export-hf",
-                        "export-gguf"):
+                        "export-gguf", "sizes"):
         from ..checkpoint import CheckpointError
         from ..families import model_kind
 
@@ -81,7 +83,8 @@ COMMANDS = {"train": cli_lm.train, "eval": cli_lm.evaluate, "generate": cli_gene
             "consistency": cli_lm.consistency, "mixnmatch": cli_submodels.mixnmatch,
             "extract": cli_submodels.extract, "export-hf": cli_submodels.export_hf,
             "import-hf": cli_submodels.import_hf, "vision": _vision, "serve": cli_serve.serve,
-            "export-gguf": cli_gguf.export_gguf, **cli_byom.COMMANDS}
+            "export-gguf": cli_gguf.export_gguf, **cli_byom.COMMANDS,
+            "reproduce": cli_reproduce.reproduce, "sizes": cli_reproduce.sizes}
 
 
 #: A hint after the system's words for the OS errors people meet most.
