@@ -39,8 +39,9 @@ import torch
 from matformer.config import PRESETS, ModelConfig, preset
 from matformer.data import TokenDataset
 from matformer.model import MatFormerLM
+from matformer.task import LMTask
 from matformer.tokenizer import Tokenizer
-from matformer.train import LMTask, TrainConfig, Trainer
+from matformer.train import TrainConfig, Trainer
 
 
 @dataclass

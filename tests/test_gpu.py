@@ -18,8 +18,9 @@ from matformer.families import load_checkpoint
 from matformer.generate import generate
 from matformer.model import MatFormerLM, lm_loss
 from matformer.speculative import speculative_generate
+from matformer.task import LMTask
 from matformer.tokenizer import Tokenizer
-from matformer.train import LMTask, TrainConfig, Trainer
+from matformer.train import TrainConfig, Trainer
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]

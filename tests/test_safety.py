@@ -21,8 +21,9 @@ from matformer import families
 from matformer.cli import main
 from matformer.outputs import OutputExistsError, atomic_output, clean_leftovers
 from matformer.submodels.extract import extract
+from matformer.task import LMTask
 from matformer.tokenizer import Tokenizer
-from matformer.train import LMTask, NonFiniteError, TrainConfig, Trainer
+from matformer.train import NonFiniteError, TrainConfig, Trainer
 
 TINY_TRAIN = ["--preset", "tiny", "--tokenizer", "byte", "--steps", "4", "--batch-size", "4",
               "--seq-len", "32", "--eval-interval", "100", "--eval-batches", "1",

@@ -24,11 +24,11 @@ from matformer import families
 from matformer.data import TokenDataset
 from matformer.metrics import evaluate_granularities
 from matformer.model import MatFormerLM, lm_loss
+from matformer.task import LMTask
 from matformer.tokenizer import Tokenizer
 from matformer.train import (
     METRICS,
     TRAIN_CONFIG,
-    LMTask,
     TrainConfig,
     Trainer,
     granularities_for_step,

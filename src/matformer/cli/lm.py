@@ -130,8 +130,9 @@ def train(args: argparse.Namespace) -> Result:
     from ..data import prepare_data
     from ..model import MatFormerLM
     from ..runs import check_new_run_dir, read_train_config
+    from ..task import LMTask
     from ..tokenizer import Tokenizer
-    from ..train import LMTask, TrainConfig, run
+    from ..train import TrainConfig, run
 
     with dist.session(args.device) as env:
         say = print if env.is_main else (lambda *a, **k: None)

@@ -110,7 +110,8 @@ def train_run(spec: RunSpec, rc: ReproConfig, tokenizer: Tokenizer, data: TokenD
               seed: int, run_dir: Path, device: str) -> dict[str, Any]:
     """Train (or resume) one run; returns its steps, seconds, tokens and FLOPs."""
     from .. import distributed as dist
-    from ..train import LMTask, TrainConfig, run
+    from ..task import LMTask
+    from ..train import TrainConfig, run
 
     mcfg = rc.model_config(tokenizer.vocab_size)
     if spec.mode == "baseline":

@@ -159,7 +159,8 @@ def elastify(folder: str | Path, run_dir: str | Path, cfg: TrainConfig, *,
     from .. import checkpoint as ckpt
     from .. import distributed as dist
     from ..data import prepare_data
-    from ..train import LMTask, run
+    from ..task import LMTask
+    from ..train import run
     from .hf import import_hf
 
     run_dir = Path(run_dir)

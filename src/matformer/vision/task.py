@@ -1,4 +1,4 @@
-"""Image classification as a :class:`~matformer.train.Task` for the shared training loop."""
+"""Image classification as a :class:`~matformer.task.Task` for the shared training loop."""
 
 from __future__ import annotations
 
