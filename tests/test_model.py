@@ -327,3 +327,16 @@ def test_lm_loss_is_cross_entropy_in_fp32() -> None:
     assert loss.dtype == torch.float32
     ref = F.cross_entropy(logits.float().reshape(6, 5), tgt.reshape(6))
     assert torch.equal(loss, ref)
+
+
+def test_eval_mode_restores_every_models_mode_even_on_error() -> None:
+    """The one context manager every evaluation, latency and generation path uses."""
+    from matformer.model import eval_mode
+
+    a, b = tiny_model(), tiny_model()
+    a.train()
+    b.eval()
+    with pytest.raises(RuntimeError, match="boom"), eval_mode(a, b, a):  # a listed twice
+        assert not a.training and not b.training
+        raise RuntimeError("boom")
+    assert a.training and not b.training

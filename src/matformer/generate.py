@@ -16,7 +16,6 @@ Speculative decoding with a nested drafter lives in :mod:`matformer.speculative`
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Iterator, Sequence
 
@@ -24,7 +23,7 @@ import torch
 from torch import Tensor
 
 from .cache import KVCache
-from .model import MatFormerLM, WidthSpec
+from .model import MatFormerLM, WidthSpec, eval_mode
 from .runner import HeadSpec, RunnerPool, SubmodelRunner
 
 log = logging.getLogger(__name__)
@@ -138,19 +137,6 @@ def _stream_batch(model: MatFormerLM, prompt: Tensor | Sequence[Sequence[int]],
         raise ValueError(f"prompt ({T} tokens) + max_new_tokens ({max_new_tokens}) - 1 = {need} "
                          f"exceeds the context max_seq_len={ctx}")
     return ids, lengths, need
-
-
-@contextlib.contextmanager
-def eval_mode(*models: torch.nn.Module) -> Iterator[None]:
-    """Put ``models`` in eval mode for the block; restore each one's train/eval mode after."""
-    modes = [(m, m.training) for m in models]
-    for m, _ in modes:
-        m.eval()
-    try:
-        yield
-    finally:
-        for m, was_training in reversed(modes):
-            m.train(was_training)
 
 
 @torch.no_grad()

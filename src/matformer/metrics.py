@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .model import MatFormerLM, WidthSpec, autocast, lm_loss
+from .model import MatFormerLM, WidthSpec, autocast, eval_mode, lm_loss
 
 
 @torch.no_grad()
@@ -19,19 +19,15 @@ def evaluate_loss(model: MatFormerLM, batches: Iterable[tuple[Tensor, Tensor]], 
                   widths: WidthSpec = None, heads: str | int | tuple[int, ...] | None = None,
                   precision: str = "fp32") -> float:
     """Mean next-token loss (nats) of one submodel over ``batches``, token-weighted."""
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     total, count = 0.0, 0
-    try:
+    with eval_mode(model):
         for x, y in batches:
             x, y = x.to(device), y.to(device)
             with autocast(precision, device):
                 logits = model(x, widths=widths, heads=heads)
             total += lm_loss(logits, y).item() * y.numel()
             count += y.numel()
-    finally:
-        model.train(was_training)
     if count == 0:
         raise ValueError("no validation batches to evaluate on")
     return total / count
@@ -79,13 +75,10 @@ def evaluate_consistency(candidates: Mapping[str, Submodel], reference: Submodel
     The reference runs once per batch, whatever the number of candidates.
     """
     models = {id(s.model): s.model for s in (*candidates.values(), reference)}
-    modes = {k: m.training for k, m in models.items()}
-    for m in models.values():
-        m.eval()
     device = next(reference.model.parameters()).device
     sums = {name: [0.0, 0.0] for name in candidates}
     count = 0
-    try:
+    with eval_mode(*models.values()):
         for x, _ in batches:
             x = x.to(device)
             with autocast(precision, device):
@@ -99,9 +92,6 @@ def evaluate_consistency(candidates: Mapping[str, Submodel], reference: Submodel
                 sums[name][0] += (logp.argmax(-1) == ref_top).sum().item()
                 sums[name][1] += (ref_logp.exp() * (ref_logp - logp)).sum().item()
             count += x.numel()
-    finally:
-        for k, m in models.items():
-            m.train(modes[k])
     if count == 0:
         raise ValueError("no validation batches to measure consistency on")
     return {name: {"hard": s[0] / count, "soft_kl": s[1] / count, "tokens": count}

@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -388,3 +388,16 @@ def autocast(precision: str, device: torch.device | str = "cpu"
         raise ValueError(f"precision={precision!r}: choose 'bf16' or 'fp32'")
     device_type = torch.device(device).type
     return torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+@contextlib.contextmanager
+def eval_mode(*models: nn.Module) -> Iterator[None]:
+    """Put ``models`` in eval mode for the block; restore each one's train/eval mode after."""
+    modes = [(m, m.training) for m in models]
+    for m, _ in modes:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, was_training in reversed(modes):
+            m.train(was_training)

@@ -34,8 +34,8 @@ from torch import Tensor
 
 from .cache import KVCache
 from .draft import Acceptance, DraftCosts, choose_draft_len, measure_costs, synced_clock
-from .generate import HeadSpec, _check_sampling, eval_mode, logits_to_probs, prefill
-from .model import MatFormerLM, WidthSpec
+from .generate import HeadSpec, _check_sampling, logits_to_probs, prefill
+from .model import MatFormerLM, WidthSpec, eval_mode
 from .runner import RunnerPool, SubmodelRunner
 from .speculative_sampling import accept_reject, greedy_accept
 

@@ -242,7 +242,9 @@ class Trainer:
             raise ValueError(f"TrainConfig.distill: {type(task).__name__} has no distillation "
                              "loss (language models only)")
         self.optimizer = make_optimizer(self.model, cfg)
-        self._loss = torch.compile(task.loss, dynamic=False) if cfg.compile else task.loss
+        compiled = (lambda fn: torch.compile(fn, dynamic=False)) if cfg.compile else (lambda fn: fn)
+        self._loss = compiled(task.loss)
+        self._distill_loss = compiled(task.distill_loss) if cfg.distill else None
         self.step = 0
         self.progress, self.on_step = progress, on_step
 
@@ -352,8 +354,8 @@ class Trainer:
                 with dist.gradient_sync(self.model, enabled=k == n_backward):
                     with autocast(cfg.precision, env.device):
                         if teacher is not None and name != full:
-                            loss, ce = self.task.distill_loss(self.model, xm, ym, name, h,
-                                                              teacher, cfg.distill)
+                            loss, ce = self._distill_loss(self.model, xm, ym, name, h,
+                                                          teacher, cfg.distill)
                         else:
                             loss = ce = self._loss(self.model, xm, ym, name, h)
                     (loss * weight / micro).backward()

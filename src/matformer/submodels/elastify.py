@@ -32,7 +32,7 @@ from torch import Tensor
 
 from ..config import DEFAULT_NAMES, DEFAULT_RATIOS
 from ..metrics import evaluate_granularities
-from ..model import MatFormerLM, autocast
+from ..model import MatFormerLM, autocast, eval_mode
 
 if TYPE_CHECKING:
     from ..distributed import DistEnv
@@ -65,18 +65,16 @@ def unit_importance(model: MatFormerLM, batches: Iterable[tuple[Tensor, Tensor]]
         return fn
 
     handles = [b.ffn.register_forward_hook(hook(i)) for i, b in enumerate(model.blocks)]
-    was = model.training
-    model.eval()
     device = next(model.parameters()).device
     try:
-        for x, _ in batches:
-            with autocast(precision, device):
-                model(x.to(device))
-            count += x.numel()
+        with eval_mode(model):
+            for x, _ in batches:
+                with autocast(precision, device):
+                    model(x.to(device))
+                count += x.numel()
     finally:
         for h in handles:
             h.remove()
-        model.train(was)
     if count == 0:
         raise ValueError("no calibration batches")
     return [(s / count).float() * b.ffn.down_proj.weight.detach().float().norm(dim=0).cpu()

@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..model import eval_mode
+
 #: Setups to time: (model, widths) pairs.
 #: (model, widths) or (model, widths, heads): one submodel to time.
 Setup = tuple[nn.Module, Any] | tuple[nn.Module, Any, Any]
@@ -103,10 +105,8 @@ def lm_latency(setups: Sequence[Setup], *, prefill_len: int = 128, decode_steps:
         raise ValueError(f"prefill_len={prefill_len} and decode_steps={decode_steps} must be "
                          ">= 1")
     fns: list[Callable[[], Any]] = []
-    modes = [s[0].training for s in setups]
-    try:
+    with eval_mode(*(s[0] for s in setups)):
         for model, widths, *rest in setups:
-            model.eval()
             n = min(prefill_len, model.config.max_seq_len)
             x = torch.randint(0, model.config.vocab_size, (1, n),
                               generator=torch.Generator().manual_seed(0)).to(_device(model))
@@ -120,9 +120,6 @@ def lm_latency(setups: Sequence[Setup], *, prefill_len: int = 128, decode_steps:
             fns += [lambda m=model, x=x, w=widths, kw=kw: m(x, widths=w, **kw), decode]
         times = measure(fns, repeats=repeats, warmup=warmup, threads=threads,
                         device=_device(setups[0][0]) if setups else None)
-    finally:
-        for s, mode in zip(setups, modes, strict=True):
-            s[0].train(mode)
     return [{**_summarise("prefill", times[2 * i]),
              **_summarise("decode", times[2 * i + 1], 1 / decode_steps)}
             for i in range(len(setups))]
@@ -133,17 +130,11 @@ def forward_latency(setups: Sequence[Setup], inputs: Sequence[torch.Tensor], *,
                     ) -> list[dict[str, float]]:
     """Latency (ms, median and quartiles) of one forward of ``inputs[i]`` through each
     (model, widths) setup, e.g. a batch of images through a ViT submodel."""
-    modes = [m.training for m, _ in setups]
-    try:
-        for m, _ in setups:
-            m.eval()
+    with eval_mode(*(m for m, _ in setups)):
         fns = [lambda m=m, w=w, x=x: m(x, widths=w)
                for (m, w), x in zip(setups, inputs, strict=True)]
         times = measure(fns, repeats=repeats, warmup=warmup, threads=threads,
                         device=_device(setups[0][0]) if setups else None)
-    finally:
-        for (m, _), mode in zip(setups, modes, strict=True):
-            m.train(mode)
     return [_summarise("latency", t) for t in times]
 
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import ModelConfig
-from ..model import Block, MatFormerLM, RMSNorm, WidthSpec, autocast
+from ..model import Block, MatFormerLM, RMSNorm, WidthSpec, autocast, eval_mode
 
 POS_EMBEDS = ("learned", "sincos")
 #: Fields a ViTConfig derives itself (kept for the dataclass machinery, not saved).
@@ -242,19 +242,15 @@ def evaluate_classifier(model: MatViT, images: Tensor, labels: Tensor, *,
     """Mean cross-entropy (``loss``), top-1 ``accuracy`` and ``n`` of one submodel."""
     if len(labels) == 0:
         raise ValueError("no images to evaluate on")
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     loss, correct = 0.0, 0
-    try:
+    with eval_mode(model):
         for i in range(0, len(labels), batch_size):
             x, y = images[i:i + batch_size].to(device), labels[i:i + batch_size].to(device)
             with autocast(precision, device):
                 logits = model(x, widths=widths, heads=heads).float()
             loss += F.cross_entropy(logits, y, reduction="sum").item()
             correct += (logits.argmax(-1) == y).sum().item()
-    finally:
-        model.train(was_training)
     return {"loss": loss / len(labels), "accuracy": correct / len(labels), "n": len(labels)}
 
 
@@ -263,15 +259,11 @@ def embed_images(model: MatViT, images: Tensor, *, widths: WidthSpec = None,
                  heads: str | int | tuple[int, ...] | None = None, batch_size: int = 256,
                  precision: str = "fp32") -> Tensor:
     """[CLS] embeddings (N, d_model) of ``images`` by one submodel, in fp32 on the CPU."""
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     out = []
-    try:
+    with eval_mode(model):
         for i in range(0, len(images), batch_size):
             with autocast(precision, device):
                 out.append(model.embed(images[i:i + batch_size].to(device), widths=widths,
                                        heads=heads).float().cpu())
-    finally:
-        model.train(was_training)
     return torch.cat(out)
