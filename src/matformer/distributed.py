@@ -84,6 +84,10 @@ def session(device: str = "auto") -> Iterator[DistEnv]:
     env = setup(device)
     try:
         yield env
+        # Leave together: a rank that tears its group down while another still writes the
+        # last checkpoint can hang at exit (seen with gloo on CPU). Not on errors: a failed
+        # rank must not wait for the others.
+        barrier()
     finally:
         teardown()
 
