@@ -18,7 +18,9 @@ ratios printed are medians of per-(round, prompt) ratios of runs seconds apart. 
 - ``spec S->XL k=..``: self-speculative decoding, shared cache, fixed draft length;
   ``adaptive``: draft length chosen each round from measured costs and running acceptance
   (0 = plain step); ``auto``: the drafter and draft length from
-  :func:`matformer.draft.search_drafter` on other held-out prompts (its table is printed).
+  :func:`matformer.draft.search_drafter` on other held-out prompts (its table is printed);
+  with ``--compile`` every speculative row is repeated on compiled runners (`` compiled``) and
+  compared with compiled plain decoding.
 
     .venv/bin/python benchmarks/generation.py --checkpoint runs/demo
     .venv/bin/python benchmarks/generation.py --checkpoint runs/demo --compile
@@ -158,23 +160,27 @@ def variants(model: MatFormerLM, tokenizer: Any, args: argparse.Namespace,
         out += [Variant(f"ours {name} {dtype}", ours(low, subs[name], n, low_pool))
                 for name in ("XL", "S")]
     extra: dict[str, Any] = {}
+    pools = {"": pool}
     if args.compile:
         cpool = RunnerPool(model, compile=True)
+        pools[" compiled"] = cpool
         out += [Variant(f"ours {name} compiled", ours(model, subs[name], n, cpool))
                 for name in ("XL", "S")]
         extra["compile_pool"] = cpool
-    out += [Variant(f"spec S->XL k={k}", spec(model, n, pool, draft="S", draft_len=k))
-            for k in args.draft_lens]
-    out.append(Variant("spec S->XL adaptive", spec(model, n, pool, draft="S", adaptive=True,
-                                                    max_draft_len=args.max_draft_len)))
-    t0 = time.perf_counter()
-    rows = search_drafter(model, [torch.tensor(p) for p in held_out], new_tokens=min(n, 32),
-                          max_draft_len=args.max_draft_len, runners=pool)
-    extra.update(search_seconds=time.perf_counter() - t0, search=rows)
-    best = rows[0]
-    if best.best_k > 0:
-        out.append(Variant(f"spec auto ({best.name})->XL adaptive", spec(
-            model, n, pool, draft=best.widths, adaptive=True, max_draft_len=args.max_draft_len)))
+    for tag, p in pools.items():
+        out += [Variant(f"spec S->XL k={k}{tag}", spec(model, n, p, draft="S", draft_len=k))
+                for k in args.draft_lens]
+        out.append(Variant(f"spec S->XL adaptive{tag}", spec(
+            model, n, p, draft="S", adaptive=True, max_draft_len=args.max_draft_len)))
+        t0 = time.perf_counter()
+        rows = search_drafter(model, [torch.tensor(q) for q in held_out], new_tokens=min(n, 32),
+                              max_draft_len=args.max_draft_len, runners=p)
+        extra[f"search{tag}"] = (time.perf_counter() - t0, rows)
+        best = rows[0]
+        if best.best_k > 0:
+            out.append(Variant(f"spec auto ({best.name})->XL adaptive{tag}", spec(
+                model, n, p, draft=best.widths, adaptive=True,
+                max_draft_len=args.max_draft_len)))
     return out, extra
 
 
@@ -234,13 +240,20 @@ def report(vs: list[Variant], model: MatFormerLM, extra: dict[str, Any],
             print(f"compiled vs eager, {name}: "
                   f"{by[f'ours {name} compiled'].vs(by[f'ours {name}']):.2f}x")
         print(f"compile time (all graphs): {extra['compile_pool'].compile_seconds:.0f}s")
-    print(f"\ndrafter search ({extra['search_seconds']:.1f}s; expected speed from acceptance on "
-          "held-out prompts and measured costs):")
-    print(f"  {'drafter':<16}{'widths':<28}{'accept':>7}{'draft ms':>9}{'best k':>7}"
-          f"{'vs plain':>9}")
-    for r in extra["search"]:
-        print(f"  {r.name:<16}{','.join(map(str, r.widths)):<28}{r.acceptance:>7.1%}"
-              f"{r.draft_ms:>9.2f}{r.best_k:>7}{r.speedup:>8.2f}x")
+        for k in ("spec S->XL adaptive", *(f"spec S->XL k={k}" for k in args.draft_lens)):
+            print(f"{k} compiled vs plain compiled XL: "
+                  f"{by[k + ' compiled'].vs(by['ours XL compiled']):.2f}x")
+    for key, found in extra.items():
+        if not key.startswith("search"):
+            continue
+        seconds, rows = found
+        print(f"\ndrafter search{key[6:]} ({seconds:.1f}s; expected speed from acceptance on "
+              "held-out prompts and measured costs):")
+        print(f"  {'drafter':<16}{'widths':<28}{'accept':>7}{'draft ms':>9}{'best k':>7}"
+              f"{'vs plain':>9}")
+        for r in rows:
+            print(f"  {r.name:<16}{','.join(map(str, r.widths)):<28}{r.acceptance:>7.1%}"
+                  f"{r.draft_ms:>9.2f}{r.best_k:>7}{r.speedup:>8.2f}x")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -48,8 +48,9 @@ def test_cached_decoding_gqa_and_nested_heads(heads) -> None:
     got, cache = _decode_logits(model, x, heads, heads, chunks=(4,))
     torch.testing.assert_close(got, full, atol=ATOL, rtol=0)
     kvh = {None: 4, "S": 1, "M": 2}[heads]  # a drafter writes only its own kv heads
-    assert cache.k[:, :, kvh:].abs().sum() == 0 and cache.v[:, :, kvh:].abs().sum() == 0
-    assert (cache.k[:, :, :kvh].abs().sum((0, 1, 3, 4)) > 0).all()
+    k, v = torch.stack(cache.keys), torch.stack(cache.values)  # (n_layer, B, kvh, len, hd)
+    assert k[:, :, kvh:].abs().sum() == 0 and v[:, :, kvh:].abs().sum() == 0
+    assert (k[:, :, :kvh].abs().sum((0, 1, 3, 4)) > 0).all()
 
 
 @torch.no_grad()

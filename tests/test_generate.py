@@ -211,3 +211,13 @@ def test_compiled_decoding_equals_eager() -> None:
         got = torch.cat([runner(compiled[:, :6], cache, 0),  # graphs for T = 6 and T = 1
                          *(runner(compiled[:, i:i + 1], cache, i) for i in range(6, 11))], 1)
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+    # T = 6 ran padded to a graph of 8 (its padding wrote slots 6, 7 before they were written
+    # for real); T = 1 near the end of the cache has no room to pad and ran as it is.
+    assert {k[:2] for k in runner._graphs if k[3] == cache.max_len} == {(8, False), (1, False)}
+    # Speculative decoding through the compiled graphs (verification windows of 4, padded)
+    # keeps the target's greedy output.
+    from matformer.speculative import speculative_generate
+
+    spec, _ = speculative_generate(small, x, 6, draft="S", target="XL", shared_cache=True,
+                                   draft_len=3, runners=pool)
+    assert torch.equal(spec, generate(small, x, 6, temperature=0, compile=False))

@@ -83,8 +83,8 @@ def test_shared_cache_holds_the_targets_kv_after_every_round(model, temperature)
         alone = KVCache.for_model(model, 1, n)
         with torch.no_grad():
             model(torch.tensor([seq[:n]]), cache=alone)
-        torch.testing.assert_close(cache.k[:, :, :, :n], alone.k, atol=2e-5, rtol=0)
-        torch.testing.assert_close(cache.v[:, :, :, :n], alone.v, atol=2e-5, rtol=0)
+        torch.testing.assert_close(torch.stack(cache.keys)[:, :, :, :n], torch.stack(alone.keys), atol=2e-5, rtol=0)
+        torch.testing.assert_close(torch.stack(cache.values)[:, :, :, :n], torch.stack(alone.values), atol=2e-5, rtol=0)
 
 
 # ------------------------------------------------------------------ rejection sampling

@@ -3,7 +3,8 @@
 The cache is plain state owned by whoever decodes; it is never stored on the modules, so one
 set of weights can serve as drafter and target at the same time, with one cache or two
 (arXiv 2310.07707 sec. 4.1.1). Like gpt-fast's cache it is preallocated, ``(n_layer, B,
-n_kv_head, max_len, head_dim)``, and indexed by position: a forward call at ``start_pos``
+n_kv_head, max_len, head_dim)`` held as one tensor per layer (separate storages, so a compiled
+forward can write a layer's slots in place), and indexed by position: a forward call at ``start_pos``
 writes slots ``start_pos .. start_pos + T - 1`` and attends to slots ``0 .. start_pos + T - 1``.
 Rolling back rejected draft tokens therefore costs nothing: the next call simply writes at an
 earlier position and never reads the stale slots beyond its end.
@@ -48,9 +49,12 @@ class KVCache:
                             ("head_dim", head_dim)):
             if value < 1:
                 raise ValueError(f"KVCache {name}={value} must be >= 1")
-        shape = (n_layer, batch_size, n_kv_head, max_len, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        shape = (batch_size, n_kv_head, max_len, head_dim)
+        #: Keys and values of every layer, (B, n_kv_head, max_len, head_dim) each. One tensor per
+        #: layer rather than views of one: torch.compile writes separate graph inputs in place,
+        #: but turns a write into a view of a shared input into a copy of the whole input.
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
         #: First real (non-padding) slot of every row.
         self.start = torch.zeros(batch_size, dtype=torch.long, device=device)
         self._padded = False
@@ -71,15 +75,23 @@ class KVCache:
     # ----------------------------------------------------------------- shape
     @property
     def n_layer(self) -> int:
-        return self.k.shape[0]
+        return len(self.keys)
 
     @property
     def batch_size(self) -> int:
-        return self.k.shape[1]
+        return self.keys[0].shape[0]
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[3]
+        return self.keys[0].shape[2]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.keys[0].dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.keys[0].device
 
     # ----------------------------------------------------------------- padding
     def set_prompt_lengths(self, lengths: Sequence[int] | Tensor, padded_len: int) -> None:
@@ -134,12 +146,13 @@ class KVCache:
         """Write (B, kvh, T, hd) keys/values at ``start_pos`` into the first kvh heads; return
         that layer's keys/values for slots ``0 .. start_pos + T - 1``."""
         B, kvh, T, _ = k.shape
-        if k.dtype != self.k.dtype:
-            raise ValueError(f"KVCache holds {self.k.dtype} but the model computed {k.dtype}; "
+        if k.dtype != self.dtype:
+            raise ValueError(f"KVCache holds {self.dtype} but the model computed {k.dtype}; "
                              "make the cache with the compute dtype (no autocast mismatch)")
         if B != self.batch_size:
             raise ValueError(f"batch of {B} rows does not match the cache's {self.batch_size}")
         end = start_pos + T
-        self.k[layer, :, :kvh, start_pos:end] = k
-        self.v[layer, :, :kvh, start_pos:end] = v
-        return self.k[layer, :, :kvh, :end], self.v[layer, :, :kvh, :end]
+        kl, vl = self.keys[layer], self.values[layer]
+        kl[:, :kvh, start_pos:end] = k
+        vl[:, :kvh, start_pos:end] = v
+        return kl[:, :kvh, :end], vl[:, :kvh, :end]

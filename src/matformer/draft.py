@@ -182,7 +182,7 @@ def measure_costs(drafter: SubmodelRunner, target: SubmodelRunner, dcache: KVCac
     the sequence (every decoding call writes its slots before reading them, so nothing stale is
     ever read). ``max_n`` is reduced to what fits both caches.
     """
-    device = tcache.k.device
+    device = tcache.device
     room = min(tcache.max_len, dcache.max_len) - pos
     if room < 1:
         raise ValueError(f"no free cache slot at position {pos} to measure costs")
@@ -288,9 +288,10 @@ def search_drafter(model: MatFormerLM, prompts: Sequence[Tensor], *,
                      runners=pool)[0] for p in prompts]
     acceptance = {n: greedy_acceptance(model, seqs, T, w) for n, w in drafters.items()}
     pos = T + new_tokens // 2
-    cache = KVCache.for_model(model, 1, min(pos + max_draft_len + 1, model.config.max_seq_len))
+    cache = KVCache.for_model(model, 1, pool.cache_len(
+        min(pos + max_draft_len + 1, model.config.max_seq_len)))
     pool.get(tw)(seqs[0][None, :pos], cache, 0)
-    device = cache.k.device
+    device = cache.device
     target = pool.get(tw)
     tok = torch.zeros(1, max_draft_len + 1, dtype=torch.long, device=device)
     runners = {name: pool.get(w) for name, w in drafters.items()}

@@ -174,11 +174,12 @@ def generate_stream(model: MatFormerLM, prompt: Tensor | Sequence[Sequence[int]]
         return
     B, T = ids.shape
     ws, hs = model.resolve_widths(widths), model.resolve_heads(heads)
-    runner = (runners or RunnerPool(model, compile=compile)).get(ws, hs)
+    pool = runners or RunnerPool(model, compile=compile)
+    runner = pool.get(ws, hs)
     if cache is None:
-        cache = KVCache.for_model(model, B, max(need, T))
+        cache = KVCache.for_model(model, B, pool.cache_len(max(need, T)))
     with eval_mode(model):
-        logits = prefill(model, ids.to(cache.k.device), cache, widths=ws, heads=hs,
+        logits = prefill(model, ids.to(cache.device), cache, widths=ws, heads=hs,
                          prompt_lengths=lengths, runner=runner)
         lean = not cache.padded
         done = torch.zeros(B, dtype=torch.bool, device=logits.device)

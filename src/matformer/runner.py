@@ -20,14 +20,19 @@ Left-padded batches are not handled here (``KVCache.padded``): callers use ``mod
 for them. :class:`RunnerPool` keeps one runner per submodel (keyed by its widths and heads) and,
 with ``compile=True``, one ``torch.compile``-d graph per submodel and per number of query
 positions. The compiled variant is static-shape in the gpt-fast way: positions are a tensor,
-K/V are written with ``index_copy_`` and attention runs over every cache slot under a mask, so
-one graph serves every position.
+K/V are written by index into each layer's own cache tensor (in place: a write into a view of
+one shared tensor would be compiled as a copy of all of it) and attention, written out so that
+inductor fuses it, runs under a causal mask over the cache slots up to the next power of two
+past the last query, so a graph serves every position in its span.
+Query lengths are rounded up to a few compiled lengths (:data:`COMPILED_LENGTHS`), so decoding,
+drafting and verification windows of any length share a handful of graphs per submodel.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+import types
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -41,8 +46,10 @@ from .model import MatFormerLM, WidthSpec, rope_tables
 log = logging.getLogger(__name__)
 
 HeadSpec = None | str | int | Sequence[int]
-#: Compiled graphs allowed per process for the runner's forward (submodels x query lengths).
-RECOMPILE_LIMIT = 256
+#: Query lengths a compiled runner is specialised to: a call of ``T`` tokens runs the shortest
+#: that fits, padded (decoding steps, drafts and verification windows share a few graphs); a
+#: longer call, or a prefill (``last_only``) of more than one token, runs eagerly.
+COMPILED_LENGTHS = (1, 2, 4, 8, 16, 32)
 
 
 @dataclass(frozen=True)
@@ -71,6 +78,17 @@ def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + swapped * sin
 
 
+def _attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    """Scaled dot-product attention written out: q (B, h, T, hd) over k, v (B, kvh, S, hd)
+    under a boolean (T, S) mask; query head ``i`` reads kv head ``i // (h // kvh)``."""
+    B, h, T, hd = q.shape
+    kvh, rep = k.shape[1], h // k.shape[1]
+    scores = torch.matmul(q.reshape(B, kvh, rep * T, hd), k.transpose(-1, -2)) * hd ** -0.5
+    scores = scores.view(B, kvh, rep, T, -1).masked_fill(~mask, float("-inf"))
+    weights = torch.softmax(scores, -1).view(B, kvh, rep * T, -1)
+    return torch.matmul(weights, v).view(B, h, T, hd)
+
+
 class SubmodelRunner:
     """Logits of one fixed submodel for tokens written into a :class:`KVCache`.
 
@@ -78,7 +96,7 @@ class SubmodelRunner:
         model: The weights (views are taken, nothing is copied).
         widths, heads: The submodel, as in :meth:`MatFormerLM.forward`.
         compile: Compile the forward with ``torch.compile`` (static shapes, one graph per
-            query length ``T``; the first call of each ``T`` pays the compile time).
+            length in :data:`COMPILED_LENGTHS`; the first call of each pays the compile time).
     """
 
     def __init__(self, model: MatFormerLM, widths: WidthSpec = None, heads: HeadSpec = None,
@@ -115,7 +133,7 @@ class SubmodelRunner:
         n = cfg.max_seq_len
         self.causal = torch.ones(n, n, dtype=torch.bool, device=dev).tril()  # (query, key)
         self.compiled = compile
-        self._graphs: dict[tuple[int, bool], Callable[..., Tensor]] = {}
+        self._graphs: dict[tuple[int, bool, int, int, int], Callable[..., Tensor]] = {}
         self.compile_seconds = 0.0
 
     # ----------------------------------------------------------------- pieces
@@ -139,16 +157,17 @@ class SubmodelRunner:
             hidden = F.relu(up).square()
         return hidden
 
-    def _forward(self, idx: Tensor, k_cache: Tensor, v_cache: Tensor, start_pos: int | Tensor,
-                 last_only: bool) -> Tensor:
+    def _forward(self, idx: Tensor, keys: list[Tensor], values: list[Tensor],
+                 start_pos: int | Tensor, last_only: bool, span: int = 0) -> Tensor:
         """Shared body, on (B * T, C) rows. ``start_pos`` an int: eager, attention over the
-        slots in use; a 0-d tensor: static shapes, attention over every slot under the mask."""
+        slots in use; a 0-d tensor: static shapes, attention over the first ``span`` slots
+        under the causal mask."""
         B, T = idx.shape
         hd = self.head_dim
         static = isinstance(start_pos, Tensor)
         if static:
             pos = start_pos + torch.arange(T, device=idx.device)  # (T,)
-            cos, sin, mask = self.cos[pos], self.sin[pos], self.causal[pos][:, : k_cache.shape[3]]
+            cos, sin, mask = self.cos[pos], self.sin[pos], self.causal[pos][:, :span]
         else:
             end = start_pos + T
             cos, sin = self.cos[start_pos:end], self.sin[start_pos:end]  # (T, 1, hd)
@@ -162,16 +181,21 @@ class SubmodelRunner:
             q = _rotate(torch.mm(h, L.wq).view(B, T, L.n_head, hd), cos, sin)
             k = _rotate(torch.mm(h, L.wk).view(B, T, L.n_kv_head, hd), cos, sin)
             v = torch.mm(h, L.wv).view(B, T, L.n_kv_head, hd)
-            kc, vc = k_cache[i, :, : L.n_kv_head], v_cache[i, :, : L.n_kv_head]
-            if static:
-                kc.index_copy_(2, pos, k.transpose(1, 2))
-                vc.index_copy_(2, pos, v.transpose(1, 2))
+            kc, vc = keys[i], values[i]
+            if L.n_kv_head != kc.shape[1]:  # nested heads: the first kv heads only
+                kc, vc = kc[:, : L.n_kv_head], vc[:, : L.n_kv_head]
+            if static:  # an indexed write into a graph input: in place once compiled
+                kc[:, :, pos] = k.transpose(1, 2)
+                vc[:, :, pos] = v.transpose(1, 2)
             else:
                 kc[:, :, start_pos:end] = k.transpose(1, 2)
                 vc[:, :, start_pos:end] = v.transpose(1, 2)
                 kc, vc = kc[:, :, :end], vc[:, :, :end]
-            y = F.scaled_dot_product_attention(q.transpose(1, 2), kc, vc, attn_mask=mask,
-                                               enable_gqa=L.n_kv_head != L.n_head)
+            if static:  # written out, so inductor fuses it (its SDPA call is slow on CPU)
+                y = _attend(q.transpose(1, 2), kc[:, :, :span], vc[:, :, :span], mask)
+            else:
+                y = F.scaled_dot_product_attention(q.transpose(1, 2), kc, vc, attn_mask=mask,
+                                                   enable_gqa=L.n_kv_head != L.n_head)
             x = torch.addmm(x, y.transpose(1, 2).reshape(B * T, L.n_head * hd), L.wo)
             x = torch.addmm(x, self._ffn_hidden(self._rms(x, L.ffn_norm), L), L.down)
         if last_only:
@@ -195,28 +219,48 @@ class SubmodelRunner:
         if cache.padded:
             raise ValueError("SubmodelRunner does not handle left-padded caches; use "
                              "model.forward for them")
-        if cache.k.dtype != self.embed.dtype:
-            raise ValueError(f"KVCache holds {cache.k.dtype} but the model computes in "
+        if cache.dtype != self.embed.dtype:
+            raise ValueError(f"KVCache holds {cache.dtype} but the model computes in "
                              f"{self.embed.dtype}")
-        if not self.compiled:
-            return self._forward(idx, cache.k, cache.v, start_pos, last_only)
-        key = (T, last_only)
+        Tc = None if not self.compiled else next(
+            (n for n in COMPILED_LENGTHS if n >= T and start_pos + n <= cache.max_len), None)
+        if Tc is None or (last_only and Tc != T):  # eager: not compiled, or a long prefill
+            return self._forward(idx, cache.keys, cache.values, start_pos, last_only)
+        if Tc != T:  # pad to the graph's length; the padding's K/V land in slots after the
+            # call's own, which every later call writes before it reads them
+            idx = torch.cat([idx, idx.new_zeros(idx.shape[0], Tc - T)], 1)
+        else:  # the graph is specialised to its inputs' strides: give it the standard ones
+            idx = idx.reshape(-1).view(idx.shape)
+        pos = torch.tensor(start_pos, device=idx.device)
+        # Attention reads the slots up to the next power of two past the last query (at least
+        # 64), not the whole cache: a few graphs per query length, and no reading of slots far
+        # ahead of the sequence.
+        span = min(max(64, 1 << (start_pos + Tc - 1).bit_length()), cache.max_len)
+        key = (Tc, last_only, idx.shape[0], cache.max_len, span)
         graph = self._graphs.get(key)
         if graph is None:
-            graph = torch.compile(self._forward, dynamic=False, fullgraph=True)
-            t0 = time.perf_counter()
-            pos = torch.tensor(start_pos, device=idx.device)
-            # Every runner compiles the same method, and dynamo counts recompilations per code
-            # object: allow one graph per (submodel, query length) instead of its default 8.
-            with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
-                out = graph(idx, cache.k, cache.v, pos, last_only)
-            self.compile_seconds += time.perf_counter() - t0
+            graph = torch.compile(_own_code(self._forward), dynamic=False, fullgraph=True)
             self._graphs[key] = graph
-            log.info("compiled widths %s for %d query position(s) in %.1fs", self.widths, T,
-                     time.perf_counter() - t0)
-            return out
-        return graph(idx, cache.k, cache.v, torch.tensor(start_pos, device=idx.device),
-                     last_only)
+            t0 = time.perf_counter()
+            out = graph(idx, cache.keys, cache.values, pos, last_only, span)
+            seconds = time.perf_counter() - t0
+            self.compile_seconds += seconds
+            log.info("compiled widths %s for %d query position(s), %d cache slots, in %.1fs",
+                     self.widths, Tc, span, seconds)
+        else:
+            out = graph(idx, cache.keys, cache.values, pos, last_only, span)
+        return out if Tc == T else out[:, :T]
+
+
+def _own_code(method: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """``method`` bound to a copy of its code object. Dynamo keeps compiled graphs per code
+    object and checks a call against the guards of each in turn; with a code object of its own,
+    every (submodel, query length, cache shape) graph is the only one there, so a call checks one
+    set of guards and no graph counts against another's recompilation limit."""
+    f = method.__func__  # type: ignore[attr-defined]
+    own = types.FunctionType(f.__code__.replace(), f.__globals__, f.__name__, f.__defaults__,
+                             f.__closure__)
+    return types.MethodType(own, method.__self__)  # type: ignore[attr-defined]
 
 
 class RunnerPool:
@@ -236,6 +280,14 @@ class RunnerPool:
         #: Measurements tied to this model and machine, reused across calls (speculative
         #: decoding keeps its measured draft and verification costs here).
         self.measured: dict[tuple, object] = {}
+
+    def cache_len(self, n: int) -> int:
+        """Slots to allocate for a cache that must hold ``n``: ``n`` itself when eager; when
+        compiled, the next power of two (at least 64, at most the context), since every cache
+        length is a graph of its own and prompts of any length should share a few."""
+        if not self.compile:
+            return n
+        return min(max(64, 1 << (n - 1).bit_length()), max(n, self.model.config.max_seq_len))
 
     def _weights_id(self) -> tuple:
         w = self.model.embed.weight

@@ -153,8 +153,8 @@ def _setup(model: MatFormerLM, prompt: Tensor, max_new_tokens: int, draft: Width
         dpool = draft_runners or RunnerPool(draft_model, compile=runners.compile)
         dw, dh = drafter.resolve_widths(draft), _heads(drafter, draft, draft_heads)
     n_slots = max(T + max_new_tokens - 1, T)
-    tcache = KVCache.for_model(model, 1, n_slots) if cache is None else cache
-    dcache = tcache if shared_cache else KVCache.for_model(drafter, 1, n_slots)
+    tcache = KVCache.for_model(model, 1, runners.cache_len(n_slots)) if cache is None else cache
+    dcache = tcache if shared_cache else KVCache.for_model(drafter, 1, dpool.cache_len(n_slots))
     setup = _Setup(model, drafter, runners.get(tw, th), dpool.get(dw, dh), tcache, dcache, mode,
                    (dw, dh, tw, th, mode))
     return setup, ids
@@ -311,7 +311,7 @@ def _decode(s: _Setup, pool: RunnerPool, ids: Tensor, max_new_tokens: int, stats
     ``stats.seconds`` counts only the time spent in here, not the caller's between yields.
     """
     t0 = perf_counter()
-    T, device = ids.numel(), s.tcache.k.device
+    T, device = ids.numel(), s.tcache.device
     out = torch.empty(T + max_new_tokens, dtype=torch.long, device=device)
     out[:T] = ids
     logits = prefill(s.model, out[None, :T], s.tcache, runner=s.target)[0]

@@ -2,8 +2,8 @@
 
 :class:`~matformer.cache.KVCache` decodes a batch in lock step (one ``start_pos`` for every
 row). A server's rows come and go: a request joins with its own prompt length while others are
-half-way through theirs. :class:`SlotCache` keeps the same storage layout, ``(n_layer, slots,
-n_kv_head, max_len, head_dim)``, but records a length per slot; before each forward the
+half-way through theirs. :class:`SlotCache` keeps the same storage (per layer, ``(slots, n_kv_head,
+max_len, head_dim)``), but records a length per slot; before each forward the
 scheduler :meth:`~SlotCache.select` s the slots taking part (a contiguous range, so the K/V
 read back are views) and each row writes at its own next position and attends to its own
 history only. K/V shapes do not depend on FFN width, so rows of any submodel share it.
@@ -29,7 +29,7 @@ class SlotCache(KVCache):
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)
         #: Filled positions of every slot.
-        self.lengths = torch.zeros(self.batch_size, dtype=torch.long, device=self.k.device)
+        self.lengths = torch.zeros(self.batch_size, dtype=torch.long, device=self.device)
         self._rows = slice(0, 0)
         self._pos: Tensor | None = None
         self._end = 0
@@ -41,7 +41,7 @@ class SlotCache(KVCache):
         if count < 1 or first < 0 or first + count > self.batch_size:
             raise ValueError(f"slots {first}..{first + count - 1} outside 0..{self.batch_size - 1}")
         rows = slice(first, first + count)
-        pos = self.lengths[rows, None] + torch.arange(T, device=self.k.device)  # (B, T)
+        pos = self.lengths[rows, None] + torch.arange(T, device=self.device)  # (B, T)
         if int(pos.max()) >= self.max_len:
             raise ValueError(f"a slot would pass the cache's {self.max_len} positions")
         self._rows, self._pos, self._end = rows, pos, int(pos.max()) + 1
@@ -58,8 +58,9 @@ class SlotCache(KVCache):
     def move(self, src: int, dst: int) -> None:
         """Copy slot ``src`` (its filled positions) into ``dst``; keeps active slots packed."""
         n = int(self.lengths[src])
-        self.k[:, dst, :, :n] = self.k[:, src, :, :n]
-        self.v[:, dst, :, :n] = self.v[:, src, :, :n]
+        for kl, vl in zip(self.keys, self.values, strict=True):
+            kl[dst, :, :n] = kl[src, :, :n]
+            vl[dst, :, :n] = vl[src, :, :n]
         self.lengths[dst] = n
 
     # ----------------------------------------------------------------- used by the model
@@ -86,10 +87,10 @@ class SlotCache(KVCache):
         pos = self._pos
         if pos is None or pos.shape != (B, T):
             raise ValueError(f"{B}x{T} keys do not match the selected slots")
-        if k.dtype != self.k.dtype:
-            raise ValueError(f"SlotCache holds {self.k.dtype} but the model computed {k.dtype}")
+        if k.dtype != self.dtype:
+            raise ValueError(f"SlotCache holds {self.dtype} but the model computed {k.dtype}")
         rows = torch.arange(B, device=pos.device)[:, None]  # (B, 1) against pos (B, T)
-        kl, vl = self.k[layer, self._rows], self.v[layer, self._rows]  # (B, H, max_len, hd)
+        kl, vl = self.keys[layer][self._rows], self.values[layer][self._rows]  # (B, H, max_len, hd)
         kl[rows, :kvh, pos] = k.transpose(1, 2)  # indexed as (B, T, kvh, hd)
         vl[rows, :kvh, pos] = v.transpose(1, 2)
         return kl[:, :kvh, : self._end], vl[:, :kvh, : self._end]

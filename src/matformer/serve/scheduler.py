@@ -264,7 +264,7 @@ class Scheduler:
         slot = len(self._rows)
         self.cache.clear(slot)
         self.cache.select(slot, 1, len(req.prompt))
-        ids = torch.tensor([req.prompt], dtype=torch.long, device=self.cache.k.device)
+        ids = torch.tensor([req.prompt], dtype=torch.long, device=self.cache.device)
         logits = self.model(ids, widths=sub.widths, cache=self.cache)[:, -1]
         self.cache.advance()
         self._rows.append(row)
@@ -279,7 +279,7 @@ class Scheduler:
             self._row_widths = RowWidths([r.sub.widths for r in self._rows])
         self.cache.select(0, n, 1)
         ids = torch.tensor([[r.tokens[-1]] for r in self._rows], dtype=torch.long,
-                           device=self.cache.k.device)
+                           device=self.cache.device)
         logits = self.model(ids, widths=self._row_widths, cache=self.cache)[:, -1]
         self.cache.advance()
         self.metrics.observe("batch_size", n)
