@@ -6,7 +6,7 @@ the starting variant rotating, so load from other jobs on a shared machine slows
 ratios printed are medians of per-(round, prompt) ratios of runs seconds apart. Rows:
 
 - ``HF <sub>``: Hugging Face ``generate`` (greedy, KV cache) on the weights exported with
-  ``matformer.hf.export_hf`` (a Mix'n'Match submodel is exported zero-padded to its widest
+  ``matformer.submodels.hf.export_hf`` (a Mix'n'Match submodel is exported zero-padded to its widest
   layer, so HF runs it at that width's cost: exact logits, no speed gain);
 - ``ours <sub>``: :func:`matformer.generate.generate`: the lean decode path (eager);
 - ``ours XL, model.forward``: the general forward in a bare cached loop (the path before the
@@ -76,7 +76,8 @@ class Variant:
 
 
 def load(args: argparse.Namespace) -> tuple[MatFormerLM, Any, list[list[int]], str]:
-    """Model, tokenizer (None for --random), 2 x ``--prompts`` prompts, and where they came from."""
+    """Model, tokenizer (None for --random), 2 x ``--prompts`` token windows of the context's
+    length, and where they came from."""
     n = 2 * args.prompts  # the second half is held out for the drafter search
     if args.random or not Path(args.checkpoint).exists():
         if not args.random:
@@ -84,12 +85,12 @@ def load(args: argparse.Namespace) -> tuple[MatFormerLM, Any, list[list[int]], s
         torch.manual_seed(0)
         model = MatFormerLM(preset("demo", vocab_size=4096))
         g = torch.Generator().manual_seed(0)
-        prompts = torch.randint(0, 4096, (n, args.prompt_len), generator=g).tolist()
+        prompts = torch.randint(0, 4096, (n, model.config.max_seq_len), generator=g).tolist()
         return model, None, prompts, "random-init demo preset (acceptance is meaningless)"
     model, tokenizer = load_checkpoint(args.checkpoint)
     batches, info = validation_batches(tokenizer, ckpt.read_metadata(args.checkpoint),
                                        model.config.max_seq_len, batch_size=1, max_batches=n)
-    prompts = [x[0, : args.prompt_len].tolist() for x, _ in batches]
+    prompts = [x[0].tolist() for x, _ in batches]  # whole windows; cut by the caller
     return model, tokenizer, prompts, f"{ckpt.resolve(args.checkpoint)} ({info['data']} validation)"
 
 
@@ -132,6 +133,41 @@ def hf_run(folder: Path, n: int) -> Run:
     return run
 
 
+@torch.no_grad()
+def prefill_ratios(model: MatFormerLM, tmp: Path, prompts: list[list[int]], repeats: int
+                   ) -> dict[str, float]:
+    """Median speed ratio (ours / HF) of a prefill: one forward over the prompt into a fresh KV
+    cache, last-position logits (ours: ``generate.prefill`` on the lean runner; HF: the model's
+    forward with ``use_cache=True``), per submodel, interleaved over ``repeats`` rounds."""
+    from transformers import AutoModelForCausalLM
+
+    from matformer.generate import prefill
+
+    pool, out = RunnerPool(model, compile=False), {}
+    for name in ("XL", "S"):
+        hf = AutoModelForCausalLM.from_pretrained(str(tmp / name)).eval()
+        runner = pool.get(None if name == "XL" else name)
+
+        def ours(x: torch.Tensor, runner: Any = runner) -> None:
+            prefill(model, x, KVCache.for_model(model, 1, x.shape[1]), runner=runner)
+
+        def theirs(x: torch.Tensor, hf: Any = hf) -> None:
+            hf(x, use_cache=True, logits_to_keep=1)
+
+        ratios = []
+        for r in range(repeats + 1):  # round 0 warms up
+            for i, p in enumerate(prompts):
+                x, t = torch.tensor([p]), {}
+                for fn in (ours, theirs) if (r + i) % 2 else (theirs, ours):  # alternate order
+                    t0 = time.perf_counter()
+                    fn(x)
+                    t[fn] = time.perf_counter() - t0
+                if r:
+                    ratios.append(t[theirs] / t[ours])
+        out[name] = statistics.median(ratios)
+    return out
+
+
 def spec(model: MatFormerLM, n: int, pool: RunnerPool, **kw: Any) -> Run:
     def run(prompt: list[int]) -> tuple[list[int], SpecStats]:
         out, stats = speculative_generate(model, torch.tensor(prompt), n, temperature=0,
@@ -149,7 +185,7 @@ def variants(model: MatFormerLM, tokenizer: Any, args: argparse.Namespace,
     out = [Variant(f"ours {name}", ours(model, w, n, pool)) for name, w in subs.items()]
     out.append(Variant("ours XL, model.forward", forward_loop(model, n)))
     if tokenizer is not None and not args.no_hf:
-        from matformer.hf import export_hf
+        from matformer.submodels.hf import export_hf
 
         for name, w in subs.items():
             export_hf(model, tokenizer, tmp / name, widths=w)
@@ -234,6 +270,8 @@ def report(vs: list[Variant], model: MatFormerLM, extra: dict[str, Any],
     for name in ("XL", "S", "Mix'n'Match"):
         if f"HF {name}" in by:
             print(f"ours vs HF generate, {name}: {by[f'ours {name}'].vs(by[f'HF {name}']):.2f}x")
+    for name, ratio in extra.get("prefill", {}).items():
+        print(f"prefill of {args.prefill_len} tokens, ours vs HF, {name}: {ratio:.2f}x")
     print(f"lean path vs model.forward loop (XL): {base.vs(by['ours XL, model.forward']):.2f}x")
     if "compile_pool" in extra:
         for name in ("XL", "S"):
@@ -244,7 +282,7 @@ def report(vs: list[Variant], model: MatFormerLM, extra: dict[str, Any],
             print(f"{k} compiled vs plain compiled XL: "
                   f"{by[k + ' compiled'].vs(by['ours XL compiled']):.2f}x")
     for key, found in extra.items():
-        if not key.startswith("search"):
+        if not key.startswith("search"):  # search / search compiled
             continue
         seconds, rows = found
         print(f"\ndrafter search{key[6:]} ({seconds:.1f}s; expected speed from acceptance on "
@@ -263,6 +301,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompts", type=int, default=3)
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=96)
+    p.add_argument("--prefill-len", type=int, default=128, help="prompt tokens of the prefill "
+                   "comparison with HF")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--draft-lens", type=int, nargs="+", default=[2, 4])
     p.add_argument("--max-draft-len", type=int, default=8)
@@ -275,11 +315,15 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     model, tokenizer, prompts, source = load(args)
     model.eval()
+    long = [p[: args.prefill_len] for p in prompts[: args.prompts]]
+    prompts = [p[: args.prompt_len] for p in prompts]
     prompts, held_out = prompts[: args.prompts], prompts[args.prompts:]
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         vs, extra = variants(model, tokenizer, args, held_out, Path(tmp))
         measure(vs, prompts, args.repeats)
+        if tokenizer is not None and not args.no_hf:
+            extra["prefill"] = prefill_ratios(model, Path(tmp), long, args.repeats)
     print(f"# generation benchmark: {source}")
     print(f"# {torch.__version__}, {args.threads} thread(s), greedy, batch 1; {len(prompts)} "
           f"prompts x {args.prompt_len} tokens, {args.new_tokens} new tokens, {args.repeats} "

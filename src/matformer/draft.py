@@ -263,6 +263,51 @@ def greedy_acceptance(model: MatFormerLM, sequences: Sequence[Tensor], prompt_le
 
 
 @torch.no_grad()
+def drafter_acceptance(model: MatFormerLM, prompts: Sequence[Tensor], target: tuple[int, ...],
+                       drafters: dict[str, tuple[int, ...]], *, new_tokens: int = 32,
+                       runners: RunnerPool | None = None) -> dict[str, float]:
+    """Greedy acceptance of each drafter: the target greedily continues each held-out prompt
+    (1-D ids of one length) by ``new_tokens``, and a drafter's acceptance is its agreement along
+    those continuations (:func:`greedy_acceptance`)."""
+    from .generate import generate
+
+    seqs = [generate(model, p.reshape(1, -1), new_tokens, widths=target, temperature=0,
+                     runners=runners)[0] for p in prompts]
+    T = prompts[0].numel()
+    return {n: greedy_acceptance(model, seqs, T, w) for n, w in drafters.items()}
+
+
+@torch.no_grad()
+def drafter_costs(model: MatFormerLM, target: tuple[int, ...],
+                  drafters: dict[str, tuple[int, ...]], *, context: int, max_draft_len: int = 8,
+                  runners: RunnerPool | None = None, reps: int = 7) -> dict[str, DraftCosts]:
+    """Measured costs of every drafter against ``target``: a drafter token and target forwards
+    over 1, 2 and ``max_draft_len + 1`` tokens at position ``context`` of a filled cache, all
+    interleaved in each of ``reps`` rounds (median). The weights' values do not matter."""
+    pool = runners or RunnerPool(model)
+    ctx = model.config.max_seq_len
+    pos = min(context, ctx - 2)
+    cache = KVCache.for_model(model, 1, pool.cache_len(min(pos + max_draft_len + 1, ctx)))
+    device = cache.device
+    target_runner = pool.get(target)
+    target_runner(torch.zeros(1, pos, dtype=torch.long, device=device), cache, 0, last_only=True)
+    tok = torch.zeros(1, max_draft_len + 1, dtype=torch.long, device=device)
+    runners_by_name = {name: pool.get(w) for name, w in drafters.items()}
+    calls: dict[Any, Callable[[], object]] = {
+        name: (lambda r=r: r(tok[:, :1], cache, pos, last_only=True))
+        for name, r in runners_by_name.items()}
+    ns = sorted({1, 2, min(max_draft_len + 1, cache.max_len - pos)})
+    calls |= {n: (lambda n=n: target_runner(tok[:, :n], cache, pos)) for n in ns}
+    times: dict[Any, list[float]] = {key: [] for key in calls}
+    for _ in range(reps):  # interleaved: load on a shared machine hits every candidate alike
+        for key, fn in calls.items():
+            times[key].append(time_call(fn, device, reps=3))
+    verify = {n: statistics.median(times[n]) for n in ns}
+    return {name: DraftCosts(statistics.median(times[name]), dict(verify), frozen=True)
+            for name in drafters}
+
+
+@torch.no_grad()
 def search_drafter(model: MatFormerLM, prompts: Sequence[Tensor], *,
                    target: tuple[int, ...] | None = None, new_tokens: int = 32,
                    max_draft_len: int = 8, runners: RunnerPool | None = None,
@@ -270,43 +315,19 @@ def search_drafter(model: MatFormerLM, prompts: Sequence[Tensor], *,
                    ) -> list[DrafterRow]:
     """Rank drafters (and draft lengths) for ``target`` by expected tokens/s on this machine.
 
-    Acceptance: the target greedily continues each held-out prompt (1-D ids of one length) by
-    ``new_tokens``; each drafter's agreement along those continuations is its acceptance.
-    Costs: a drafter token and target forwards over 1, 2 and ``max_draft_len + 1`` tokens,
-    timed at the end of a filled cache, all interleaved in each of ``reps`` rounds (median).
+    Acceptance: :func:`drafter_acceptance` on the held-out ``prompts``. Costs:
+    :func:`drafter_costs` at the middle of the target's continuations.
 
     Returns:
         :func:`rank_drafters` rows, best first (a best ``k`` of 0: do not draft).
     """
-    from .generate import generate
-
     pool = runners or RunnerPool(model)
     tw = model.resolve_widths(target)
     drafters = drafter_candidates(model, tw) if drafters is None else drafters
-    T = prompts[0].numel()
-    seqs = [generate(model, p.reshape(1, -1), new_tokens, widths=tw, temperature=0,
-                     runners=pool)[0] for p in prompts]
-    acceptance = {n: greedy_acceptance(model, seqs, T, w) for n, w in drafters.items()}
-    pos = T + new_tokens // 2
-    cache = KVCache.for_model(model, 1, pool.cache_len(
-        min(pos + max_draft_len + 1, model.config.max_seq_len)))
-    pool.get(tw)(seqs[0][None, :pos], cache, 0)
-    device = cache.device
-    target = pool.get(tw)
-    tok = torch.zeros(1, max_draft_len + 1, dtype=torch.long, device=device)
-    runners = {name: pool.get(w) for name, w in drafters.items()}
-    calls: dict[Any, Callable[[], object]] = {
-        name: (lambda r=r: r(tok[:, :1], cache, pos, last_only=True))
-        for name, r in runners.items()}
-    ns = sorted({1, 2, min(max_draft_len + 1, cache.max_len - pos)})
-    calls |= {n: (lambda n=n: target(tok[:, :n], cache, pos)) for n in ns}
-    times: dict[Any, list[float]] = {key: [] for key in calls}
-    for _ in range(reps):  # interleaved: load on a shared machine hits every candidate alike
-        for key, fn in calls.items():
-            times[key].append(time_call(fn, device, reps=3))
-    verify = {n: statistics.median(times[n]) for n in ns}
-    costs = {name: DraftCosts(statistics.median(times[name]), dict(verify), frozen=True)
-             for name in drafters}
+    acceptance = drafter_acceptance(model, prompts, tw, drafters, new_tokens=new_tokens,
+                                    runners=pool)
+    costs = drafter_costs(model, tw, drafters, context=prompts[0].numel() + new_tokens // 2,
+                          max_draft_len=max_draft_len, runners=pool, reps=reps)
     rows = rank_drafters(acceptance, drafters, costs, max_draft_len)
     log.info("drafter search: best %s (k=%d, %.2fx plain)", rows[0].name, rows[0].best_k,
              rows[0].speedup)

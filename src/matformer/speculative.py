@@ -203,16 +203,14 @@ def _draft(s: _Setup, out: Tensor, n: int, draft_valid: int, k: int, sampler: _S
 
 def _verify(s: _Setup, out: Tensor, n: int, k: int, draft_probs: Tensor | None,
             sampler: _Sampler) -> Tensor:
-    """One target forward over slots n - 1 .. n - 1 + k (in a shared cache this overwrites the
-    drafter's K/V of those slots with the target's); the emitted 1..k+1 tokens."""
+    """One target forward over slots n - 1 .. n - 1 + k, k >= 1 (in a shared cache this
+    overwrites the drafter's K/V of those slots with the target's); the emitted 1..k+1 tokens."""
     tl = s.target(out[None, n - 1: n + k], s.tcache, n - 1)[0]  # (k + 1, vocab)
     drafts = out[n: n + k]
-    if k == 0 and sampler.greedy:  # a plain decoding step
-        return tl.argmax(-1)
     if sampler.greedy:
         return greedy_accept(drafts, tl)
-    dp = draft_probs if draft_probs is not None else tl.new_zeros(0, tl.shape[-1])
-    return accept_reject(drafts, dp, sampler.probs(tl), sampler.generator)
+    assert draft_probs is not None  # k >= 1 drafts were sampled
+    return accept_reject(drafts, draft_probs, sampler.probs(tl), sampler.generator)
 
 
 def _costs(s: _Setup, pool: RunnerPool, pos: int, max_draft_len: int,
@@ -332,11 +330,22 @@ def _decode(s: _Setup, pool: RunnerPool, ids: Tensor, max_new_tokens: int, stats
         if generated >= max_new_tokens or (eos_id is not None and int(tokens[-1]) == eos_id):
             return
         if max_k is not None:
-            k = choose_draft_len(acceptance.rate, costs, max_k)
+            if idle == 0:  # at k = 0 nothing that decides k changes until the next probe
+                k = choose_draft_len(acceptance.rate, costs, max_k)
             idle = idle + 1 if k == 0 else 0
             if idle >= PROBE_EVERY:  # look again at the acceptance once in a while
                 k, idle = 1, 0
         k_now = min(k, max_new_tokens - generated - 1)
+        if k_now == 0:  # a plain decoding step, as cheap as generate()'s
+            tokens = sampler.first(s.target(out[None, n - 1: n], s.tcache, n - 1)[0, -1])
+            out[n] = tokens[0]
+            n += 1
+            if s.dcache is s.tcache:
+                draft_valid = n - 1
+            stats.target_forwards += 1
+            stats.rounds += 1
+            stats.draft_lens.append(0)
+            continue
         t_draft = perf_counter()
         draft_valid, draft_probs = _draft(s, out, n, draft_valid, k_now, sampler)
         t_verify = synced_clock(device)
