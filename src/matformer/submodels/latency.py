@@ -76,18 +76,31 @@ def _device(model: nn.Module) -> torch.device:
 @torch.no_grad()
 def decode_step_fn(model: nn.Module, widths: Any, context: int, heads: Any = None
                    ) -> Callable[[], Any]:
-    """One cached decode step of ``widths`` (and ``heads``) at position ``context`` (the cache
-    is filled once)."""
+    """One cached decode step of ``widths`` (and ``heads``) at position ``context``, through the
+    lean runner that :func:`~matformer.generate.generate` decodes with (the cache is filled
+    once)."""
     from ..cache import KVCache
+    from ..runner import SubmodelRunner
 
     device = _device(model)
     ctx = max(1, min(context, model.config.max_seq_len - 1))
     cache = KVCache.for_model(model, 1, ctx + 1)
-    kw = {} if heads is None else {"heads": heads}
-    model(torch.zeros(1, ctx, dtype=torch.long, device=device), widths=widths, cache=cache,
-          start_pos=0, **kw)
+    runner = SubmodelRunner(model, widths, heads)
+    runner(torch.zeros(1, ctx, dtype=torch.long, device=device), cache, 0, last_only=True)
     tok = torch.zeros(1, 1, dtype=torch.long, device=device)
-    return lambda: model(tok, widths=widths, cache=cache, start_pos=ctx, **kw)
+    return lambda: runner(tok, cache, ctx)
+
+
+def prefill_fn(model: nn.Module, widths: Any, tokens: torch.Tensor, heads: Any = None
+               ) -> Callable[[], Any]:
+    """A prefill of ``tokens`` (1, T) as :func:`~matformer.generate.generate` runs it: the lean
+    runner fills a KV cache and projects the last position onto the vocabulary."""
+    from ..cache import KVCache
+    from ..runner import SubmodelRunner
+
+    cache = KVCache.for_model(model, 1, tokens.shape[1])
+    runner = SubmodelRunner(model, widths, heads)
+    return lambda: runner(tokens, cache, 0, last_only=True)
 
 
 def _summarise(name: str, samples: list[float], scale: float = 1.0) -> dict[str, float]:
@@ -99,8 +112,9 @@ def lm_latency(setups: Sequence[Setup], *, prefill_len: int = 128, decode_steps:
                decode_context: int = 64, repeats: int = 7, warmup: int = 1,
                threads: int | None = None) -> list[dict[str, float]]:
     """Prefill and decode latency (ms, median and quartiles) of language-model submodels,
-    batch 1: prefill is one forward of ``prefill_len`` tokens; decode is the mean of
-    ``decode_steps`` cached single-token steps after ``decode_context`` tokens."""
+    batch 1, on the path :func:`~matformer.generate.generate` takes: prefill is one forward of
+    ``prefill_len`` tokens into a KV cache; decode is the mean of ``decode_steps`` cached
+    single-token steps after ``decode_context`` tokens."""
     if prefill_len < 1 or decode_steps < 1:
         raise ValueError(f"prefill_len={prefill_len} and decode_steps={decode_steps} must be "
                          ">= 1")
@@ -110,14 +124,14 @@ def lm_latency(setups: Sequence[Setup], *, prefill_len: int = 128, decode_steps:
             n = min(prefill_len, model.config.max_seq_len)
             x = torch.randint(0, model.config.vocab_size, (1, n),
                               generator=torch.Generator().manual_seed(0)).to(_device(model))
-            kw = {"heads": rest[0]} if rest else {}
-            step = decode_step_fn(model, widths, decode_context, **kw)
+            heads = rest[0] if rest else None
+            step = decode_step_fn(model, widths, decode_context, heads)
 
             def decode(step: Callable[[], Any] = step) -> None:
                 for _ in range(decode_steps):
                     step()
 
-            fns += [lambda m=model, x=x, w=widths, kw=kw: m(x, widths=w, **kw), decode]
+            fns += [prefill_fn(model, widths, x, heads), decode]
         times = measure(fns, repeats=repeats, warmup=warmup, threads=threads,
                         device=_device(setups[0][0]) if setups else None)
     return [{**_summarise("prefill", times[2 * i]),
