@@ -239,7 +239,11 @@ class SubmodelRunner:
         key = (Tc, last_only, idx.shape[0], cache.max_len, span)
         graph = self._graphs.get(key)
         if graph is None:
-            graph = torch.compile(_own_code(self._forward), dynamic=False, fullgraph=True)
+            # On CPU the graph's calls are made from C++ (no Python between kernels): 5-15%
+            # faster per decode step of the demo shape here (docs/generation.md).
+            options = {"cpp_wrapper": True} if idx.device.type == "cpu" else None
+            graph = torch.compile(_own_code(self._forward), dynamic=False, fullgraph=True,
+                                  options=options)
             self._graphs[key] = graph
             t0 = time.perf_counter()
             out = graph(idx, cache.keys, cache.values, pos, last_only, span)
