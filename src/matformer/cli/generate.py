@@ -73,8 +73,9 @@ examples:
     p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"),
                    help="weights and KV cache precision")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the decode forward, one graph per submodel "
-                   "(default: on with CUDA, off on CPU)")
+                   help="torch.compile the decode forward, a few graphs per submodel: "
+                   "faster decoding once compiled (10-60 s per graph the first time, ~1 s "
+                   "later from inductor's disk cache); default: on with CUDA, off on CPU")
     s = p.add_argument_group("speculative decoding")
     s.add_argument("--draft", help="drafter: a granularity name or per-layer widths of the "
                    "same weights (or of --draft-model); 'auto' searches uniform and "
