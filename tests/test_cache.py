@@ -202,3 +202,20 @@ def test_reused_cache_forgets_the_padding_of_an_earlier_batch() -> None:
     fresh = torch.stack(list(generate_stream(model, x, 8, temperature=0)), 1)
     assert torch.equal(reused, fresh)
     assert torch.equal(fresh, generate(model, x, 8, temperature=0, use_cache=False)[:, 5:])
+
+
+def test_cache_layers_are_separate_tensors_and_compiled_lengths_round_up() -> None:
+    """One tensor per layer (a compiled in-place write into a view of a shared tensor becomes
+    a copy of all of it); a compiled pool rounds cache lengths up to a few sizes."""
+    from matformer.runner import RunnerPool
+
+    model = tiny_model(max_seq_len=64)
+    cache = KVCache.for_model(model, 2, 10)
+    ptrs = {t.untyped_storage().data_ptr() for t in cache.keys + cache.values}
+    assert len(ptrs) == 2 * model.config.n_layer
+    assert cache.keys[0].shape == (2, model.config.kv_heads, 10, model.config.head_dim)
+    eager, compiled = RunnerPool(model, compile=False), RunnerPool(model, compile=True)
+    assert [eager.cache_len(n) for n in (1, 37, 64)] == [1, 37, 64]
+    assert [compiled.cache_len(n) for n in (1, 37, 64)] == [64, 64, 64]  # at most the context
+    big = tiny_model(max_seq_len=256)
+    assert [RunnerPool(big, compile=True).cache_len(n) for n in (65, 129, 256)] == [128, 256, 256]
