@@ -174,9 +174,14 @@ def time_call(fn: Callable[[], object], device: torch.device, reps: int = 3) -> 
 
 
 @torch.no_grad()
-def measure_costs(drafter: SubmodelRunner, target: SubmodelRunner, dcache: KVCache,
-                  tcache: KVCache, pos: int, max_n: int, *, reps: int = 5) -> DraftCosts:
-    """Measure a drafter token and target forwards over 1, 2 and ``max_n`` tokens at ``pos``.
+def measure_costs(drafters: dict[Any, SubmodelRunner], target: SubmodelRunner, dcache: KVCache,
+                  tcache: KVCache, pos: int, max_n: int, *, rounds: int = 1, reps: int = 5,
+                  frozen: bool = False) -> dict[Any, DraftCosts]:
+    """Measure each drafter's token and the target's forwards over 1, 2 and ``max_n`` tokens
+    at ``pos``: every call is timed (:func:`time_call`, ``reps`` calls) once per round, the
+    rounds interleaved so that load on a shared machine hits every candidate alike; each cost
+    is the median over the rounds. ``frozen``: return fixed cost models (see
+    :class:`DraftCosts`).
 
     Writes scratch K/V into slots ``pos ..``; callers measure at the first slot not yet holding
     the sequence (every decoding call writes its slots before reading them, so nothing stale is
@@ -187,10 +192,18 @@ def measure_costs(drafter: SubmodelRunner, target: SubmodelRunner, dcache: KVCac
     if room < 1:
         raise ValueError(f"no free cache slot at position {pos} to measure costs")
     tok = torch.zeros(1, max(max_n, 1), dtype=torch.long, device=device)
-    d = time_call(lambda: drafter(tok[:, :1], dcache, pos, last_only=True), device, reps)
-    verify = {n: time_call(lambda n=n: target(tok[:, :n], tcache, pos), device, reps)
+    calls: dict[Any, Callable[[], object]] = {
+        ("draft", name): (lambda r=r: r(tok[:, :1], dcache, pos, last_only=True))
+        for name, r in drafters.items()}
+    calls |= {("verify", n): (lambda n=n: target(tok[:, :n], tcache, pos))
               for n in sorted({1, min(2, room), min(max_n, room)})}
-    return DraftCosts(draft_token=d, verify=verify)
+    times: dict[Any, list[float]] = {key: [] for key in calls}
+    for _ in range(rounds):
+        for key, fn in calls.items():
+            times[key].append(time_call(fn, device, reps))
+    verify = {n: statistics.median(times[kind, n]) for kind, n in calls if kind == "verify"}
+    return {name: DraftCosts(statistics.median(times["draft", name]), dict(verify), frozen)
+            for name in drafters}
 
 
 @dataclass
@@ -281,30 +294,18 @@ def drafter_acceptance(model: MatFormerLM, prompts: Sequence[Tensor], target: tu
 def drafter_costs(model: MatFormerLM, target: tuple[int, ...],
                   drafters: dict[str, tuple[int, ...]], *, context: int, max_draft_len: int = 8,
                   runners: RunnerPool | None = None, reps: int = 7) -> dict[str, DraftCosts]:
-    """Measured costs of every drafter against ``target``: a drafter token and target forwards
-    over 1, 2 and ``max_draft_len + 1`` tokens at position ``context`` of a filled cache, all
-    interleaved in each of ``reps`` rounds (median). The weights' values do not matter."""
+    """Measured costs (frozen) of every drafter against ``target`` at position ``context`` of a
+    filled cache: :func:`measure_costs` over ``reps`` interleaved rounds of 3 calls each. The
+    weights' values do not matter."""
     pool = runners or RunnerPool(model)
     ctx = model.config.max_seq_len
     pos = min(context, ctx - 2)
     cache = KVCache.for_model(model, 1, pool.cache_len(min(pos + max_draft_len + 1, ctx)))
-    device = cache.device
     target_runner = pool.get(target)
-    target_runner(torch.zeros(1, pos, dtype=torch.long, device=device), cache, 0, last_only=True)
-    tok = torch.zeros(1, max_draft_len + 1, dtype=torch.long, device=device)
-    runners_by_name = {name: pool.get(w) for name, w in drafters.items()}
-    calls: dict[Any, Callable[[], object]] = {
-        name: (lambda r=r: r(tok[:, :1], cache, pos, last_only=True))
-        for name, r in runners_by_name.items()}
-    ns = sorted({1, 2, min(max_draft_len + 1, cache.max_len - pos)})
-    calls |= {n: (lambda n=n: target_runner(tok[:, :n], cache, pos)) for n in ns}
-    times: dict[Any, list[float]] = {key: [] for key in calls}
-    for _ in range(reps):  # interleaved: load on a shared machine hits every candidate alike
-        for key, fn in calls.items():
-            times[key].append(time_call(fn, device, reps=3))
-    verify = {n: statistics.median(times[n]) for n in ns}
-    return {name: DraftCosts(statistics.median(times[name]), dict(verify), frozen=True)
-            for name in drafters}
+    target_runner(torch.zeros(1, pos, dtype=torch.long, device=cache.device), cache, 0,
+                  last_only=True)
+    return measure_costs({name: pool.get(w) for name, w in drafters.items()}, target_runner,
+                         cache, cache, pos, max_draft_len + 1, rounds=reps, reps=3, frozen=True)
 
 
 @torch.no_grad()

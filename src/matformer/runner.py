@@ -50,6 +50,8 @@ HeadSpec = None | str | int | Sequence[int]
 #: that fits, padded (decoding steps, drafts and verification windows share a few graphs); a
 #: longer call, or a prefill (``last_only``) of more than one token, runs eagerly.
 COMPILED_LENGTHS = (1, 2, 4, 8, 16, 32)
+#: Compile CPU graphs with inductor's C++ wrapper (read when a graph is compiled).
+CPP_WRAPPER = True
 
 
 @dataclass(frozen=True)
@@ -235,13 +237,14 @@ class SubmodelRunner:
         # Attention reads the slots up to the next power of two past the last query (at least
         # 64), not the whole cache: a few graphs per query length, and no reading of slots far
         # ahead of the sequence.
-        span = min(max(64, 1 << (start_pos + Tc - 1).bit_length()), cache.max_len)
+        span = _round_up(start_pos + Tc, cache.max_len)
         key = (Tc, last_only, idx.shape[0], cache.max_len, span)
         graph = self._graphs.get(key)
         if graph is None:
-            # On CPU the graph's calls are made from C++ (no Python between kernels): 5-15%
-            # faster per decode step of the demo shape here (docs/generation.md).
-            options = {"cpp_wrapper": True} if idx.device.type == "cpu" else None
+            # On CPU the graph's calls are made from C++ (no Python between kernels); see
+            # benchmarks/decode_step.py and docs/benchmarks.md for what it buys.
+            options = ({"cpp_wrapper": True} if CPP_WRAPPER and idx.device.type == "cpu"
+                       else None)
             graph = torch.compile(_own_code(self._forward), dynamic=False, fullgraph=True,
                                   options=options)
             self._graphs[key] = graph
@@ -254,6 +257,12 @@ class SubmodelRunner:
         else:
             out = graph(idx, cache.keys, cache.values, pos, last_only, span)
         return out if Tc == T else out[:, :T]
+
+
+def _round_up(n: int, cap: int) -> int:
+    """The power of two at or above ``n`` (at least 64), at most ``cap``: the sizes compiled
+    graphs are specialised to, so that a few graphs serve every length."""
+    return min(max(64, 1 << (n - 1).bit_length()), cap)
 
 
 def _own_code(method: Callable[..., Tensor]) -> Callable[..., Tensor]:
@@ -289,9 +298,7 @@ class RunnerPool:
         """Slots to allocate for a cache that must hold ``n``: ``n`` itself when eager; when
         compiled, the next power of two (at least 64, at most the context), since every cache
         length is a graph of its own and prompts of any length should share a few."""
-        if not self.compile:
-            return n
-        return min(max(64, 1 << (n - 1).bit_length()), max(n, self.model.config.max_seq_len))
+        return _round_up(n, max(n, self.model.config.max_seq_len)) if self.compile else n
 
     def _weights_id(self) -> tuple:
         w = self.model.embed.weight

@@ -221,7 +221,8 @@ def _costs(s: _Setup, pool: RunnerPool, pos: int, max_draft_len: int,
     found = pool.measured.get(("draft-costs", *s.key))
     if isinstance(found, DraftCosts):
         return found
-    measured = measure_costs(s.draft, s.target, s.dcache, s.tcache, pos, max_draft_len + 1)
+    measured = measure_costs({"draft": s.draft}, s.target, s.dcache, s.tcache, pos,
+                             max_draft_len + 1)["draft"]
     pool.measured[("draft-costs", *s.key)] = measured
     log.info("measured costs: drafter token %.2f ms, verification %s", 1e3 * measured.draft_token,
              {n: round(1e3 * c, 2) for n, c in measured.verify.items()})
