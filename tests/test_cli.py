@@ -6,7 +6,10 @@ import contextlib
 import io
 import json
 import math
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -260,3 +263,19 @@ def test_core_subcommands_exist() -> None:
 def test_bad_arguments_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["train", "--out", "x", "--preset", "nope"]) == 2
     assert "invalid choice: 'nope'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("world", ["1", "2"])
+def test_module_entry_exit_code_and_output(world: str, tmp_path: Path) -> None:
+    """``python -m matformer`` exits with main's code; a torchrun worker (WORLD_SIZE > 1)
+    leaves without interpreter finalization, its buffered output still written."""
+    env = {**os.environ, "WORLD_SIZE": world, "RANK": "0"}
+    env.pop("PYTHONUNBUFFERED", None)  # buffered, as a pipe is by default
+    help_run = subprocess.run([sys.executable, "-m", "matformer", "train", "--help"], env=env,
+                              cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert help_run.returncode == 0, help_run.stderr
+    assert help_run.stdout.startswith("usage: matformer train") and "examples:" in help_run.stdout
+    bad = subprocess.run([sys.executable, "-m", "matformer", "eval", "--checkpoint",
+                          str(tmp_path / "missing")], env=env, cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: "), bad.stderr

@@ -1,7 +1,5 @@
 """``python -m matformer`` (also what ``torchrun -m matformer`` runs)."""
 
-import sys
+from .cli import entry
 
-from .cli import main
-
-sys.exit(main())
+entry()

@@ -2,6 +2,6 @@
 of commands; :mod:`.common` holds the convention every command follows, :mod:`.args` the
 argument types and cross-flag rules)."""
 
-from .main import build_parser, main
+from .main import build_parser, entry, main
 
-__all__ = ["build_parser", "main"]
+__all__ = ["build_parser", "entry", "main"]

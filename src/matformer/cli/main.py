@@ -1,7 +1,8 @@
 """The ``matformer`` command line: the parser, the dispatch, and ``main``.
 
-The commands live in ``cli_lm`` (train, eval, generate, consistency), ``cli_submodels``
-(mixnmatch, extract, export-hf, import-hf) and ``vision_cli`` (``matformer vision ...``).
+The commands live in one module per group: :mod:`.lm` (train, eval, consistency),
+:mod:`.generate`, :mod:`.submodels` (mixnmatch, extract, export-hf, import-hf), :mod:`.gguf`,
+:mod:`.serve`, :mod:`.byom`, :mod:`.reproduce` and :mod:`.vision` (``matformer vision ...``).
 Every command returns ``(result, text)``; :func:`main` prints one of them. Only the
 command-line modules print; the library logs.
 """
@@ -187,5 +188,23 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def entry() -> None:
+    """The console script and ``python -m matformer``: :func:`main`, then exit with its code.
+
+    A torchrun worker (``WORLD_SIZE`` > 1) whose work is done (process group torn down, files
+    written and flushed) leaves without interpreter finalization. Objects that outlive the
+    process group (FSDP2 and DDP keep references to it and to collective work) would otherwise
+    be destroyed while the interpreter shuts down, where gloo can abort ("terminate called
+    without an active exception", SIGABRT) and turn a finished run into a failed one.
+    """
+    code = main()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
