@@ -102,6 +102,35 @@ def test_param_count_matches_modules(pos: str) -> None:
                                                                for p in sub.parameters())
 
 
+@pytest.mark.parametrize(("kw", "heads"), [({}, None),
+                                           ({"nest_heads": True}, "S"),
+                                           ({}, (0, 4, 2))])
+def test_cost_counts_the_heads_that_run(kw: dict[str, Any], heads: Any) -> None:
+    """FLOPs per image equal what a FLOP counter sees in the forward pass (attention on the
+    math kernel so that its products are counted), and parameters what an extracted copy
+    holds, for nested heads and for layers without attention."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = tiny_vit(**{"n_head": 4, "d_model": 32, **kw}).eval()
+    hs = model.resolve_heads(heads)
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+        model(images(1), widths="S", heads=heads)
+    ws = model.resolve_widths("S")
+    assert model.config.flops_per_image(ws, heads=hs) == counter.get_total_flops()
+    # An extracted copy holds every head of a layer that has attention, the dropped ones
+    # zeroed (a dense config's head size is d_model / n_head): the count of heads that run is
+    # what it holds less those zeros.
+    sub = extract(model, "S", heads=heads)
+    held = sum(p.numel() for p in sub.parameters())
+    kept = tuple(model.config.n_head if h else 0 for h in model.config._layer_heads(hs))
+    assert sub.num_params() == model.num_params("S", heads=kept) == held
+    zeroed = sum(int((p == 0).sum()) for n, p in sub.named_parameters() if ".attn." in n)
+    assert model.num_params("S", heads=heads) == held - zeroed
+    if heads is not None:  # fewer heads than the full attention: fewer FLOPs
+        assert model.config.flops_per_image(ws, heads=hs) < model.config.flops_per_image(ws)
+
+
 # ----------------------------------------------------------------------------- nesting
 @pytest.mark.parametrize("activation", ["gelu", "swiglu"])
 @pytest.mark.parametrize("widths", ["S", "L", (8, 64, 16)])

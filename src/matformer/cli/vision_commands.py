@@ -118,10 +118,11 @@ def _train(args: argparse.Namespace) -> Result:
         model = dist.unwrap(wrapped)
         rows = []
         for name in mcfg.names:  # every rank runs the forward passes (FSDP gathers weights)
-            ev = evaluate_classifier(model, data.val_x, data.val_y, widths=name,
-                                     heads=name if mcfg.nest_heads else None)
+            heads = name if mcfg.nest_heads else None
+            ev = evaluate_classifier(model, data.val_x, data.val_y, widths=name, heads=heads)
             w = model.resolve_widths(name)
-            rows.append({"name": name, "widths": list(w), "params": mcfg.num_params(w),
+            rows.append({"name": name, "widths": list(w),
+                         "params": model.num_params(w, heads=heads),
                          "val_loss": final.get(name, ev["loss"]), "accuracy": ev["accuracy"]})
         dist.reshard(wrapped)
     if not env.is_main:
@@ -160,7 +161,7 @@ def _eval(args: argparse.Namespace) -> Result:
         ev = evaluate_classifier(model, x, y, widths=widths, heads=heads,
                                  precision=args.precision)
         return {"name": name, "widths": list(model.resolve_widths(widths)),
-                **cost(model, widths), "accuracy": ev["accuracy"], "loss": ev["loss"]}
+                **cost(model, widths, heads), "accuracy": ev["accuracy"], "loss": ev["loss"]}
 
     labels = [s.strip() for s in args.labels.split(",")] if args.labels else [
         f"MatViT {_family(p)}" if len(m.config.names) > 1 else _family(p)

@@ -68,13 +68,15 @@ def knn_retrieval(query: Tensor, query_y: Tensor, gallery: Tensor, gallery_y: Te
     return out
 
 
-def cost(model: MatViT, widths: WidthSpec = None) -> dict[str, int]:
-    """Parameters (total, non-embedding) and forward FLOPs per image of a submodel."""
-    ws = model.resolve_widths(widths)
+def cost(model: MatViT, widths: WidthSpec = None,
+         heads: str | int | Sequence[int] | None = None) -> dict[str, int]:
+    """Parameters (total, non-embedding) and forward FLOPs per image of a submodel (and its
+    heads: a head-nested model's granularity name, or per-layer counts)."""
+    ws, hs = model.resolve_widths(widths), model.resolve_heads(heads)
     cfg = model.config
-    return {"params": cfg.num_params(ws), "non_embedding_params": cfg.num_params(ws,
-                                                                                  embedding=False),
-            "flops_per_image": cfg.flops_per_image(ws)}
+    return {"params": cfg.num_params(ws, heads=hs),
+            "non_embedding_params": cfg.num_params(ws, embedding=False, heads=hs),
+            "flops_per_image": cfg.flops_per_image(ws, heads=hs)}
 
 
 def retrieval(gallery_model: MatViT, queries: Sequence[tuple[str, MatViT, WidthSpec]],
@@ -113,8 +115,9 @@ def vit_sweep(model: MatViT, data: ImageDataset, cands: Sequence[Candidate], *,
     batch-1 latency of every candidate (then of each baseline) by :func:`matformer.submodels.sweep.sweep`;
     the Pareto fronts minimise the error."""
 
-    def score(m: MatViT, widths: WidthSpec) -> dict[str, float]:
-        ev = evaluate_classifier(m, data.val_x, data.val_y, widths=widths, precision=precision)
+    def score(m: MatViT, widths: WidthSpec, heads: Any = None) -> dict[str, float]:
+        ev = evaluate_classifier(m, data.val_x, data.val_y, widths=widths, heads=heads,
+                                 precision=precision)
         return {"accuracy": ev["accuracy"], "error": 1 - ev["accuracy"], "val_loss": ev["loss"]}
 
     def timer(setups: Sequence[Setup]) -> list[dict[str, float]]:

@@ -17,6 +17,7 @@ the shared :class:`~matformer.train.Trainer`.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,10 +89,12 @@ class ViTConfig(ModelConfig):
     def image_shape(self) -> tuple[int, int, int]:
         return (self.channels, self.image_size, self.image_size)
 
-    def num_params(self, widths: tuple[int, ...] | None = None, *, embedding: bool = True) -> int:
-        """Parameters of the submodel ``widths``; ``embedding=False`` counts the blocks and the
-        final norm only (patch embedding, [CLS], positions and head excluded)."""
-        body = super().num_params(widths, embedding=False)
+    def num_params(self, widths: tuple[int, ...] | None = None, *, embedding: bool = True,
+                   heads: Sequence[int] | None = None) -> int:
+        """Parameters of the submodel ``widths`` (and per-layer query ``heads``, 0 where a
+        layer has no attention; None: :attr:`attention_heads`); ``embedding=False`` counts the
+        blocks and the final norm only (patch embedding, [CLS], positions and head excluded)."""
+        body = super().num_params(widths, embedding=False, heads=heads)
         if not embedding:
             return body
         d = self.d_model
@@ -99,19 +102,23 @@ class ViTConfig(ModelConfig):
         pos = (self.num_patches + 1) * d if self.pos_embed == "learned" else 0
         return body + patch + d + pos + d * self.num_classes + self.num_classes
 
-    def flops_per_image(self, widths: tuple[int, ...] | None = None) -> int:
+    def flops_per_image(self, widths: tuple[int, ...] | None = None, *,
+                        heads: Sequence[int] | None = None) -> int:
         """Forward FLOPs (2 per multiply-add) of one image: patch embedding, blocks with full
-        (bidirectional) attention over all tokens, head."""
+        (bidirectional) attention over all tokens in the layers (and heads) that have it, head."""
         t, d = self.num_patches + 1, self.d_model
-        block_mats = self.num_params(widths, embedding=False) - (2 * self.n_layer + 1) * d
+        hs = self._layer_heads(heads)
+        norms = sum(d * (2 if h else 1) for h in hs) + d  # no FLOPs counted for norms
+        block_mats = self.num_params(widths, embedding=False, heads=hs) - norms
         patch = self.num_patches * self.channels * self.patch_size ** 2 * d
-        attn = self.n_layer * 2 * self.n_head * self.head_dim * t * t  # QK^T and AV
+        attn = sum(2 * h * self.head_dim * t * t for h in hs)  # QK^T and AV
         return 2 * (block_mats * t + patch + d * self.num_classes + attn)
 
     def flops_per_token(self, widths: tuple[int, ...] | None = None,
-                        seq_len: int | None = None) -> int:
+                        seq_len: int | None = None, *,
+                        heads: Sequence[int] | None = None) -> int:
         """Per-token share of :meth:`flops_per_image` (``seq_len`` is ignored)."""
-        return self.flops_per_image(widths) // (self.num_patches + 1)
+        return self.flops_per_image(widths, heads=heads) // (self.num_patches + 1)
 
     def to_dict(self) -> dict[str, Any]:
         out = {k: v for k, v in super().to_dict().items() if k not in _DERIVED}
@@ -169,6 +176,7 @@ class MatViT(nn.Module):
     # One definition of what a width / head spec means, shared with the language model.
     resolve_widths = MatFormerLM.resolve_widths
     resolve_heads = MatFormerLM.resolve_heads
+    num_params = MatFormerLM.num_params
 
     def __init__(self, cfg: ViTConfig) -> None:
         super().__init__()
@@ -229,9 +237,6 @@ class MatViT(nn.Module):
                 heads: str | int | tuple[int, ...] | None = None) -> Tensor:
         """Class logits (B, num_classes) of the submodel ``widths`` (and ``heads``)."""
         return self.head(self.embed(images, widths=widths, heads=heads))
-
-    def num_params(self, widths: WidthSpec = None, *, embedding: bool = True) -> int:
-        return self.config.num_params(self.resolve_widths(widths), embedding=embedding)
 
 
 # ----------------------------------------------------------------------------- evaluation
