@@ -128,6 +128,29 @@ def test_flops_grow_with_width() -> None:
     assert cfg.flops_per_token(seq_len=1) < cfg.flops_per_token(seq_len=32)
 
 
+@pytest.mark.parametrize(("overrides", "widths", "heads"), [
+    ({}, "S", None),
+    ({"n_head": 4, "n_kv_head": 2}, (8, 64), None),  # grouped-query attention
+    ({"n_head": 4, "nest_heads": True}, "S", "S"),
+    ({"n_head": 4}, "M", (0, 2)),  # a layer without attention
+])
+def test_flops_match_a_flop_counter(overrides: dict, widths: object, heads: object) -> None:
+    """FLOPs per token times the tokens equal what torch's FLOP counter sees in a forward pass
+    (attention on the math kernel so its products are counted), except that the counter also
+    counts the causally masked half of QK^T and AV, which flops_per_token leaves out."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    model = MatFormerLM(tiny_config(**overrides)).eval()
+    cfg, T = model.config, 16
+    ws, hs = model.resolve_widths(widths), model.resolve_heads(heads)
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+        model(torch.randint(0, cfg.vocab_size, (1, T)), widths=widths, heads=heads)
+    masked = sum(2 * h * cfg.head_dim * T * T for h in cfg._layer_heads(hs))
+    assert T * cfg.flops_per_token(ws, T, heads=hs) + masked == counter.get_total_flops()
+
+
 # ----------------------------------------------------------------------------- serialisation
 
 

@@ -225,7 +225,7 @@ class ModelConfig:
         """Forward FLOPs per token (2 per multiply-add), attention over ``seq_len`` included."""
         seq_len = self.max_seq_len if seq_len is None else seq_len
         hs = self._layer_heads(heads)
-        norms = sum(self.d_model * (2 if h else 1) for h in hs)
+        norms = sum(self.d_model * (2 if h else 1) for h in hs) + self.d_model  # + final
         matmul = self.num_params(widths, embedding=False, heads=hs) - norms
         head = self.vocab_size * self.d_model
         attn = sum(2 * h * self.head_dim * seq_len for h in hs)  # QK^T and AV, causal avg
