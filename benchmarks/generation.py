@@ -215,7 +215,7 @@ def variants(model: MatFormerLM, tokenizer: Any, args: argparse.Namespace,
         best = rows[0]
         if best.best_k > 0:
             out.append(Variant(f"spec auto ({best.name})->XL adaptive{tag}", spec(
-                model, n, p, draft=best.widths, adaptive=True,
+                model, n, p, draft=best.widths, draft_heads=best.heads, adaptive=True,
                 max_draft_len=args.max_draft_len)))
     return out, extra
 

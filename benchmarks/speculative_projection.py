@@ -45,7 +45,7 @@ def costs_table(model: MatFormerLM, args: argparse.Namespace, acceptance: dict[s
     cfg = model.config
     pool = RunnerPool(model, compile=args.compile)
     xl = cfg.ffn_widths(cfg.names[-1])
-    drafters = {n: cfg.ffn_widths(n) for n in DRAFTERS}
+    drafters = {n: (cfg.ffn_widths(n), None) for n in DRAFTERS}
     context = args.prompt_len + args.new_tokens // 2
     t0 = time.perf_counter()
     costs = drafter_costs(model, xl, drafters, context=context, max_draft_len=args.max_draft_len,
@@ -61,7 +61,7 @@ def costs_table(model: MatFormerLM, args: argparse.Namespace, acceptance: dict[s
     print(f"| XL | {xl_ms:.2f} | 1.00x | 1.00 | 1.00 |")
     for n in DRAFTERS:
         ms = 1e3 * costs[n].draft_token
-        flops = flops_xl / cfg.flops_per_token(drafters[n], context)
+        flops = flops_xl / cfg.flops_per_token(drafters[n][0], context)
         print(f"| {n} | {ms:.2f} | {xl_ms / ms:.2f}x | {flops:.2f} | {xl_ms / ms / flops:.2f} |")
     verify = ", ".join(f"{k} tokens {1e3 * c:.2f} ms" for k, c in costs["S"].verify.items())
     print(f"\nXL verification forward: {verify}")
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     prompts = [x[0, : args.prompt_len] for x, _ in batches]
     cfg = model.config
     acceptance = drafter_acceptance(model, prompts, cfg.ffn_widths(cfg.names[-1]),
-                                    {n: cfg.ffn_widths(n) for n in DRAFTERS},
+                                    {n: (cfg.ffn_widths(n), None) for n in DRAFTERS},
                                     new_tokens=args.new_tokens)
     print(f"# speculative decoding: costs measured, acceptance from "
           f"{ckpt.resolve(args.checkpoint)} ({info['data']} validation, {args.prompts} prompts x "

@@ -218,9 +218,15 @@ def test_cli_skip_attention_in_eval_extract_generate_and_exports(tmp_path, capsy
     if importlib.util.find_spec("gguf") is not None:  # the extracted checkpoint exports as is
         assert main(["export-gguf", str(tmp_path / "sub"), "--out", str(tmp_path / "s.gguf")]) == 0
         assert "no attention in layers [1]" in capsys.readouterr().out
-    assert main(["generate", str(run), "--skip-attention", "1", "--prompt", "ab",
-                 "--max-new-tokens", "4", "--temperature", "0"]) == 0
-    capsys.readouterr()
+    gen = ["generate", str(run), "--skip-attention", "1", "--prompt", "ab", "--max-new-tokens",
+           "4", "--temperature", "0", "--json"]
+    assert main(gen) == 0
+    plain = json.loads(capsys.readouterr().out)["text"]
+    # A drafter of the same weights skips the attention the target skips (nested in it), as
+    # given (--draft S) or searched (--draft auto); greedy, the text is the target's.
+    for draft in (["--draft", "S"], ["--draft", "auto", "--draft-table"]):
+        assert main([*gen, *draft]) == 0, capsys.readouterr().err
+        assert json.loads(capsys.readouterr().out)["text"] == plain
     assert main(["export-hf", str(run), "--skip-attention", "1",
                  "--out", str(tmp_path / "hf")]) == 2
     assert "skips the attention of layers [1]" in capsys.readouterr().err

@@ -59,6 +59,14 @@ def test_generation_past_the_context_slides_the_window(model: MatFormerLM) -> No
     assert torch.equal(out, _greedy_reference(model, prompt, 10))
 
 
+def test_longer_than_the_context_and_no_new_tokens(model: MatFormerLM) -> None:
+    """A prompt past the context with nothing to generate comes back as it is, on either
+    decoder (the cached one cannot hold it, so the uncached one is chosen)."""
+    prompt = random_tokens(1, model.config.max_seq_len + 1, seed=5)
+    assert torch.equal(generate(model, prompt, 0, temperature=0), prompt)
+    assert torch.equal(generate(model, prompt, 0, temperature=0, use_cache=False), prompt)
+
+
 # ----------------------------------------------------------------------------- sampling
 
 

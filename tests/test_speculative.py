@@ -263,7 +263,7 @@ def test_drafter_search_picks_the_best_of_a_fake_table() -> None:
     verify = {1: 1.0, 2: 1.1, 9: 1.8}
     table = {"S": (0.55, 0.3), "M": (0.8, 0.4), "L": (0.95, 0.9), "2xS+M": (0.6, 0.32)}
     rows = rank_drafters({n: a for n, (a, _) in table.items()},
-                         {n: (i,) for i, n in enumerate(table)},
+                         {n: ((i,), None) for i, n in enumerate(table)},
                          {n: DraftCosts(c, verify, frozen=True) for n, (_, c) in table.items()}, 8)
     assert rows[0].name == "M"
     assert rows[0].best_k > 0 and rows[0].speedup > 1
@@ -281,6 +281,65 @@ def test_drafter_search_end_to_end(model) -> None:
     assert {"S", "M", "L"} <= names and "XL" not in names
     assert all(0 <= r.acceptance <= 1 and r.best_k <= 3 for r in rows)
     assert rows == sorted(rows, key=lambda r: -r.tokens_per_s)
+
+
+def test_drafter_acceptance_weighs_each_prompt_by_its_own_length(model) -> None:
+    """Prompts of different lengths: each sequence's drafts start after its own prompt, so the
+    acceptance does not depend on the prompts' order and is the mean of the single-prompt
+    acceptances (every prompt gets the same number of new tokens)."""
+    from matformer.draft import drafter_acceptance
+
+    short, long = random_tokens(1, 3, seed=1)[0], random_tokens(1, 9, seed=2)[0]
+    xl, drafters = model.resolve_widths(None), {"S": (model.resolve_widths("S"), None)}
+    def acc(prompts):
+        return drafter_acceptance(model, prompts, xl, drafters, new_tokens=8)["S"]
+    one = [acc([short]), acc([long])]
+    assert acc([short, long]) == pytest.approx(acc([long, short]))
+    assert acc([short, long]) == pytest.approx(sum(one) / 2)
+
+
+def test_drafter_search_respects_nested_and_skipped_heads() -> None:
+    """On a head-nested model, for a target with fewer heads (M) and a skipped attention layer,
+    every searched drafter is nested in the target, heads included, and decodes with it."""
+    from matformer.draft import search_drafter
+
+    model = tiny_model(n_head=4, nest_heads=True, **SPREAD).eval()
+    target, th = "M", (0, model.resolve_heads("M")[1])
+    prompts = [random_tokens(1, 5, seed=s)[0] for s in range(2)]
+    rows = search_drafter(model, prompts, target=model.resolve_widths(target), target_heads=th,
+                          new_tokens=6, max_draft_len=2, reps=1)
+    assert rows and {"S"} <= {r.name for r in rows}
+    want = generate(model, random_tokens(1, 5, seed=9), 8, widths=target, heads=th,
+                    temperature=0)
+    for r in rows:
+        heads = r.heads or (4, 4)
+        assert all(h <= t for h, t in zip(heads, th, strict=True)), (r.name, r.heads)
+        out, _ = speculative_generate(model, random_tokens(1, 5, seed=9), 8, draft=r.widths,
+                                      draft_heads=r.heads, target=target, target_heads=th,
+                                      draft_len=2, temperature=0)
+        assert torch.equal(out, want), r.name
+
+
+@pytest.mark.parametrize("shared_cache", [False, True])
+def test_adaptive_single_new_token(model, shared_cache: bool) -> None:
+    """One new token: no round runs, so nothing is measured, and the token is the target's."""
+    ctx = model.config.max_seq_len
+    for T in (6, ctx):  # a prompt that fills the whole context too
+        prompt = random_tokens(1, T, seed=T)
+        out, _ = speculative_generate(model, prompt, 1, draft="S", adaptive=True,
+                                      shared_cache=shared_cache, temperature=0)
+        assert torch.equal(out, generate(model, prompt, 1, temperature=0))
+
+
+def test_runners_of_another_model_are_refused(model) -> None:
+    from matformer.runner import RunnerPool
+
+    other = tiny_model(seed=5, **SPREAD).eval()
+    with pytest.raises(ValueError, match="another model"):
+        generate(model, random_tokens(1, 4), 3, temperature=0, runners=RunnerPool(other))
+    with pytest.raises(ValueError, match="another model"):
+        speculative_generate(model, random_tokens(1, 4), 3, draft="S", temperature=0,
+                             runners=RunnerPool(other))
 
 
 # ------------------------------------------------------------------ modes and timing

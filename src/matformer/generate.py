@@ -174,7 +174,7 @@ def generate_stream(model: MatFormerLM, prompt: Tensor | Sequence[Sequence[int]]
         return
     B, T = ids.shape
     ws, hs = model.resolve_widths(widths), model.resolve_heads(heads)
-    pool = runners or RunnerPool(model, compile=compile)
+    pool = RunnerPool.of(model, runners, compile=compile)
     runner = pool.get(ws, hs)
     if cache is None:
         cache = KVCache.for_model(model, B, pool.cache_len(max(need, T)))
@@ -220,7 +220,8 @@ def generate(model: MatFormerLM, prompt: Tensor | Sequence[Sequence[int]], max_n
         Others: as in :func:`generate_stream`.
     """
     ids, lengths = _as_batch(prompt, prompt_lengths, 0 if eos_id is None else eos_id)
-    fits = ids.shape[1] + max_new_tokens - 1 <= model.config.max_seq_len
+    T, ctx = ids.shape[1], model.config.max_seq_len
+    fits = T <= ctx and T + max_new_tokens - 1 <= ctx
     if use_cache is None:
         use_cache = fits or lengths is not None
         if not use_cache:

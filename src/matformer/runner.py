@@ -294,6 +294,17 @@ class RunnerPool:
         #: decoding keeps its measured draft and verification costs here).
         self.measured: dict[tuple, object] = {}
 
+    @classmethod
+    def of(cls, model: MatFormerLM, runners: RunnerPool | None, *,
+           compile: bool | None = None) -> RunnerPool:
+        """``runners`` when given (it must run ``model``'s own weights), else a new pool."""
+        if runners is None:
+            return cls(model, compile=compile)
+        if runners.model is not model:
+            raise ValueError("runners: this RunnerPool was made for another model; pass the "
+                             "pool of the model being decoded (or None)")
+        return runners
+
     def cache_len(self, n: int) -> int:
         """Slots to allocate for a cache that must hold ``n``: ``n`` itself when eager; when
         compiled, the next power of two (at least 64, at most the context), since every cache

@@ -150,7 +150,7 @@ def _setup(model: MatFormerLM, prompt: Tensor, max_new_tokens: int, draft: Width
         if T + max_new_tokens - 1 > draft_model.config.max_seq_len:
             raise ValueError("prompt + max_new_tokens exceed the drafter's context")
         drafter, mode = draft_model, "external"
-        dpool = draft_runners or RunnerPool(draft_model, compile=runners.compile)
+        dpool = RunnerPool.of(draft_model, draft_runners, compile=runners.compile)
         dw, dh = drafter.resolve_widths(draft), _heads(drafter, draft, draft_heads)
     n_slots = max(T + max_new_tokens - 1, T)
     tcache = KVCache.for_model(model, 1, runners.cache_len(n_slots)) if cache is None else cache
@@ -288,7 +288,7 @@ def speculative_stream(
     """
     _check_sampling(temperature, top_k, top_p)
     _check_lengths(draft_len, max_draft_len, max_new_tokens)
-    pool = runners or RunnerPool(model, compile=compile)
+    pool = RunnerPool.of(model, runners, compile=compile)
     s, ids = _setup(model, prompt, max_new_tokens, draft, target, draft_heads, target_heads,
                     draft_model, shared_cache, pool, draft_runners, cache)
     stats = SpecStats() if stats is None else stats
@@ -318,7 +318,7 @@ def _decode(s: _Setup, pool: RunnerPool, ids: Tensor, max_new_tokens: int, stats
     out[T] = sampler.first(logits)[0]
     n = T + 1  # tokens in `out`; the last one is not in any cache yet
     draft_valid = T if s.dcache is s.tcache else 0  # drafter cache slots holding the sequence
-    if max_k is not None:
+    if max_k is not None and max_new_tokens > 1:  # one token: no round, nothing to measure
         costs = _costs(s, pool, n - 1, max_k, costs)
     generated, k, idle = 0, draft_len, 0
     tokens = out[T: T + 1].clone()

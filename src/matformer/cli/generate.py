@@ -116,12 +116,13 @@ def generate(args: argparse.Namespace) -> Result:
                     eos_id=tokenizer.eos_id, generator=gen)
     runners = RunnerPool(model, compile=args.compile)
     draft: Any = args.draft
-    draft_len = args.draft_len
+    draft_len, draft_heads = args.draft_len, None
     if draft == "auto":
         if args.draft_model:
             raise ValueError("--draft auto searches submodels of the same weights; "
                              "drop --draft-model")
-        draft, draft_len = _auto_drafter(args, model, tokenizer, widths, runners)
+        found, draft_len = _auto_drafter(args, model, tokenizer, widths, heads, runners)
+        draft, draft_heads = found or (None, None)
     speculative = draft is not None or args.draft_model is not None
     if speculative and (len(prompts) > 1 or args.no_cache):
         raise ValueError("speculative decoding takes one --prompt and needs the KV cache")
@@ -129,8 +130,8 @@ def generate(args: argparse.Namespace) -> Result:
     pieces: Any  # each piece: the new tokens of every row
     if speculative:
         stats = SpecStats()
-        pieces = _speculative_pieces(args, model, tokenizer, prompts[0], draft, draft_len,
-                                     widths, heads, runners, stats, sampling)
+        pieces = _speculative_pieces(args, model, tokenizer, prompts[0], draft, draft_heads,
+                                     draft_len, widths, heads, runners, stats, sampling)
     elif args.no_cache or (len(prompts) == 1 and
                            len(prompts[0]) + args.max_new_tokens - 1 > cfg.max_seq_len):
         # Longer than the context: the reference decoder slides its window (no cache).
@@ -178,10 +179,11 @@ def generate(args: argparse.Namespace) -> Result:
 
 
 def _speculative_pieces(args: argparse.Namespace, model: Any, tokenizer: Any, prompt: list[int],
-                        draft: Any, draft_len: int, widths: Any, heads: Any, runners: Any,
-                        stats: Any, sampling: dict[str, Any]) -> Any:
+                        draft: Any, draft_heads: Any, draft_len: int, widths: Any, heads: Any,
+                        runners: Any, stats: Any, sampling: dict[str, Any]) -> Any:
     """The speculative branch of ``generate``: each round's tokens, as one-row pieces."""
     from ..config import parse_widths
+    from ..draft import nested_heads
     from ..speculative import speculative_stream
 
     draft_model = None
@@ -198,17 +200,24 @@ def _speculative_pieces(args: argparse.Namespace, model: Any, tokenizer: Any, pr
                              f"{', '.join(dcfg.names)}) nor per-layer FFN widths "
                              "(integers separated by commas)")
         draft = parse_widths(draft, dcfg.n_layer)
+    if draft_model is None and draft_heads is None and heads is not None:
+        # A drafter of the same weights never has more heads than the target, nor attention
+        # where the target skips it (--skip-attention).
+        own = draft if isinstance(draft, str) and model.config.nest_heads else None
+        draft_heads = nested_heads(model, model.resolve_heads(own), model.resolve_heads(heads))
     return ([t.tolist()] for t in speculative_stream(
         model, torch.tensor(prompt), args.max_new_tokens, draft=draft, target=widths,
-        target_heads=heads, draft_model=draft_model, shared_cache=args.shared_cache,
+        draft_heads=draft_heads, target_heads=heads, draft_model=draft_model,
+        shared_cache=args.shared_cache,
         draft_len=draft_len, adaptive=args.adaptive,
         max_draft_len=max(args.max_draft_len, draft_len), stats=stats, runners=runners,
         **sampling))
 
 
 def _auto_drafter(args: argparse.Namespace, model: Any, tokenizer: Any, target: Any,
-                  runners: Any) -> tuple[tuple[int, ...] | None, int]:
-    """``--draft auto``: search drafters on held-out prompts; (widths or None, draft length)."""
+                  target_heads: Any, runners: Any) -> tuple[Any, int]:
+    """``--draft auto``: search drafters on held-out prompts; ((widths, heads) or None, draft
+    length)."""
     from ..checkpoint import read_metadata
     from ..data import validation_batches
     from ..draft import search_drafter
@@ -218,8 +227,8 @@ def _auto_drafter(args: argparse.Namespace, model: Any, tokenizer: Any, target: 
     prompts = [x[0, :32].to(next(model.parameters()).device) for x, _ in batches]
     new = min(32, model.config.max_seq_len - 33)
     tw = model.resolve_widths(target)
-    rows = search_drafter(model, prompts, target=tw, new_tokens=new, runners=runners,
-                          max_draft_len=args.max_draft_len)
+    rows = search_drafter(model, prompts, target=tw, target_heads=target_heads,
+                          new_tokens=new, runners=runners, max_draft_len=args.max_draft_len)
     if args.draft_table:
         print(f"{'drafter':<18}{'widths':<34}{'accept':>7}{'draft ms':>9}{'best k':>7}"
               f"{'tok/s':>9}{'vs plain':>9}", file=sys.stderr)
@@ -234,4 +243,4 @@ def _auto_drafter(args: argparse.Namespace, model: Any, tokenizer: Any, target: 
         return None, args.draft_len
     print(f"--draft auto: {best.name} ({','.join(map(str, best.widths))}), k={best.best_k}, "
           f"expected {best.speedup:.2f}x plain", file=sys.stderr)
-    return best.widths, best.best_k
+    return (best.widths, best.heads), best.best_k
