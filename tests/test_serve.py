@@ -165,6 +165,15 @@ def test_registry_names_granularities_and_pareto_mixes() -> None:
     bad = {"candidates": [{"name": "x", "widths": [8, 8, 8], "params": 1}]}
     with pytest.raises(ValueError, match="do not fit"):
         build_registry(model, "demo", bad)
+    # A --depth sweep's rows (a layer's FFN or attention skipped) are left out: a depth-attention
+    # row has XL's widths but must not lend XL its numbers.
+    depth = _sweep(model)
+    depth["candidates"] += [
+        {"name": "XL-ffn0", "pattern": "depth-ffn", "widths": [0, 64], "params": 1,
+         "val_loss": 9.0, "pareto_params": True, "decode_ms": 0.1},
+        {"name": "XL-attn1", "pattern": "depth-attn", "widths": [64, 64], "heads": [2, 0],
+         "params": 1, "val_loss": 9.0, "pareto_params": True, "decode_ms": 0.1}]
+    assert build_registry(model, "demo", depth) == subs
 
 
 def _scheduler(model: MatFormerLM, **kw: Any) -> Scheduler:

@@ -445,3 +445,17 @@ def test_select_most_accurate_under_budget() -> None:
         select(rows, max_params=50)
     with pytest.raises(ValueError, match="no latency_ms column"):
         select(rows, max_latency_ms=1.0)
+
+
+def test_forward_latency_runs_each_setups_heads() -> None:
+    """A (model, widths, heads) setup is timed with its heads (a depth candidate's)."""
+    from matformer.submodels.latency import forward_latency
+
+    model = tiny_vit(n_head=4, d_model=32)
+    seen: list[Any] = []
+    model.register_forward_pre_hook(lambda m, args, kw: seen.append(kw.get("heads")),
+                                    with_kwargs=True)
+    rows = forward_latency([(model, "S"), (model, "S", (0, 4, 2))], [images(1)] * 2,
+                           repeats=1, warmup=0)
+    assert len(rows) == 2 and all(r["latency_ms"] > 0 for r in rows)
+    assert set(seen) == {None, (0, 4, 2)}

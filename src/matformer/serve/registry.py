@@ -74,11 +74,16 @@ def build_registry(model: MatFormerLM, run: str, sweep: dict[str, Any] | None = 
     """S/M/L/XL (every granularity of the config), then the sweep's Pareto-front Mix'n'Match
     configs that are not a granularity already, ordered by parameters.
 
-    Sweep rows lend their measured latency and loss to matching widths. A sweep made on another
-    model shape is refused (ValueError naming the mismatch).
+    Sweep rows lend their measured latency and loss to matching widths; depth rows (a layer's
+    FFN or attention skipped) are left out. A sweep made on another model shape is refused
+    (ValueError naming the mismatch).
     """
     cfg = model.config
-    rows = list(sweep["candidates"]) if sweep else []
+    # Depth rows of a ``--depth`` sweep (a layer's FFN or attention skipped) are not FFN-width
+    # submodels: the registry serves widths only, and a depth-attention row shares its widths
+    # with a granularity, whose numbers it must not lend.
+    rows = [r for r in (sweep["candidates"] if sweep else [])
+            if not r.get("heads") and 0 not in r["widths"]]
     for r in rows:
         if len(r["widths"]) != cfg.n_layer or any(
                 not 1 <= w <= d for w, d in zip(r["widths"], cfg.ffn_dims, strict=True)):

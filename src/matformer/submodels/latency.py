@@ -143,10 +143,11 @@ def forward_latency(setups: Sequence[Setup], inputs: Sequence[torch.Tensor], *,
                     repeats: int = 7, warmup: int = 1, threads: int | None = None
                     ) -> list[dict[str, float]]:
     """Latency (ms, median and quartiles) of one forward of ``inputs[i]`` through each
-    (model, widths) setup, e.g. a batch of images through a ViT submodel."""
-    with eval_mode(*(m for m, _ in setups)):
-        fns = [lambda m=m, w=w, x=x: m(x, widths=w)
-               for (m, w), x in zip(setups, inputs, strict=True)]
+    (model, widths) or (model, widths, heads) setup, e.g. a batch of images through a ViT
+    submodel."""
+    with eval_mode(*(m for m, *_ in setups)):
+        fns = [lambda m=m, w=w, h=(rest[0] if rest else None), x=x: m(x, widths=w, heads=h)
+               for (m, w, *rest), x in zip(setups, inputs, strict=True)]
         times = measure(fns, repeats=repeats, warmup=warmup, threads=threads,
                         device=_device(setups[0][0]) if setups else None)
     return [_summarise("latency", t) for t in times]

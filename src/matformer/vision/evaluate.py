@@ -122,7 +122,7 @@ def vit_sweep(model: MatViT, data: ImageDataset, cands: Sequence[Candidate], *,
 
     def timer(setups: Sequence[Setup]) -> list[dict[str, float]]:
         inputs = [torch.rand(1, *m.config.image_shape,
-                             generator=torch.Generator().manual_seed(0)) for m, _ in setups]
+                             generator=torch.Generator().manual_seed(0)) for m, *_ in setups]
         return forward_latency(setups, inputs, repeats=repeats, threads=threads)
 
     return sweep(model, cands, score, cost, objective=VIT_OBJECTIVE, baselines=baselines,
