@@ -229,3 +229,15 @@ def test_compiled_decoding_equals_eager() -> None:
     spec, _ = speculative_generate(small, x, 6, draft="S", target="XL", shared_cache=True,
                                    draft_len=3, runners=pool)
     assert torch.equal(spec, generate(small, x, 6, temperature=0, compile=False))
+
+
+def test_a_tiny_temperature_samples_the_argmax() -> None:
+    """Scaling by a temperature near 0 must not overflow into NaN probabilities."""
+    from matformer.generate import logits_to_probs, sample_next
+
+    logits = torch.tensor([[0.5, 3.0, -1.0, 2.9]])
+    for t in (1e-38, 1e-30, 1e-6):
+        probs = logits_to_probs(logits, temperature=t)
+        assert torch.isfinite(probs).all() and probs[0, 1] == 1
+        assert int(sample_next(logits, temperature=t, top_p=0.9)[0]) == 1
+    assert torch.allclose(logits_to_probs(logits, temperature=0.7), (logits / 0.7).softmax(-1))

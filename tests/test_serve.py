@@ -244,6 +244,45 @@ def test_running_auto_requests_step_down_with_the_policy() -> None:
     assert sched.metrics.get("completion_tokens_total", submodel="t-S") == 7
 
 
+def test_a_row_that_fails_to_sample_ends_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sampling failure in one row of a batch answers that request with an error; the
+    greedy row beside it decodes to its end, token for token as generate() alone."""
+    import matformer.serve.scheduler as scheduler_module
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("sampling broke")
+
+    model = tiny_model(vocab_size=257, max_seq_len=CONTEXT).eval()
+    sched = _scheduler(model, max_batch=2)
+    s = sched.policy.levels[0]
+    got: dict[str, list[Event]] = {"greedy": [], "sampled": []}
+    greedy = Request([1, 2, 3], 6, s, got["greedy"].append, temperature=0, ignore_eos=True)
+    sampled = Request([4, 5], 6, s, got["sampled"].append, temperature=0.7, ignore_eos=True)
+    with torch.no_grad():
+        sched._prefill(greedy)
+        sched._prefill(sampled)
+        monkeypatch.setattr(scheduler_module, "sample_next", broken)
+        while sched._rows:
+            sched._decode_step()
+    assert got["sampled"][-1].kind == "error" and "sampling broke" in got["sampled"][-1].text
+    assert got["greedy"][-1].kind == "done" and got["greedy"][-1].finish_reason == "length"
+    want = generate(model, torch.tensor([[1, 2, 3]]), 6, widths=s.widths, temperature=0)
+    text = "".join(e.text for e in got["greedy"] if e.kind == "delta")
+    text += got["greedy"][-1].text or ""
+    assert text == Tokenizer.byte_level().decode(want[0, 3:].tolist())
+
+
+def test_submit_refuses_what_cannot_run() -> None:
+    model = tiny_model(vocab_size=257, max_seq_len=16).eval()
+    sched = _scheduler(model)
+    sub = sched.policy.levels[0]
+    for prompt, n in (([], 4), ([1], 0), ([1] * 10, 8)):
+        with pytest.raises(ValueError, match="does not fit"):
+            sched.submit(Request(prompt, n, sub, lambda ev: None))
+    sched.submit(Request([1] * 10, 7, sub, lambda ev: None))  # 10 + 7 - 1 = 16 fits
+    assert sched.load == {"active": 0, "queued": 1}
+
+
 def test_a_failing_request_gets_an_error_and_the_scheduler_goes_on() -> None:
     model = tiny_model(vocab_size=257).eval()
     sched = _scheduler(model, max_batch=2)
@@ -401,8 +440,9 @@ BAD = [  # (body, status, words the error message must contain, param)
     ({"model": "nope", "prompt": "a"}, 404, "does not exist", "model"),
     ({"model": "tiny-S", "prompt": "a" * (CONTEXT + 5)}, 400, "context", "prompt"),
     ({"model": "tiny-S", "prompt": "a", "max_tokens": 0}, 400, ">= 1", "max_tokens"),
-    ({"model": "tiny-S", "prompt": "a", "max_tokens": CONTEXT}, 400, "too large",
+    ({"model": "tiny-S", "prompt": "a", "max_tokens": CONTEXT + 1}, 400, "too large",
      "max_tokens"),
+    ({"model": "tiny-S", "prompt": "a", "seed": 2 ** 64}, 400, "seed", "seed"),
     ({"model": "tiny-S", "prompt": "a", "temperature": -0.5}, 400, "temperature",
      "temperature"),
     ({"model": "tiny-S", "prompt": "a", "top_p": 0}, 400, "top_p", "top_p"),
@@ -483,6 +523,63 @@ def test_client_disconnecting_mid_stream_frees_its_slot(server: Running) -> None
     _wait_idle(server.url)
     metrics = httpx.get(server.url + "/metrics", timeout=30).text
     assert 'matformer_requests_total{outcome="cancelled",submodel="tiny-XL"} 1' in metrics
+
+
+def test_next_event_notices_a_client_that_left() -> None:
+    """Events come first while the client is there; once it has gone, None, even while the
+    request keeps producing events faster than the client is checked."""
+    import asyncio
+
+    from matformer.serve import app
+
+    class Http:  # the client is gone from the second time it is asked
+        calls = 0
+
+        async def is_disconnected(self) -> bool:
+            self.calls += 1
+            return self.calls >= 2
+
+    async def run() -> list[Any]:
+        events: asyncio.Queue[Event] = asyncio.Queue()
+        client = app._Client(Http())  # type: ignore[arg-type]
+        got = []
+        for _ in range(3):
+            for _ in range(5):
+                events.put_nowait(Event("delta", text="x"))
+            got.append(await app._next_event(events, client))
+            client.checked -= app.DISCONNECT_POLL_S  # as if the poll interval had passed
+        return got
+
+    first, second, third = asyncio.run(run())
+    assert first is not None and first.text == "x"
+    assert second is not None  # asked once: still there
+    assert third is None  # asked again: gone, though events were waiting
+
+
+def test_client_leaving_a_non_streamed_request_frees_its_slot(
+        ckpt: tuple[Path, MatFormerLM]) -> None:
+    """Decoding slowed to 20 ms a step: 300 tokens would take 6 s, but the client leaves after
+    0.5 s and the request is cancelled, its slot freed, well before."""
+    running = Running(ckpt[0], max_batch=2, measure_latency=False)
+    sched = running.server.scheduler
+    step = sched._decode_step
+
+    def slow_step() -> None:
+        time.sleep(0.02)
+        step()
+
+    sched._decode_step = slow_step  # type: ignore[method-assign]
+    try:
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(running.url + "/v1/completions", timeout=0.5,
+                       json={"model": "tiny-S", "prompt": "a", "max_tokens": 300,
+                             "ignore_eos": True})
+        _wait_idle(running.url)
+        m = sched.metrics
+        assert m.get("requests_total", outcome="cancelled", submodel="tiny-S") == 1
+        assert m.get("completion_tokens_total", submodel="tiny-S") < 300
+    finally:
+        running.stop()
 
 
 def test_api_key_busy_queue_and_graceful_shutdown(ckpt: tuple[Path, MatFormerLM]) -> None:

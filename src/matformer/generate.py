@@ -39,8 +39,13 @@ def _check_sampling(temperature: float, top_k: int | None, top_p: float | None) 
 
 def _filter_logits(logits: Tensor, temperature: float, top_k: int | None,
                    top_p: float | None) -> Tensor:
-    """Temperature-scaled fp32 logits with the tokens outside top-k / top-p set to -inf."""
-    logits = logits.float() / temperature
+    """Temperature-scaled fp32 logits with the tokens outside top-k / top-p set to -inf.
+
+    The logits are shifted so that their maximum is 0 before scaling (the distribution is the
+    same), and temperatures below 1e-30 scale as 1e-30 (a denormal would be flushed to 0): a
+    tiny temperature then gives the argmax's distribution, never +inf or NaN probabilities."""
+    logits = logits.float()
+    logits = (logits - logits.amax(-1, keepdim=True)) / max(temperature, 1e-30)
     if top_k is not None and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -14,12 +14,13 @@ import json
 import logging
 import re
 import secrets
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from ..model import MatFormerLM
 from ..tokenizer import Tokenizer
@@ -190,25 +191,64 @@ def create_app(server: Server) -> FastAPI:
         return {"object": "list", "data": server.models()}
 
     @app.post("/v1/completions", dependencies=[Depends(auth)])
-    async def completions(body: P.CompletionRequest) -> Any:
-        return await _generate(server, body, _completion_ids(server, body.prompt), chat=False,
-                               max_tokens=body.max_tokens, default=DEFAULT_COMPLETION_TOKENS)
+    async def completions(body: P.CompletionRequest, http: Request) -> Any:
+        return await _generate(server, http, body, _completion_ids(server, body.prompt),
+                               chat=False, max_tokens=body.max_tokens,
+                               default=DEFAULT_COMPLETION_TOKENS)
 
     @app.post("/v1/chat/completions", dependencies=[Depends(auth)])
-    async def chat(body: P.ChatRequest) -> Any:
+    async def chat(body: P.ChatRequest, http: Request) -> Any:
         ids = server.tokenizer.encode(P.chat_prompt(body.messages))
         mt, param = ((body.max_completion_tokens, "max_completion_tokens")
                      if body.max_completion_tokens is not None else (body.max_tokens, "max_tokens"))
-        return await _generate(server, body, ids, chat=True, max_tokens=mt, default=None,
+        return await _generate(server, http, body, ids, chat=True, max_tokens=mt, default=None,
                                param=param)
 
     return app
 
 
-async def _generate(server: Server, body: P._Common, ids: list[int], *, chat: bool,
-                    max_tokens: int | None, default: int | None, param: str = "max_tokens"
-                    ) -> Any:
-    """Validate, queue the request, and answer it whole or as a stream."""
+#: The status logged for a request whose client went away (nginx's convention; never sent).
+CLIENT_CLOSED = 499
+#: How often a request waiting for tokens checks whether its client is still there (s).
+DISCONNECT_POLL_S = 0.25
+
+
+class _Client:
+    """Whether the HTTP client of a request is still there, asked at most every
+    :data:`DISCONNECT_POLL_S` seconds."""
+
+    def __init__(self, http: Request) -> None:
+        self.http, self.checked = http, time.monotonic()
+
+    async def gone(self) -> bool:
+        now = time.monotonic()
+        if now - self.checked < DISCONNECT_POLL_S:
+            return False
+        self.checked = now
+        return await self.http.is_disconnected()
+
+
+async def _next_event(events: asyncio.Queue[Event], client: _Client) -> Event | None:
+    """The next event of a request, or None once its client has disconnected (a client that
+    leaves a request that is queued or not streamed is otherwise only noticed when the
+    answer is written, after decoding every token it asked for)."""
+    get = asyncio.ensure_future(events.get())
+    try:
+        while True:
+            if await client.gone():
+                return None
+            done, _ = await asyncio.wait({get}, timeout=DISCONNECT_POLL_S)
+            if done:
+                return get.result()
+    finally:
+        get.cancel()
+
+
+async def _generate(server: Server, http: Request, body: P._Common, ids: list[int], *,
+                    chat: bool, max_tokens: int | None, default: int | None,
+                    param: str = "max_tokens") -> Any:
+    """Validate, queue the request, and answer it whole or as a stream; a client that
+    disconnects cancels its request (freeing its place in the queue or its batch slot)."""
     sub = server.lookup(body.model)
     stops = P.check_sampling(body)
     if chat:
@@ -233,11 +273,15 @@ async def _generate(server: Server, body: P._Common, ids: list[int], *, chat: bo
     except ShuttingDown as e:
         raise P.APIError(503, str(e), code="shutting_down", type_="server_error") from e
     rid = P.new_id("chatcmpl" if chat else "cmpl")
+    client = _Client(http)
     try:
-        start = await events.get()
+        start = await _next_event(events, client)
     except BaseException:
         req.cancel()
         raise
+    if start is None:  # the client left while the request waited for a slot
+        req.cancel()
+        return Response(status_code=CLIENT_CLOSED)
     if start.kind == "error":
         raise P.APIError(500, start.text, type_="server_error")
     answered = start.submodel
@@ -247,11 +291,14 @@ async def _generate(server: Server, body: P._Common, ids: list[int], *, chat: bo
                                  headers={"Cache-Control": "no-cache"})
     parts: list[str] = []
     try:
-        while (ev := await events.get()).kind == "delta":
+        while (ev := await _next_event(events, client)) is not None and ev.kind == "delta":
             parts.append(ev.text)
     except BaseException:
         req.cancel()
         raise
+    if ev is None:  # the client left: stop decoding for it
+        req.cancel()
+        return Response(status_code=CLIENT_CLOSED)
     if ev.kind == "error":
         raise P.APIError(500, ev.text, type_="server_error")
     return P.completion_body(rid, chat, ev.submodel, body.model, "".join(parts),

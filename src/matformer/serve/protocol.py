@@ -107,6 +107,8 @@ def check_sampling(req: _Common) -> list[str]:
                        "temperature")
     if not 0 < req.top_p <= 1:
         raise APIError(400, f"top_p={req.top_p} must be in (0, 1]", "top_p")
+    if req.seed is not None and not 0 <= req.seed < 2 ** 63:
+        raise APIError(400, f"seed={req.seed} must be in [0, 2^63)", "seed")
     if req.latency_budget_ms is not None and not req.latency_budget_ms > 0:
         raise APIError(400, f"latency_budget_ms={req.latency_budget_ms} must be > 0",
                        "latency_budget_ms")
@@ -118,8 +120,11 @@ def check_sampling(req: _Common) -> list[str]:
 
 def check_length(n_prompt: int, max_tokens: int | None, context: int, default: int | None,
                  param: str = "max_tokens") -> int:
-    """The number of tokens to generate; 400 when the prompt or the request does not fit."""
-    room = context - n_prompt
+    """The number of tokens to generate; 400 when the prompt or the request does not fit.
+
+    The last generated token is never fed back, so ``n_prompt + max_tokens - 1`` positions
+    must fit the context."""
+    room = context - n_prompt + 1
     if room < 1:
         raise APIError(400, f"the prompt is {n_prompt} tokens; the model's context is {context} "
                        "tokens, which leaves no room to generate", "prompt",

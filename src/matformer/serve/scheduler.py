@@ -148,7 +148,14 @@ class Scheduler:
         self._thread.start()
 
     def submit(self, req: Request) -> None:
-        """Queue a request; raises QueueFull or ShuttingDown instead of waiting."""
+        """Queue a request; raises QueueFull or ShuttingDown instead of waiting, and ValueError
+        for a request that could not run (no prompt, max_tokens < 1, or more tokens than the
+        context holds: the last token is never fed back, so prompt + max_tokens - 1 must fit)."""
+        ctx = self.cache.max_len
+        if not req.prompt or req.max_tokens < 1 or len(req.prompt) + req.max_tokens - 1 > ctx:
+            raise ValueError(f"a request of {len(req.prompt)} prompt tokens and max_tokens="
+                             f"{req.max_tokens} does not fit: need >= 1 of each and prompt + "
+                             f"max_tokens - 1 <= {ctx} (the context)")
         with self._cond:
             if self._stopping:
                 self.metrics.inc("rejected_total", reason="shutting_down")
@@ -271,7 +278,7 @@ class Scheduler:
         self._row_widths = None
         self.metrics.inc("prompt_tokens_total", len(req.prompt), submodel=sub.name)
         req.emit(Event("start", submodel=sub))
-        self._take(row, self._sample([row], logits)[0])
+        self._take(row, self._sample(row, logits, int(logits.argmax(-1)[0])))
 
     def _decode_step(self) -> None:
         n = len(self._rows)
@@ -283,21 +290,22 @@ class Scheduler:
         logits = self.model(ids, widths=self._row_widths, cache=self.cache)[:, -1]
         self.cache.advance()
         self.metrics.observe("batch_size", n)
-        for row, tok in zip(list(self._rows), self._sample(self._rows, logits), strict=True):
-            self._take(row, tok)
-
-    def _sample(self, rows: Sequence[_Row], logits: torch.Tensor) -> list[int]:
-        """One token per row with that request's own sampling settings and generator."""
         greedy = logits.argmax(-1).tolist()
-        out = []
-        for b, row in enumerate(rows):
-            r = row.req
-            if r.temperature == 0:
-                out.append(greedy[b])
-            else:
-                out.append(int(sample_next(logits[b:b + 1], temperature=r.temperature,
-                                           top_p=r.top_p, generator=row.gen)[0]))
-        return out
+        for b, row in enumerate(list(self._rows)):  # a row's failure ends that row alone
+            try:
+                self._take(row, self._sample(row, logits[b:b + 1], greedy[b]))
+            except Exception as e:
+                log.exception("sampling failed")
+                self._finish(row, "error", error=f"internal error: {e}")
+
+    def _sample(self, row: _Row, logits: torch.Tensor, greedy: int) -> int:
+        """The row's next token from its (1, vocab) logits, with that request's own sampling
+        settings and generator (``greedy``: the argmax, for temperature 0)."""
+        r = row.req
+        if r.temperature == 0:
+            return greedy
+        return int(sample_next(logits, temperature=r.temperature, top_p=r.top_p,
+                               generator=row.gen)[0])
 
     # ----------------------------------------------------------------- tokens -> text
     def _take(self, row: _Row, tok: int) -> None:
