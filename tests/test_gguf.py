@@ -71,6 +71,8 @@ def test_rope_permute_matches_pair_layout():
     ({"n_kv_head": 2}, (8, 0, 16), (4, 4, 0), "deci"),  # ... on the last layer, GQA
     ({}, (8, 0, 16), (4, 0, 0), "deci"),  # ... and a layer with neither
     ({"activation": "relu2"}, "L", None, "arcee"),
+    ({"nest_heads": True}, "S", "S", "llama"),  # a head-nested granularity: its own heads
+    ({"n_kv_head": 2}, (8, 64, 16), (4, 2, 4), "deci"),  # fewer heads in one layer, GQA
 ])
 @needs_llama
 def test_llama_cpp_logits_equal_ours(tmp_path, bpe, overrides, widths, heads, arch):
@@ -78,7 +80,9 @@ def test_llama_cpp_logits_equal_ours(tmp_path, bpe, overrides, widths, heads, ar
     info = export_gguf(model, bpe, tmp_path / "m.gguf", widths=widths, heads=heads)
     assert info["architecture"] == arch
     assert info["ffn_widths"] == list(model.resolve_widths(widths))
-    assert info["skip_attention"] == [i for i, h in enumerate(heads or ()) if not h]
+    hs = model.resolve_heads(heads)
+    assert info["skip_attention"] == [i for i, h in enumerate(hs or ()) if not h]
+    assert info["heads"] == (None if hs is None else list(hs))
     ids = random_tokens(1, 40, vocab=bpe.vocab_size, seed=1)
     llm = load_llama(tmp_path / "m.gguf", logits_all=True)
     llm.eval(ids[0].tolist())
@@ -195,6 +199,20 @@ def test_cli_check(tmp_path, saved, capsys):
 
     info = json.loads(capsys.readouterr().out)
     assert info["architecture"] == "deci" and info["check_max_abs_logit_diff"] < 1e-3
+    # A head-nested checkpoint: --granularity S is S's widths and S's heads, as eval measures.
+    nested = _model(257, nest_heads=True)
+    ckpt.save_checkpoint(tmp_path / "nested", nested, Tokenizer.byte_level())
+    assert main(["export-gguf", str(tmp_path / "nested"), "--granularity", "S", "--check",
+                 "--json", "--out", str(tmp_path / "s.gguf")]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["heads"] == list(nested.resolve_heads("S")) and "zeroed" in info["note"]
+    ids = random_tokens(1, 24, vocab=257, seed=2)
+    from matformer.submodels.gguf import llama_logits
+
+    got = llama_logits(tmp_path / "s.gguf", ids[0].tolist())
+    with torch.no_grad():
+        ref = nested(ids, widths="S", heads="S")[0].numpy()
+    np.testing.assert_allclose(got, ref, rtol=0, atol=5e-5)
 
 
 def test_cli_budget_picks_from_a_sweep(tmp_path, saved, capsys):
@@ -215,3 +233,29 @@ def test_cli_budget_picks_from_a_sweep(tmp_path, saved, capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["ffn_widths"] == [8, 16, 32] and info["architecture"] == "deci"
     assert info["selected"]["name"] == "mix"
+
+
+def test_file_name_and_permissions(tmp_path):
+    """general.name is the exported submodel's granularity (the largest one's for a nested
+    model exported as it is), and files and folders are created with the umask's permissions,
+    like any other (readable by a server running as another user)."""
+    import os
+
+    from gguf import GGUFReader
+
+    model, tok = _model(257), Tokenizer.byte_level()
+
+    def name(path):
+        field = GGUFReader(path).fields["general.name"]
+        return bytes(field.parts[field.data[0]]).decode()
+
+    old = os.umask(0o022)
+    try:
+        export_gguf(model, tok, tmp_path / "full.gguf")
+        export_gguf(model, tok, tmp_path / "s.gguf", widths="S")
+        run = ckpt.save_checkpoint(tmp_path / "run", model, tok)  # folders, the same way
+    finally:
+        os.umask(old)
+    assert name(tmp_path / "full.gguf") == "XL" and name(tmp_path / "s.gguf") == "S"
+    assert (tmp_path / "full.gguf").stat().st_mode & 0o777 == 0o644
+    assert run.stat().st_mode & 0o777 == 0o755

@@ -100,6 +100,38 @@ def _into_place(tmp: Path, target: Path) -> None:
     _remove(old)
 
 
+def make_temp(target: Path, *, directory: bool) -> Path:
+    """A fresh ``.NAME.tmp-*`` file or folder beside ``target``, with the permissions an
+    ordinary one gets under the current umask (``tempfile`` makes them private, 0600 / 0700,
+    and a rename would keep that: a server running as another user could not read them)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    prefix = f".{target.name}.tmp-"
+    if directory:
+        tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=target.parent))
+    else:
+        fd, name = tempfile.mkstemp(prefix=prefix, dir=target.parent)
+        os.close(fd)
+        tmp = Path(name)
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(tmp, (0o777 if directory else 0o666) & ~mask)
+    return tmp
+
+
+@contextmanager
+def atomic_file(target: str | Path) -> Iterator[Path]:
+    """A temporary file beside ``target`` (:func:`make_temp`), renamed to ``target`` when the
+    block succeeds and removed when it fails, so a crash never leaves a half-written file."""
+    target = Path(target)
+    tmp = make_temp(target, directory=False)
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 @contextmanager
 def atomic_output(target: str | Path, *, overwrite: bool = False,
                   sources: Iterable[str | Path] = ()) -> Iterator[Path]:
@@ -117,8 +149,7 @@ def atomic_output(target: str | Path, *, overwrite: bool = False,
     """
     target = check_output(target, overwrite=overwrite, sources=sources)
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        tmp = make_temp(target, directory=True)
     except OSError as e:
         raise OutputError(f"cannot create {target}: {e}") from e
     try:

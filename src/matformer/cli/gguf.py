@@ -12,9 +12,16 @@ from .common import (
     add_eval_data,
     add_latency,
     load_checkpoint,
-    skip_attention_heads,
 )
-from .submodels import _add_budgets, _add_force, _add_submodel, _budgets, picked_submodel
+from .submodels import (
+    _add_budgets,
+    _add_force,
+    _add_submodel,
+    _budgets,
+    _heads_note,
+    _submodel_heads,
+    picked_submodel,
+)
 
 EXAMPLES = """\
 examples:
@@ -70,6 +77,7 @@ def _check(path: Path, model: Any, widths: Any, heads: Any = None) -> float:
 
 def export_gguf(args: argparse.Namespace) -> Result:
     from ..submodels.gguf import export_gguf
+    from ..tokenizer import MIN_BPE_VOCAB_SIZE
 
     if args.out.exists() and not args.force:  # before any (possibly slow) budget sweep
         raise ValueError(f"{args.out} already exists; pass --force to replace it")
@@ -77,9 +85,20 @@ def export_gguf(args: argparse.Namespace) -> Result:
     chosen = widths = None
     if args.widths or args.granularity or any(v is not None for v in _budgets(args).values()):
         widths, chosen = picked_submodel(args, model, tokenizer)
-    heads = skip_attention_heads(args, model, None)
+    heads = _submodel_heads(args, model)  # a head-nested granularity keeps its own heads
     info = export_gguf(model, tokenizer, args.out, widths=widths, heads=heads, dtype=args.dtype,
                        overwrite=args.force, name=args.name)
+    notes = []
+    if heads is not None:
+        info["heads"], note = _heads_note(model, heads)
+        notes = [note] if note else []
+    elif info["skip_attention"]:  # a checkpoint built without some layers' attention
+        notes = [f"no attention in layers {info['skip_attention']} (deci attention-free "
+                 "layers; untrained depth elasticity)"]
+    if tokenizer.vocab_size > MIN_BPE_VOCAB_SIZE:  # merges: pre-token boundaries matter
+        notes.append("llama.cpp's gpt-2 pre-tokenizer does not cut runs at 256 characters as "
+                     "ours does: a run of more than 255 characters without a space tokenises "
+                     "differently there (docs/llamacpp.md)")
     info["selected"] = chosen
     if args.check:
         info["check_max_abs_logit_diff"] = _check(args.out, model, widths, heads)
@@ -87,9 +106,9 @@ def export_gguf(args: argparse.Namespace) -> Result:
     lines = [f"exported {info['architecture']} ({info['params'] / 1e6:.3f}M params, FFN widths "
              f"{','.join(map(str, info['ffn_widths']))}) to {info['out']}: "
              f"{info['bytes'] / 1e6:.2f} MB, tensors {types}"]
-    if info["skip_attention"]:
-        lines.append(f"note: no attention in layers {info['skip_attention']} (deci "
-                     "attention-free layers; untrained depth elasticity)")
+    if notes:
+        info["note"] = "; ".join(notes)
+    lines += [f"note: {n}" for n in notes]
     if "check_max_abs_logit_diff" in info:
         lines.append(f"check: llama.cpp logits vs ours, max abs diff "
                      f"{info['check_max_abs_logit_diff']:.2e}")

@@ -37,13 +37,14 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from ..outputs import make_temp
 
 log = logging.getLogger(__name__)
 
@@ -386,8 +387,7 @@ def slice_hf(src: str | Path, dst: str | Path, widths: Sequence[int],
     hpl = int(text.get("hidden_size_per_layer_input", 256))
     files, _ = _shards(src)
     prefix = _prefix_of(src, files)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    tmp = make_temp(dst, directory=True)
     try:
         total, params = _write_shards(src, tmp, files, prefix, plan, hpl)
         new_text = sliced_text_config(text, plan)

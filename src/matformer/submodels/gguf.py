@@ -40,12 +40,9 @@ the destination and renamed, so a crash never leaves a half-written model behind
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import os
-import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -55,6 +52,7 @@ from torch import Tensor
 
 from ..config import ModelConfig
 from ..model import MatFormerLM, WidthSpec
+from ..outputs import atomic_file
 from ..tokenizer import EOS_TOKEN, Tokenizer
 
 if TYPE_CHECKING:
@@ -249,22 +247,6 @@ def _add_tokenizer(writer: gguf_lib.GGUFWriter, vocab: tuple[list[str], list[int
     writer.add_add_eos_token(False)
 
 
-@contextlib.contextmanager
-def _atomic_file(out: Path) -> Iterator[Path]:
-    """A temporary file beside ``out``, renamed to ``out`` when the block succeeds and removed
-    when it fails, so a crash never leaves a half-written file at ``out``."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        yield tmp
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _write_gguf(path: Path, sub: MatFormerLM, arch: str, dtype: str, name: str,
                 vocab: tuple[list[str], list[int], list[str]], eos_id: int) -> dict[str, int]:
     """Write the whole GGUF file of the dense model ``sub``; returns tensors per stored type."""
@@ -285,7 +267,7 @@ def _write_gguf(path: Path, sub: MatFormerLM, arch: str, dtype: str, name: str,
 # ----------------------------------------------------------------------------- export
 @torch.no_grad()
 def export_gguf(model: MatFormerLM, tokenizer: Tokenizer, out: str | Path, *,
-                widths: WidthSpec = None, heads: Sequence[int] | None = None,
+                widths: WidthSpec = None, heads: str | Sequence[int] | None = None,
                 dtype: str = "f32", overwrite: bool = False, name: str | None = None
                 ) -> dict[str, Any]:
     """Write the submodel ``widths`` of ``model`` as one GGUF file llama.cpp runs as it is.
@@ -296,12 +278,15 @@ def export_gguf(model: MatFormerLM, tokenizer: Tokenizer, out: str | Path, *,
         out: Destination ``.gguf`` file.
         widths: The submodel (extracted first); None exports the model as it is (the full model
             of a nested checkpoint).
-        heads: Per-layer head counts, 0 where the submodel skips a layer's attention (every
-            other count must be the full ``n_head``: llama.cpp layers have all heads or none).
+        heads: Per-layer head counts (or a head-nested model's granularity name), 0 where the
+            submodel skips a layer's attention. Fewer heads are exported as
+            :func:`~matformer.submodels.extract.extract` ships them: every head kept, those past
+            the count zeroed (the same function, at the full attention cost).
         dtype: Storage of the weight matrices: f32 (exact), f16, bf16 or q8_0 (matrices whose
             rows are not a multiple of 32 values fall back to f16).
         overwrite: Replace an existing file (CLI: ``--force``).
-        name: ``general.name`` in the file (default: the submodel's granularity name).
+        name: ``general.name`` in the file (default: the submodel's granularity name; the
+            largest one's when a nested model is exported as it is).
 
     Returns:
         Facts about the export: architecture, widths, parameter count, tensor types, bytes.
@@ -318,10 +303,6 @@ def export_gguf(model: MatFormerLM, tokenizer: Tokenizer, out: str | Path, *,
     if out.exists() and not overwrite:
         raise GGUFExportError(f"{out} already exists; pass --force (overwrite=True) to replace it")
     hs = model.resolve_heads(heads)
-    if hs is not None and any(h not in (0, model.config.n_head) for h in hs):
-        raise GGUFExportError(f"heads {list(hs)}: a GGUF layer has all {model.config.n_head} "
-                              "heads or none (0 skips its attention); fewer heads are not "
-                              "exported")
     if hs is not None and hs[0] == 0:
         raise GGUFExportError("heads: layer 0 skips its attention, which llama.cpp cannot load "
                               "(it takes every layer's head size from layer 0's head count); "
@@ -330,11 +311,13 @@ def export_gguf(model: MatFormerLM, tokenizer: Tokenizer, out: str | Path, *,
     cfg = sub.config
     arch = architecture(cfg)
     vocab = _vocab(tokenizer, cfg.vocab_size)
-    with _atomic_file(out) as tmp:
-        stored = _write_gguf(tmp, sub, arch, dtype, name or cfg.names[0], vocab, tokenizer.eos_id)
+    with atomic_file(out) as tmp:
+        stored = _write_gguf(tmp, sub, arch, dtype, name or cfg.names[-1], vocab,
+                             tokenizer.eos_id)
     dims = list(cfg.ffn_dims)
     info = {"out": str(out), "architecture": arch, "ffn_widths": dims, "dtype": dtype,
             "skip_attention": list(cfg.skip_attention),
+            "heads": None if hs is None else list(hs),
             "tensor_types": stored, "params": sub.num_params(),
             "bytes": out.stat().st_size, "vocab_size": cfg.vocab_size}
     log.info("exported %s (%s, FFN widths %s) to %s", arch, dtype, dims, out)
