@@ -92,6 +92,26 @@ def test_cli_consistency(checkpoints, capsys: pytest.CaptureFixture[str]) -> Non
     assert main(["consistency", str(ck["mat"]), "--baselines", str(ck["S"])]) == 2
 
 
+def test_cli_consistency_counts_nested_heads(tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """A head-nested granularity is measured, and counted, with its own heads."""
+    corpus = write_corpus(tmp_path / "corpus.txt", n_words=800)
+    model = tiny_model(vocab_size=257, n_head=4, nest_heads=True)
+    run = save_checkpoint(tmp_path / "run", model, Tokenizer.byte_level(),
+                          metadata={"data": str(corpus), "val_fraction": 0.1, "seq_len": 32})
+    assert main(["consistency", str(run), "--batches", "1", "--batch-size", "2",
+                 "--widths", "8,64", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["matformer"]
+    cfg = model.config
+    for name in cfg.names:
+        want = cfg.num_params(cfg.ffn_widths(name), embedding=False,
+                              heads=model.resolve_heads(name))
+        assert rows[name]["non_embedding_params"] == want
+    assert rows["8,64"]["non_embedding_params"] == cfg.num_params((8, 64), embedding=False)
+    assert rows["S"]["non_embedding_params"] < cfg.num_params(cfg.ffn_widths("S"),
+                                                              embedding=False)
+
+
 def test_cli_generate_plain_speculative_and_stream(checkpoints,
                                                    capsys: pytest.CaptureFixture[str]) -> None:
     ck = str(checkpoints["mat"])

@@ -89,6 +89,23 @@ def test_patterns_are_permutations_and_deduplicated():
         mm.candidates(cfg, ["zigzag"])
 
 
+def test_patterns_with_layers_of_different_ffn_sizes():
+    """Ablation patterns re-order granularity levels, not absolute widths: with per-layer FFN
+    sizes every candidate stays valid and nested, and keeps its rule point's levels."""
+    cfg = tiny_config(n_layer=3, d_ff=(32, 64, 128))
+    cands = mm.candidates(cfg, mm.PATTERNS)
+    table = mm.nested_widths(cfg)
+    rule = {tuple(sorted(mm._levels(cfg, c.widths))) for c in cands if c.pattern == "rule"}
+    for c in cands:
+        mm.check_widths(cfg, c.widths)  # raises for a width the layer cannot take
+        levels = tuple(table[i].index(w) for i, w in enumerate(c.widths))
+        if c.pattern in ("decreasing", "inc-dec", "dec-inc", "random"):
+            assert len(set(levels)) > 1 and tuple(sorted(levels)) in rule
+        if c.pattern == "decreasing":
+            assert list(levels) == sorted(levels, reverse=True)
+    assert any(c.pattern == "decreasing" for c in cands)
+
+
 @pytest.mark.parametrize(("widths", "match"), [
     ((8, 16, 32), "has 3 entries"),
     ((8, 16, 32, 128), "out of range"),
@@ -259,3 +276,13 @@ def test_cli_sweep_select_extract_eval(tmp_path, capsys):
     assert main(["extract", str(src), "--max-params", "100", "--out", str(tmp_path / "x"),
                  "--batches", "1"]) == 2
     assert "smallest achievable" in capsys.readouterr().err
+    # A sweep of another model would pick by that model's costs: refused.
+    other = ckpt.save_checkpoint(tmp_path / "other", tiny_model(n_layer=3, vocab_size=257,
+                                                                d_model=64), tok)
+    assert main(["extract", str(other), "--max-params", "30000", "--sweep", str(out),
+                 "--out", str(tmp_path / "x")]) == 2
+    assert "made on another model" in capsys.readouterr().err
+    assert main(["extract", str(src), "--max-params", "30000", "--sweep", str(out),
+                 "--skip-attention", "1", "--out", str(tmp_path / "x")]) == 2
+    assert "--skip-attention or a budget" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

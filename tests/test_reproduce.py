@@ -16,6 +16,7 @@ from matformer.reproduce.report import stat, verdict
 from matformer.reproduce.run import reproduce
 from matformer.reproduce.scaling import fit, scaled_config
 from matformer.reproduce.sizes import size_table
+from matformer.submodels.extract import extract
 
 
 def test_plan_follows_the_matching_rule() -> None:
@@ -80,6 +81,18 @@ def test_size_table_rows() -> None:
     assert rows[-1]["speed_vs_full"] == 1.0 and rows[-1]["loss_vs_full"] == 0.0
     assert all(r["tokens_per_s"] > 0 and torch.isfinite(torch.tensor(r["val_loss"]))
                for r in rows)
+
+
+def test_size_table_counts_a_head_nested_granularitys_own_heads() -> None:
+    """Loss, parameters and speed of one row are all the same submodel's: S with S's heads."""
+    model = tiny_model(n_head=4, nest_heads=True)
+    x = random_tokens(2, 16)
+    rows = size_table(model, [(x[:, :-1], x[:, 1:])], repeats=1, context=8)
+    for r in rows:
+        held = extract(model, r["name"], heads=r["name"])  # its dropped heads zeroed
+        zeroed = sum(int((p == 0).sum()) for n, p in held.named_parameters() if ".attn." in n)
+        assert r["params"] == held.num_params() - zeroed
+    assert rows[0]["params"] < model.num_params("S")  # fewer heads than all of them
 
 
 @pytest.mark.slow

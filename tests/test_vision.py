@@ -409,6 +409,13 @@ def test_cli_train_eval_retrieve_mixnmatch_extract(tmp_path: Path, capsys) -> No
     assert any(r["pareto_params"] for r in mx["candidates"])
     assert mx["selected"]["params"] <= 4000
     assert (tmp_path / "mm" / "mixnmatch.png").exists()
+    # extract picks from the ViT sweep by accuracy, as vision mixnmatch does
+    picked = _run(capsys, "extract", str(run), "--max-params", "4000", "--sweep",
+                  str(tmp_path / "mm"), "--out", str(tmp_path / "picked"), "--json")
+    assert picked["selected"] == mx["selected"] and picked["widths"] == mx["selected"]["widths"]
+    assert main(["extract", str(run), "--max-params", "4000", "--out",
+                 str(tmp_path / "nope")]) == 2
+    assert "vision mixnmatch" in capsys.readouterr().err
 
     ex = tmp_path / "M"
     assert main(["extract", str(run), "--granularity", "M", "--out", str(ex)]) == 0

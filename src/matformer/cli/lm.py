@@ -261,7 +261,10 @@ def consistency(args: argparse.Namespace) -> Result:
     rows = granularity_consistency(model, batches, extra=extra, precision=args.precision)
     for name, r in rows.items():
         w = model.resolve_widths(extra.get(name, name if name in cfg.names else None))
-        r.update(widths=list(w), non_embedding_params=cfg.num_params(w, embedding=False))
+        # a head-nested granularity is measured with its own heads; extra widths keep all
+        h = model.resolve_heads(name if cfg.nest_heads and name in cfg.names else None)
+        r.update(widths=list(w), non_embedding_params=cfg.num_params(w, embedding=False,
+                                                                     heads=h))
     base_rows: dict[str, dict[str, Any]] = {}
     if bases:
         names = [b.config.names[-1] for b, _ in bases]

@@ -5,6 +5,7 @@ Each command returns ``(result, text)`` (see :mod:`matformer.cli.common`)."""
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 from typing import Any
 
@@ -221,11 +222,18 @@ def _sweep_kw(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _describe_row(r: dict[str, Any], prefix: str = "") -> str:
+    """One line for a sweep row: a language model's (loss, FLOPs per token, prefill/decode
+    latency) or a ViT's (accuracy, FLOPs per image, latency)."""
+    head = (f"{prefix}{r['name']}: widths {','.join(map(str, r['widths']))}; "
+            f"{r['params'] / 1e6:.3f}M params ({r['non_embedding_params'] / 1e6:.3f}M "
+            "non-embedding), ")
+    if "flops_per_image" in r:
+        lat = f", latency {r['latency_ms']:.2f} ms" if "latency_ms" in r else ""
+        return (f"{head}{r['flops_per_image'] / 1e6:.2f} MFLOPs/image{lat}; accuracy "
+                f"{100 * r['accuracy']:.2f}%")
     lat = (f", prefill {r['prefill_ms']:.2f} ms, decode {r['decode_ms']:.3f} ms"
            if "prefill_ms" in r else "")
-    return (f"{prefix}{r['name']}: widths {','.join(map(str, r['widths']))}; "
-            f"{r['params'] / 1e6:.3f}M params ({r['non_embedding_params'] / 1e6:.3f}M "
-            f"non-embedding), {r['flops_per_token'] / 1e6:.1f} MFLOPs/token{lat}; "
+    return (f"{head}{r['flops_per_token'] / 1e6:.1f} MFLOPs/token{lat}; "
             f"val loss {r['val_loss']:.4f}")
 
 
@@ -291,14 +299,29 @@ def picked_submodel(args: argparse.Namespace, model: Any, tokenizer: Any
     """
     from ..submodels import candidates as mm
     from ..submodels.report import load_sweep
-    from ..submodels.sweep import choose, select
+    from ..submodels.sweep import LM_OBJECTIVE, VIT_OBJECTIVE, choose, select
 
     budgets = _budgets(args)
     if any(v is not None for v in budgets.values()):
         if args.widths or args.granularity:
             raise ValueError("give a submodel (--granularity/--widths) or a budget, not both")
+        if getattr(args, "skip_attention", None):
+            raise ValueError("give --skip-attention or a budget, not both (a budget picks a "
+                             "sweep row, which says itself which attention it skips)")
+        vision = model.config.to_dict().get("kind") == "vit"
+        if vision and not args.sweep:
+            raise ValueError("a budget for a ViT picks from its sweep: run `matformer vision "
+                             "mixnmatch` first and pass --sweep (the folder it wrote)")
         if args.sweep:
-            chosen = select(load_sweep(args.sweep)["candidates"], **budgets)
+            sweep = load_sweep(args.sweep)
+            made_on = sweep.get("config")  # as JSON stores it: lists, not tuples
+            if made_on is not None and made_on != json.loads(json.dumps(model.config.to_dict())):
+                raise ValueError(f"--sweep {args.sweep} was made on another model (config "
+                                 f"{made_on}), not on {args.checkpoint}; its costs would not "
+                                 "be this model's")
+            given = {k: v for k, v in budgets.items() if v is not None}
+            chosen = select(sweep["candidates"], VIT_OBJECTIVE if vision else LM_OBJECTIVE,
+                            **given)
         else:
             batches, info = checkpoint_batches(args, model, tokenizer)
             chosen = choose(model, batches, mm.candidates(model.config), budgets,

@@ -19,15 +19,18 @@ def size_table(model: MatFormerLM, batches: list, *, repeats: int = 5, context: 
 
     cfg = model.config
     names = cfg.names
-    heads = [n if cfg.nest_heads else None for n in names]
+    # A head-nested granularity has its own heads: its loss, size and speed are all measured
+    # on them.
+    heads = [model.resolve_heads(n if cfg.nest_heads else None) for n in names]
     rows = []
     for name, h in zip(names, heads, strict=True):
         w = cfg.ffn_widths(name)
-        rows.append({"name": name, "widths": list(w), "params": cfg.num_params(w),
-                     "non_embedding_params": cfg.num_params(w, embedding=False),
+        rows.append({"name": name, "widths": list(w), "params": cfg.num_params(w, heads=h),
+                     "non_embedding_params": cfg.num_params(w, embedding=False, heads=h),
                      "val_loss": evaluate_loss(model, batches, widths=w, heads=h)})
-    lat = lm_latency([(model, cfg.ffn_widths(n)) for n in names], prefill_len=context,
-                     decode_context=context, repeats=repeats, threads=threads)
+    lat = lm_latency([(model, cfg.ffn_widths(n), h) for n, h in zip(names, heads, strict=True)],
+                     prefill_len=context, decode_context=context, repeats=repeats,
+                     threads=threads)
     for row, t in zip(rows, lat, strict=True):
         row["decode_ms"] = t["decode_ms"]
         row["decode_ms_q1"], row["decode_ms_q3"] = t["decode_ms_q1"], t["decode_ms_q3"]

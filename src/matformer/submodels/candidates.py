@@ -125,8 +125,16 @@ def rule_candidates(cfg: ModelConfig) -> list[Candidate]:
     return out
 
 
-def _arrange(widths: tuple[int, ...], pattern: str, rng: random.Random) -> tuple[int, ...]:
-    s = sorted(widths)
+def _levels(cfg: ModelConfig, widths: Sequence[int]) -> tuple[int, ...]:
+    """The granularity index of each layer's width (the widths must be granularities')."""
+    return tuple(next(g for g in range(cfg.num_granularities) if cfg.ffn_widths(g)[i] == w)
+                 for i, w in enumerate(widths))
+
+
+def _arrange(levels: tuple[int, ...], pattern: str, rng: random.Random) -> tuple[int, ...]:
+    """Re-order a candidate's per-layer granularity levels by an ablation ``pattern`` (levels,
+    not widths: layers may have FFNs of different sizes)."""
+    s = sorted(levels)
     if pattern == "decreasing":
         return tuple(reversed(s))
     if pattern == "inc-dec":  # a0 a2 a4 ... a5 a3 a1: rises to the middle, then falls
@@ -134,7 +142,7 @@ def _arrange(widths: tuple[int, ...], pattern: str, rng: random.Random) -> tuple
     if pattern == "dec-inc":
         return tuple(s[0::2][::-1] + s[1::2])
     if pattern == "random":
-        out = list(widths)
+        out = list(levels)
         for _ in range(10):  # a shuffle equal to the sorted order says nothing new
             rng.shuffle(out)
             if out != s:
@@ -183,11 +191,11 @@ def candidates(cfg: ModelConfig, patterns: Sequence[str] = ("rule",), *,
     if "rule" in patterns:
         out += rule
     rng = random.Random(seed)
-    mixed = [c for c in rule if len(set(c.widths)) > 1]
+    mixed = [lv for lv in (_levels(cfg, c.widths) for c in rule) if len(set(lv)) > 1]
     for pattern in patterns:
         if pattern != "rule":
-            for c in mixed:
-                w = _arrange(c.widths, pattern, rng)
+            for levels in mixed:
+                w = _levels_to_widths(cfg, _arrange(levels, pattern, rng))
                 out.append(Candidate(describe(cfg, w), pattern, w))
     for w in widths:
         w = check_widths(cfg, w, nested=nested)
