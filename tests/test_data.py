@@ -18,6 +18,7 @@ from matformer.data import (
     default_cache_dir,
     prepare_data,
     split_documents,
+    split_text,
     token_dtype,
     unigram_entropy,
 )
@@ -122,36 +123,53 @@ def test_load_bad_files(tmp_path: Path, content: str | bytes, message: str) -> N
 
 
 def test_split_documents() -> None:
-    docs = [np.arange(100), np.arange(1000, 1010), np.arange(2000, 2001)]
-    train, val = split_documents(docs, 0.1, eos_id=-1)
-    eos = [-1]
-    expected_train = [*range(90), *eos, *range(1000, 1009), *eos, 2000, *eos]
-    expected_val = [*range(90, 100), *eos, 1009, *eos]
-    assert train.tolist() == expected_train
-    assert val.tolist() == expected_val
-    again = split_documents(docs, 0.1, eos_id=-1)
+    """Each document's last 10% of characters (rounded half up) is validation; head and tail
+    are tokenised separately, each followed by end-of-text (byte-level: one token a byte)."""
+    tok = Tokenizer.byte_level()
+    eos = tok.eos_id
+    texts = ["a" * 90 + "b" * 10, "c" * 9 + "d", "e"]
+    train, val = split_documents(texts, 0.1, tok)
+    assert train.tolist() == [97] * 90 + [eos] + [99] * 9 + [eos] + [101, eos]
+    assert val.tolist() == [98] * 10 + [eos] + [100, eos]
+    again = split_documents(texts, 0.1, tok)
     assert np.array_equal(again[0], train) and np.array_equal(again[1], val)
 
 
 @pytest.mark.parametrize("fraction", [0.05, 0.2, 0.5])
 def test_split_fractions(fraction: float) -> None:
     rng = np.random.default_rng(0)
-    docs = [rng.integers(0, 50, size=n) for n in (1000, 3000, 777)]
-    train, val = split_documents(docs, fraction, eos_id=50, dtype=np.uint16)
+    texts = ["".join(rng.choice(list("abcdefgh "), size=n)) for n in (1000, 3000, 777)]
+    tok = Tokenizer.byte_level()
+    train, val = split_documents(texts, fraction, tok, dtype=np.uint16)
     assert train.dtype == val.dtype == np.uint16
-    assert len(train) + len(val) == sum(map(len, docs)) + 2 * len(docs)
-    assert (val == 50).sum() == (train == 50).sum() == 3
+    assert len(train) + len(val) == sum(map(len, texts)) + 2 * len(texts)
+    assert (val == tok.eos_id).sum() == (train == tok.eos_id).sum() == 3
     assert abs(len(val) / (len(train) + len(val)) - fraction) < 0.01
-    # Each document's tail is exactly its validation part.
-    cut = len(docs[0]) - round(len(docs[0]) * fraction)
-    assert np.array_equal(train[:cut], docs[0][:cut])
-    assert np.array_equal(val[: len(docs[0]) - cut], docs[0][cut:])
+    head, tail = split_text(texts[0], fraction)  # each document's tail is its validation part
+    assert head + tail == texts[0] and len(tail) == round(len(texts[0]) * fraction)
+    assert tok.decode(train[: len(head)].tolist()) == head
+    assert tok.decode(val[: len(tail)].tolist()) == tail
+
+
+def test_a_tokenizer_trained_on_the_heads_never_sees_validation_text() -> None:
+    """Documents whose tails compress better than their heads: a token-count split would put
+    part of the text a tokenizer was trained on into validation; a character split cannot."""
+    texts = ["qwzx " * 200 + "the the the " * 200 for _ in range(3)]
+    heads = [split_text(t, 0.3)[0] for t in texts]
+    tok = Tokenizer.train_bpe(heads, 300)
+    train, val = split_documents(texts, 0.3, tok)
+    seen = "".join(heads)
+    held_out = tok.decode(val.tolist(), skip_special_tokens=True)
+    assert held_out == "".join(split_text(t, 0.3)[1] for t in texts)
+    assert len(tok.decode(train.tolist(), skip_special_tokens=True)) == len(seen)
 
 
 @pytest.mark.parametrize("bad", [0.0, -0.1, 0.51, 1.0])
 def test_split_bad_fraction(bad: float) -> None:
     with pytest.raises(ValueError, match=rf"val_fraction.*{bad}"):
-        split_documents([np.arange(10)], bad, eos_id=0)
+        split_text("some text", bad)
+    with pytest.raises(ValueError, match=rf"val_fraction.*{bad}"):
+        split_documents(["some text"], bad, Tokenizer.byte_level())
 
 
 # ----------------------------------------------------------------------------- prepare_data
@@ -180,9 +198,7 @@ def test_prepare_data_and_cache(
     assert "tokenised" in caplog.text
     assert isinstance(ds.train, np.memmap) and ds.train.dtype == np.uint16
     texts = load_corpus(text_corpus)
-    train, val = split_documents(
-        [np.array(tok.encode(t)) for t in texts], 0.1, tok.eos_id, dtype=np.uint16
-    )
+    train, val = split_documents(texts, 0.1, tok, dtype=np.uint16)
     assert np.array_equal(ds.train, train) and np.array_equal(ds.val, val)
     (folder,) = cache.iterdir()
     assert len(folder.name) == 64  # sha256 hex

@@ -186,7 +186,9 @@ def test_scheduler_bounded_queue_and_cancel() -> None:
     sched = _scheduler(model, max_batch=1, max_queue=1)
     sub = build_registry(model, "t")[0]
     events: list[Event] = []
-    reqs = [Request([1, 2, 3], 300, sub, events.append) for _ in range(2)]
+    # ignore_eos: a sampled end-of-text before the third token would end the request early
+    # and leave `done` unset (the seed is random per request)
+    reqs = [Request([1, 2, 3], 300, sub, events.append, ignore_eos=True) for _ in range(2)]
     for r in reqs:  # one for the free slot, one waiting: the queue is full
         sched.submit(r)
     with pytest.raises(QueueFull, match="waiting"):
@@ -558,14 +560,14 @@ def test_next_event_notices_a_client_that_left() -> None:
 
 def test_client_leaving_a_non_streamed_request_frees_its_slot(
         ckpt: tuple[Path, MatFormerLM]) -> None:
-    """Decoding slowed to 20 ms a step: 300 tokens would take 6 s, but the client leaves after
+    """Decoding slowed to 50 ms a step: 300 tokens would take 15 s, but the client leaves after
     0.5 s and the request is cancelled, its slot freed, well before."""
     running = Running(ckpt[0], max_batch=2, measure_latency=False)
     sched = running.server.scheduler
     step = sched._decode_step
 
     def slow_step() -> None:
-        time.sleep(0.02)
+        time.sleep(0.05)
         step()
 
     sched._decode_step = slow_step  # type: ignore[method-assign]

@@ -306,6 +306,39 @@ def test_resume_equals_uninterrupted(tmp_path: Path) -> None:
     assert ma[-1]["val_loss"] == mb[-1]["val_loss"]
 
 
+def test_a_step_starts_from_zero_gradients(tmp_path: Path) -> None:
+    """Gradients an interrupted step left behind (here: junk on every weight) do not leak into
+    the next step: the run equals one that never had them."""
+    data = pattern_dataset(seed=5)
+    clean = make_trainer(tmp_path / "a", model=tiny_model(seed=0), data=data, steps=3)
+    clean.fit()
+    dirty = make_trainer(tmp_path / "b", model=tiny_model(seed=0), data=data, steps=3)
+    for p in dirty.model.parameters():
+        p.grad = torch.full_like(p, 7.0)
+    dirty.fit()
+    assert state_equal(clean.raw, dirty.raw) == []
+
+
+def test_fit_refuses_to_start_over_an_existing_run(tmp_path: Path) -> None:
+    make_trainer(tmp_path, steps=2).fit()
+    before = (tmp_path / "latest").read_text()
+    with pytest.raises(ValueError, match=r"already holds a run.*resume"):
+        make_trainer(tmp_path, steps=2).fit()
+    assert (tmp_path / "latest").read_text() == before and len(_metrics(tmp_path)) == 2
+
+
+def test_resume_takes_this_runs_optimizer_settings(tmp_path: Path) -> None:
+    """The saved optimizer state keeps its moments; weight decay and betas come from the
+    config of the run that resumes."""
+    make_trainer(tmp_path, steps=2).fit()
+    later = make_trainer(tmp_path, steps=4, weight_decay=0.0, betas=(0.5, 0.6))
+    later.resume()
+    decay, no_decay = later.optimizer.param_groups
+    assert decay["weight_decay"] == 0.0 and no_decay["weight_decay"] == 0.0
+    assert all(tuple(g["betas"]) == (0.5, 0.6) for g in later.optimizer.param_groups)
+    assert later.optimizer.state  # the moments were loaded
+
+
 def test_resume_rejects_other_model(tmp_path: Path) -> None:
     make_trainer(tmp_path, steps=4).fit()
     other = make_trainer(tmp_path, model=tiny_model(activation="gelu"))

@@ -27,7 +27,7 @@ from .tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
-_CACHE_FORMAT = 1
+_CACHE_FORMAT = 2  # 2: the validation tail is cut by characters, then tokenised
 
 
 # --------------------------------------------------------------------------------- tokens
@@ -36,23 +36,31 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
 
 
+def split_text(text: str, val_fraction: float) -> tuple[str, str]:
+    """A document's train head and validation tail: the last ``round(n * val_fraction)`` of
+    its ``n`` characters are held out (rounding half up).
+
+    One rule for both uses: :func:`prepare_data` tokenises head and tail separately, and a
+    tokenizer is trained on the heads, so it never sees validation text.
+
+    Raises:
+        ValueError: If ``val_fraction`` is outside (0, 0.5].
+    """
+    if not 0.0 < val_fraction <= 0.5:
+        raise ValueError(f"val_fraction must be in (0, 0.5], got {val_fraction!r}")
+    cut = len(text) - math.floor(len(text) * val_fraction + 0.5)
+    return text[:cut], text[cut:]
+
+
 def split_documents(
-    token_docs: list[np.ndarray],
+    texts: list[str],
     val_fraction: float,
-    eos_id: int,
+    tokenizer: Tokenizer,
     dtype: np.dtype | type = np.int64,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Split every document into a train head and a validation tail.
-
-    The first ``n - round(n * val_fraction)`` tokens of each document go to train, the rest to
-    validation; each non-empty piece is followed by ``eos_id`` and pieces are concatenated in
-    document order. Deterministic.
-
-    Args:
-        token_docs: Token ids of each document.
-        val_fraction: Fraction of each document for validation, in (0, 0.5].
-        eos_id: Id appended after each piece.
-        dtype: Dtype of the returned arrays.
+    """Split every document into a train head and a validation tail (:func:`split_text`) and
+    tokenise both; each non-empty piece is followed by the end-of-text token and pieces are
+    concatenated in document order. Deterministic.
 
     Returns:
         ``(train, val)`` flat token arrays.
@@ -60,19 +68,14 @@ def split_documents(
     Raises:
         ValueError: If ``val_fraction`` is outside (0, 0.5].
     """
-    if not 0.0 < val_fraction <= 0.5:
-        raise ValueError(f"val_fraction must be in (0, 0.5], got {val_fraction!r}")
-    eos = np.array([eos_id], dtype=dtype)
-    train: list[np.ndarray] = []
-    val: list[np.ndarray] = []
-    for doc in token_docs:
-        doc = np.asarray(doc, dtype=dtype)
-        cut = len(doc) - math.floor(len(doc) * val_fraction + 0.5)
-        for parts, piece in ((train, doc[:cut]), (val, doc[cut:])):
-            if len(piece):
-                parts += [piece, eos]
-    empty = np.zeros(0, dtype=dtype)
-    return (np.concatenate(train) if train else empty, np.concatenate(val) if val else empty)
+    pieces = [split_text(t, val_fraction) for t in texts]
+    eos = np.array([tokenizer.eos_id], dtype=dtype)
+    out = []
+    for part in (0, 1):
+        ids = tokenizer.encode_batch([p[part] for p in pieces])
+        arrays = [a for doc in ids if len(doc) for a in (np.asarray(doc, dtype=dtype), eos)]
+        out.append(np.concatenate(arrays) if arrays else np.zeros(0, dtype=dtype))
+    return out[0], out[1]
 
 
 def unigram_entropy(tokens: np.ndarray, vocab_size: int) -> float:
@@ -292,8 +295,7 @@ def prepare_data(
         except (OSError, ValueError, KeyError) as exc:
             logger.warning("ignoring broken token cache %s (%s); re-tokenising", folder, exc)
     t0 = time.perf_counter()
-    docs = [np.asarray(ids, dtype=dtype) for ids in tokenizer.encode_batch(texts)]
-    train, val = split_documents(docs, val_fraction, tokenizer.eos_id, dtype=dtype)
+    train, val = split_documents(texts, val_fraction, tokenizer, dtype=dtype)
     seconds = time.perf_counter() - t0
     logger.info(
         "tokenised %r: %d train + %d val tokens in %.1fs", corpus, len(train), len(val), seconds
@@ -301,7 +303,7 @@ def prepare_data(
     folder.mkdir(parents=True, exist_ok=True)
     _atomic_write(folder / "train.bin", train.tobytes())
     _atomic_write(folder / "val.bin", val.tobytes())
-    meta = dict(format=_CACHE_FORMAT, corpus=corpus, documents=len(docs), dtype=dtype.name)
+    meta = dict(format=_CACHE_FORMAT, corpus=corpus, documents=len(texts), dtype=dtype.name)
     meta |= dict(train_tokens=len(train), val_tokens=len(val), val_fraction=val_fraction)
     _atomic_write(meta_path, json.dumps(meta, indent=2).encode())
     return TokenDataset(

@@ -283,6 +283,12 @@ class Trainer:
         if "optimizer" not in state:
             raise ckpt.CheckpointError(f"{path / ckpt.TRAIN_STATE} holds no optimizer state")
         dist.load_full_optimizer_state(self.model, self.optimizer, state["optimizer"])
+        # The loaded state brings the saved hyper-parameters; this run's config decides them
+        # (moments and step counts are what resuming keeps). The learning rate is set per step.
+        decay, no_decay = self.optimizer.param_groups
+        decay["weight_decay"], no_decay["weight_decay"] = self.cfg.weight_decay, 0.0
+        for group in self.optimizer.param_groups:
+            group["betas"] = tuple(self.cfg.betas)
         self.step = int(state["step"])
         if self.env.is_main:
             self._truncate_metrics(self.step)
@@ -333,6 +339,9 @@ class Trainer:
         lr = lr_at(step, cfg)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        # Gradients left by a step that was interrupted (an exception or Ctrl-C between its
+        # backward passes, in a session that goes on) must not leak into this one.
+        self.optimizer.zero_grad(set_to_none=True)
         x, y = self.task.batch(step, cfg.batch_size, cfg.seed, env.rank, env.world_size)
         plan = granularities_for_step(step, cfg, self.names)
         micro = cfg.grad_accum
@@ -388,6 +397,11 @@ class Trainer:
     def fit(self) -> dict[str, float]:
         """Train until ``cfg.steps``, evaluating and checkpointing on the way; return final eval."""
         cfg = self.cfg
+        latest = self.run_dir / ckpt.LATEST
+        if self.step == 0 and (latest.exists() or latest.is_symlink()):
+            raise ValueError(f"{self.run_dir} already holds a run ({latest}); call resume() to "
+                             "continue it, or train into another folder (starting over here "
+                             "would overwrite its checkpoints and metrics)")
         if self.env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             ckpt.clean_run_leftovers(self.run_dir)  # of writes a kill interrupted

@@ -127,7 +127,7 @@ def train(args: argparse.Namespace) -> Result:
     from .. import checkpoint as ckpt
     from .. import distributed as dist
     from ..corpora import absolute_spec, load_corpus
-    from ..data import prepare_data
+    from ..data import prepare_data, split_text
     from ..model import MatFormerLM
     from ..runs import check_new_run_dir, read_train_config
     from ..task import LMTask
@@ -149,7 +149,7 @@ def train(args: argparse.Namespace) -> Result:
             tokenizer_file = args.out / "tokenizer.json"
             if env.is_main:  # one rank trains the tokenizer, the others read it
                 docs = load_corpus(args.data)
-                train_text = [doc[: int(len(doc) * (1 - args.val_fraction))] for doc in docs]
+                train_text = [split_text(doc, args.val_fraction)[0] for doc in docs]
                 tokenizer = (Tokenizer.train_bpe(train_text, args.vocab_size,
                                                  show_progress=None if not args.no_progress
                                                  else False)

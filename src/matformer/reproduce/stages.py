@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from .. import checkpoint as ckpt
-from ..data import TokenDataset, load_corpus, prepare_data
+from ..data import TokenDataset, load_corpus, prepare_data, split_text
 from ..model import MatFormerLM
 from ..outputs import write_text_atomic
 from ..tokenizer import Tokenizer
@@ -74,7 +74,7 @@ def prepare(rc: ReproConfig, out: Path) -> tuple[Tokenizer, TokenDataset]:
             tok = Tokenizer.byte_level()
         else:
             docs = load_corpus(rc.data)
-            tok = Tokenizer.train_bpe([d[: int(len(d) * (1 - rc.val_fraction))] for d in docs],
+            tok = Tokenizer.train_bpe([split_text(d, rc.val_fraction)[0] for d in docs],
                                       rc.vocab_size, show_progress=False)
         tmp = f.with_name(f".{f.name}.tmp")
         tok.save(tmp)
