@@ -229,3 +229,29 @@ def test_stale_temp_dirs_are_ignored(tmp_path: Path, tok: Tokenizer) -> None:
     assert done == ["step_000002", "step_000003"]
     assert ckpt.resolve(tmp_path).name == "step_000003"
     assert os.path.isdir(tmp_path / "checkpoints" / ".step_000002.tmp-abc")
+
+
+def _reseal(path: Path) -> None:
+    """Rewrite the manifest's checksums after a test changed a file on purpose."""
+    m = json.loads((path / ckpt.MANIFEST).read_text())
+    m["files"] = {n: ckpt._sha256(path / n) for n in m["files"]}
+    (path / ckpt.MANIFEST).write_text(json.dumps(m))
+
+
+def test_foreign_contents_are_one_line_errors(tmp_path: Path, tok: Tokenizer) -> None:
+    """Files that pass their checksums but do not belong together are refused by name."""
+    odd_kind = save_checkpoint(tmp_path / "kind", tiny_model(vocab_size=257), tok)
+    cfg = json.loads((odd_kind / ckpt.CONFIG).read_text())
+    (odd_kind / ckpt.CONFIG).write_text(json.dumps({**cfg, "kind": []}))
+    _reseal(odd_kind)
+    with pytest.raises(CheckpointError, match="unknown model kind"):
+        load_checkpoint(odd_kind)
+    small = save_checkpoint(tmp_path / "small", tiny_model(vocab_size=257), tok)
+    bigger = Tokenizer.train_bpe(["the cat sat on the mat " * 50], 300)
+    bigger.save(small / ckpt.TOKENIZER)
+    _reseal(small)
+    from matformer.cli.common import load_checkpoint as cli_load
+
+    load_checkpoint(small)  # the library loads what is there ...
+    with pytest.raises(CheckpointError, match=r"tokenizer has \d+ tokens but the model only 257"):
+        cli_load(small)  # ... the command line refuses to feed it text

@@ -184,6 +184,14 @@ def test_cli_bad_requests(tmp_path, saved, capsys):
     assert main(["export-gguf", str(saved), "--granularity", "S", "--out", str(out),
                  "--force"]) == 0
     assert "exported llama" in capsys.readouterr().out and out.read_bytes() != before
+    # --force never writes over what the command reads (a file of the checkpoint)
+    for target in (saved / ckpt.WEIGHTS, saved / ckpt.CONFIG):
+        before = target.read_bytes()
+        assert main(["export-gguf", str(saved), "--out", str(target), "--force"]) == 2
+        assert "part of the input" in capsys.readouterr().err
+        assert target.read_bytes() == before
+    assert main(["export-gguf", str(saved), "--out", str(tmp_path), "--force"]) == 2
+    assert "is a directory" in capsys.readouterr().err
     gelu = tmp_path / "gelu"
     ckpt.save_checkpoint(gelu, _model(257, activation="gelu"), Tokenizer.byte_level())
     assert main(["export-gguf", str(gelu), "--out", str(tmp_path / "g.gguf")]) == 2

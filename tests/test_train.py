@@ -339,6 +339,19 @@ def test_resume_takes_this_runs_optimizer_settings(tmp_path: Path) -> None:
     assert later.optimizer.state  # the moments were loaded
 
 
+@pytest.mark.parametrize("state", [{}, [1]])
+def test_resume_with_a_foreign_optimizer_state(tmp_path: Path, state: object) -> None:
+    make_trainer(tmp_path, steps=2).fit()
+    path = ckpt.resolve(tmp_path)
+    train_state = ckpt.load_train_state(path)
+    torch.save({**train_state, "optimizer": state}, path / ckpt.TRAIN_STATE)
+    m = json.loads((path / ckpt.MANIFEST).read_text())
+    m["files"][ckpt.TRAIN_STATE] = ckpt._sha256(path / ckpt.TRAIN_STATE)
+    (path / ckpt.MANIFEST).write_text(json.dumps(m))
+    with pytest.raises(ckpt.CheckpointError, match="not an optimizer state of this model"):
+        make_trainer(tmp_path, steps=4).resume()
+
+
 def test_resume_rejects_other_model(tmp_path: Path) -> None:
     make_trainer(tmp_path, steps=4).fit()
     other = make_trainer(tmp_path, model=tiny_model(activation="gelu"))

@@ -25,7 +25,7 @@ FAMILIES: dict[str, tuple[type[ModelConfig], type[nn.Module]]] = {
 def model_kind(path: str | Path) -> str:
     """``"lm"`` or ``"vit"``: the ``kind`` recorded in a checkpoint's config (default lm)."""
     kind = ckpt.read_config(path).get("kind", "lm")
-    if kind not in FAMILIES:
+    if not isinstance(kind, str) or kind not in FAMILIES:
         raise ckpt.CheckpointError(f"{ckpt.resolve(path) / ckpt.CONFIG}: unknown model kind "
                                    f"{kind!r} (known: {sorted(FAMILIES)})")
     return kind

@@ -38,8 +38,8 @@ def check_output(target: str | Path, *, overwrite: bool = False,
                  sources: Iterable[str | Path] = ()) -> Path:
     """Refuse an output path whose writing would lose data the user did not ask to replace.
 
-    ``target`` may not be any of ``sources`` nor a folder holding one, whatever ``overwrite``
-    says. An existing file or non-empty directory is refused unless ``overwrite`` (an empty
+    ``target`` may not be any of ``sources``, a folder holding one, nor an existing file or
+    folder inside one, whatever ``overwrite`` says (a new path inside a source is fine). An existing file or non-empty directory is refused unless ``overwrite`` (an empty
     directory holds nothing to lose and is reused).
 
     Raises:
@@ -47,12 +47,17 @@ def check_output(target: str | Path, *, overwrite: bool = False,
     """
     target = Path(target)
     real = target.resolve()
-    for source in sources:
-        s = Path(source).resolve()
+    sources = [(source, Path(source).resolve()) for source in sources]
+    for source, s in sources:
         if real == s or real in s.parents:
             raise OutputExistsError(f"output {target} is the input {source} (or holds it): "
                                     "writing it would destroy the input; choose another output "
                                     "path (--force does not allow this)")
+    for source, s in sources:
+        if s in real.parents and _exists(target):
+            raise OutputExistsError(f"output {target} is part of the input {source}: replacing "
+                                    "it would corrupt the input; choose another output path "
+                                    "(--force does not allow this)")
     if _exists(target) and not _empty_dir(target) and not overwrite:
         what = "a non-empty directory" if target.is_dir() else "a file"
         raise OutputExistsError(f"output {target} already exists ({what}); choose a new path, "

@@ -282,7 +282,11 @@ class Trainer:
         state = ckpt.load_train_state(path)
         if "optimizer" not in state:
             raise ckpt.CheckpointError(f"{path / ckpt.TRAIN_STATE} holds no optimizer state")
-        dist.load_full_optimizer_state(self.model, self.optimizer, state["optimizer"])
+        try:
+            dist.load_full_optimizer_state(self.model, self.optimizer, state["optimizer"])
+        except (RuntimeError, TypeError, AttributeError, KeyError, ValueError, IndexError) as e:
+            raise ckpt.CheckpointError(f"{path / ckpt.TRAIN_STATE}: not an optimizer state of "
+                                       f"this model ({type(e).__name__}: {e})") from e
         # The loaded state brings the saved hyper-parameters; this run's config decides them
         # (moments and step counts are what resuming keeps). The learning rate is set per step.
         decay, no_decay = self.optimizer.param_groups

@@ -247,6 +247,7 @@ def check_latency_budgets(args: argparse.Namespace) -> None:
 
 
 DRAFT_LEN = 4  # tokens drafted per speculative round, unless --draft-len
+MAX_DRAFT_LEN = 8  # longest draft of --adaptive and --draft auto, unless --max-draft-len
 
 
 def check_generate(args: argparse.Namespace) -> None:
@@ -263,5 +264,17 @@ def check_generate(args: argparse.Namespace) -> None:
             if given:
                 raise ValueError(f"{flag} applies to speculative decoding: add --draft "
                                  "(a granularity or widths) or --draft-model")
+    if args.draft_table and args.draft != "auto":
+        raise ValueError("--draft-table prints the table that --draft auto searches: add "
+                         "--draft auto")
+    if args.max_draft_len is not None:
+        if not (args.adaptive or args.draft == "auto"):
+            raise ValueError("--max-draft-len bounds the drafts of --adaptive and of the "
+                             "--draft auto search: add one of them")
+        if args.draft_len is not None and args.draft_len > args.max_draft_len:
+            raise ValueError(f"--draft-len {args.draft_len} exceeds --max-draft-len "
+                             f"{args.max_draft_len}")
     if args.draft_len is None:
         args.draft_len = DRAFT_LEN
+    if args.max_draft_len is None:
+        args.max_draft_len = MAX_DRAFT_LEN

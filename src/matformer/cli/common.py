@@ -182,10 +182,19 @@ def read_json(path: Path) -> Any:
 
 
 def load_checkpoint(path: Any) -> tuple[Any, Any]:
-    """The model and tokenizer of a checkpoint (see :func:`matformer.families.load_checkpoint`)."""
+    """The model and tokenizer of a checkpoint (see :func:`matformer.families.load_checkpoint`);
+    a tokenizer with more tokens than the model has embeddings is refused here, before text
+    the model cannot embed reaches it."""
+    from ..checkpoint import CheckpointError, resolve
     from ..families import load_checkpoint as load
 
-    return load(path)
+    model, tokenizer = load(path)
+    if tokenizer is not None and tokenizer.vocab_size > model.config.vocab_size:
+        raise CheckpointError(
+            f"{resolve(path)}: its tokenizer has {tokenizer.vocab_size} tokens but the model "
+            f"only {model.config.vocab_size} embeddings; the tokenizer.json does not belong to "
+            "this model")
+    return model, tokenizer
 
 
 def checkpoint_batches(args: argparse.Namespace, model: Any, tokenizer: Any

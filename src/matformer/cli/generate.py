@@ -14,6 +14,7 @@ import torch
 
 from .args import (
     DRAFT_LEN,
+    MAX_DRAFT_LEN,
     NON_NEGATIVE,
     NON_NEGATIVE_INT,
     POSITIVE_INT,
@@ -91,8 +92,9 @@ examples:
     s.add_argument("--adaptive", action="store_true",
                    help="choose each round's draft length (0 = plain decoding) from measured "
                    "costs and the running acceptance")
-    s.add_argument("--max-draft-len", type=POSITIVE_INT, default=8,
-                   help="longest draft (--adaptive, --draft auto)")
+    s.add_argument("--max-draft-len", type=POSITIVE_INT,
+                   help=f"longest draft of --adaptive and --draft auto (default: "
+                   f"{MAX_DRAFT_LEN})")
     p.set_defaults(check_args=check_generate)
 
 

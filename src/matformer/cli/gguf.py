@@ -76,11 +76,16 @@ def _check(path: Path, model: Any, widths: Any, heads: Any = None) -> float:
 
 
 def export_gguf(args: argparse.Namespace) -> Result:
+    from .. import checkpoint as ckpt
+    from ..outputs import check_output
     from ..submodels.gguf import export_gguf
     from ..tokenizer import MIN_BPE_VOCAB_SIZE
 
-    if args.out.exists() and not args.force:  # before any (possibly slow) budget sweep
-        raise ValueError(f"{args.out} already exists; pass --force to replace it")
+    if args.out.is_dir():
+        raise ValueError(f"--out {args.out} is a directory; give the path of the .gguf file "
+                         "to write")
+    # before any (possibly slow) budget sweep; never over the checkpoint it reads
+    check_output(args.out, overwrite=args.force, sources=ckpt.inputs(args.checkpoint))
     model, tokenizer = load_checkpoint(args.checkpoint)
     chosen = widths = None
     if args.widths or args.granularity or any(v is not None for v in _budgets(args).values()):
