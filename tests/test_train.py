@@ -319,6 +319,34 @@ def test_a_step_starts_from_zero_gradients(tmp_path: Path) -> None:
     assert state_equal(clean.raw, dirty.raw) == []
 
 
+def test_fit_again_finishes_a_step_an_interruption_left(tmp_path: Path) -> None:
+    """Interrupted during step 4's evaluation, the same trainer's next fit() evaluates, logs
+    and checkpoints step 4 before going on: the run equals an uninterrupted one."""
+    data = pattern_dataset(seed=5)
+    straight = make_trainer(tmp_path / "a", model=tiny_model(seed=0), data=data, steps=8,
+                            eval_interval=4, ckpt_interval=4)
+    straight.fit()
+    t = make_trainer(tmp_path / "b", model=tiny_model(seed=0), data=data, steps=8,
+                     eval_interval=4, ckpt_interval=4)
+    evaluate = t.evaluate
+
+    def interrupted() -> dict[str, float]:
+        t.evaluate = evaluate  # only once
+        raise KeyboardInterrupt
+
+    t.evaluate = interrupted  # type: ignore[method-assign]
+    with pytest.raises(KeyboardInterrupt):
+        t.fit()
+    assert t.step == 4 and [r["step"] for r in _metrics(tmp_path / "b")] == [1, 2, 3]
+    t.fit()
+    assert [r["step"] for r in _metrics(tmp_path / "b")] == list(range(1, 9))
+    assert (tmp_path / "b" / "checkpoints" / "step_000004").is_dir()
+    assert state_equal(straight.raw, t.raw) == []
+    la, lb = _metrics(tmp_path / "a"), _metrics(tmp_path / "b")
+    assert [r["loss"] for r in la] == [r["loss"] for r in lb]
+    assert [r.get("val_loss") for r in la] == [r.get("val_loss") for r in lb]
+
+
 def test_fit_refuses_to_start_over_an_existing_run(tmp_path: Path) -> None:
     make_trainer(tmp_path, steps=2).fit()
     before = (tmp_path / "latest").read_text()

@@ -246,6 +246,9 @@ class Trainer:
         self._loss = compiled(task.loss)
         self._distill_loss = compiled(task.distill_loss) if cfg.distill else None
         self.step = 0
+        #: The record of a step taken whose evaluation, metrics line or checkpoint did not
+        #: finish (an exception or Ctrl-C in between); the next fit() finishes it first.
+        self._pending: dict[str, Any] | None = None
         self.progress, self.on_step = progress, on_step
 
     # ----------------------------------------------------------------- state
@@ -293,7 +296,7 @@ class Trainer:
         decay["weight_decay"], no_decay["weight_decay"] = self.cfg.weight_decay, 0.0
         for group in self.optimizer.param_groups:
             group["betas"] = tuple(self.cfg.betas)
-        self.step = int(state["step"])
+        self.step, self._pending = int(state["step"]), None
         if self.env.is_main:
             self._truncate_metrics(self.step)
         log.info("resumed %s at step %d", path, self.step)
@@ -409,31 +412,38 @@ class Trainer:
         if self.env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             ckpt.clean_run_leftovers(self.run_dir)  # of writes a kill interrupted
-            self._truncate_metrics(self.step)  # a new run killed before its first checkpoint
+            # a new run killed before its first checkpoint; a step left unfinished logs again
+            self._truncate_metrics(self.step - (self._pending is not None))
             write_text_atomic(self.run_dir / TRAIN_CONFIG,
                               json.dumps(cfg.to_dict(), indent=2) + "\n")
         self.model.train()
         samples_per_s = cfg.batch_size * self.task.tokens_per_sample
         ema: dict[str, float] = {}
-        bar = tqdm(total=cfg.steps, initial=self.step, disable=not self.progress
+        bar = tqdm(total=cfg.steps, initial=self.step - (self._pending is not None),
+                   disable=not self.progress
                    or not self.env.is_main, desc=f"train[{cfg.mode}]", unit="step",
                    dynamic_ncols=True)
         final: dict[str, float] = {}
-        while self.step < cfg.steps:
-            t0 = time.perf_counter()
-            record = self.train_step()
-            dt = time.perf_counter() - t0
-            record.update(tokens=self.step * samples_per_s, tok_per_s=samples_per_s / dt)
+        while self.step < cfg.steps or self._pending is not None:
+            if self._pending is None:
+                t0 = time.perf_counter()
+                record = self.train_step()
+                dt = time.perf_counter() - t0
+                record.update(tokens=self.step * samples_per_s, tok_per_s=samples_per_s / dt)
+                self._pending = record
+            record = self._pending
             for name, value in record["loss"].items():
                 ema[name] = value if name not in ema else 0.9 * ema[name] + 0.1 * value
-            if self.step % cfg.eval_interval == 0 or self.step == cfg.steps:
-                final = self.evaluate()
-                record["val_loss"] = final
+            if (self.step % cfg.eval_interval == 0 or self.step == cfg.steps) \
+                    and "val_loss" not in record:
+                record["val_loss"] = self.evaluate()
+            final = record.get("val_loss", final)
             self._log(record)
             if self.on_step is not None:
                 self.on_step(self.step, record)
             if self.step % cfg.ckpt_interval == 0 or self.step == cfg.steps:
                 self.save()
+            self._pending = None
             bar.set_postfix_str(" ".join(f"{n}={v:.3f}" for n, v in ema.items())
                                 + f" tok/s={record['tok_per_s']:.0f}")
             bar.update(1)
