@@ -95,7 +95,7 @@ def test_layers() -> None:
                 "matformer.families"}
     assert not _reaches(graph, "matformer.checkpoint") & families
     assert "matformer.checkpoint" not in _reaches(graph, "matformer.metrics")
-    for core in ("model", "cache", "generate", "speculative", "train", "data", "checkpoint",
-                 "metrics", "config", "distributed", "tokenizer", "families"):
+    for core in ("model", "cache", "generate", "speculative", "recipe", "train", "data",
+                 "checkpoint", "metrics", "config", "distributed", "tokenizer", "families"):
         reached = _reaches(graph, f"matformer.{core}")
         assert not {m for m in reached if m.startswith("matformer.cli")}, core

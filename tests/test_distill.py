@@ -11,9 +11,10 @@ import torch
 from helpers import pattern_dataset, tiny_model
 
 from matformer.model import lm_loss
+from matformer.recipe import TrainConfig, granularities_for_step
 from matformer.task import LMTask, kl_to_teacher
 from matformer.tokenizer import Tokenizer
-from matformer.train import TrainConfig, Trainer, granularities_for_step
+from matformer.train import Trainer
 
 FAST: dict[str, Any] = dict(steps=8, batch_size=4, seq_len=16, lr=1e-2, warmup_steps=2,
                             eval_interval=1000, eval_batches=2, ckpt_interval=4,

@@ -27,8 +27,8 @@ from matformer import checkpoint as ckpt
 from matformer.cli import args as cli_args
 from matformer.cli import build_parser, main
 from matformer.config import ModelConfig
+from matformer.recipe import MAX_SEED, TrainConfig
 from matformer.tokenizer import Tokenizer
-from matformer.train import MAX_SEED, TrainConfig
 
 cli_main = importlib.import_module("matformer.cli.main")  # the module (the package exports main)
 

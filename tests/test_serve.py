@@ -211,15 +211,26 @@ def test_scheduler_bounded_queue_and_cancel() -> None:
     assert sched.metrics.get("completion_tokens_total", submodel=sub.name) < 300
 
 
+def _recorded(prompt: list[int], n: int, sub: Submodel | None, **kw: Any
+              ) -> tuple[Request, list[Event]]:
+    """A request (greedy and past end-of-text unless ``kw`` says otherwise) and the list its
+    events go to."""
+    events: list[Event] = []
+    return Request(prompt, n, sub, events.append, **{"temperature": 0, "ignore_eos": True,
+                                                     **kw}), events
+
+
+def _streamed_text(events: list[Event]) -> str:
+    return "".join(e.text for e in events if e.kind == "delta")
+
+
 def test_running_auto_requests_step_down_with_the_policy() -> None:
     """An auto request steps down mid-stream and continues from the K/V the larger submodel
     cached; a request for a named submodel never moves. Driven step by step, no thread."""
     model = tiny_model(vocab_size=257, max_seq_len=CONTEXT).eval()
     sched = _scheduler(model, max_batch=4)
-    xl = sched.policy.levels[-1]
-    got: dict[str, list[Event]] = {"auto": [], "xl": []}
-    auto = Request([1, 2, 3], 10, None, got["auto"].append, temperature=0, ignore_eos=True)
-    fixed = Request([4, 5], 10, xl, got["xl"].append, temperature=0, ignore_eos=True)
+    auto, got_auto = _recorded([1, 2, 3], 10, None)
+    fixed, got_xl = _recorded([4, 5], 10, sched.policy.levels[-1])
     with torch.no_grad():
         sched._prefill(auto)
         sched._prefill(fixed)
@@ -229,9 +240,9 @@ def test_running_auto_requests_step_down_with_the_policy() -> None:
         assert sched.step_down_auto() == 1
         while sched._rows:
             sched._decode_step()
-    assert got["auto"][-1].history == [("t-XL", 3), ("t-S", 7)]
-    assert got["auto"][-1].submodel.name == "t-S"
-    assert got["xl"][-1].history == [("t-XL", 10)]
+    assert got_auto[-1].history == [("t-XL", 3), ("t-S", 7)]
+    assert got_auto[-1].submodel.name == "t-S"
+    assert got_xl[-1].history == [("t-XL", 10)]
     cache = KVCache.for_model(model, 1, 16)  # the reference: XL for 3 tokens, then S
     with torch.no_grad():
         toks = [int(model(torch.tensor([[1, 2, 3]]), cache=cache)[0, -1].argmax())]
@@ -241,8 +252,7 @@ def test_running_auto_requests_step_down_with_the_policy() -> None:
             w = "XL" if len(toks) < 3 else "S"
             logits = model(torch.tensor([[toks[-1]]]), widths=w, cache=cache, start_pos=pos)
             toks.append(int(logits[0, -1].argmax()))
-    text = "".join(e.text for e in got["auto"] if e.kind == "delta")
-    assert text == Tokenizer.byte_level().decode(toks)
+    assert _streamed_text(got_auto) == Tokenizer.byte_level().decode(toks)
     assert sched.metrics.get("completion_tokens_total", submodel="t-S") == 7
 
 
@@ -257,20 +267,18 @@ def test_a_row_that_fails_to_sample_ends_alone(monkeypatch: pytest.MonkeyPatch) 
     model = tiny_model(vocab_size=257, max_seq_len=CONTEXT).eval()
     sched = _scheduler(model, max_batch=2)
     s = sched.policy.levels[0]
-    got: dict[str, list[Event]] = {"greedy": [], "sampled": []}
-    greedy = Request([1, 2, 3], 6, s, got["greedy"].append, temperature=0, ignore_eos=True)
-    sampled = Request([4, 5], 6, s, got["sampled"].append, temperature=0.7, ignore_eos=True)
+    greedy, got_greedy = _recorded([1, 2, 3], 6, s)
+    sampled, got_sampled = _recorded([4, 5], 6, s, temperature=0.7)
     with torch.no_grad():
         sched._prefill(greedy)
         sched._prefill(sampled)
         monkeypatch.setattr(scheduler_module, "sample_next", broken)
         while sched._rows:
             sched._decode_step()
-    assert got["sampled"][-1].kind == "error" and "sampling broke" in got["sampled"][-1].text
-    assert got["greedy"][-1].kind == "done" and got["greedy"][-1].finish_reason == "length"
+    assert got_sampled[-1].kind == "error" and "sampling broke" in got_sampled[-1].text
+    assert got_greedy[-1].kind == "done" and got_greedy[-1].finish_reason == "length"
     want = generate(model, torch.tensor([[1, 2, 3]]), 6, widths=s.widths, temperature=0)
-    text = "".join(e.text for e in got["greedy"] if e.kind == "delta")
-    text += got["greedy"][-1].text or ""
+    text = _streamed_text(got_greedy) + (got_greedy[-1].text or "")
     assert text == Tokenizer.byte_level().decode(want[0, 3:].tolist())
 
 

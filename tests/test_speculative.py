@@ -318,6 +318,10 @@ def test_drafter_search_respects_nested_and_skipped_heads() -> None:
                                       draft_heads=r.heads, target=target, target_heads=th,
                                       draft_len=2, temperature=0)
         assert torch.equal(out, want), r.name
+    # a granularity named as drafter takes its heads capped at the target's
+    out, _ = speculative_generate(model, random_tokens(1, 5, seed=9), 8, draft="S",
+                                  target=target, target_heads=th, draft_len=2, temperature=0)
+    assert torch.equal(out, want)
 
 
 @pytest.mark.parametrize("shared_cache", [False, True])

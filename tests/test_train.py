@@ -24,16 +24,10 @@ from matformer import families
 from matformer.data import TokenDataset
 from matformer.metrics import evaluate_granularities
 from matformer.model import MatFormerLM, lm_loss
+from matformer.recipe import TrainConfig, granularities_for_step, lr_at
 from matformer.task import LMTask
 from matformer.tokenizer import Tokenizer
-from matformer.train import (
-    METRICS,
-    TRAIN_CONFIG,
-    TrainConfig,
-    Trainer,
-    granularities_for_step,
-    lr_at,
-)
+from matformer.train import METRICS, TRAIN_CONFIG, Trainer
 
 NAMES = ("S", "M", "L", "XL")
 

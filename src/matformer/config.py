@@ -220,13 +220,21 @@ class ModelConfig:
         emb = self.vocab_size * d * (1 if self.tie_embeddings else 2)
         return blocks + d + (emb if embedding else 0)
 
+    def matrix_params(self, widths: tuple[int, ...] | None = None, *,
+                      heads: Sequence[int] | None = None) -> int:
+        """The blocks' matrix-product weights (one multiply-add each per token): the
+        non-embedding parameters less the norm gains (two per layer with attention, one
+        without, and the final norm)."""
+        hs = self._layer_heads(heads)
+        norms = sum(self.d_model * (2 if h else 1) for h in hs) + self.d_model
+        return self.num_params(widths, embedding=False, heads=hs) - norms
+
     def flops_per_token(self, widths: tuple[int, ...] | None = None, seq_len: int | None = None,
                         *, heads: Sequence[int] | None = None) -> int:
         """Forward FLOPs per token (2 per multiply-add), attention over ``seq_len`` included."""
         seq_len = self.max_seq_len if seq_len is None else seq_len
         hs = self._layer_heads(heads)
-        norms = sum(self.d_model * (2 if h else 1) for h in hs) + self.d_model  # + final
-        matmul = self.num_params(widths, embedding=False, heads=hs) - norms
+        matmul = self.matrix_params(widths, heads=hs)
         head = self.vocab_size * self.d_model
         attn = sum(2 * h * self.head_dim * seq_len for h in hs)  # QK^T and AV, causal avg
         return 2 * (matmul + head) + attn

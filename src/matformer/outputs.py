@@ -172,16 +172,10 @@ def atomic_output(target: str | Path, *, overwrite: bool = False,
 def write_text_atomic(path: str | Path, text: str) -> None:
     """Replace the file ``path`` with ``text`` atomically (a temporary file beside it, flushed,
     then renamed): a crash leaves the old content or the new one, never a torn file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        with tmp.open("w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_file(path) as tmp, tmp.open("w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def clean_leftovers(folder: str | Path, pattern: str = ".*") -> list[str]:

@@ -33,7 +33,14 @@ import torch
 from torch import Tensor
 
 from .cache import KVCache
-from .draft import Acceptance, DraftCosts, choose_draft_len, measure_costs, synced_clock
+from .draft import (
+    Acceptance,
+    DraftCosts,
+    choose_draft_len,
+    measure_costs,
+    nested_heads,
+    synced_clock,
+)
 from .generate import HeadSpec, _check_sampling, logits_to_probs, prefill
 from .model import MatFormerLM, WidthSpec, eval_mode
 from .runner import RunnerPool, SubmodelRunner
@@ -139,6 +146,8 @@ def _setup(model: MatFormerLM, prompt: Tensor, max_new_tokens: int, draft: Width
         drafter, dpool = model, runners
         draft = model.config.names[0] if draft is None else draft
         dw, dh = model.resolve_widths(draft), _heads(model, draft, draft_heads)
+        if draft_heads is None:  # derived heads never exceed the target's, nor attend where
+            dh = nested_heads(model, dh, th)  # it skips attention (given heads are checked)
         _check_draft(model, dw, tw, dh, th)
         mode = "shared-cache" if shared_cache else "two-cache"
     else:

@@ -15,7 +15,7 @@ from .model import MatFormerLM, lm_loss
 from .tokenizer import Tokenizer
 
 if TYPE_CHECKING:
-    from .train import TrainConfig
+    from .recipe import TrainConfig
 
 
 def kl_to_teacher(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:

@@ -243,8 +243,8 @@ def sweep_hf(args: argparse.Namespace) -> Result:
 
 
 def elastify(args: argparse.Namespace) -> Result:
+    from ..recipe import TrainConfig
     from ..submodels.elastify import elastify
-    from ..train import TrainConfig
 
     names = tuple(n.strip() for n in args.names.split(",") if n.strip())
     if len(names) != len(args.ratios):

@@ -64,7 +64,7 @@ def add_training_args(p: argparse.ArgumentParser, *, steps: int, batch_size: int
                       precision: str, check: Check | None = None) -> argparse._ArgumentGroup:
     """The training-loop flags shared by ``matformer train`` and ``matformer vision train``
     (their cross-flag rules: :func:`check_training`, then the command's own ``check``)."""
-    from ..train import MODES
+    from ..recipe import MODES
 
     t = p.add_argument_group("training")
     t.add_argument("--mode", default="sample", choices=MODES,

@@ -185,7 +185,6 @@ def _speculative_pieces(args: argparse.Namespace, model: Any, tokenizer: Any, pr
                         runners: Any, stats: Any, sampling: dict[str, Any]) -> Any:
     """The speculative branch of ``generate``: each round's tokens, as one-row pieces."""
     from ..config import parse_widths
-    from ..draft import nested_heads
     from ..speculative import speculative_stream
 
     draft_model = None
@@ -202,11 +201,6 @@ def _speculative_pieces(args: argparse.Namespace, model: Any, tokenizer: Any, pr
                              f"{', '.join(dcfg.names)}) nor per-layer FFN widths "
                              "(integers separated by commas)")
         draft = parse_widths(draft, dcfg.n_layer)
-    if draft_model is None and draft_heads is None and heads is not None:
-        # A drafter of the same weights never has more heads than the target, nor attention
-        # where the target skips it (--skip-attention).
-        own = draft if isinstance(draft, str) and model.config.nest_heads else None
-        draft_heads = nested_heads(model, model.resolve_heads(own), model.resolve_heads(heads))
     return ([t.tolist()] for t in speculative_stream(
         model, torch.tensor(prompt), args.max_new_tokens, draft=draft, target=widths,
         draft_heads=draft_heads, target_heads=heads, draft_model=draft_model,

@@ -308,7 +308,9 @@ def picked_submodel(args: argparse.Namespace, model: Any, tokenizer: Any
         if getattr(args, "skip_attention", None):
             raise ValueError("give --skip-attention or a budget, not both (a budget picks a "
                              "sweep row, which says itself which attention it skips)")
-        vision = model.config.to_dict().get("kind") == "vit"
+        from ..vision import ViTConfig
+
+        vision = isinstance(model.config, ViTConfig)
         if vision and not args.sweep:
             raise ValueError("a budget for a ViT picks from its sweep: run `matformer vision "
                              "mixnmatch` first and pass --sweep (the folder it wrote)")

@@ -92,7 +92,7 @@ def train_flops(model_cfg: Any, spec: RunSpec, rc: ReproConfig, seed: int) -> fl
     """Training FLOPs of a run: 3 x forward FLOPs per token (forward + backward) x tokens;
     distillation adds a forward of the full model on the steps that train a smaller one. The
     granularity drawn at each step depends on the seed, as in training."""
-    from ..train import TrainConfig, granularities_for_step
+    from ..recipe import TrainConfig, granularities_for_step
 
     tokens = rc.batch_size * rc.seq_len
     cfg = TrainConfig(mode=spec.mode, steps=spec.steps, probs=spec.probs, seed=seed)

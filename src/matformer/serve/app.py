@@ -232,14 +232,18 @@ async def _next_event(events: asyncio.Queue[Event], client: _Client) -> Event | 
     """The next event of a request, or None once its client has disconnected (a client that
     leaves a request that is queued or not streamed is otherwise only noticed when the
     answer is written, after decoding every token it asked for)."""
+    if await client.gone():
+        return None
+    if not events.empty():  # the common case while tokens stream in: no task, no timer
+        return events.get_nowait()
     get = asyncio.ensure_future(events.get())
     try:
         while True:
-            if await client.gone():
-                return None
             done, _ = await asyncio.wait({get}, timeout=DISCONNECT_POLL_S)
             if done:
                 return get.result()
+            if await client.gone():
+                return None
     finally:
         get.cancel()
 

@@ -19,6 +19,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from .registry import Submodel
+from .scheduler import token_room
 
 ROLES = {"system": "System", "developer": "System", "user": "User", "assistant": "Assistant"}
 CHAT_STOPS = ("\nUser:", "\nSystem:")
@@ -120,11 +121,9 @@ def check_sampling(req: _Common) -> list[str]:
 
 def check_length(n_prompt: int, max_tokens: int | None, context: int, default: int | None,
                  param: str = "max_tokens") -> int:
-    """The number of tokens to generate; 400 when the prompt or the request does not fit.
-
-    The last generated token is never fed back, so ``n_prompt + max_tokens - 1`` positions
-    must fit the context."""
-    room = context - n_prompt + 1
+    """The number of tokens to generate (at most :func:`~.scheduler.token_room`); 400 when the
+    prompt or the request does not fit."""
+    room = token_room(n_prompt, context)
     if room < 1:
         raise APIError(400, f"the prompt is {n_prompt} tokens; the model's context is {context} "
                        "tokens, which leaves no room to generate", "prompt",

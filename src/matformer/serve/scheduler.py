@@ -63,6 +63,13 @@ class Event:
     history: list[tuple[str, int]] | None = None
 
 
+def token_room(n_prompt: int, context: int) -> int:
+    """Most tokens a request may generate after ``n_prompt`` prompt tokens in a context of
+    ``context`` positions: the last generated token is never fed back, so prompt + tokens - 1
+    positions must fit."""
+    return context - n_prompt + 1
+
+
 @dataclass
 class Request:
     """One generation request, validated by the caller.
@@ -152,7 +159,7 @@ class Scheduler:
         for a request that could not run (no prompt, max_tokens < 1, or more tokens than the
         context holds: the last token is never fed back, so prompt + max_tokens - 1 must fit)."""
         ctx = self.cache.max_len
-        if not req.prompt or req.max_tokens < 1 or len(req.prompt) + req.max_tokens - 1 > ctx:
+        if not req.prompt or not 1 <= req.max_tokens <= token_room(len(req.prompt), ctx):
             raise ValueError(f"a request of {len(req.prompt)} prompt tokens and max_tokens="
                              f"{req.max_tokens} does not fit: need >= 1 of each and prompt + "
                              f"max_tokens - 1 <= {ctx} (the context)")

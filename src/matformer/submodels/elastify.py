@@ -36,7 +36,7 @@ from ..model import MatFormerLM, autocast, eval_mode
 
 if TYPE_CHECKING:
     from ..distributed import DistEnv
-    from ..train import TrainConfig
+    from ..recipe import TrainConfig
 
 log = logging.getLogger(__name__)
 

@@ -108,8 +108,7 @@ class ViTConfig(ModelConfig):
         (bidirectional) attention over all tokens in the layers (and heads) that have it, head."""
         t, d = self.num_patches + 1, self.d_model
         hs = self._layer_heads(heads)
-        norms = sum(d * (2 if h else 1) for h in hs) + d  # no FLOPs counted for norms
-        block_mats = self.num_params(widths, embedding=False, heads=hs) - norms
+        block_mats = self.matrix_params(widths, heads=hs)
         patch = self.num_patches * self.channels * self.patch_size ** 2 * d
         attn = sum(2 * h * self.head_dim * t * t for h in hs)  # QK^T and AV
         return 2 * (block_mats * t + patch + d * self.num_classes + attn)
