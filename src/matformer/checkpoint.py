@@ -2,7 +2,8 @@
 
 A checkpoint is a directory holding ``config.json`` (the ModelConfig; a ``"kind"`` field says
 which model it describes: absent or ``"lm"`` for the language model, ``"vit"`` for the vision
-encoder), ``model.safetensors``, ``tokenizer.json`` (language models only),
+encoder), ``model.safetensors``, ``tokenizer.json`` (language models only; an imported model's
+chat template and end-of-turn token beside it in ``tokenizer_config.json``),
 ``manifest.json`` (sha256 of every file, so corruption is caught at load
 time with a clear message) and, for training runs, ``train_state.pt`` (optimizer, step).
 This module knows no model family: :mod:`matformer.families` picks the class from ``kind``.
@@ -39,12 +40,14 @@ from torch import nn
 
 from .config import ModelConfig
 from .outputs import atomic_output, clean_leftovers
+from .tokenizer import CONFIG_FILE as TOKENIZER_CONFIG_FILE
 from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
 CONFIG, WEIGHTS, TOKENIZER, MANIFEST, TRAIN_STATE = (
     "config.json", "model.safetensors", "tokenizer.json", "manifest.json", "train_state.pt")
+TOKENIZER_CONFIG = TOKENIZER_CONFIG_FILE
 LATEST, CHECKPOINTS = "latest", "checkpoints"
 
 
@@ -92,6 +95,8 @@ def save_checkpoint(path: str | Path, model: nn.Module, tokenizer: Tokenizer | N
         (WEIGHTS, lambda f: save_model(model, str(f)))]
     if tokenizer is not None:
         writers.append((TOKENIZER, tokenizer.save))
+        if tokenizer.config:  # an imported model's chat template and end-of-turn token
+            writers.append((TOKENIZER_CONFIG, tokenizer.save_config))
     if train_state is not None:
         writers.append((TRAIN_STATE, lambda f: torch.save(train_state, f)))
 

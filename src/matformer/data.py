@@ -314,12 +314,30 @@ def prepare_data(
     )
 
 
+DEFAULT_EVAL_CONTEXT = 1024
+"""Context of evaluation windows for a checkpoint that records none (an imported model): its
+``max_seq_len`` capped here, so a model with an 8,192-token context evaluates in minutes on a
+CPU rather than hours. ``seq_len`` sets it explicitly."""
+
+
+def eval_context(meta: dict[str, Any], max_seq_len: int, seq_len: int | None = None) -> int:
+    """The context to evaluate a checkpoint at: ``seq_len`` when given (at most the model's
+    ``max_seq_len``), else the one it was trained at, else ``max_seq_len`` capped at
+    :data:`DEFAULT_EVAL_CONTEXT`."""
+    if seq_len is not None:
+        if not 1 <= seq_len <= max_seq_len:
+            raise ValueError(f"seq_len={seq_len}: the model's context is 1..{max_seq_len}")
+        return seq_len
+    return min(meta.get("seq_len") or DEFAULT_EVAL_CONTEXT, max_seq_len)
+
+
 def validation_batches(tokenizer: Tokenizer, meta: dict[str, Any], max_seq_len: int, *,
                        data: str | None = None, batch_size: int = 16,
-                       max_batches: int | None = None
+                       max_batches: int | None = None, seq_len: int | None = None
                        ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], dict[str, Any]]:
     """The held-out batches a checkpoint was validated on, from the facts its manifest records
-    (``meta``: corpus, validation fraction, context); ``data`` overrides the corpus.
+    (``meta``: corpus, validation fraction, context); ``data`` overrides the corpus and
+    ``seq_len`` the context (:func:`eval_context`).
 
     Returns ``(batches, info)``; info holds the corpus, seq_len, token count and the unigram
     entropy of the validation tokens (the loss of a model that learned only token frequencies).
@@ -329,7 +347,7 @@ def validation_batches(tokenizer: Tokenizer, meta: dict[str, Any], max_seq_len: 
         raise ValueError("the checkpoint does not record its training data; pass --data")
     if batch_size < 1 or (max_batches is not None and max_batches < 1):
         raise ValueError(f"batch_size={batch_size} and batches={max_batches} must be >= 1")
-    seq_len = min(meta.get("seq_len", max_seq_len), max_seq_len)
+    seq_len = eval_context(meta, max_seq_len, seq_len)
     ds = prepare_data(corpus, tokenizer, val_fraction=meta.get("val_fraction", 0.1))
     recorded = meta.get("data_sha256")
     if data is None and recorded and recorded != ds.digest:

@@ -18,24 +18,39 @@ a minified file) is one pre-token and BPE training slows down quadratically with
 Pre-tokens shorter than the cap -- all of ordinary text -- are exactly GPT-2's, so their tokens
 are unchanged. Tokenizers saved before the cap (plain ``ByteLevel`` pre-tokenizer) load and
 encode exactly as before.
+
+An imported model keeps its own tokenizer (any ``tokenizer.json``, its pre-tokenizer as it is)
+and, beside it in ``tokenizer_config.json`` (the file transformers reads), its chat template and
+its end-of-turn token: :meth:`Tokenizer.render_chat` renders the template as transformers does
+(Jinja in a sandbox), and :attr:`Tokenizer.stop_ids` holds every id that ends a generation.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
+
+from .outputs import write_text_atomic
 
 logger = logging.getLogger(__name__)
 
 EOS_TOKEN = "<|endoftext|>"
 """The end-of-text special token, appended after every document."""
+
+CONFIG_FILE = "tokenizer_config.json"
+"""Beside ``tokenizer.json``: the chat template and end-of-turn token (transformers' keys)."""
+
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+"""Where transformers 5 keeps a chat template; read when present, never written by us."""
 
 MIN_BPE_VOCAB_SIZE = 257
 """Smallest BPE vocabulary: 256 byte tokens plus ``<|endoftext|>``."""
@@ -116,22 +131,34 @@ def _configure_byte_level(tok: HFTokenizer, max_pretoken_chars: int | None = Non
 
 
 class Tokenizer:
-    """A byte-level BPE tokenizer with an ``<|endoftext|>`` token.
+    """A byte-level BPE tokenizer with an end-of-text token, and optionally a chat template.
 
     Args:
         hf_tokenizer: The wrapped ``tokenizers.Tokenizer``. Its vocabulary must contain
-            ``<|endoftext|>``.
+            ``<|endoftext|>`` or ``eos_token``.
+        chat_template: A Jinja chat template (transformers' format), or None.
+        eos_token: The model's own end token when it is not ``<|endoftext|>`` (an instruct
+            model's end of turn, e.g. ``<|im_end|>``); generation stops at it too.
 
     Raises:
-        ValueError: If ``<|endoftext|>`` is not in the vocabulary.
+        ValueError: If neither ``<|endoftext|>`` nor ``eos_token`` is in the vocabulary.
     """
 
-    def __init__(self, hf_tokenizer: HFTokenizer) -> None:
+    def __init__(self, hf_tokenizer: HFTokenizer, *, chat_template: str | None = None,
+                 eos_token: str | None = None) -> None:
         eos = hf_tokenizer.token_to_id(EOS_TOKEN)
-        if eos is None:
+        own = None if eos_token is None else hf_tokenizer.token_to_id(eos_token)
+        if eos_token is not None and own is None:
+            raise ValueError(f"eos_token {eos_token!r} is not in the tokenizer's vocabulary")
+        if eos is None and own is None:
             raise ValueError(f"tokenizer has no {EOS_TOKEN!r} token; it is required as EOS")
+        if chat_template is not None and not isinstance(chat_template, str):
+            raise ValueError(f"chat_template must be a string, got {type(chat_template).__name__}")
         self._tok = hf_tokenizer
-        self._eos_id: int = eos
+        self._eos_id: int = eos if eos is not None else own  # type: ignore[assignment]
+        self._eos_token = eos_token if eos_token != EOS_TOKEN else None
+        self._stop_ids = frozenset(i for i in (eos, own) if i is not None)
+        self._chat_template = chat_template or None
 
     # ----------------------------------------------------------------------------- builders
     @classmethod
@@ -219,8 +246,52 @@ class Tokenizer:
 
     @property
     def eos_id(self) -> int:
-        """Id of ``<|endoftext|>``."""
+        """Id of ``<|endoftext|>`` (the document separator), else of the model's ``eos_token``."""
         return self._eos_id
+
+    @property
+    def stop_ids(self) -> frozenset[int]:
+        """Every id that ends a generation: :attr:`eos_id` and the model's own end token."""
+        return self._stop_ids
+
+    @property
+    def eos_token(self) -> str | None:
+        """The model's own end token when it differs from ``<|endoftext|>``."""
+        return self._eos_token
+
+    @property
+    def chat_template(self) -> str | None:
+        """The model's Jinja chat template, or None (then callers use a plain one)."""
+        return self._chat_template
+
+    def render_chat(self, messages: Sequence[Mapping[str, Any]], *,
+                    add_generation_prompt: bool = True) -> str:
+        """The prompt the chat template makes of ``messages`` (``{"role", "content"}``
+        mappings), rendered as transformers renders it: a sandboxed Jinja environment with
+        ``trim_blocks`` and ``lstrip_blocks``, ``raise_exception`` and the ``tojson`` filter.
+
+        Raises:
+            ValueError: Without a template, or when the template raises or fails to render
+                (its message is kept).
+        """
+        if self._chat_template is None:
+            raise ValueError("this tokenizer has no chat template")
+        from jinja2 import TemplateError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message: str) -> None:
+            raise TemplateError(message)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.filters["tojson"] = lambda x, indent=None: json.dumps(x, ensure_ascii=False,
+                                                                  indent=indent)
+        env.globals["raise_exception"] = raise_exception
+        try:
+            return env.from_string(self._chat_template).render(
+                messages=[dict(m) for m in messages], add_generation_prompt=add_generation_prompt,
+                eos_token=self._eos_token or EOS_TOKEN, bos_token="")
+        except TemplateError as e:
+            raise ValueError(f"the chat template failed: {e}") from e
 
     @property
     def backend(self) -> HFTokenizer:
@@ -275,17 +346,29 @@ class Tokenizer:
         """Serialise to the ``tokenizer.json`` string (stable; usable as a cache key)."""
         return self._tok.to_str()
 
+    @property
+    def config(self) -> dict[str, Any]:
+        """What :data:`CONFIG_FILE` holds: the chat template and the model's own end token
+        (empty for a tokenizer that has neither)."""
+        out: dict[str, Any] = {}
+        if self._chat_template is not None:
+            out["chat_template"] = self._chat_template
+        if self._eos_token is not None:
+            out["eos_token"] = self._eos_token
+        return out
+
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the tokenizer as a ``tokenizer.json`` file at ``path`` (parents created).
+        The chat template and end token are written apart (:meth:`save_config`).
 
         Args:
             path: Destination file.
         """
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text(self.to_json(), encoding="utf-8")
-        os.replace(tmp, path)
+        _write_atomic(Path(path), self.to_json())
+
+    def save_config(self, path: str | os.PathLike[str]) -> None:
+        """Write :attr:`config` as a ``tokenizer_config.json`` file at ``path``."""
+        _write_atomic(Path(path), json.dumps(self.config, indent=2, ensure_ascii=False) + "\n")
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Tokenizer:
@@ -309,17 +392,67 @@ class Tokenizer:
         except Exception as exc:
             raise ValueError(f"{str(path)!r} is not a valid tokenizer.json file ({exc})") from exc
         try:
-            return cls(tok)
+            return cls(tok, **read_config(path.parent))
         except ValueError as exc:
             raise ValueError(f"{str(path)!r}: {exc}") from exc
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Tokenizer):
             return NotImplemented
-        return self.to_json() == other.to_json()
+        return self.to_json() == other.to_json() and self.config == other.config
 
     def __hash__(self) -> int:
         return hash(self.to_json())
 
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size}, eos_id={self.eos_id})"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, text)
+
+
+def _token_content(value: Any) -> str | None:
+    """A special token as transformers' configs spell it: a string or ``{"content": ...}``."""
+    if isinstance(value, Mapping):
+        value = value.get("content")
+    return value if isinstance(value, str) and value else None
+
+
+def read_config(folder: str | os.PathLike[str]) -> dict[str, Any]:
+    """The chat template and end token of the tokenizer in ``folder``, from transformers'
+    files: ``chat_template.jinja`` (transformers 5), else ``tokenizer_config.json``'s
+    ``chat_template`` (a string, or a list of named templates: the one named ``default``), and
+    its ``eos_token``. Keyword arguments for :class:`Tokenizer`; empty when neither file is
+    there.
+
+    Raises:
+        ValueError: A file is there but cannot be read as what it should be.
+    """
+    folder = Path(folder)
+    out: dict[str, Any] = {}
+    cfg_file = folder / CONFIG_FILE
+    if cfg_file.is_file():
+        try:
+            cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"cannot read {cfg_file}: {e}") from e
+        if not isinstance(cfg, dict):
+            raise ValueError(f"{cfg_file} is not a JSON object")
+        template = cfg.get("chat_template")
+        if isinstance(template, list):
+            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+            template = named.get("default")
+        if isinstance(template, str) and template:
+            out["chat_template"] = template
+        eos = _token_content(cfg.get("eos_token"))
+        if eos is not None and eos != EOS_TOKEN:
+            out["eos_token"] = eos
+    jinja = folder / CHAT_TEMPLATE_FILE
+    if jinja.is_file():
+        try:
+            out["chat_template"] = jinja.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"cannot read {jinja}: {e}") from e
+    return out

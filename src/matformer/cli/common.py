@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..data import DEFAULT_EVAL_CONTEXT
 from .args import (
     NON_NEGATIVE,
     NON_NEGATIVE_INT,
@@ -61,7 +62,9 @@ def model_overrides(args: argparse.Namespace, keys: tuple[str, ...]) -> dict[str
 
 def add_training_args(p: argparse.ArgumentParser, *, steps: int, batch_size: int,
                       weight_decay: float, eval_interval: int, ckpt_interval: int,
-                      precision: str, check: Check | None = None) -> argparse._ArgumentGroup:
+                      precision: str, check: Check | None = None, lr: float = 3e-3,
+                      warmup_steps: int = 50, lr_help: str = "peak learning rate (AdamW)"
+                      ) -> argparse._ArgumentGroup:
     """The training-loop flags shared by ``matformer train`` and ``matformer vision train``
     (their cross-flag rules: :func:`check_training`, then the command's own ``check``)."""
     from ..recipe import MODES
@@ -75,8 +78,8 @@ def add_training_args(p: argparse.ArgumentParser, *, steps: int, batch_size: int
     t.add_argument("--steps", type=POSITIVE_INT, help=f"optimizer steps (default: {steps})")
     t.add_argument("--batch-size", type=POSITIVE_INT, default=batch_size,
                    help="global batch (over all processes and micro-batches)")
-    t.add_argument("--lr", type=POSITIVE, default=3e-3, help="peak learning rate (AdamW)")
-    t.add_argument("--warmup-steps", type=NON_NEGATIVE_INT, default=50,
+    t.add_argument("--lr", type=POSITIVE, default=lr, help=lr_help)
+    t.add_argument("--warmup-steps", type=NON_NEGATIVE_INT, default=warmup_steps,
                    help="linear warm-up (at most a tenth of --steps), then cosine decay")
     t.add_argument("--weight-decay", type=NON_NEGATIVE, default=weight_decay, help="AdamW")
     t.add_argument("--grad-clip", type=NON_NEGATIVE, default=1.0,
@@ -142,6 +145,9 @@ def add_eval_data(p: argparse.ArgumentParser, batches: int | None) -> None:
     p.add_argument("--batches", type=POSITIVE_INT, default=batches,
                    help=f"validation batches (default: {batches or 'all'})")
     p.add_argument("--batch-size", type=POSITIVE_INT, default=16, help="validation batch size")
+    p.add_argument("--seq-len", type=POSITIVE_INT, help="tokens per validation window (default: "
+                   "the context the checkpoint was trained at; for one that records none, such "
+                   f"as an imported model, its context capped at {DEFAULT_EVAL_CONTEXT})")
     p.add_argument("--precision", default="fp32", choices=("bf16", "fp32"))
 
 
@@ -205,7 +211,8 @@ def checkpoint_batches(args: argparse.Namespace, model: Any, tokenizer: Any
 
     return validation_batches(tokenizer, read_metadata(args.checkpoint),
                               model.config.max_seq_len, data=args.data,
-                              batch_size=args.batch_size, max_batches=args.batches)
+                              batch_size=args.batch_size, max_batches=args.batches,
+                              seq_len=args.seq_len)
 
 
 def train_config(args: argparse.Namespace, config_cls: Any, *, steps: int, **extra: Any) -> Any:

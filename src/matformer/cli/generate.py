@@ -44,6 +44,7 @@ examples:
   matformer generate runs/demo --draft-model runs/base-S --stats       # external drafter
   matformer generate runs/demo --draft auto --draft-table --adaptive --stats  # search a drafter
   matformer generate runs/demo --dtype bf16 --compile --stats   # bf16 weights + cache, compiled
+  matformer generate runs/smollm2 --chat --prompt "What is the capital of France?" --temperature 0
 """
     p = add_command(
         sub, "generate", "sample text from any submodel (KV cache; speculative with --draft)",
@@ -55,6 +56,10 @@ examples:
     p.add_argument("checkpoint", type=Path, help="checkpoint or run directory")
     p.add_argument("--prompt", action="append",
                    help="prompt text; repeat for a batch (left-padded; default: a newline)")
+    p.add_argument("--chat", action="store_true",
+                   help="each --prompt is a user message, rendered with the model's own chat "
+                   "template (an imported instruct model's); generation ends at its end-of-turn "
+                   "token")
     p.add_argument("--granularity", help="submodel by name (default: the full model)")
     p.add_argument("--widths", help="per-layer FFN widths: one int, or one per layer")
     add_skip_attention(p)
@@ -112,10 +117,18 @@ def generate(args: argparse.Namespace) -> Result:
         widths = parse_widths(args.widths, cfg.n_layer)
     heads = skip_attention_heads(
         args, model, args.granularity if cfg.nest_heads and args.granularity else None)
-    prompts = [tokenizer.encode(p) or [tokenizer.eos_id] for p in args.prompt or ["\n"]]
+    texts, eos_id = args.prompt or ["\n"], tokenizer.eos_id
+    if args.chat:
+        if tokenizer.chat_template is None:
+            raise ValueError(f"--chat: {args.checkpoint} has no chat template (a model trained "
+                             "here is a plain text model; drop --chat)")
+        texts = [tokenizer.render_chat([{"role": "user", "content": t}]) for t in texts]
+        if tokenizer.eos_token is not None:  # the end of a turn, e.g. <|im_end|>
+            eos_id = tokenizer.backend.token_to_id(tokenizer.eos_token)
+    prompts = [tokenizer.encode(p) or [tokenizer.eos_id] for p in texts]
     gen = torch.Generator().manual_seed(args.seed)
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                    eos_id=tokenizer.eos_id, generator=gen)
+                    eos_id=eos_id, generator=gen)
     runners = RunnerPool(model, compile=args.compile)
     draft: Any = args.draft
     draft_len, draft_heads = args.draft_len, None
@@ -146,21 +159,22 @@ def generate(args: argparse.Namespace) -> Result:
             **sampling))
     new: list[list[int]] = [[] for _ in prompts]
     streaming = args.stream and len(prompts) == 1 and not args.json
-    shown = tokenizer.decode(prompts[0], skip_special_tokens=True) if streaming else ""
+    head = [] if args.chat else prompts[0]  # a chat shows the answer alone
+    shown = tokenizer.decode(head, skip_special_tokens=True) if streaming else ""
     print(shown, end="", flush=True)  # streaming: the text is printed as it grows
     t0 = time.perf_counter()
     for piece in pieces:
         for row, tokens in zip(new, piece, strict=True):
             row.extend(tokens)
         if streaming:
-            text = tokenizer.decode(prompts[0] + new[0], skip_special_tokens=True)
+            text = tokenizer.decode(head + new[0], skip_special_tokens=True)
             print(text[len(shown):], end="", flush=True)
             shown = text
     if streaming:
         print()
     elapsed = time.perf_counter() - t0
-    texts = [tokenizer.decode(p + n, skip_special_tokens=True) for p, n in zip(prompts, new,
-                                                                              strict=True)]
+    texts = [tokenizer.decode(n if args.chat else p + n, skip_special_tokens=True)
+             for p, n in zip(prompts, new, strict=True)]  # a chat: the answer alone
     n_new = sum(len(n) for n in new)
     info: dict[str, Any] = {"new_tokens": n_new, "seconds": elapsed,
                             "tokens_per_second": n_new / elapsed if elapsed else 0.0}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 from typing import Any
 
@@ -60,11 +61,18 @@ def add_export_gguf(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(out_is_file=True)
 
 
-def _check(path: Path, model: Any, widths: Any, heads: Any = None) -> float:
-    """Max |logit difference| between llama.cpp and us on 32 tokens of a fixed random text."""
+#: Text whose tokens the check compares: words, digits, punctuation, spaces, accents, CJK.
+CHECK_TEXT = ("To be, or not to be: that is the question.\n  In 2024, 1,234.5 apples cost $6 "
+              "(about 7%)!  Caf\u00e9 na\u00efve \u4f60\u597d, it's we'll   done.\n\n")
+
+
+def _check(path: Path, model: Any, tokenizer: Any, widths: Any, heads: Any = None
+           ) -> dict[str, Any]:
+    """llama.cpp against us: max |logit difference| on 32 tokens of a fixed random text, and
+    whether both tokenise :data:`CHECK_TEXT` to the same ids."""
     import torch
 
-    from ..submodels.gguf import llama_logits
+    from ..submodels.gguf import llama_logits, load_llama
 
     n = min(32, model.config.max_seq_len)
     ids = torch.randint(0, model.config.vocab_size, (1, n),
@@ -72,13 +80,20 @@ def _check(path: Path, model: Any, widths: Any, heads: Any = None) -> float:
     got = llama_logits(path, ids[0].tolist())
     with torch.no_grad():
         ref = model(ids, widths=widths, heads=heads)[0].float().numpy()
-    return float(abs(got - ref).max())
+    llm = load_llama(path)
+    try:
+        theirs = llm.tokenize(CHECK_TEXT.encode(), add_bos=False, special=False)
+    finally:
+        llm.close()
+    return {"check_max_abs_logit_diff": float(abs(got - ref).max()),
+            "check_same_tokens": theirs == tokenizer.encode(CHECK_TEXT)}
 
 
 def export_gguf(args: argparse.Namespace) -> Result:
     from .. import checkpoint as ckpt
     from ..outputs import check_output
     from ..submodels.gguf import export_gguf
+    from ..submodels.pretokenizers import bounded_pretokens
     from ..tokenizer import MIN_BPE_VOCAB_SIZE
 
     if args.out.is_dir():
@@ -100,13 +115,14 @@ def export_gguf(args: argparse.Namespace) -> Result:
     elif info["skip_attention"]:  # a checkpoint built without some layers' attention
         notes = [f"no attention in layers {info['skip_attention']} (deci attention-free "
                  "layers; untrained depth elasticity)"]
-    if tokenizer.vocab_size > MIN_BPE_VOCAB_SIZE:  # merges: pre-token boundaries matter
+    if tokenizer.vocab_size > MIN_BPE_VOCAB_SIZE and bounded_pretokens(
+            json.loads(tokenizer.to_json())):  # our BPE's bounded pre-tokens
         notes.append("llama.cpp's gpt-2 pre-tokenizer does not cut runs at 256 characters as "
                      "ours does: a run of more than 255 characters without a space tokenises "
                      "differently there (docs/llamacpp.md)")
     info["selected"] = chosen
     if args.check:
-        info["check_max_abs_logit_diff"] = _check(args.out, model, widths, heads)
+        info |= _check(args.out, model, tokenizer, widths, heads)
     types = ", ".join(f"{n} {t}" for t, n in info["tensor_types"].items())
     lines = [f"exported {info['architecture']} ({info['params'] / 1e6:.3f}M params, FFN widths "
              f"{','.join(map(str, info['ffn_widths']))}) to {info['out']}: "
@@ -116,5 +132,7 @@ def export_gguf(args: argparse.Namespace) -> Result:
     lines += [f"note: {n}" for n in notes]
     if "check_max_abs_logit_diff" in info:
         lines.append(f"check: llama.cpp logits vs ours, max abs diff "
-                     f"{info['check_max_abs_logit_diff']:.2e}")
+                     f"{info['check_max_abs_logit_diff']:.2e}; tokens of a sample text "
+                     f"{'the same' if info['check_same_tokens'] else 'DIFFER'} "
+                     f"(pre-tokenizer {info['tokenizer_pre']})")
     return info, "\n".join(lines)

@@ -230,7 +230,7 @@ def evaluate(args: argparse.Namespace) -> Result:
             rows[-1]["heads"] = list(hs)
     result = {"checkpoint": str(ckpt.resolve(args.checkpoint)), **info, "results": rows}
     lines = [f"{result['checkpoint']} on {info['data']} ({result['val_tokens']:,} validation "
-             "tokens)",
+             f"tokens in windows of {info['seq_len']})",
              f"{'submodel':<10}{'FFN widths':<28}{'non-emb params':>15}{'val loss':>10}{'ppl':>9}"]
     for r in rows:
         w = r["widths"]

@@ -36,6 +36,7 @@ examples:
   matformer export-hf runs/demo --granularity S --out hf/demo-S
   matformer export-hf runs/demo --granularity M --out hf/demo-S --force   # replace it, whole
   matformer import-hf hf/demo-S --out runs/from-hf
+  matformer import-hf models/SmolLM2-135M-Instruct.Q4_1.gguf --out runs/smollm2
 """
 
 
@@ -159,8 +160,12 @@ def add_export_hf(sub: argparse._SubParsersAction) -> None:
 
 def add_import_hf(sub: argparse._SubParsersAction) -> None:
     p = add_command(
-        sub, "import-hf", "convert a Llama/Arcee transformers folder to ours", MIXNMATCH_EXAMPLES)
-    p.add_argument("folder", type=Path)
+        sub, "import-hf", "convert a Llama/Arcee transformers folder or a GGUF file to ours",
+        MIXNMATCH_EXAMPLES, description="Convert a Llama/Arcee transformers folder, or a "
+        "llama-architecture GGUF file (as llama.cpp, Ollama or LM Studio keep models; read and "
+        "dequantised to fp32 by transformers), to a checkpoint of ours. The tokenizer keeps its "
+        "vocabulary, pre-tokenizer, chat template and end-of-turn token.")
+    p.add_argument("folder", type=Path, help="transformers folder or .gguf file")
     p.add_argument("--out", type=Path, required=True, help="new checkpoint directory")
     _add_force(p)
     p.add_argument("--data", help="record this corpus so `matformer eval` needs no --data")
@@ -403,16 +408,19 @@ def import_hf(args: argparse.Namespace) -> Result:
     from .. import checkpoint as ckpt
     from ..corpora import absolute_spec
     from ..outputs import check_output
-    from ..submodels.hf import import_hf
+    from ..submodels.hf import import_model
 
     check_output(args.out, overwrite=args.force, sources=[args.folder])
-    model, tokenizer = import_hf(args.folder, name=args.folder.name)
-    meta: dict[str, Any] = {"origin": {"hf_folder": str(args.folder.resolve())}}
+    model, tokenizer = import_model(args.folder)
+    meta: dict[str, Any] = {"origin": {"source": str(args.folder.resolve())}}
     if args.data:
         meta["data"] = absolute_spec(args.data)
     path = ckpt.save_checkpoint(args.out, model, tokenizer, metadata=meta, overwrite=args.force,
                                 sources=[args.folder])
     res = {"out": str(path), "params": model.num_params(),
-           "widths": list(model.config.ffn_dims)}
+           "widths": list(model.config.ffn_dims), "vocab_size": tokenizer.vocab_size,
+           "chat_template": tokenizer.chat_template is not None,
+           "eos_token": tokenizer.eos_token}
     return res, (f"imported {args.folder} ({res['params'] / 1e6:.3f}M params, FFN widths "
-                 f"{','.join(map(str, res['widths']))}) to {path}")
+                 f"{','.join(map(str, sorted(set(res['widths']))))}, {res['vocab_size']:,} "
+                 f"tokens{', a chat template' if res['chat_template'] else ''}) to {path}")

@@ -198,11 +198,11 @@ def create_app(server: Server) -> FastAPI:
 
     @app.post("/v1/chat/completions", dependencies=[Depends(auth)])
     async def chat(body: P.ChatRequest, http: Request) -> Any:
-        ids = server.tokenizer.encode(P.chat_prompt(body.messages))
+        prompt, stops = P.chat_prompt(body.messages, server.tokenizer)
         mt, param = ((body.max_completion_tokens, "max_completion_tokens")
                      if body.max_completion_tokens is not None else (body.max_tokens, "max_tokens"))
-        return await _generate(server, http, body, ids, chat=True, max_tokens=mt, default=None,
-                               param=param)
+        return await _generate(server, http, body, server.tokenizer.encode(prompt), chat=True,
+                               max_tokens=mt, default=None, param=param, chat_stops=stops)
 
     return app
 
@@ -250,13 +250,11 @@ async def _next_event(events: asyncio.Queue[Event], client: _Client) -> Event | 
 
 async def _generate(server: Server, http: Request, body: P._Common, ids: list[int], *,
                     chat: bool, max_tokens: int | None, default: int | None,
-                    param: str = "max_tokens") -> Any:
+                    param: str = "max_tokens", chat_stops: Sequence[str] = ()) -> Any:
     """Validate, queue the request, and answer it whole or as a stream; a client that
     disconnects cancels its request (freeing its place in the queue or its batch slot)."""
     sub = server.lookup(body.model)
-    stops = P.check_sampling(body)
-    if chat:
-        stops += list(P.CHAT_STOPS)
+    stops = P.check_sampling(body) + list(chat_stops)
     if not ids:  # an empty prompt starts from a document boundary
         ids = [server.tokenizer.eos_id]
     n = P.check_length(len(ids), max_tokens, server.model.config.max_seq_len, default, param)

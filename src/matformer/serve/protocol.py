@@ -4,9 +4,11 @@ Requests are validated strictly (a string where a number belongs is an error, no
 every failure becomes an OpenAI-style JSON error ``{"error": {"message", "type", "param",
 "code"}}`` that names the field.
 
-Chat template (our models are base models, trained on plain text): every message becomes a
+Chat template: a model that brought its own (an imported instruct model) is prompted with it,
+rendered as transformers renders it, and generation stops at its end-of-turn token. Otherwise
+(our models are base models, trained on plain text) the plain template: every message becomes a
 line ``"<Role>: <content>\\n"`` (``System``, ``User``, ``Assistant``; ``developer`` counts as
-System), and the prompt ends with ``"Assistant:"``. Generation stops at ``"\\nUser:"`` or
+System), the prompt ends with ``"Assistant:"``, and generation stops at ``"\\nUser:"`` or
 ``"\\nSystem:"`` besides the request's own stop strings.
 """
 
@@ -18,6 +20,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..tokenizer import Tokenizer
 from .registry import Submodel
 from .scheduler import token_room
 
@@ -77,14 +80,13 @@ class ChatRequest(_Common):
     max_completion_tokens: int | None = None
 
 
-def chat_prompt(messages: list[ChatMessage]) -> str:
-    """The plain chat template (see the module docstring)."""
+def _messages(messages: list[ChatMessage]) -> list[tuple[str, str]]:
+    """(role, text) of every message, checked: a known role, text content only."""
     if not messages:
         raise APIError(400, "messages must hold at least one message", "messages")
-    lines = []
+    out = []
     for i, m in enumerate(messages):
-        role = ROLES.get(m.role)
-        if role is None:
+        if m.role not in ROLES:
             raise APIError(400, f"messages[{i}].role={m.role!r}: use one of {sorted(ROLES)}",
                            f"messages[{i}].role")
         content = m.content or ""
@@ -95,8 +97,22 @@ def chat_prompt(messages: list[ChatMessage]) -> str:
                                "({'type': 'text', 'text': ...}) are supported",
                                f"messages[{i}].content")
             content = "".join(p["text"] for p in content)
-        lines.append(f"{role}: {content}\n")
-    return "".join(lines) + "Assistant:"
+        out.append((m.role, content))
+    return out
+
+
+def chat_prompt(messages: list[ChatMessage], tokenizer: Tokenizer) -> tuple[str, list[str]]:
+    """The prompt for ``messages`` and the stop strings it adds: the tokenizer's own chat
+    template when it has one (it ends turns with a token, so no strings), else the plain
+    template (see the module docstring)."""
+    turns = _messages(messages)
+    if tokenizer.chat_template is not None:
+        try:
+            return tokenizer.render_chat([{"role": r, "content": c} for r, c in turns]), []
+        except ValueError as e:  # the template refused these messages (e.g. role order)
+            raise APIError(400, f"messages: {e}", "messages") from e
+    lines = [f"{ROLES[r]}: {c}\n" for r, c in turns]
+    return "".join(lines) + "Assistant:", list(CHAT_STOPS)
 
 
 def check_sampling(req: _Common) -> list[str]:

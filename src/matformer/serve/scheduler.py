@@ -325,7 +325,7 @@ class Scheduler:
                                  row.first_token_at - req.arrived, submodel=row.sub.name)
         row.tokens.append(tok)
         row.history[-1][1] += 1
-        if tok == self.tokenizer.eos_id and not req.ignore_eos:
+        if tok in self.tokenizer.stop_ids and not req.ignore_eos:
             self._finish(row, "stop", text=self._text(row, drop_last=True))
             return
         text = self._text(row)

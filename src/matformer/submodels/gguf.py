@@ -30,9 +30,12 @@ Two conversions make llama.cpp compute what we compute:
   half"); llama.cpp's ``llama``/``deci``/``arcee`` rotate consecutive pairs ``(2i, 2i + 1)``.
   Permuting the rows of q and k inside every head (``[0, hd/2, 1, hd/2 + 1, ...]``) turns one
   into the other exactly; attention scores are unchanged because q and k move together.
-* **Tokenizer.** Our byte-level BPE (GPT-2 pre-tokenizer, byte-to-unicode map, no normaliser)
-  is llama.cpp's ``gpt2`` tokenizer with the ``gpt-2`` pre-tokenizer: the file carries the
-  tokens, merges and token types, and ``<|endoftext|>`` as EOS (and BOS, never added).
+* **Tokenizer.** A byte-level BPE (byte-to-unicode map, no normaliser) is llama.cpp's ``gpt2``
+  tokenizer; its pre-tokenizer is written as the llama.cpp type that cuts text alike (``gpt-2``
+  for ours, ``smollm`` for an imported SmolLM2; :mod:`.pretokenizers`), and one with no such
+  type is refused by name. The file carries the tokens, merges and token types, an imported
+  model's chat template, and as EOS the model's own end token (an instruct model's end of turn)
+  or ``<|endoftext|>``; BOS is ``<|endoftext|>``, never added.
 
 The file is written with the ``gguf`` package (``pip install gguf``) to a temporary file beside
 the destination and renamed, so a crash never leaves a half-written model behind.
@@ -54,6 +57,7 @@ from ..config import ModelConfig
 from ..model import MatFormerLM, WidthSpec
 from ..outputs import atomic_file
 from ..tokenizer import EOS_TOKEN, Tokenizer
+from .pretokenizers import PreTokenizerError, llamacpp_pre
 
 if TYPE_CHECKING:
     import gguf as gguf_lib
@@ -232,27 +236,32 @@ def _add_hparams(writer: gguf_lib.GGUFWriter, cfg: ModelConfig, arch: str, dtype
 
 
 def _add_tokenizer(writer: gguf_lib.GGUFWriter, vocab: tuple[list[str], list[int], list[str]],
-                   eos_id: int) -> None:
-    """llama.cpp's ``gpt2`` tokenizer from :func:`_vocab`'s output; EOS doubles as BOS (never
-    added)."""
+                   tokenizer: Tokenizer, pre: str) -> None:
+    """llama.cpp's ``gpt2`` tokenizer from :func:`_vocab`'s output with the pre-tokenizer type
+    ``pre``; EOS is the model's end token, BOS ``<|endoftext|>`` (never added); the chat
+    template when the tokenizer has one."""
     tokens, types, merges = vocab
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("gpt-2")
+    writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges(merges)
-    writer.add_bos_token_id(eos_id)
-    writer.add_eos_token_id(eos_id)
+    end = tokenizer.eos_token
+    writer.add_bos_token_id(tokenizer.eos_id)
+    writer.add_eos_token_id(tokenizer.eos_id if end is None else tokens.index(end))
     writer.add_add_bos_token(False)
     writer.add_add_eos_token(False)
+    if tokenizer.chat_template is not None:
+        writer.add_chat_template(tokenizer.chat_template)
 
 
 def _write_gguf(path: Path, sub: MatFormerLM, arch: str, dtype: str, name: str,
-                vocab: tuple[list[str], list[int], list[str]], eos_id: int) -> dict[str, int]:
+                vocab: tuple[list[str], list[int], list[str]], tokenizer: Tokenizer,
+                pre: str) -> dict[str, int]:
     """Write the whole GGUF file of the dense model ``sub``; returns tensors per stored type."""
     writer = _gguf().GGUFWriter(str(path), arch)
     _add_hparams(writer, sub.config, arch, dtype, name)
-    _add_tokenizer(writer, vocab, eos_id)
+    _add_tokenizer(writer, vocab, tokenizer, pre)
     stored: dict[str, int] = {}
     for key, t in _tensors(sub).items():
         kind = _add_tensor(writer, key, t, dtype)
@@ -311,15 +320,20 @@ def export_gguf(model: MatFormerLM, tokenizer: Tokenizer, out: str | Path, *,
     cfg = sub.config
     arch = architecture(cfg)
     vocab = _vocab(tokenizer, cfg.vocab_size)
+    try:
+        pre = llamacpp_pre(json.loads(tokenizer.to_json()))
+    except PreTokenizerError as e:
+        raise GGUFExportError(str(e)) from e
     with atomic_file(out) as tmp:
-        stored = _write_gguf(tmp, sub, arch, dtype, name or cfg.names[-1], vocab,
-                             tokenizer.eos_id)
+        stored = _write_gguf(tmp, sub, arch, dtype, name or cfg.names[-1], vocab, tokenizer,
+                             pre)
     dims = list(cfg.ffn_dims)
     info = {"out": str(out), "architecture": arch, "ffn_widths": dims, "dtype": dtype,
             "skip_attention": list(cfg.skip_attention),
             "heads": None if hs is None else list(hs),
             "tensor_types": stored, "params": sub.num_params(),
-            "bytes": out.stat().st_size, "vocab_size": cfg.vocab_size}
+            "bytes": out.stat().st_size, "vocab_size": cfg.vocab_size,
+            "tokenizer_pre": pre, "chat_template": tokenizer.chat_template is not None}
     log.info("exported %s (%s, FFN widths %s) to %s", arch, dtype, dims, out)
     return info
 

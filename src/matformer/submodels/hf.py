@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer as HFTokenizer
 
 from ..checkpoint import CheckpointError, materialize
 from ..config import ModelConfig
@@ -150,7 +151,9 @@ def save_hf_tokenizer(tokenizer: Tokenizer, out: Path, max_len: int | None = Non
     out.mkdir(parents=True, exist_ok=True)
     tokenizer.save(out / "tokenizer.json")
     fast = PreTrainedTokenizerFast(tokenizer_file=str(out / "tokenizer.json"),
-                                   eos_token=EOS_TOKEN)
+                                   eos_token=tokenizer.eos_token or EOS_TOKEN)
+    if tokenizer.chat_template is not None:  # an imported model's own template
+        fast.chat_template = tokenizer.chat_template
     fast.save_pretrained(str(out))
     tokenizer.save(out / "tokenizer.json")  # ours, byte for byte (no added post-processor)
     extra = {"model_max_length": max_len} if max_len else {}
@@ -188,7 +191,9 @@ def export_hf(model: MatFormerLM, tokenizer: Tokenizer, out: str | Path, *,
         _patch_json(tmp / "config.json", rope_theta=float(sub.config.rope_theta),
                     torch_dtype="float32")
         save_file(_hf_state(sub), str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        GenerationConfig(bos_token_id=tokenizer.eos_id, eos_token_id=tokenizer.eos_id,
+        stops = sorted(tokenizer.stop_ids)
+        GenerationConfig(bos_token_id=tokenizer.eos_id,
+                         eos_token_id=stops[0] if len(stops) == 1 else stops,
                          pad_token_id=tokenizer.eos_id).save_pretrained(str(tmp))
         save_hf_tokenizer(tokenizer, tmp, sub.config.max_seq_len)
     info |= {"out": str(out), "params": sub.num_params(),
@@ -265,9 +270,11 @@ def _config_from_hf(c: dict[str, Any], folder: Path, name: str) -> ModelConfig:
         tie_embeddings=bool(c.get("tie_word_embeddings", False)))
 
 
-def _load_hf_model(folder: Path, cfg: ModelConfig) -> MatFormerLM:
-    """Our model with the folder's weights renamed, padding trimmed to ``cfg``'s widths."""
-    hf = _read_weights(folder)
+def _load_hf_model(folder: Path, cfg: ModelConfig,
+                   hf: dict[str, torch.Tensor] | None = None) -> MatFormerLM:
+    """Our model with the folder's weights (or ``hf``, under transformers' names) renamed,
+    padding trimmed to ``cfg``'s widths."""
+    hf = _read_weights(folder) if hf is None else hf
     missing = sorted(theirs for _, theirs in _name_map(cfg) if theirs not in hf)
     if missing:
         raise ExportError(f"{folder}: the weights lack {len(missing)} tensor(s) the config "
@@ -294,3 +301,71 @@ def import_hf(folder: str | Path, *, name: str = "hf") -> tuple[MatFormerLM, Tok
     if not tok_file.exists():
         raise FileNotFoundError(f"{folder} has no tokenizer.json (a fast tokenizer is needed)")
     return model, Tokenizer.load(tok_file)
+
+
+def import_gguf(path: str | Path, *, name: str = "gguf") -> tuple[MatFormerLM, Tokenizer]:
+    """Load a Llama-architecture GGUF file (llama.cpp's format; Ollama and LM Studio keep
+    models so) as ours: transformers reads it and dequantises every tensor to fp32, the
+    tokenizer keeps its vocabulary, merges, chat template and end-of-turn token, and its
+    pre-tokenizer is the one llama.cpp uses for the file's ``tokenizer.ggml.pre``
+    (:mod:`matformer.submodels.pretokenizers`).
+    """
+    from .pretokenizers import hf_pretokenizer
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"GGUF file not found: {path}")
+    meta = read_gguf_metadata(path)
+    arch = meta.get("general.architecture")
+    if arch != "llama":
+        raise ExportError(f"{path}: GGUF architecture {arch!r}; only 'llama' files import (a "
+                          "per-layer 'deci' file that we exported: import its checkpoint)")
+    try:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ExportError("importing GGUF needs transformers and gguf: "
+                          "pip install 'matformer[hf,gguf]'") from e
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # its per-tensor bars; the command says what it does
+    folder, file = str(path.parent), path.name
+    try:
+        tok = AutoTokenizer.from_pretrained(folder, gguf_file=file)
+        hf = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.float32)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise ExportError(f"transformers cannot read {path}: {e}") from e
+    config = {k: v for k, v in hf.config.to_dict().items() if k != "quantization_config"}
+    cfg = _config_from_hf(config, path, name)
+    model = _load_hf_model(path, cfg, dict(hf.state_dict()))
+    del hf
+    backend = HFTokenizer.from_str(tok.backend_tokenizer.to_str())
+    pre = meta.get("tokenizer.ggml.pre")
+    if pre is not None:
+        backend.pre_tokenizer = hf_pretokenizer(pre, where=str(path))
+    eos = tok.eos_token if isinstance(tok.eos_token, str) else None
+    tokenizer = Tokenizer(backend, chat_template=tok.chat_template or None, eos_token=eos)
+    return model, tokenizer
+
+
+def read_gguf_metadata(path: Path) -> dict[str, Any]:
+    """The scalar and string key-value fields of a GGUF file (no arrays, no tensors)."""
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except (OSError, ValueError, KeyError, IndexError) as e:
+        raise ExportError(f"{path} is not a readable GGUF file: {e}") from e
+    out: dict[str, Any] = {}
+    for key, field in reader.fields.items():
+        if len(field.types) == 1:  # a scalar or a string (arrays have two types)
+            out[key] = field.contents()
+    return out
+
+
+def import_model(path: str | Path, *, name: str | None = None) -> tuple[MatFormerLM, Tokenizer]:
+    """A pretrained model from a transformers folder (:func:`import_hf`) or a ``.gguf`` file
+    (:func:`import_gguf`)."""
+    path = Path(path)
+    if path.suffix.lower() == ".gguf":
+        return import_gguf(path, name=name or path.stem)
+    return import_hf(path, name=name or path.name)
