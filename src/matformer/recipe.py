@@ -17,6 +17,13 @@ model's predictions, detached, teach every smaller submodel trained in that step
 becomes ``(1 - W) * CE + W * KL(full || submodel)``. The full model itself trains on CE alone.
 This is the in-place distillation of newer elastic-training methods (e.g. "slimmable" and
 once-for-all networks), not part of the MatFormer paper's recipe (arXiv 2310.07707 sec. 3.2).
+
+Distillation from the original (``teacher="original"``, for a pretrained model made elastic):
+a frozen copy of the starting weights teaches *every* granularity trained in a step, the full
+one included, so the full model is pulled back towards what it knew while the smaller ones learn
+to imitate it (the compression recipe of Minitron and Nemotron Elastic). ``train_only="ffn"``
+trains only the FFN matrices, the part that becomes elastic; ``max_val_loss`` stops a run whose
+full model's validation loss rises above it, keeping the last checkpoint that stayed below.
 """
 
 from __future__ import annotations
@@ -33,6 +40,8 @@ from . import distributed as dist
 from .config import dataclass_from_dict
 
 MODES = ("sample", "joint", "baseline")
+TEACHERS = ("self", "original")
+TRAIN_ONLY = ("all", "ffn")
 MAX_SEED = 2**32 - 1  # seeds are in [0, MAX_SEED], as on the command line
 
 
@@ -66,6 +75,13 @@ class TrainConfig:
         parallel: ``ddp``, ``fsdp`` or ``none``: data parallelism under torchrun.
         compile: ``torch.compile`` the forward pass and loss (one graph per granularity, shapes
             static); the first step of each granularity pays the compile time.
+        teacher: Who teaches when ``distill`` > 0: ``self`` (the full model of the same step
+            teaches the smaller granularities) or ``original`` (a frozen copy of the starting
+            weights teaches every granularity; see module docstring).
+        train_only: ``all`` parameters, or only the ``ffn`` matrices (the rest frozen).
+        max_val_loss: Stop (:class:`~matformer.train.LossGuardError`) when the full model's
+            validation loss exceeds this; every checkpoint is validated first, so the last
+            one kept stayed below it. None: no limit.
     """
 
     mode: str = "sample"
@@ -92,6 +108,9 @@ class TrainConfig:
     precision: str = "bf16"
     parallel: str = "ddp"
     compile: bool = False
+    teacher: str = "self"
+    train_only: str = "all"
+    max_val_loss: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("probs", "loss_weights", "betas"):
@@ -140,6 +159,18 @@ class TrainConfig:
         if self.distill and self.mode == "baseline":
             raise ValueError("TrainConfig.distill needs a nested model (mode sample or joint): "
                              "a baseline has no full model to learn from")
+        if self.teacher not in TEACHERS:
+            raise ValueError(f"TrainConfig.teacher={self.teacher!r}: choose one of {TEACHERS}")
+        if self.teacher == "original" and not self.distill:
+            raise ValueError("TrainConfig.teacher='original' needs distill > 0 (the weight of "
+                             "the teacher's loss)")
+        if self.train_only not in TRAIN_ONLY:
+            raise ValueError(f"TrainConfig.train_only={self.train_only!r}: choose one of "
+                             f"{TRAIN_ONLY}")
+        if self.max_val_loss is not None and not (math.isfinite(self.max_val_loss)
+                                                  and self.max_val_loss > 0):
+            raise ValueError(f"TrainConfig.max_val_loss={self.max_val_loss!r}: need a finite "
+                             "number > 0, or None")
         if self.precision not in ("bf16", "fp32"):
             raise ValueError(f"TrainConfig.precision={self.precision!r}: choose 'bf16' or 'fp32'")
 
@@ -185,6 +216,19 @@ def granularities_for_step(step: int, cfg: TrainConfig, names: tuple[str, ...]
     probs = torch.tensor(_normalised(cfg.probs, len(names), "probs"))
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
     return [(names[int(torch.multinomial(probs, 1, generator=gen))], 1.0)]
+
+
+def is_ffn_parameter(name: str) -> bool:
+    """Whether the parameter ``name`` (of the unwrapped model) is an FFN matrix."""
+    return ".ffn." in f".{name}"
+
+
+def freeze(model: nn.Module, cfg: TrainConfig) -> None:
+    """Freeze what ``cfg.train_only`` leaves out (before wrapping the model for data
+    parallelism, which registers only the parameters that train)."""
+    if cfg.train_only == "ffn":
+        for name, p in model.named_parameters():
+            p.requires_grad_(is_ffn_parameter(name))
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:

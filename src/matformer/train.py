@@ -29,6 +29,7 @@ from .outputs import write_text_atomic
 from .recipe import (
     TrainConfig,
     check_plan,
+    freeze,
     granularities_for_step,
     lr_at,
     make_optimizer,
@@ -44,6 +45,14 @@ class NonFiniteError(ValueError):
     """Training diverged: a loss, the gradient norm or a weight is NaN or infinite."""
 
 
+class LossGuardError(ValueError):
+    """The full model's validation loss rose above ``TrainConfig.max_val_loss``."""
+
+
+#: Where a run that distils from the original keeps the frozen teacher (a checkpoint).
+TEACHER_DIR = "teacher"
+
+
 class Trainer:
     """Owns a model, its optimizer and a run directory; ``fit()`` trains to ``cfg.steps``.
 
@@ -56,13 +65,21 @@ class Trainer:
         env: This process's rank and device (default: one process on the model's device).
         progress: Show a progress bar (rank 0 only).
         on_step: Optional callback ``(step, record)`` after every optimizer step.
+        teacher: The frozen model that teaches every granularity when ``cfg.teacher`` is
+            ``original`` (on this process's device; never trained).
     """
 
     def __init__(self, model: nn.Module, task: Task, cfg: TrainConfig, run_dir: str | Path,
                  *, env: dist.DistEnv | None = None, progress: bool = True,
-                 on_step: Callable[[int, dict], None] | None = None) -> None:
+                 on_step: Callable[[int, dict], None] | None = None,
+                 teacher: nn.Module | None = None) -> None:
         self.model, self.raw = model, dist.unwrap(model)
         self.task, self.cfg = task, cfg
+        if (teacher is None) != (cfg.teacher != "original"):
+            raise ValueError("a teacher model is needed exactly when TrainConfig.teacher is "
+                             f"'original' (it is {cfg.teacher!r})")
+        self.teacher = teacher.eval().requires_grad_(False) if teacher is not None else None
+        freeze(self.raw, cfg)
         self.run_dir = Path(run_dir)
         mcfg = self.raw.config
         task.check(mcfg)
@@ -150,6 +167,20 @@ class Trainer:
                 f"(lr={self.cfg.lr}, weight_decay={self.cfg.weight_decay}); step {self.step} "
                 f"was not saved and {self._last_good()}; lower --lr or check --weight-decay")
 
+    def _check_guard(self, record: dict[str, Any]) -> None:
+        """LossGuardError when the full model's validation loss rose above the limit (the
+        step is logged, not saved)."""
+        limit, val = self.cfg.max_val_loss, record.get("val_loss")
+        if limit is None or val is None:
+            return
+        full = val[self.names[-1]]
+        if not full <= limit:  # NaN included
+            raise LossGuardError(
+                f"stopped at step {self.step}: the validation loss of {self.names[-1]} rose to "
+                f"{full:.4f}, above the limit {limit:.4f} (max_val_loss); step {self.step} was "
+                f"not saved and {self._last_good()}; lower the learning rate (lr={self.cfg.lr}) "
+                "or distil from the original")
+
     def _truncate_metrics(self, step: int) -> None:
         """Drop records logged after ``step`` (they will be produced again)."""
         f = self.run_dir / METRICS
@@ -186,20 +217,22 @@ class Trainer:
         n_backward, k = micro * len(plan), 0
         heads = self.raw.config.nest_heads
         full = self.names[-1]
-        students = cfg.distill > 0 and any(name != full for name, _ in plan)
+        # who learns from a teacher: every granularity from the original, else the smaller ones
+        taught = {name for name, _ in plan if cfg.distill > 0
+                  and (self.teacher is not None or name != full)}
         for xm, ym in zip(x.chunk(micro), y.chunk(micro), strict=True):
             xm, ym = xm.to(env.device), ym.to(env.device)
             teacher = None
-            if students:  # the full model's predictions on this micro-batch, no gradient
+            if taught:  # the teacher's predictions on this micro-batch, no gradient
                 with torch.no_grad(), autocast(cfg.precision, env.device):
-                    teacher = self.model(xm).float()
+                    teacher = (self.teacher or self.model)(xm).float()
             for name, weight in plan:
                 k += 1
                 h = name if heads else None
                 # Gradients are synchronised across ranks once, on the last backward of the step.
                 with dist.gradient_sync(self.model, enabled=k == n_backward):
                     with autocast(cfg.precision, env.device):
-                        if teacher is not None and name != full:
+                        if teacher is not None and name in taught:
                             loss, ce = self._distill_loss(self.model, xm, ym, name, h,
                                                           teacher, cfg.distill)
                         else:
@@ -264,14 +297,17 @@ class Trainer:
             record = self._pending
             for name, value in record["loss"].items():
                 ema[name] = value if name not in ema else 0.9 * ema[name] + 0.1 * value
-            if (self.step % cfg.eval_interval == 0 or self.step == cfg.steps) \
+            checkpoint = self.step % cfg.ckpt_interval == 0 or self.step == cfg.steps
+            guarded = checkpoint and cfg.max_val_loss is not None  # validate what is kept
+            if (self.step % cfg.eval_interval == 0 or self.step == cfg.steps or guarded) \
                     and "val_loss" not in record:
                 record["val_loss"] = self.evaluate()
             final = record.get("val_loss", final)
             self._log(record)
             if self.on_step is not None:
                 self.on_step(self.step, record)
-            if self.step % cfg.ckpt_interval == 0 or self.step == cfg.steps:
+            self._check_guard(record)
+            if checkpoint:
                 self.save()
             self._pending = None
             bar.set_postfix_str(" ".join(f"{n}={v:.3f}" for n, v in ema.items())
@@ -286,8 +322,14 @@ def run(model: nn.Module, task: Task, cfg: TrainConfig, run_dir: str | Path,
         ) -> tuple[Trainer, nn.Module, dict[str, float], float]:
     """Wrap ``model`` for ``cfg.parallel``, train it (resuming ``run_dir``'s latest checkpoint
     when asked) and return (trainer, wrapped model, final validation losses, seconds)."""
+    teacher = None
+    if cfg.teacher == "original":  # saved beside the run when it started (elastify)
+        from .families import load_checkpoint
+
+        teacher = load_checkpoint(Path(run_dir) / TEACHER_DIR)[0].to(env.device)
+    freeze(model, cfg)
     wrapped = dist.wrap(model.to(env.device), cfg.parallel, env, cfg.precision)
-    trainer = Trainer(wrapped, task, cfg, run_dir, env=env, progress=progress)
+    trainer = Trainer(wrapped, task, cfg, run_dir, env=env, progress=progress, teacher=teacher)
     if resume:
         trainer.resume()
     t0 = time.perf_counter()

@@ -12,6 +12,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..recipe import TEACHERS, TRAIN_ONLY
+from ..submodels.elastify import DEFAULT_CONTEXT
 from .args import NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, RATIOS, Number
 from .common import Result, add_command, add_training_args, train_config
 
@@ -93,17 +95,35 @@ def add_sweep_hf(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true")
 
 
+ELASTIFY_WHY = """\
+why these defaults differ from `matformer train`: elastify continues training a pretrained
+model instead of starting from noise. Its weights already sit near a good minimum, so the
+learning rate is small (1e-4, not 3e-3: a from-scratch rate takes SmolLM2-135M's loss from 3.82
+to 7.06 nats in ten steps), weight decay is off (it would pull the pretrained weights towards
+zero) and windows are 512 tokens (a model's 8,192-token context makes each step minutes long on
+a CPU). Distillation from the original (--distill W: the imported model, frozen, teaches every
+granularity) keeps the full model what it was while the smaller ones learn to imitate it.
+--eval-data measures what the model forgets on text it does not train on, and the guard stops
+a run whose full model gets worse on the training corpus (--max-loss-increase).
+"""
+
+
 def add_elastify(sub: argparse._SubParsersAction) -> None:
     p = add_command(
         sub, "elastify", "make a pretrained dense Llama-family model elastic (S/M/L/XL)",
-        EXAMPLES, description="Import a Hugging Face Llama/Arcee folder, reorder each FFN's "
-        "units by importance on calibration text (the full model's outputs do not change), "
-        "give it granularities and continue training in sample mode so every granularity "
-        "becomes good. The run directory is an ordinary checkpoint; elastify.json in it holds "
-        "the loss of every granularity naively sliced, reordered and trained.")
-    p.add_argument("folder", type=Path, help="Hugging Face folder (Llama or Arcee)")
+        EXAMPLES + "\n" + ELASTIFY_WHY, description="Import a Hugging Face Llama/Arcee folder "
+        "or a Llama GGUF file, reorder each FFN's units by importance on calibration text (the "
+        "full model's outputs do not change), give it granularities and continue training in "
+        "sample mode so every granularity becomes good. The run directory is an ordinary "
+        "checkpoint; elastify.json in it holds the loss of every granularity naively sliced, "
+        "reordered and trained, on the training corpus and on --eval-data.")
+    p.add_argument("folder", type=Path, help="Hugging Face folder (Llama or Arcee) or a .gguf "
+                   "file (llama architecture, any quantisation transformers reads)")
     p.add_argument("--out", type=Path, required=True, help="run directory (created)")
     p.add_argument("--data", required=True, help="corpus: embedded name, file, dir or glob")
+    p.add_argument("--eval-data", help="a second corpus the run does not train on, evaluated "
+                   "before and after (forgetting shows there), e.g. bible when training on "
+                   "shakespeare")
     p.add_argument("--val-fraction", type=Number(float, low=0, high=0.5, low_open=True), default=0.1)
     p.add_argument("--ratios", type=RATIOS, default=(0.125, 0.25, 0.5, 1.0),
                    help="granularities as fractions of d_ff (default S/M/L/XL)")
@@ -112,10 +132,29 @@ def add_elastify(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--calib-batches", type=POSITIVE_INT, default=8, help="training batches used to "
                    "measure unit importance")
     p.add_argument("--no-train", action="store_true", help="only import (and reorder)")
-    p.add_argument("--seq-len", type=POSITIVE_INT, help="context (default: the model's)")
-    p.add_argument("--eval-batches", type=POSITIVE_INT, default=20)
-    add_training_args(p, steps=300, batch_size=16, weight_decay=0.1, eval_interval=100,
-                      ckpt_interval=100, precision="bf16")
+    p.add_argument("--seq-len", type=POSITIVE_INT, help=f"context of training and validation "
+                   f"windows (default: {DEFAULT_CONTEXT}, or the model's context if shorter)")
+    p.add_argument("--eval-batches", type=POSITIVE_INT, default=4,
+                   help="validation batches (the same windows at every stage)")
+    t = add_training_args(p, steps=300, batch_size=8, weight_decay=0.0, eval_interval=50,
+                          ckpt_interval=50, precision="bf16", lr=1e-4, warmup_steps=20,
+                          lr_help="peak learning rate (AdamW; small: this continues training, "
+                          "see below)")
+    t.add_argument("--distill", type=Number(float, low=0, high=1), default=0.0, metavar="W",
+                   help="distillation weight: every granularity minimises (1-W) CE + W "
+                   "KL(teacher || granularity), the teacher being --teacher (default 0: "
+                   "cross-entropy alone)")
+    t.add_argument("--teacher", choices=TEACHERS, default="original",
+                   help="with --distill: original (the imported model, frozen; teaches every "
+                   "granularity) or self (the full model of the same step teaches the smaller "
+                   "ones)")
+    t.add_argument("--train-only", choices=TRAIN_ONLY, default="all",
+                   help="ffn: train only the FFN matrices (the part that becomes elastic), the "
+                   "rest stays as imported")
+    t.add_argument("--max-loss-increase", type=POSITIVE, default=0.25, metavar="NATS",
+                   help="stop when the full model's validation loss rises this far above the "
+                   "original's, keeping the last good checkpoint (every checkpoint is validated)")
+    t.add_argument("--no-guard", action="store_true", help="no --max-loss-increase limit")
     p.add_argument("--json", action="store_true")
 
 
@@ -243,28 +282,56 @@ def sweep_hf(args: argparse.Namespace) -> Result:
 
 
 def elastify(args: argparse.Namespace) -> Result:
+    from ..corpora import absolute_spec
     from ..recipe import TrainConfig
     from ..submodels.elastify import elastify
 
     names = tuple(n.strip() for n in args.names.split(",") if n.strip())
     if len(names) != len(args.ratios):
         raise ValueError(f"--names has {len(names)} names for {len(args.ratios)} --ratios")
+    if args.no_guard and args.max_loss_increase != 0.25:
+        raise ValueError("give --max-loss-increase or --no-guard, not both")
+    args.data = absolute_spec(args.data)  # recorded: eval and --resume from any directory
     cfg = train_config(args, TrainConfig, steps=args.steps, seq_len=args.seq_len,
-                       eval_batches=args.eval_batches)
+                       eval_batches=args.eval_batches, distill=args.distill,
+                       teacher=args.teacher if args.distill else "self",
+                       train_only=args.train_only)
     rep = elastify(args.folder, args.out, cfg, reorder=not args.no_reorder,
                    train=not args.no_train, calib_batches=args.calib_batches,
                    ratios=args.ratios, names=names, eval_batches=args.eval_batches,
+                   eval_data=args.eval_data and absolute_spec(args.eval_data),
+                   max_loss_increase=None if args.no_guard else args.max_loss_increase,
                    progress=not args.no_progress)
-    stages = [s for s in ("naive", "reordered", "elastified") if s in rep]
-    lines = [f"{'granularity':<12}{'width':>7}" + "".join(f"{s:>12}" for s in stages)]
+    return rep, elastify_table(rep)
+
+
+def elastify_table(rep: dict[str, Any]) -> str:
+    """The printed elastify report: loss per granularity and stage on each corpus, and each
+    granularity's distance to the original model (the reordered full model)."""
+    names, full = rep["names"], rep["names"][-1]
+    columns = [(s, rep[s]) for s in ("naive", "reordered", "elastified") if s in rep]
+    other = rep.get("eval_data")
+    if other:
+        columns += [(f"{s}*", other[s]) for s in ("reordered", "elastified") if s in other]
+    last = columns[-1][1] if "elastified" in rep else None
+    head = f"{'granularity':<12}{'width':>7}" + "".join(f"{c:>12}" for c, _ in columns)
+    lines = [head + (f"{'vs orig XL':>12}" if last else "")]
     for n in names:
-        lines.append(f"{n:<12}{rep['widths'][n]:>7}" + "".join(f"{rep[s][n]:>12.4f}"
-                                                               for s in stages))
+        row = f"{n:<12}{rep['widths'][n]:>7}" + "".join(f"{v[n]:>12.4f}" for _, v in columns)
+        if last:
+            origin = (other or rep)["reordered"][full]
+            row += f"{last[n] - origin:>+12.4f}"
+        lines.append(row)
     lines.append(f"validation loss (nats/token) on {rep['val_tokens']:,} tokens of {rep['data']}"
-                 + (f"; trained {rep['steps']} steps ({rep['train_tokens']:,} tokens) in "
-                    f"{rep['seconds'] / 60:.1f} min" if "steps" in rep else "")
-                 + f"; checkpoint: {rep['checkpoint']}")
-    return rep, "\n".join(lines)
+                 + (f"; * on {other['val_tokens']:,} tokens of {other['data']} (not trained on)"
+                    if other else "")
+                 + ("; 'vs orig XL': the last column minus the original model's loss there"
+                    if last else ""))
+    if "steps" in rep:
+        lines.append(f"trained {rep['steps']} steps ({rep['train_tokens']:,} tokens) in "
+                     f"{rep['seconds'] / 60:.1f} min")
+    lines.append(f"checkpoint: {rep['checkpoint']}")
+    return "\n".join(lines)
 
 
 COMMANDS = {"slice-hf": slice_hf, "sweep-hf": sweep_hf, "elastify": elastify}

@@ -11,15 +11,21 @@ fine-tuning it this way):
    function-preserving: the full model's logits do not change, but a prefix now keeps the units
    that matter most.
 2. **Train** in ``sample`` mode (one granularity per step) on the user's data with the ordinary
-   :class:`~matformer.train.Trainer`, so every granularity becomes good.
+   :class:`~matformer.train.Trainer`, so every granularity becomes good. This is continued
+   training of a pretrained model, not training from scratch: a small learning rate, no weight
+   decay towards zero, and optionally distillation from the frozen original (every granularity
+   learns the original's predictions, which keeps the full model what it was), only the FFNs
+   trained, and a guard that stops when the full model gets worse.
 
 The run directory holds ordinary checkpoints, so every command (eval, mixnmatch, extract,
 export-hf, generate ...) works on the result. ``elastify.json`` in it records the validation
-loss of every granularity by naive prefix slicing, after reordering and after training.
+loss of every granularity by naive prefix slicing, after reordering and after training, on the
+training corpus and on a second corpus the run never trains on (forgetting shows there).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import Iterable, Sequence
@@ -41,6 +47,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 REPORT = "elastify.json"
+
+DEFAULT_CONTEXT = 512
+"""Training windows when none is asked for: a pretrained model's own context (8,192 tokens for
+SmolLM2) makes every step minutes long on a CPU."""
 
 
 def _hidden(ffn: torch.nn.Module, x: Tensor) -> Tensor:
@@ -118,15 +128,20 @@ def reorder_by_importance(model: MatFormerLM, batches: Iterable[tuple[Tensor, Te
 def make_elastic(model: MatFormerLM, ratios: Sequence[float] = DEFAULT_RATIOS,
                  names: Sequence[str] = DEFAULT_NAMES) -> MatFormerLM:
     """The same weights (copied) under a config with the given granularities: a new model."""
+    cfg = model.config.replace(ratios=tuple(ratios), names=tuple(names), nest_heads=False)
+    return materialize_copy(model, cfg)
+
+
+def materialize_copy(model: MatFormerLM, cfg: Any = None) -> MatFormerLM:
+    """A copy of ``model`` (weights cloned), under ``cfg`` when given."""
     from ..checkpoint import materialize
 
-    cfg = model.config.replace(ratios=tuple(ratios), names=tuple(names), nest_heads=False)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    return materialize(MatFormerLM, cfg, state)
+    return materialize(MatFormerLM, cfg or model.config, state)
 
 
 def losses(model: MatFormerLM, batches: Sequence[tuple[Tensor, Tensor]], *,
-           precision: str = "fp32") -> dict[str, float]:
+           precision: str) -> dict[str, float]:
     """Validation loss of every granularity of ``model`` (rounded for reports)."""
     return {k: round(v, 4) for k, v in
             evaluate_granularities(model, batches, precision=precision).items()}
@@ -140,16 +155,38 @@ def write_report(run_dir: str | Path, report: dict[str, Any]) -> Path:
     return path
 
 
+def _other_corpus(spec: str, tokenizer: Any, cfg: TrainConfig, seq_len: int,
+                  eval_batches: int) -> list[tuple[Tensor, Tensor]]:
+    """Held-out batches of a second corpus (its validation split), on which forgetting shows."""
+    from ..data import prepare_data
+
+    data = prepare_data(spec, tokenizer, val_fraction=cfg.val_fraction)
+    data.check_context(seq_len)
+    return list(data.val_batches(cfg.batch_size, seq_len, eval_batches))
+
+
 def elastify(folder: str | Path, run_dir: str | Path, cfg: TrainConfig, *,
              reorder: bool = True,
              train: bool = True,
              calib_batches: int = 8, ratios: Sequence[float] = DEFAULT_RATIOS,
              names: Sequence[str] = DEFAULT_NAMES, eval_batches: int = 20,
+             eval_data: str | None = None, max_loss_increase: float | None = None,
              progress: bool = True, env: DistEnv | None = None) -> dict[str, Any]:
-    """Import the Hugging Face folder ``folder``, optionally reorder its FFN units, give it the
-    granularities ``ratios``/``names`` and train it per ``cfg`` (a TrainConfig; ``sample`` mode is
-    the recipe) into ``run_dir``. Returns (and stores as ``elastify.json``) the validation loss
-    of every granularity at each stage: ``naive`` prefix slicing, ``reordered``, ``elastified``.
+    """Import the model ``folder`` (a Hugging Face folder or a ``.gguf`` file), optionally
+    reorder its FFN units, give it the granularities ``ratios``/``names`` and train it per
+    ``cfg`` (a TrainConfig; ``sample`` mode is the recipe) into ``run_dir``.
+
+    Returns (and stores as ``elastify.json``) the validation loss of every granularity at each
+    stage: ``naive`` prefix slicing, ``reordered`` (its full model is the original model),
+    ``elastified``; with ``eval_data`` also ``eval_data.reordered`` / ``eval_data.elastified``
+    on that second corpus, which the run never trains on (where forgetting shows). Losses are
+    measured on the same held-out windows at every stage, in ``cfg.precision`` (bf16 autocast
+    is several times faster than fp32 on CPUs with AMX; every stage shares its rounding).
+
+    ``cfg.teacher == "original"`` distils from the original: it is saved once as the run's
+    ``teacher`` checkpoint (so a resumed run finds it). ``max_loss_increase`` (nats) stops
+    training when the full model's validation loss rises that far above the original's
+    (:class:`~matformer.train.LossGuardError`; the last good checkpoint is kept).
 
     With ``train=False`` nothing is trained (``cfg`` then only gives data, batch size, context
     and seed): the (reordered) model is saved as a checkpoint as it is.
@@ -157,39 +194,60 @@ def elastify(folder: str | Path, run_dir: str | Path, cfg: TrainConfig, *,
     from .. import checkpoint as ckpt
     from .. import distributed as dist
     from ..data import prepare_data
+    from ..metrics import evaluate_loss
     from ..task import LMTask
-    from ..train import run
-    from .hf import import_hf
+    from ..train import TEACHER_DIR, run
+    from .hf import import_model
 
     run_dir = Path(run_dir)
     if (run_dir / ckpt.LATEST).exists() or (run_dir / ckpt.CONFIG).exists():
         raise ValueError(f"{run_dir} already holds a run or checkpoint; choose another --out")
-    dense, tokenizer = import_hf(folder)
+    dense, tokenizer = import_model(folder)
     model = make_elastic(dense, ratios, names)
     del dense
+    seq_len = min(cfg.seq_len or DEFAULT_CONTEXT, model.config.max_seq_len)
+    cfg = dataclasses.replace(cfg, seq_len=seq_len)  # recorded, so a resume uses the same
     data = prepare_data(cfg.data, tokenizer, val_fraction=cfg.val_fraction)
-    seq_len = cfg.seq_len or model.config.max_seq_len
     task = LMTask(data, tokenizer, seq_len)
     task.check(model.config)
     val = list(data.val_batches(cfg.batch_size, seq_len, eval_batches))
+    other = (None if eval_data is None else
+             _other_corpus(eval_data, tokenizer, cfg, seq_len, eval_batches))
     report: dict[str, Any] = {
         "source": str(folder), "data": cfg.data, "ratios": list(ratios), "names": list(names),
         "widths": {n: model.config.ffn_widths(n)[0] for n in names}, "seq_len": seq_len,
-        "val_tokens": sum(y.numel() for _, y in val), "naive": losses(model, val)}
+        "val_tokens": sum(y.numel() for _, y in val), "train_config": cfg.to_dict(),
+        "eval_precision": cfg.precision, "naive": losses(model, val, precision=cfg.precision)}
     log.info("naive prefix slicing: %s", report["naive"])
     if reorder:
         calib = [data.train_batch(i, cfg.batch_size, seq_len, cfg.seed + 7919)
                  for i in range(calib_batches)]
         report["reorder"] = {"calibration_tokens": sum(x.numel() for x, _ in calib),
                              **reorder_by_importance(model, calib)}
-        report["reordered"] = losses(model, val)
-        log.info("after reordering: %s", report["reordered"])
+    report["reordered"] = losses(model, val, precision=cfg.precision)
+    log.info("after reordering: %s", report["reordered"])
+    if other is not None:
+        report["eval_data"] = {"data": eval_data, "val_tokens": sum(y.numel() for _, y in other),
+                               "reordered": losses(model, other, precision=cfg.precision)}
     if train:
+        full = names[-1]
+        if max_loss_increase is not None:  # measured as the trainer will measure it
+            start = evaluate_loss(model, val[: cfg.eval_batches], widths=full,
+                                  precision=cfg.precision)
+            cfg = dataclasses.replace(cfg, max_val_loss=start + max_loss_increase)
+            report["max_val_loss"] = round(cfg.max_val_loss, 4)
+        if cfg.teacher == "original":
+            teacher = materialize_copy(model)
+            ckpt.save_checkpoint(run_dir / TEACHER_DIR, teacher, tokenizer,
+                                 metadata={"role": "the frozen original that teaches"})
+            del teacher
         env = env or dist.DistEnv()
         trainer, _, _, seconds = run(model, task, cfg, run_dir, env, progress=progress)
         model = dist.unwrap(trainer.model)
         report |= {"steps": trainer.step, "train_tokens": trainer.step * cfg.batch_size * seq_len,
-                   "seconds": round(seconds, 1), "elastified": losses(model, val)}
+                   "seconds": round(seconds, 1), "elastified": losses(model, val, precision=cfg.precision)}
+        if other is not None:
+            report["eval_data"]["elastified"] = losses(model, other, precision=cfg.precision)
         report["checkpoint"] = str(ckpt.resolve(run_dir))
     else:
         meta = {"data": cfg.data, "val_fraction": cfg.val_fraction, "seq_len": seq_len}
