@@ -382,3 +382,25 @@ def test_llama_cpp_tokenises_an_imported_tokenizer_as_we_do(tmp_path, capsys):
     ckpt.save_checkpoint(tmp_path / "odd", model, Tokenizer(odd))
     assert main(["export-gguf", str(tmp_path / "odd"), "--out", str(tmp_path / "o.gguf")]) == 2
     assert "Whitespace" in capsys.readouterr().err and not (tmp_path / "o.gguf").exists()
+
+
+def test_elastify_never_writes_over_user_files_or_beside_its_input(pretrained, tmp_path,
+                                                                  capsys):
+    folder, corpus, _ = pretrained
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    files = {"notes.txt": "my notes", "metrics.jsonl": "{}\n", "train_config.json": "{}",
+             "tokenizer.json": "x"}
+    for name, text in files.items():
+        (mine / name).write_text(text)
+    base = ["--threads", "1", "elastify", str(folder), "--data", str(corpus), *ELASTIFY]
+    assert main([*base, "--out", str(mine)]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert {p.name: p.read_text() for p in mine.iterdir()} == files
+    parent = folder.parent  # the folder holding the input model
+    before = sorted(p.name for p in parent.iterdir())
+    assert main([*base, "--out", str(parent)]) == 2
+    assert "holds it" in capsys.readouterr().err
+    assert sorted(p.name for p in parent.iterdir()) == before
+    (tmp_path / "empty").mkdir()  # an empty folder holds nothing to lose
+    assert main([*base, "--out", str(tmp_path / "empty")]) == 0

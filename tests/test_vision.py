@@ -382,8 +382,10 @@ def test_cli_train_eval_retrieve_mixnmatch_extract(tmp_path: Path, capsys) -> No
     assert main(["vision", "train", *common, "--out", str(run)]) == 2  # exists: needs --resume
     assert "--resume" in capsys.readouterr().err
 
+    assert main(["vision", "eval", str(run), "--widths", "1,8"]) == 2  # untrained: refused
+    assert "--any-width" in capsys.readouterr().err
     ev = _run(capsys, "vision", "eval", str(run), "--baselines", str(base_s), str(base_xl),
-              "--widths", "1,8", "--json", "--plot", str(tmp_path / "acc.png"))
+              "--widths", "1,8", "--any-width", "--json", "--plot", str(tmp_path / "acc.png"))
     fam = ev["families"]
     assert list(fam) == ["MatViT run", "baselines"] and ev["images"] == 4
     assert fam["MatViT run"][0]["widths"] == [1, 8]

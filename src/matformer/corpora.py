@@ -87,6 +87,9 @@ def load_corpus(spec: str) -> list[str]:
         ValueError: If a file is empty or does not look like UTF-8 text.
         ModuleNotFoundError: If an embedded corpus's data package is not installed.
     """
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"corpus spec {spec!r} is empty: name an embedded corpus {CORPORA}, a "
+                         "text file, a directory or a glob pattern")
     if spec == "shakespeare":
         return _load_shakespeare()
     if spec == "bible":
@@ -115,7 +118,8 @@ def absolute_spec(spec: str, embedded: tuple[str, ...] = CORPORA) -> str:
     """``spec`` as a run records it: an embedded name unchanged, a path or glob made absolute
     (so evaluating or resuming from another directory reads the same files)."""
     path = os.path.expanduser(spec)
-    if spec in embedded or not (os.path.exists(path) or glob.has_magic(spec)):
+    if spec in embedded or not spec.strip() or not (os.path.exists(path)
+                                                    or glob.has_magic(spec)):
         return spec  # a name, or nothing there: the loader's error names it as it was given
     return os.path.abspath(path)
 

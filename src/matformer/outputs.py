@@ -80,6 +80,17 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def _umask_modes(folder: Path) -> None:
+    """Give every file below ``folder`` the mode an ordinary new file gets under the umask:
+    some writers (safetensors) create their files private (0600), and a server or a teammate
+    running as another user could not read them."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for p in folder.rglob("*"):
+        if p.is_file() and not p.is_symlink():
+            os.chmod(p, 0o666 & ~mask)
+
+
 def _fsync_tree(folder: Path) -> None:
     """Flush every file below ``folder`` (then the folders) to disk before it is renamed."""
     for p in [*sorted(folder.rglob("*"), reverse=True), folder]:
@@ -159,6 +170,7 @@ def atomic_output(target: str | Path, *, overwrite: bool = False,
         raise OutputError(f"cannot create {target}: {e}") from e
     try:
         yield tmp
+        _umask_modes(tmp)
         _fsync_tree(tmp)
         _into_place(tmp, target)
     except OSError as e:

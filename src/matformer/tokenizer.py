@@ -310,6 +310,7 @@ class Tokenizer:
         """
         if not isinstance(text, str):
             raise TypeError(f"encode expects a str, got {type(text).__name__}")
+        check_text(text)
         return self._tok.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
@@ -325,6 +326,8 @@ class Tokenizer:
         bad = next((t for t in texts if not isinstance(t, str)), None)
         if bad is not None:
             raise TypeError(f"encode_batch expects strings, got a {type(bad).__name__}")
+        for t in texts:
+            check_text(t)
         fast = getattr(self._tok, "encode_batch_fast", None)  # skips offsets; tokenizers >= 0.20
         encode = fast if fast is not None else self._tok.encode_batch
         return [enc.ids for enc in encode(texts, add_special_tokens=False)]
@@ -406,6 +409,21 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size}, eos_id={self.eos_id})"
+
+
+class InvalidTextError(ValueError):
+    """A string that is not valid Unicode text (a lone surrogate): it has no UTF-8 bytes."""
+
+
+def check_text(text: str) -> None:
+    """InvalidTextError naming the position of a lone surrogate (what Python makes of bytes
+    that are not UTF-8 on a command line, or of a ``"\\ud800"`` escape in JSON)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InvalidTextError(f"the text is not valid Unicode: a lone surrogate "
+                               f"{text[e.start]!a} at character {e.start} (invalid UTF-8 "
+                               "bytes?)") from None
 
 
 def _write_atomic(path: Path, text: str) -> None:

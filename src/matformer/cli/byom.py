@@ -95,6 +95,8 @@ def add_sweep_hf(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true")
 
 
+GUARD_NATS = 0.25  # elastify --max-loss-increase default
+
 ELASTIFY_WHY = """\
 why these defaults differ from `matformer train`: elastify continues training a pretrained
 model instead of starting from noise. Its weights already sit near a good minimum, so the
@@ -151,7 +153,7 @@ def add_elastify(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--train-only", choices=TRAIN_ONLY, default="all",
                    help="ffn: train only the FFN matrices (the part that becomes elastic), the "
                    "rest stays as imported")
-    t.add_argument("--max-loss-increase", type=POSITIVE, default=0.25, metavar="NATS",
+    t.add_argument("--max-loss-increase", type=POSITIVE, default=GUARD_NATS, metavar="NATS",
                    help="stop when the full model's validation loss rises this far above the "
                    "original's, keeping the last good checkpoint (every checkpoint is validated)")
     t.add_argument("--no-guard", action="store_true", help="no --max-loss-increase limit")
@@ -289,7 +291,7 @@ def elastify(args: argparse.Namespace) -> Result:
     names = tuple(n.strip() for n in args.names.split(",") if n.strip())
     if len(names) != len(args.ratios):
         raise ValueError(f"--names has {len(names)} names for {len(args.ratios)} --ratios")
-    if args.no_guard and args.max_loss_increase != 0.25:
+    if args.no_guard and args.max_loss_increase != GUARD_NATS:
         raise ValueError("give --max-loss-increase or --no-guard, not both")
     args.data = absolute_spec(args.data)  # recorded: eval and --resume from any directory
     cfg = train_config(args, TrainConfig, steps=args.steps, seq_len=args.seq_len,

@@ -161,6 +161,13 @@ def add_latency(p: argparse.ArgumentParser, *, prefill: bool) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
+def add_any_width(p: argparse.ArgumentParser) -> None:
+    """``--any-width``: one rule for every command that takes ``--widths``: only widths of the
+    trained nested set run unless it is given."""
+    p.add_argument("--any-width", action="store_true",
+                   help="allow widths outside the trained nested set (untrained submodels)")
+
+
 def add_skip_attention(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip-attention", metavar="LAYERS",
                    help="layer indices whose attention the submodel skips, e.g. 3,4 (depth "

@@ -143,6 +143,7 @@ def generate(args: argparse.Namespace) -> Result:
         raise ValueError("speculative decoding takes one --prompt and needs the KV cache")
     stats: SpecStats | None = None
     pieces: Any  # each piece: the new tokens of every row
+    t0 = time.perf_counter()  # every path is timed: the uncached one decodes right here
     if speculative:
         stats = SpecStats()
         pieces = _speculative_pieces(args, model, tokenizer, prompts[0], draft, draft_heads,
@@ -162,7 +163,6 @@ def generate(args: argparse.Namespace) -> Result:
     head = [] if args.chat else prompts[0]  # a chat shows the answer alone
     shown = tokenizer.decode(head, skip_special_tokens=True) if streaming else ""
     print(shown, end="", flush=True)  # streaming: the text is printed as it grows
-    t0 = time.perf_counter()
     for piece in pieces:
         for row, tokens in zip(new, piece, strict=True):
             row.extend(tokens)

@@ -24,6 +24,7 @@ from .args import (
 from .common import (
     EXAMPLES,
     Result,
+    add_any_width,
     add_command,
     add_eval_data,
     add_skip_attention,
@@ -93,6 +94,7 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("checkpoint", type=Path, help="checkpoint or run directory")
     p.add_argument("--granularity", help="only this granularity (default: all)")
     p.add_argument("--widths", help="per-layer FFN widths: one int, or one per layer")
+    add_any_width(p)
     add_skip_attention(p)
     add_eval_data(p, batches=None)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -116,6 +118,7 @@ examples:
     p.add_argument("checkpoint", type=Path, help="checkpoint or run directory")
     p.add_argument("--widths", action="append", default=[],
                    help="also measure these per-layer FFN widths (repeatable)")
+    add_any_width(p)
     p.add_argument("--baselines", nargs="+", type=Path, metavar="CKPT",
                    help="dense baselines, one per granularity; the last is their reference")
     add_eval_data(p, batches=20)
@@ -206,12 +209,14 @@ def evaluate(args: argparse.Namespace) -> Result:
     from .. import checkpoint as ckpt
     from ..config import parse_widths
     from ..metrics import evaluate_loss, perplexity
+    from ..submodels.candidates import check_widths
 
     model, tokenizer = load_checkpoint(args.checkpoint)
     batches, info = checkpoint_batches(args, model, tokenizer)
     cfg = model.config
     if args.widths:
-        targets = {"custom": parse_widths(args.widths, cfg.n_layer)}
+        targets = {"custom": check_widths(cfg, parse_widths(args.widths, cfg.n_layer),
+                                          nested=not args.any_width)}
     elif args.granularity:
         targets = {args.granularity: cfg.ffn_widths(args.granularity)}
     else:
@@ -248,10 +253,12 @@ def consistency(args: argparse.Namespace) -> Result:
     from .. import checkpoint as ckpt
     from ..config import parse_widths
     from ..metrics import Submodel, evaluate_consistency, granularity_consistency
+    from ..submodels.candidates import check_widths
 
     model, tokenizer = load_checkpoint(args.checkpoint)
     cfg = model.config
-    extra = {w: parse_widths(w, cfg.n_layer) for w in args.widths}
+    extra = {w: check_widths(cfg, parse_widths(w, cfg.n_layer), nested=not args.any_width)
+             for w in args.widths}
     bases = [load_checkpoint(b) for b in args.baselines or []]
     if len(bases) == 1:
         raise ValueError("--baselines needs at least two checkpoints (the last is the reference)")

@@ -14,6 +14,7 @@ import torch
 from .args import POSITIVE, SEED, Choices, check_latency_budgets, one_submodel
 from .common import (
     Result,
+    add_any_width,
     add_command,
     add_eval_data,
     add_latency,
@@ -58,8 +59,7 @@ def _add_force(p: argparse.ArgumentParser) -> None:
 def _add_submodel(p: argparse.ArgumentParser) -> None:
     p.add_argument("--granularity", help="a uniform granularity by name (S, M, ...)")
     p.add_argument("--widths", help="per-layer FFN widths: one int, or one per layer")
-    p.add_argument("--any-width", action="store_true",
-                   help="allow widths outside the trained nested set (untrained submodels)")
+    add_any_width(p)
     add_skip_attention(p)
 
 
@@ -78,7 +78,7 @@ def add_mixnmatch(sub: argparse._SubParsersAction) -> None:
                    help="candidate patterns (rule: the paper's; the others are ablations)")
     p.add_argument("--widths", action="append", default=[],
                    help="an extra candidate (repeatable): one int or one per layer")
-    p.add_argument("--any-width", action="store_true", help="allow untrained widths")
+    add_any_width(p)
     p.add_argument("--depth", nargs="?", const="", metavar="GRANULARITY",
                    help="also try skipping one layer's FFN, and one layer's attention, at a "
                    "time in this granularity (default: the full model); untrained, so the "

@@ -23,7 +23,7 @@ from .args import (
     check_latency_budgets,
     names,
 )
-from .common import Result, add_command, add_latency, add_training_args
+from .common import Result, add_any_width, add_command, add_latency, add_training_args
 
 EXAMPLES = """\
 examples:
@@ -109,6 +109,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--granularity", help="only this granularity")
     p.add_argument("--widths", action="append", default=[],
                    help="per-layer FFN widths (repeatable): one int, or one per layer")
+    add_any_width(p)
     p.add_argument("--baselines", nargs="+", type=Path, default=[], metavar="CKPT")
     p.add_argument("--labels", help="comma-separated names of the checkpoints' families "
                    "(default: their run directory names)")
@@ -149,7 +150,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--patterns", type=Choices(PATTERNS), default="rule",
                    help="candidate patterns (rule: the paper's; the others are ablations)")
     p.add_argument("--widths", action="append", default=[], help="an extra candidate")
-    p.add_argument("--any-width", action="store_true", help="allow untrained widths")
+    add_any_width(p)
     p.add_argument("--baselines", nargs="+", type=Path, default=[], metavar="CKPT")
     p.add_argument("--no-latency", action="store_true")
     add_latency(p, prefill=False)

@@ -175,7 +175,7 @@ def _eval(args: argparse.Namespace) -> Result:
         targets: dict[str, Any] = {}
         if args.granularity:
             targets[args.granularity] = cfg.ffn_widths(args.granularity)
-        for w in _widths_list(args, cfg, nested=False):
+        for w in _widths_list(args, cfg, nested=not args.any_width):
             targets[",".join(map(str, w))] = w
         if not targets:
             targets = {n: n for n in cfg.names}

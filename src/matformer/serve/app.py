@@ -23,7 +23,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from ..model import MatFormerLM
-from ..tokenizer import Tokenizer
+from ..tokenizer import InvalidTextError, Tokenizer
 from . import protocol as P
 from .metrics import server_metrics
 from .policy import AutoPolicy
@@ -166,7 +166,15 @@ def _completion_ids(server: Server, prompt: str | list[int] | list[str]) -> list
         if any(not 0 <= t < vocab for t in prompt):
             raise P.APIError(400, f"prompt: token ids must be in 0..{vocab - 1}", "prompt")
         return list(prompt)
-    return server.tokenizer.encode(prompt)
+    return _encode(server, prompt, "prompt")
+
+
+def _encode(server: Server, text: str, param: str) -> list[int]:
+    """Token ids of request text; 400 naming ``param`` when the text is not valid Unicode."""
+    try:
+        return server.tokenizer.encode(text)
+    except InvalidTextError as e:
+        raise P.APIError(400, f"{param}: {e}", param) from e
 
 
 def create_app(server: Server) -> FastAPI:
@@ -201,8 +209,9 @@ def create_app(server: Server) -> FastAPI:
         prompt, stops = P.chat_prompt(body.messages, server.tokenizer)
         mt, param = ((body.max_completion_tokens, "max_completion_tokens")
                      if body.max_completion_tokens is not None else (body.max_tokens, "max_tokens"))
-        return await _generate(server, http, body, server.tokenizer.encode(prompt), chat=True,
-                               max_tokens=mt, default=None, param=param, chat_stops=stops)
+        ids = _encode(server, prompt, "messages")
+        return await _generate(server, http, body, ids, chat=True, max_tokens=mt, default=None,
+                               param=param, chat_stops=stops)
 
     return app
 

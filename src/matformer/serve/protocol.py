@@ -115,8 +115,21 @@ def chat_prompt(messages: list[ChatMessage], tokenizer: Tokenizer) -> tuple[str,
     return "".join(lines) + "Assistant:", list(CHAT_STOPS)
 
 
+#: OpenAI fields this server does not implement, with the value that asks for nothing: any
+#: other value is refused with a 400 naming the field, rather than ignored.
+UNSUPPORTED = {"logprobs": (None, False, 0), "top_logprobs": (None, 0), "echo": (None, False),
+               "best_of": (None, 1), "logit_bias": (None, {}), "suffix": (None, ""),
+               "presence_penalty": (None, 0), "frequency_penalty": (None, 0)}
+
+
 def check_sampling(req: _Common) -> list[str]:
     """Validate the shared fields' ranges; return the stop strings as a list."""
+    for name, value in (req.model_extra or {}).items():
+        if name in UNSUPPORTED and not any(
+                value is ok or (value == ok and isinstance(value, bool) == isinstance(ok, bool))
+                for ok in UNSUPPORTED[name]):
+            raise APIError(400, f"{name}={value!r} is not supported by this server (it would "
+                           "be ignored); drop the field", name)
     if req.n != 1:
         raise APIError(400, f"n={req.n}: only n=1 is supported", "n")
     if not 0 <= req.temperature <= 2:

@@ -195,13 +195,13 @@ def elastify(folder: str | Path, run_dir: str | Path, cfg: TrainConfig, *,
     from .. import distributed as dist
     from ..data import prepare_data
     from ..metrics import evaluate_loss
+    from ..outputs import check_output
     from ..task import LMTask
     from ..train import TEACHER_DIR, run
     from .hf import import_model
 
-    run_dir = Path(run_dir)
-    if (run_dir / ckpt.LATEST).exists() or (run_dir / ckpt.CONFIG).exists():
-        raise ValueError(f"{run_dir} already holds a run or checkpoint; choose another --out")
+    # a new folder (or an empty one), never one holding the input or anything else
+    run_dir = check_output(run_dir, sources=[folder])
     dense, tokenizer = import_model(folder)
     model = make_elastic(dense, ratios, names)
     del dense
