@@ -328,3 +328,26 @@ def test_elastify_end_to_end(tmp_path, capsys):
                  ["generate", str(tmp_path / "elastic"), "--granularity", "S",
                   "--max-new-tokens", "5"]):
         assert main(argv) == 0, argv
+
+
+def test_sweep_and_slice_refuse_damaged_weights_and_missing_layers(gemma, tmp_path, capsys):
+    import shutil
+
+    one, _, _ = gemma
+    corpus = write_corpus(tmp_path / "text.txt", n_words=300)
+    sweep = ["--threads", "1", "sweep-hf", str(one), "--data", str(corpus), "--out",
+             str(tmp_path / "sweep"), "--seq-len", "16", "--batches", "1", "--no-latency",
+             "--no-progress"]
+    assert main([*sweep, "--skip-set", "[9]"]) == 2  # the model has layers 0..7
+    assert "layers [9] do not exist" in capsys.readouterr().err
+    bad = tmp_path / "bad"
+    shutil.copytree(one, bad)
+    weights = bad / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # truncated
+    for argv in (["slice-hf", str(bad), str(tmp_path / "s"), "--widths", "[64] * 8"],
+                 ["sweep-hf", str(bad), *sweep[4:]]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert "model.safetensors" in err or str(bad) in err, err
+        assert "Traceback" not in err and "damaged" in err, err
+    assert not (tmp_path / "s").exists()

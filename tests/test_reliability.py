@@ -10,6 +10,7 @@ import stat
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import tiny_model, write_corpus
 
 from matformer import checkpoint as ckpt
@@ -143,3 +144,73 @@ def test_untrained_widths_need_any_width_everywhere(model_dir, capsys):
         assert rc == 2 and "not in the nested set" in err and "--any-width" in err, err
         rc, _, err = _run(capsys, *cmd, "--batches", "1", "--batch-size", "2", "--any-width")
         assert rc == 0, err
+
+
+def test_reproduce_refuses_a_recipe_named_twice(tmp_path, capsys):
+    rc, _, err = _run(capsys, "reproduce", "--recipes", "sample,sample", "--out",
+                      tmp_path / "r")
+    assert rc == 2 and "sample more than once" in err, err
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_dangling_latest_link_is_named(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ckpt.LATEST).symlink_to(run / "checkpoints" / "step_000009")
+    rc, _, err = _run(capsys, "eval", run)
+    assert rc == 2 and "dangling" in err and "step_000009" in err, err
+
+
+def test_damaged_resume_state_does_not_block_the_weights(tmp_path, capsys):
+    corpus = write_corpus(tmp_path / "c.txt", n_words=800)
+    path = ckpt.save_checkpoint(tmp_path / "m", tiny_model(vocab_size=257), Tokenizer.byte_level(),
+                                train_state={"step": 3},
+                                metadata={"data": str(corpus), "seq_len": 32})
+    (path / ckpt.TRAIN_STATE).write_bytes(b"damaged")
+    rc, _, err = _run(capsys, "eval", path, "--batches", "1")
+    assert rc == 0, err
+    rc, _, err = _run(capsys, "generate", path, "--max-new-tokens", "2")
+    assert rc == 0, err
+    with pytest.raises(ckpt.CheckpointError, match="checksum"):
+        ckpt.load_train_state(path)  # a resume still refuses it
+
+
+def test_serve_on_a_busy_port_says_so_before_anything_else(model_dir, capsys):
+    pytest.importorskip("uvicorn")
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        rc, _, err = _run(capsys, "serve", model_dir, "--port", port, "--no-measure")
+    assert rc == 2 and f"cannot listen on 127.0.0.1:{port}" in err, err
+    assert "serving" not in err
+
+
+def test_wide_grayscale_images_keep_their_values(tmp_path):
+    """16-bit PNGs and float TIFFs are scaled by their own range (Pillow's 8-bit conversion
+    clipped every pixel to 255); values outside the range are refused by name."""
+    import numpy as np
+    from PIL import Image
+
+    from matformer.vision.data import load_image_folder
+
+    ramp = np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8)
+    for cls, flip in (("a", False), ("b", True)):
+        (tmp_path / "imgs" / cls).mkdir(parents=True)
+        values = ramp[:, ::-1] if flip else ramp
+        for i in range(3):
+            Image.fromarray((values * 65535).astype(np.uint16)).save(
+                tmp_path / "imgs" / cls / f"{i}.png")
+            Image.fromarray(values.copy()).save(tmp_path / "imgs" / cls / f"{i}.tiff")
+    with Image.open(tmp_path / "imgs" / "a" / "0.png") as im:
+        assert im.mode.startswith("I")  # a wide mode indeed
+    data = load_image_folder(tmp_path / "imgs", image_size=8, channels=1, val_fraction=0.5)
+    images = torch.cat([data.train_x, data.val_x])
+    for x in images:
+        img = x[0].numpy()
+        assert np.allclose(img, ramp, atol=2e-3) or np.allclose(img, ramp[:, ::-1], atol=2e-3)
+    rgb = load_image_folder(tmp_path / "imgs", image_size=8, channels=3, val_fraction=0.5)
+    assert torch.equal(rgb.train_x[:, 0], rgb.train_x[:, 2])
+    Image.fromarray(ramp * 3).save(tmp_path / "imgs" / "a" / "hot.tiff")
+    with pytest.raises(ValueError, match=r"hot\.tiff.*floats span 0\.\.3"):
+        load_image_folder(tmp_path / "imgs", image_size=8, channels=1)

@@ -135,6 +135,9 @@ def resolve(path: str | Path) -> Path:
     if (path / CONFIG).exists():
         return path
     latest = path / LATEST
+    if latest.is_symlink() and not latest.exists():
+        raise CheckpointError(f"{latest} is a link to {os.readlink(latest)}, which does not "
+                              "exist (a dangling link): point it at a checkpoint of the run")
     if latest.exists():
         if not latest.is_file():
             raise CheckpointError(f"{latest} should be a file naming the newest checkpoint "
@@ -187,10 +190,13 @@ def _check_file(path: Path, name: str, digest: str) -> None:
 
 
 def verify(path: Path) -> dict[str, Any]:
-    """Check every file against the manifest; return the manifest."""
+    """Check every file the model needs against the manifest; return the manifest. The
+    resume state is checked only when a resume reads it (:func:`load_train_state`): damage
+    there does not keep eval, generate or serve from intact weights."""
     manifest = _manifest(path)
     for name, digest in manifest["files"].items():
-        _check_file(path, name, digest)
+        if name != TRAIN_STATE:
+            _check_file(path, name, digest)
     return manifest
 
 

@@ -84,7 +84,12 @@ def reproduce(args: argparse.Namespace) -> Result:
                                  ("batch_size", args.batch_size), ("seq_len", args.seq_len),
                                  ("distill", args.distill)) if v is not None}
     if args.recipes:
-        changes["recipes"] = tuple(r.strip() for r in args.recipes.split(",") if r.strip())
+        recipes = tuple(r.strip() for r in args.recipes.split(",") if r.strip())
+        twice = sorted({r for r in recipes if recipes.count(r) > 1})
+        if twice:
+            raise ValueError(f"--recipes names {', '.join(twice)} more than once; name each "
+                             "recipe once")
+        changes["recipes"] = recipes
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is available here")
     rc = plan.quick_config(**changes) if args.quick else plan.ReproConfig(**changes)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import logging
+import socket
 import sys
 from pathlib import Path
 
@@ -68,6 +69,17 @@ def _check(args: argparse.Namespace) -> None:
                          "--api-key too (or serve on 127.0.0.1)")
 
 
+def _check_port(host: str, port: int) -> None:
+    """ValueError when nothing can listen on ``host:port`` (in use, or not this machine's)."""
+    if port == 0:
+        return
+    try:
+        socket.create_server((host, port)).close()
+    except OSError as e:
+        raise ValueError(f"cannot listen on {host}:{port}: {e.strerror or e} (another server "
+                         "there? choose another --port)") from e
+
+
 def serve(args: argparse.Namespace) -> Result:
     """Load the checkpoint, serve until SIGINT/SIGTERM, report what was served."""
     try:
@@ -78,6 +90,7 @@ def serve(args: argparse.Namespace) -> Result:
     from ..serve import load_server, run
 
     _check(args)
+    _check_port(args.host, args.port)  # before loading, and before saying "serving"
     logging.getLogger("matformer.serve").setLevel(logging.INFO)
     server = load_server(args.checkpoint, sweep=args.sweep, name=args.name,
                          measure_latency=not args.no_measure, max_batch=args.max_batch,

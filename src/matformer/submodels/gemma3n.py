@@ -37,7 +37,8 @@ import logging
 import os
 import re
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -314,14 +315,26 @@ def _sliced(name: str, rest: str, part: Any, plan: SlicePlan, new_index: dict[in
     return name, part[:]
 
 
+@contextmanager
+def _open_shard(path: Path) -> Iterator[Any]:
+    """``safe_open`` of one weights file; a damaged file (truncated, not safetensors) is a
+    ValueError naming it, not a library traceback."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            yield f
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"cannot read weights {path}: {e} (a damaged or truncated "
+                         "file?)") from e
+
+
 def _sliced_shard(path: Path, prefix: str, plan: SlicePlan, new_index: dict[int, int],
                   hpl: int) -> dict[str, torch.Tensor]:
     """The kept part of every tensor of one source shard, under its new name; tensors outside
     the language model (vision/audio towers) untouched."""
-    from safetensors import safe_open
-
     out: dict[str, torch.Tensor] = {}
-    with safe_open(str(path), "pt") as f:
+    with _open_shard(path) as f:
         for name in f.keys():  # noqa: SIM118 (safe_open is not iterable)
             rest = name[len(prefix):] if name.startswith(prefix) else None
             if rest is None:
@@ -414,7 +427,5 @@ def _prefix_of(src: Path, files: Sequence[str]) -> str:
     _, weight_map = _shards(src)
     if weight_map is not None:
         return _text_prefix(list(weight_map))
-    from safetensors import safe_open
-
-    with safe_open(str(src / files[0]), "pt") as f:
+    with _open_shard(src / files[0]) as f:
         return _text_prefix(list(f.keys()))

@@ -164,6 +164,10 @@ def slice_candidates(space: SliceSpace, *, mixed: bool = True,
     candidates such as the rows of Google's table."""
     out = candidates(space, ("rule",) if mixed else ())
     for skip in skip_sets:
+        outside = sorted(i for i in skip if not 0 <= i < space.n_layer)
+        if outside:
+            raise ValueError(f"skip set {list(skip)}: layers {outside} do not exist (the model "
+                             f"has layers 0..{space.n_layer - 1})")
         for g, name in enumerate(space.names):
             w = tuple(0 if i in skip else v for i, v in enumerate(space.ffn_widths(g)))
             out.append(Candidate(f"{name} skip {','.join(map(str, skip))}", "explicit", w))
@@ -273,7 +277,13 @@ def load_gemma3n(src: str | Path, dtype: str = "auto") -> nn.Module:
     if cls_name is None:
         raise ValueError(f"{src}: model_type={kind!r} is not Gemma 3n (gemma3n or gemma3n_text)")
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
-    model = getattr(transformers, cls_name).from_pretrained(str(src), dtype=torch_dtype)
+    from safetensors import SafetensorError
+
+    try:
+        model = getattr(transformers, cls_name).from_pretrained(str(src), dtype=torch_dtype)
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"cannot read the weights of {src}: {e} (a damaged or truncated "
+                         "file?)") from e
     return model.eval()
 
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -127,11 +128,36 @@ def load_digits_dataset(image_size: int = 8, channels: int = 1, val_fraction: fl
                   tuple(str(n) for n in d.target_names), val_fraction, split_seed)
 
 
+#: Single-channel modes with more than 8 bits per pixel: Pillow's ``convert("L")`` clips them
+#: (a 16-bit PNG became all 255), so they are scaled by their own range instead.
+WIDE_MODES = {"I;16": 65535.0, "I;16L": 65535.0, "I;16B": 65535.0, "I;16N": 65535.0,
+              "I": 65535.0, "F": 1.0}
+
+
+def _wide_gray(im: Any, path: Path, image_size: int) -> np.ndarray:
+    """A 16-bit, 32-bit integer or float grayscale image as (H, W) values in [0, 1]."""
+    from PIL import Image
+
+    scale = WIDE_MODES[im.mode]
+    arr = np.asarray(im, dtype=np.float32) / scale
+    if not np.isfinite(arr).all() or arr.min() < 0 or arr.max() > 1:
+        what = "floats" if im.mode == "F" else f"{im.mode} values"
+        raise ValueError(f"its {what} span {arr.min() * scale:g}.."
+                         f"{arr.max() * scale:g}, outside 0..{scale:g} (scale the image to "
+                         "that range, or save it as 8-bit)")
+    small = Image.fromarray(arr).resize((image_size, image_size),
+                                                  Image.Resampling.BILINEAR)
+    return np.clip(np.asarray(small, dtype=np.float32), 0.0, 1.0)
+
+
 def _read_image(path: Path, image_size: int, channels: int) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
+            if im.mode in WIDE_MODES:
+                gray = _wide_gray(im, path, image_size)
+                return gray[None] if channels == 1 else np.repeat(gray[None], 3, axis=0)
             im = im.convert("L" if channels == 1 else "RGB")
             im = im.resize((image_size, image_size), Image.Resampling.BILINEAR)
             arr = np.asarray(im, dtype=np.float32) / 255.0
