@@ -225,8 +225,18 @@ def test_train_refuses_a_directory_that_is_not_a_fresh_run(
     assert _snapshot(tmp_path) == before
     ckpt.verify(extracted)  # its tokenizer.json still matches its checksum
 
+    lookalike = tmp_path / "lookalike"  # the user's files with run-like names: not a run
+    lookalike.mkdir()
+    (lookalike / "metrics.jsonl").write_text("my own metrics\n")
+    (lookalike / "tokenizer.json").write_text("my own tokenizer")
+    before = _snapshot(tmp_path)
+    _refused(_run(capsys, "train", *TINY_TRAIN, "--data", corpus, "--out", lookalike),
+             "not a training run")
+    assert _snapshot(tmp_path) == before
+
     killed = tmp_path / "killed"  # a run killed before its first checkpoint starts afresh
     killed.mkdir()
+    (killed / "matformer_run.json").write_text('{"matformer_run": 1}\n')  # written first
     (killed / "metrics.jsonl").write_text('{"step": 1, "loss": {"S": 9}}\n{"step": 2')
     (killed / "tokenizer.json").write_text("{}")
     rc, _, err = _run(capsys, "train", *TINY_TRAIN, "--data", corpus, "--out", killed)

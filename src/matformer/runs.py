@@ -13,13 +13,19 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from . import checkpoint as ckpt
+from .outputs import write_text_atomic
 
 T = TypeVar("T")
 
 METRICS, TRAIN_CONFIG = "metrics.jsonl", "train_config.json"
+#: The first file a new run writes, and only a run: it tells a run killed before its first
+#: checkpoint from a folder of the user's files that merely have run-like names.
+RUN_MARKER = "matformer_run.json"
+_MARK = {"matformer_run": 1}
 #: What a new run writes before its first checkpoint: a directory holding nothing else (a run
-#: killed that early) may be started afresh.
-FRESH_RUN_FILES = (TRAIN_CONFIG, METRICS, ckpt.TOKENIZER, ckpt.CHECKPOINTS, f".{ckpt.LATEST}.tmp")
+#: killed that early, marked by :data:`RUN_MARKER`) may be started afresh.
+FRESH_RUN_FILES = (RUN_MARKER, TRAIN_CONFIG, METRICS, ckpt.TOKENIZER, ckpt.CHECKPOINTS,
+                   f".{ckpt.LATEST}.tmp")
 
 
 def _leftover_of(name: str, names: tuple[str, ...]) -> bool:
@@ -27,13 +33,31 @@ def _leftover_of(name: str, names: tuple[str, ...]) -> bool:
     return name.startswith(".") and ".tmp-" in name and name[1:].split(".tmp-")[0] in names
 
 
+def _marked(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds the marker a new run writes first (its content, not a name)."""
+    try:
+        return json.loads((run_dir / RUN_MARKER).read_text()) == _MARK
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+
+
+def mark_run_dir(run_dir: str | Path) -> None:
+    """Create ``run_dir`` (if needed) with its :data:`RUN_MARKER`, before any other file of a
+    new run is written there."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not _marked(run_dir):
+        write_text_atomic(run_dir / RUN_MARKER, json.dumps(_MARK) + "\n")
+
+
 def check_new_run_dir(run_dir: str | Path, extra: tuple[str, ...] = ()) -> None:
     """Refuse to start a new run where it would overwrite something.
 
     ``run_dir`` may be missing, empty, or hold what a new run writes before its first checkpoint
-    (:data:`FRESH_RUN_FILES` plus ``extra``, e.g. the vision run's settings file): a run killed
-    that early has nothing worth keeping. A run with checkpoints needs ``--resume``; anything
-    else (an extracted checkpoint, a folder of the user's files) is not a run of ours.
+    (:data:`FRESH_RUN_FILES` plus ``extra``, e.g. the vision run's settings file) next to the
+    :data:`RUN_MARKER` that run wrote first: a run killed that early has nothing worth keeping.
+    A run with checkpoints needs ``--resume``; anything else (an extracted checkpoint, a folder
+    of the user's files, even with names such as ``metrics.jsonl``) is not a run of ours.
 
     Raises:
         ValueError: Naming the directory, what it holds and what to do instead.
@@ -46,18 +70,18 @@ def check_new_run_dir(run_dir: str | Path, extra: tuple[str, ...] = ()) -> None:
     if (run_dir / ckpt.LATEST).exists() or (run_dir / ckpt.LATEST).is_symlink():
         raise ValueError(f"{run_dir} already holds a run; pass --resume to continue it or choose "
                          "another --out")
-    ours = (*FRESH_RUN_FILES, *extra)
+    steps = ckpt.step_dirs(run_dir / ckpt.CHECKPOINTS)
+    if steps:
+        raise ValueError(f"{run_dir} holds checkpoints (step {max(steps)} the newest) but no "
+                         f"{ckpt.LATEST} file, so it cannot be resumed or safely started afresh; "
+                         "nothing was changed: choose a new --out")
+    ours = (*FRESH_RUN_FILES, *extra) if _marked(run_dir) else ()
     others = sorted(p.name for p in run_dir.iterdir()
                     if p.name not in ours and not _leftover_of(p.name, ours))
     if others:
         shown = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
         raise ValueError(f"--out {run_dir} is not empty and not a training run (it holds "
                          f"{shown}); nothing was changed: choose a new or empty --out")
-    steps = ckpt.step_dirs(run_dir / ckpt.CHECKPOINTS)
-    if steps:
-        raise ValueError(f"{run_dir} holds checkpoints (step {max(steps)} the newest) but no "
-                         f"{ckpt.LATEST} file, so it cannot be resumed or safely started afresh; "
-                         "nothing was changed: choose a new --out")
 
 
 def data_facts(task: Any) -> dict[str, Any]:

@@ -35,7 +35,7 @@ from .recipe import (
     make_optimizer,
     set_hyperparameters,
 )
-from .runs import METRICS, TRAIN_CONFIG, check_same_data, data_facts
+from .runs import METRICS, TRAIN_CONFIG, check_same_data, data_facts, mark_run_dir
 from .task import Task
 
 log = logging.getLogger(__name__)
@@ -273,7 +273,7 @@ class Trainer:
                              "continue it, or train into another folder (starting over here "
                              "would overwrite its checkpoints and metrics)")
         if self.env.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+            mark_run_dir(self.run_dir)  # before any other file of the run
             ckpt.clean_run_leftovers(self.run_dir)  # of writes a kill interrupted
             # a new run killed before its first checkpoint; a step left unfinished logs again
             self._truncate_metrics(self.step - (self._pending is not None))

@@ -132,7 +132,7 @@ def train(args: argparse.Namespace) -> Result:
     from ..corpora import absolute_spec, load_corpus
     from ..data import prepare_data, split_text
     from ..model import MatFormerLM
-    from ..runs import check_new_run_dir, read_train_config
+    from ..runs import check_new_run_dir, mark_run_dir, read_train_config
     from ..task import LMTask
     from ..tokenizer import Tokenizer
     from ..train import TrainConfig, run
@@ -157,6 +157,7 @@ def train(args: argparse.Namespace) -> Result:
                                                  show_progress=None if not args.no_progress
                                                  else False)
                              if args.tokenizer == "bpe" else Tokenizer.byte_level())
+                mark_run_dir(args.out)  # the run's first file: its folder is now a run
                 tokenizer.save(tokenizer_file)
             dist.barrier()
             tokenizer = Tokenizer.load(tokenizer_file)

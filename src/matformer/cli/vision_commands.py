@@ -69,7 +69,7 @@ def _train(args: argparse.Namespace) -> Result:
     from .. import checkpoint as ckpt
     from .. import distributed as dist
     from ..corpora import absolute_spec
-    from ..runs import check_new_run_dir, read_train_config
+    from ..runs import check_new_run_dir, mark_run_dir, read_train_config
     from ..train import TrainConfig, run
     from ..vision import VIT_PRESETS, MatViT, VisionTask, evaluate_classifier, vit_preset
     from ..vision.data import EMBEDDED, load_images
@@ -109,7 +109,7 @@ def _train(args: argparse.Namespace) -> Result:
             torch.manual_seed(cfg.seed)  # the same initial weights on every rank
             model = MatViT(mcfg)
             if env.is_main:
-                out.mkdir(parents=True, exist_ok=True)
+                mark_run_dir(out)  # the run's first file: its folder is now a run
                 (out / VISION_FILE).write_text(json.dumps(vis, indent=2) + "\n")
         mcfg = model.config
         task = VisionTask(data, mcfg, max_shift=vis["max_shift"])
