@@ -214,3 +214,40 @@ def test_wide_grayscale_images_keep_their_values(tmp_path):
     Image.fromarray(ramp * 3).save(tmp_path / "imgs" / "a" / "hot.tiff")
     with pytest.raises(ValueError, match=r"hot\.tiff.*floats span 0\.\.3"):
         load_image_folder(tmp_path / "imgs", image_size=8, channels=1)
+
+
+def test_a_full_disk_is_named_by_every_writer(model_dir, tmp_path, capsys, monkeypatch):
+    """export-hf (safetensors' own error text), export-gguf (a short write without an errno,
+    on a file system with no space left) and a checkpoint all say "no space left on device
+    writing PATH", and leave nothing behind."""
+    from safetensors import SafetensorError
+
+    import matformer.outputs as outputs
+    from matformer.submodels import hf
+
+    pytest.importorskip("transformers")
+
+    def full_safetensors(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device "
+                              "(os error 28)")
+
+    monkeypatch.setattr(hf, "save_file", full_safetensors)
+    rc, _, err = _run(capsys, "export-hf", model_dir, "--out", tmp_path / "hf")
+    assert rc == 2 and f"no space left on device writing {tmp_path / 'hf'}" in err, err
+    assert "Traceback" not in err and not (tmp_path / "hf").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+    pytest.importorskip("gguf")
+    import gguf
+
+    def short_write(self, *args, **kwargs):
+        raise OSError("1048576 requested and 492160 written")
+
+    class Full:
+        f_bavail, f_frsize = 0, 4096
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", short_write)
+    monkeypatch.setattr(outputs.os, "statvfs", lambda path: Full())
+    rc, _, err = _run(capsys, "export-gguf", model_dir, "--out", tmp_path / "m.gguf")
+    assert rc == 2 and f"no space left on device writing {tmp_path / 'm.gguf'}" in err, err
+    assert not (tmp_path / "m.gguf").exists()

@@ -415,7 +415,8 @@ def test_full_disk_during_a_checkpoint_write(tmp_path: Path, monkeypatch: pytest
     monkeypatch.setattr(ckpt, "save_model", fill_the_disk)
     run = tmp_path / "run"
     _refused(_run(capsys, "train", *TINY_TRAIN, "--data", corpus, "--out", run),
-             "No space left on device", f"{run / 'checkpoints' / 'step_000004'}/model.safetensors")
+             f"no space left on device writing {run / 'checkpoints' / 'step_000004'}"
+             "/model.safetensors")
     assert ckpt.resolve(run).name == "step_000002"
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_000002"]
     ckpt.verify(run / "checkpoints" / "step_000002")

@@ -39,7 +39,7 @@ from safetensors.torch import load_file, save_model
 from torch import nn
 
 from .config import ModelConfig
-from .outputs import atomic_output, clean_leftovers
+from .outputs import atomic_output, clean_leftovers, disk_full
 from .tokenizer import CONFIG_FILE as TOKENIZER_CONFIG_FILE
 from .tokenizer import Tokenizer
 
@@ -110,6 +110,9 @@ def save_checkpoint(path: str | Path, model: nn.Module, tokenizer: Tokenizer | N
             try:
                 write(tmp / name)
             except (OSError, RuntimeError, SafetensorError) as e:  # torch.save: RuntimeError
+                if disk_full(e, tmp / name):
+                    raise CheckpointError(f"no space left on device writing {path / name}; "
+                                          "nothing was replaced") from e
                 raise CheckpointError(f"cannot write {path / name}: {e}; nothing was replaced"
                                       ) from e
     log.info("saved checkpoint %s", path)

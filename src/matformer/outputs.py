@@ -14,6 +14,7 @@ One rule: never delete or overwrite what the user did not ask to replace.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
@@ -134,17 +135,52 @@ def make_temp(target: Path, *, directory: bool) -> Path:
     return tmp
 
 
+#: Below this many free bytes, a failed write is taken for a full disk (writers such as
+#: numpy's ``tofile`` report a short write without an errno).
+NEARLY_FULL = 1 << 16
+
+
+def disk_full(e: BaseException, target: Path) -> bool:
+    """Whether the failed write of ``target`` ran out of disk space: ENOSPC, a library's
+    message for it (safetensors: "No space left on device (os error 28)"), or a short write
+    on a file system with (almost) no space left."""
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        return True
+    if os.strerror(errno.ENOSPC) in str(e) or f"os error {errno.ENOSPC}" in str(e):
+        return True
+    if not isinstance(e, OSError | RuntimeError):
+        return False
+    try:
+        st = os.statvfs(target.parent)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < NEARLY_FULL
+
+
+def _failed(e: BaseException, target: Path) -> OutputError | None:
+    """The error to raise in place of ``e`` when the disk is full (naming ``target``); None
+    for other errors, and for a ValueError (already a message of ours)."""
+    if not isinstance(e, ValueError) and disk_full(e, target):
+        return OutputError(f"no space left on device writing {target}: nothing was replaced "
+                           "(free some space and run again)")
+    return None
+
+
 @contextmanager
 def atomic_file(target: str | Path) -> Iterator[Path]:
     """A temporary file beside ``target`` (:func:`make_temp`), renamed to ``target`` when the
-    block succeeds and removed when it fails, so a crash never leaves a half-written file."""
+    block succeeds and removed when it fails, so a crash never leaves a half-written file.
+    A full disk is an :class:`OutputError` naming ``target``."""
     target = Path(target)
     tmp = make_temp(target, directory=False)
     try:
         yield tmp
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as e:
+        full = _failed(e, target)  # before the temporary file's space is given back
         tmp.unlink(missing_ok=True)
+        if full is not None:
+            raise full from e
         raise
 
 
@@ -173,11 +209,13 @@ def atomic_output(target: str | Path, *, overwrite: bool = False,
         _umask_modes(tmp)
         _fsync_tree(tmp)
         _into_place(tmp, target)
-    except OSError as e:
+    except BaseException as e:
+        full = _failed(e, target)  # before the temporary folder's space is given back
         shutil.rmtree(tmp, ignore_errors=True)
-        raise OutputError(f"cannot write {target}: {e}; nothing was replaced") from e
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if full is not None:
+            raise full from e
+        if isinstance(e, OSError):
+            raise OutputError(f"cannot write {target}: {e}; nothing was replaced") from e
         raise
 
 

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from .args import POSITIVE_INT, Number
-from .common import Result, add_command, checkpoint_batches, load_checkpoint
+from .common import Result, add_command, add_eval_data, checkpoint_batches, load_checkpoint
 
 EXAMPLES = """\
 examples:
@@ -64,10 +64,8 @@ def add_sizes(sub: argparse._SubParsersAction) -> None:
                     "measured decode tokens/s", EXAMPLES)
     p.add_argument("checkpoint", type=Path, help="checkpoint or run directory")
     p.add_argument("--out", type=Path, help="plot file (default: RUN/sizes.png)")
-    p.add_argument("--batches", type=POSITIVE_INT, default=20, help="validation batches")
-    p.add_argument("--batch-size", type=POSITIVE_INT, default=16)
+    add_eval_data(p, batches=20)
     p.add_argument("--repeats", type=POSITIVE_INT, default=5, help="timed rounds (median)")
-    p.add_argument("--data", help="corpus (default: the one the checkpoint was trained on)")
     p.add_argument("--json", action="store_true")
 
 
@@ -138,9 +136,8 @@ def sizes(args: argparse.Namespace) -> Result:
     from ..reproduce.sizes import plot_sizes, size_table
 
     model, tokenizer = load_checkpoint(args.checkpoint)
-    args.precision = "fp32"
     batches, info = checkpoint_batches(args, model, tokenizer)
-    rows = size_table(model, batches, repeats=args.repeats,
+    rows = size_table(model, batches, precision=args.precision, repeats=args.repeats,
                       context=min(64, model.config.max_seq_len - 1))
     default = args.checkpoint if args.checkpoint.is_dir() else args.checkpoint.parent
     plot = plot_sizes(rows, args.out or default / "sizes.png",

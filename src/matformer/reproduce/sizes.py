@@ -11,7 +11,7 @@ from ..model import MatFormerLM
 
 
 def size_table(model: MatFormerLM, batches: list, *, repeats: int = 5, context: int = 64,
-               threads: int = 1) -> list[dict[str, Any]]:
+               threads: int = 1, precision: str = "fp32") -> list[dict[str, Any]]:
     """One row per named granularity: parameters, validation loss, decode ms/token and
     tokens/s (median of ``repeats`` interleaved rounds, :func:`~matformer.submodels.latency.
     lm_latency`), each relative to the full model."""
@@ -27,7 +27,8 @@ def size_table(model: MatFormerLM, batches: list, *, repeats: int = 5, context: 
         w = cfg.ffn_widths(name)
         rows.append({"name": name, "widths": list(w), "params": cfg.num_params(w, heads=h),
                      "non_embedding_params": cfg.num_params(w, embedding=False, heads=h),
-                     "val_loss": evaluate_loss(model, batches, widths=w, heads=h)})
+                     "val_loss": evaluate_loss(model, batches, widths=w, heads=h,
+                                               precision=precision)})
     lat = lm_latency([(model, cfg.ffn_widths(n), h) for n, h in zip(names, heads, strict=True)],
                      prefill_len=context, decode_context=context, repeats=repeats,
                      threads=threads)

@@ -76,9 +76,7 @@ def prepare(rc: ReproConfig, out: Path) -> tuple[Tokenizer, TokenDataset]:
             docs = load_corpus(rc.data)
             tok = Tokenizer.train_bpe([split_text(d, rc.val_fraction)[0] for d in docs],
                                       rc.vocab_size, show_progress=False)
-        tmp = f.with_name(f".{f.name}.tmp")
-        tok.save(tmp)
-        tmp.replace(f)
+        tok.save(f)  # atomic
     tok = Tokenizer.load(f)
     return tok, prepare_data(rc.data, tok, val_fraction=rc.val_fraction)
 
