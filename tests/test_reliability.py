@@ -251,3 +251,14 @@ def test_a_full_disk_is_named_by_every_writer(model_dir, tmp_path, capsys, monke
     rc, _, err = _run(capsys, "export-gguf", model_dir, "--out", tmp_path / "m.gguf")
     assert rc == 2 and f"no space left on device writing {tmp_path / 'm.gguf'}" in err, err
     assert not (tmp_path / "m.gguf").exists()
+
+
+def test_missing_parent_folders_of_an_output_are_created(model_dir, tmp_path, capsys):
+    """One rule for every output path: missing parent folders are created (docs/guarantees)."""
+    pytest.importorskip("gguf")
+    for argv in (["export-gguf", model_dir, "--out", tmp_path / "a" / "b" / "m.gguf"],
+                 ["extract", model_dir, "--granularity", "S", "--out", tmp_path / "c" / "d"],
+                 ["export-hf", model_dir, "--out", tmp_path / "e" / "f"]):
+        rc, _, err = _run(capsys, *argv)
+        assert rc == 0, (argv, err)
+        assert Path(argv[-1]).exists()

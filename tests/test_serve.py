@@ -207,8 +207,25 @@ def test_scheduler_bounded_queue_and_cancel() -> None:
     assert done.wait(60)
     assert sched.shutdown(60)
     assert sched.load == {"active": 0, "queued": 0}
-    assert sched.metrics.get("requests_total", outcome="cancelled", submodel=sub.name) == 1
+    # both: the one dropped from the queue and the one cancelled while it ran
+    assert sched.metrics.get("requests_total", outcome="cancelled", submodel=sub.name) == 2
     assert sched.metrics.get("completion_tokens_total", submodel=sub.name) < 300
+
+
+def test_a_cancelled_waiting_request_leaves_the_queue_at_once() -> None:
+    """A client that leaves while its request waits frees its place in the queue: it is not
+    kept until a slot frees (nor counted against --queue)."""
+    model = tiny_model(vocab_size=257, max_seq_len=CONTEXT).eval()
+    sched = _scheduler(model, max_batch=1, max_queue=1)
+    sub = build_registry(model, "t")[0]
+    first, waiting, later = (Request([1, 2], 5, sub, lambda ev: None) for _ in range(3))
+    sched.submit(first)
+    sched.submit(waiting)
+    assert sched.load["queued"] == 2  # the scheduler has not started: nothing admitted yet
+    waiting.cancel()
+    sched.submit(later)  # the queue had room again
+    assert sched.load["queued"] == 2
+    assert sched.metrics.get("requests_total", outcome="cancelled", submodel=sub.name) == 1
 
 
 def _recorded(prompt: list[int], n: int, sub: Submodel | None, **kw: Any

@@ -36,7 +36,7 @@ from ..tokenizer import Tokenizer
 from .cache import SlotCache
 from .metrics import Metrics, server_metrics
 from .policy import AutoPolicy
-from .registry import Submodel
+from .registry import AUTO, Submodel
 
 log = logging.getLogger(__name__)
 
@@ -167,6 +167,7 @@ class Scheduler:
             if self._stopping:
                 self.metrics.inc("rejected_total", reason="shutting_down")
                 raise ShuttingDown("the server is shutting down")
+            self._drop_cancelled_waiting()  # a client that left holds no place in the queue
             free = self.max_batch - len(self._rows)
             if len(self._queue) >= self.max_queue + max(0, free):
                 self.metrics.inc("rejected_total", reason="queue_full")
@@ -205,6 +206,7 @@ class Scheduler:
                         self.policy.idle()
                         self._report_policy()
                     self._cond.wait()
+                self._drop_cancelled_waiting()
                 if self._stopping and not self._queue and not self._rows:
                     return
                 admit = []
@@ -368,6 +370,17 @@ class Scheduler:
         self.metrics.observe("request_latency_seconds", time.perf_counter() - req.arrived,
                              submodel=sub.name)
         self._remove(row)
+
+    def _drop_cancelled_waiting(self) -> None:
+        """Remove queued requests whose clients left (call with the lock held): they no longer
+        count against the queue's bound nor wait for a slot."""
+        gone = [r for r in self._queue if r.cancelled.is_set()]
+        if gone:
+            self._queue = collections.deque(r for r in self._queue if not r.cancelled.is_set())
+            for r in gone:
+                name = r.submodel.name if r.submodel is not None else AUTO
+                self.metrics.inc("requests_total", outcome="cancelled", submodel=name)
+            self.metrics.set("queued_requests", len(self._queue))
 
     def _drop_cancelled(self) -> None:
         for row in [r for r in self._rows if r.req.cancelled.is_set()]:
