@@ -1,4 +1,5 @@
-"""Safe outputs: every command that writes a directory goes through :func:`atomic_output`.
+"""Safe outputs: directories are written through :func:`atomic_output`, files through
+:func:`atomic_file` (a few writers of run files still manage their own temporary names).
 
 One rule: never delete or overwrite what the user did not ask to replace.
 

@@ -125,7 +125,7 @@ class _Setup:
     tcache: KVCache
     dcache: KVCache
     mode: str
-    key: tuple  # (draft widths, draft heads, target widths, target heads) for cached costs
+    key: tuple  # (draft widths, draft heads, target widths, target heads, mode): cached costs
 
 
 def _setup(model: MatFormerLM, prompt: Tensor, max_new_tokens: int, draft: WidthSpec,

@@ -280,7 +280,7 @@ class Trainer:
             write_text_atomic(self.run_dir / TRAIN_CONFIG,
                               json.dumps(cfg.to_dict(), indent=2) + "\n")
         self.model.train()
-        samples_per_s = cfg.batch_size * self.task.tokens_per_sample
+        tokens_per_step = cfg.batch_size * self.task.tokens_per_sample
         ema: dict[str, float] = {}
         bar = tqdm(total=cfg.steps, initial=self.step - (self._pending is not None),
                    disable=not self.progress
@@ -292,7 +292,8 @@ class Trainer:
                 t0 = time.perf_counter()
                 record = self.train_step()
                 dt = time.perf_counter() - t0
-                record.update(tokens=self.step * samples_per_s, tok_per_s=samples_per_s / dt)
+                record.update(tokens=self.step * tokens_per_step,
+                              tok_per_s=tokens_per_step / dt)
                 self._pending = record
             record = self._pending
             for name, value in record["loss"].items():

@@ -170,7 +170,7 @@ class Choices:
 #: The number types of the command line: every numeric flag uses one of these.
 POSITIVE_INT = Number(int, low=1)
 NON_NEGATIVE_INT = Number(int, low=0)
-SEED = Number(int, low=0, high=2**32 - 1)  # = matformer.train.MAX_SEED
+SEED = Number(int, low=0, high=2**32 - 1)  # = matformer.recipe.MAX_SEED
 POSITIVE = Number(float, low=0, low_open=True)
 NON_NEGATIVE = Number(float, low=0)
 #: Granularities as fractions of d_ff.

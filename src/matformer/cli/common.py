@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
-from pathlib import Path
 from typing import Any
 
 from ..data import DEFAULT_EVAL_CONTEXT
@@ -32,7 +30,7 @@ Result = tuple[dict[str, Any] | None, str]
 
 EXAMPLES = """\
 examples:
-  matformer train --preset demo --data shakespeare --out runs/demo      # nested LM, ~12 min CPU
+  matformer train --preset demo --data shakespeare --out runs/demo      # nested LM, ~14 min CPU
   matformer train --preset demo --mode baseline --granularity S --out runs/base-S
   matformer train --out runs/demo --resume                             # continue a killed run
   matformer eval runs/demo                                             # S/M/L/XL loss table
@@ -184,14 +182,6 @@ def skip_attention_heads(args: argparse.Namespace, model: Any, heads: Any) -> An
     skip = parse_layers(args.skip_attention, cfg.n_layer)
     counts = model.resolve_heads(heads) or (cfg.n_head,) * cfg.n_layer
     return tuple(0 if i in skip else h for i, h in enumerate(counts))
-
-
-def read_json(path: Path) -> Any:
-    """A JSON file the command needs; ValueError naming the file when it is not valid JSON."""
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); is the file complete?") from e
 
 
 def load_checkpoint(path: Any) -> tuple[Any, Any]:

@@ -6,5 +6,11 @@
 - :mod:`.sweep`: score and cost every candidate, Pareto fronts, the best under a budget;
 - :mod:`.report`: plots, tables and report files of a sweep;
 - :mod:`.extract`: any submodel as a standalone dense model;
-- :mod:`.hf`: export to and import from Hugging Face ``transformers`` folders.
+- :mod:`.hf`: export to and import from Hugging Face ``transformers`` folders, and import of
+  GGUF files;
+- :mod:`.gguf`: export to llama.cpp's GGUF (per-layer widths through its ``deci``
+  architecture), and :mod:`.pretokenizers`: llama.cpp's pre-tokenizer types;
+- :mod:`.gemma3n` and :mod:`.gemma3n_sweep`: slicing Gemma 3n checkpoints, and picking a
+  slice by an in-place sweep;
+- :mod:`.elastify`: a pretrained dense model made nested (reordering, continued training).
 """

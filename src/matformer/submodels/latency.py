@@ -1,7 +1,8 @@
-"""One way to measure latency, used by every latency number the package reports.
+"""One way to measure the latency of submodels.
 
-Mix'n'Match sweeps (language models and ViTs), budget selection and the benchmarks all time
-their submodels through :func:`measure`: a warm-up, then interleaved rounds (every function once
+Mix'n'Match sweeps (language models and ViTs), budget selection, ``sizes``, the server's
+registry and most benchmarks time their submodels through :func:`measure` (the drafter search,
+the reproduction's speculative stage and the Gemma 3n sweep still have timers of their own): a warm-up, then interleaved rounds (every function once
 per round, so drift in machine load spreads over all of them instead of biasing the last ones),
 ``torch.cuda.synchronize`` around each call on CUDA, a fixed torch thread count, and the median
 with its spread (quartiles) rather than a single or a best time.
@@ -19,7 +20,6 @@ from torch import nn
 
 from ..model import eval_mode
 
-#: Setups to time: (model, widths) pairs.
 #: (model, widths) or (model, widths, heads): one submodel to time.
 Setup = tuple[nn.Module, Any] | tuple[nn.Module, Any, Any]
 

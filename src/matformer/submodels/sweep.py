@@ -46,13 +46,15 @@ VIT_OBJECTIVE = Objective("error", {"max_params": "params", "max_flops": "flops_
 
 
 def sweep(model: nn.Module, cands: Sequence[Candidate],
-          score: Callable[[nn.Module, Any], Row], cost: Callable[[nn.Module, Any], Row], *,
+          score: Callable[..., Row], cost: Callable[..., Row], *,
           objective: Objective, baselines: Sequence[tuple[str, nn.Module]] = (),
           timer: Callable[[Sequence[Setup]], list[Row]] | None = None,
           progress: bool = True) -> list[Row]:
     """One row per candidate, then one per baseline (pattern ``"baseline"``).
 
-    A row holds name, pattern, widths, span, ``cost(...)``, ``score(...)`` and, with a
+    ``score`` and ``cost`` are called as ``f(model, widths)``, and with ``heads=`` for a
+    candidate that has its own heads. A row holds name, pattern, widths, span, ``cost(...)``,
+    ``score(...)`` and, with a
     ``timer``, the latency columns it returns (all setups timed in the same interleaved
     rounds). Candidates get ``pareto_<cost>`` flags; baselines are outside the fronts.
     """
