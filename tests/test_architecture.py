@@ -99,3 +99,14 @@ def test_layers() -> None:
                  "checkpoint", "metrics", "config", "distributed", "tokenizer", "families"):
         reached = _reaches(graph, f"matformer.{core}")
         assert not {m for m in reached if m.startswith("matformer.cli")}, core
+
+
+def test_submodels_need_no_trainer() -> None:
+    """Extraction, export, import and sweeps never reach the training loop: elastification,
+    a training workflow, lives beside the trainer (matformer.elastify)."""
+    graph = _graph()
+    trainer = {"matformer.train", "matformer.recipe", "matformer.task", "matformer.distributed",
+               "matformer.elastify"}
+    for mod in graph:
+        if mod.startswith("matformer.submodels"):
+            assert not _reaches(graph, mod) & trainer, mod

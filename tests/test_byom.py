@@ -14,7 +14,7 @@ import torch
 from helpers import random_tokens, tiny_model, write_corpus
 
 from matformer.cli import main
-from matformer.submodels.elastify import permute_units, reorder_by_importance, unit_importance
+from matformer.elastify import permute_units, reorder_by_importance, unit_importance
 from matformer.submodels.gemma3n import (
     SliceError,
     SlicePlan,

@@ -257,7 +257,7 @@ def test_the_original_teaches_the_full_model(pretrained, tmp_path):
     """At W = 1 the full model's loss is KL(original || full): zero at the start, and so is
     its gradient; self-distillation would have trained the full model on CE instead."""
     from matformer.data import prepare_data
-    from matformer.submodels.elastify import make_elastic, materialize_copy
+    from matformer.elastify import make_elastic, materialize_copy
     from matformer.task import LMTask
     from matformer.train import Trainer
 

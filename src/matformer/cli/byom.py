@@ -12,8 +12,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..elastify import DEFAULT_CONTEXT
 from ..recipe import TEACHERS, TRAIN_ONLY
-from ..submodels.elastify import DEFAULT_CONTEXT
 from .args import NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, RATIOS, Number
 from .common import Result, add_command, add_training_args, train_config
 
@@ -285,8 +285,8 @@ def sweep_hf(args: argparse.Namespace) -> Result:
 
 def elastify(args: argparse.Namespace) -> Result:
     from ..corpora import absolute_spec
+    from ..elastify import elastify
     from ..recipe import TrainConfig
-    from ..submodels.elastify import elastify
 
     names = tuple(n.strip() for n in args.names.split(",") if n.strip())
     if len(names) != len(args.ratios):

@@ -11,6 +11,8 @@
 - :mod:`.gguf`: export to llama.cpp's GGUF (per-layer widths through its ``deci``
   architecture), and :mod:`.pretokenizers`: llama.cpp's pre-tokenizer types;
 - :mod:`.gemma3n` and :mod:`.gemma3n_sweep`: slicing Gemma 3n checkpoints, and picking a
-  slice by an in-place sweep;
-- :mod:`.elastify`: a pretrained dense model made nested (reordering, continued training).
+  slice by an in-place sweep.
+
+None of them needs the trainer; making a pretrained dense model nested by continued training
+is :mod:`matformer.elastify`, beside it.
 """

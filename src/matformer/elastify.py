@@ -36,13 +36,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..config import DEFAULT_NAMES, DEFAULT_RATIOS
-from ..metrics import evaluate_granularities
-from ..model import MatFormerLM, autocast, eval_mode
+from .config import DEFAULT_NAMES, DEFAULT_RATIOS
+from .metrics import evaluate_granularities
+from .model import MatFormerLM, autocast, eval_mode
 
 if TYPE_CHECKING:
-    from ..distributed import DistEnv
-    from ..recipe import TrainConfig
+    from .distributed import DistEnv
+    from .recipe import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +134,7 @@ def make_elastic(model: MatFormerLM, ratios: Sequence[float] = DEFAULT_RATIOS,
 
 def materialize_copy(model: MatFormerLM, cfg: Any = None) -> MatFormerLM:
     """A copy of ``model`` (weights cloned), under ``cfg`` when given."""
-    from ..checkpoint import materialize
+    from .checkpoint import materialize
 
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     return materialize(MatFormerLM, cfg or model.config, state)
@@ -158,7 +158,7 @@ def write_report(run_dir: str | Path, report: dict[str, Any]) -> Path:
 def _other_corpus(spec: str, tokenizer: Any, cfg: TrainConfig, seq_len: int,
                   eval_batches: int) -> list[tuple[Tensor, Tensor]]:
     """Held-out batches of a second corpus (its validation split), on which forgetting shows."""
-    from ..data import prepare_data
+    from .data import prepare_data
 
     data = prepare_data(spec, tokenizer, val_fraction=cfg.val_fraction)
     data.check_context(seq_len)
@@ -191,14 +191,14 @@ def elastify(folder: str | Path, run_dir: str | Path, cfg: TrainConfig, *,
     With ``train=False`` nothing is trained (``cfg`` then only gives data, batch size, context
     and seed): the (reordered) model is saved as a checkpoint as it is.
     """
-    from .. import checkpoint as ckpt
-    from .. import distributed as dist
-    from ..data import prepare_data
-    from ..metrics import evaluate_loss
-    from ..outputs import check_output
-    from ..task import LMTask
-    from ..train import TEACHER_DIR, run
-    from .hf import import_model
+    from . import checkpoint as ckpt
+    from . import distributed as dist
+    from .data import prepare_data
+    from .metrics import evaluate_loss
+    from .outputs import check_output
+    from .submodels.hf import import_model
+    from .task import LMTask
+    from .train import TEACHER_DIR, run
 
     # a new folder (or an empty one), never one holding the input or anything else
     run_dir = check_output(run_dir, sources=[folder])
