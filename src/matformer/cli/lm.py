@@ -148,6 +148,7 @@ def train(args: argparse.Namespace) -> Result:
                 f"{env.world_size} process(es)")
         else:
             check_new_run_dir(args.out)  # never overwrite what is not a fresh run of ours
+            dist.barrier()  # every rank has checked before rank 0 writes the first file
             args.data = absolute_spec(args.data)  # resumes and evals read the same files
             tokenizer_file = args.out / "tokenizer.json"
             if env.is_main:  # one rank trains the tokenizer, the others read it

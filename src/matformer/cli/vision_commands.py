@@ -85,6 +85,7 @@ def _train(args: argparse.Namespace) -> Result:
             model = _load_vit(out)
         else:
             check_new_run_dir(out, extra=(VISION_FILE,))  # never overwrite what is not ours
+            dist.barrier()  # every rank has checked before rank 0 writes the first file
             args.data = absolute_spec(args.data, EMBEDDED)  # evals read the same files
             base = VIT_PRESETS[args.preset]
             size = args.image_size or base["image_size"]
