@@ -204,6 +204,13 @@ def generate_stream(model: MatFormerLM, prompt: Tensor | Sequence[Sequence[int]]
                                start_pos=T + step)[:, -1]
 
 
+def fits_context(context: int, prompt_len: int, max_new_tokens: int) -> bool:
+    """Whether a KV cache of ``context`` slots holds the decoding: the prompt and every new
+    token but the last (which is never fed back). Otherwise decoding slides its window,
+    uncached (:func:`generate` decides so by default)."""
+    return prompt_len <= context and prompt_len + max_new_tokens - 1 <= context
+
+
 @torch.no_grad()
 def generate(model: MatFormerLM, prompt: Tensor | Sequence[Sequence[int]], max_new_tokens: int,
              *, widths: WidthSpec = None, temperature: float = 1.0, top_k: int | None = None,
@@ -225,8 +232,7 @@ def generate(model: MatFormerLM, prompt: Tensor | Sequence[Sequence[int]], max_n
         Others: as in :func:`generate_stream`.
     """
     ids, lengths = _as_batch(prompt, prompt_lengths, 0 if eos_id is None else eos_id)
-    T, ctx = ids.shape[1], model.config.max_seq_len
-    fits = T <= ctx and T + max_new_tokens - 1 <= ctx
+    fits = fits_context(model.config.max_seq_len, ids.shape[1], max_new_tokens)
     if use_cache is None:
         use_cache = fits or lengths is not None
         if not use_cache:

@@ -105,7 +105,7 @@ examples:
 
 def generate(args: argparse.Namespace) -> Result:
     from ..config import parse_widths
-    from ..generate import generate, generate_stream
+    from ..generate import fits_context, generate, generate_stream
     from ..runner import RunnerPool
     from ..speculative import SpecStats
 
@@ -148,8 +148,8 @@ def generate(args: argparse.Namespace) -> Result:
         stats = SpecStats()
         pieces = _speculative_pieces(args, model, tokenizer, prompts[0], draft, draft_heads,
                                      draft_len, widths, heads, runners, stats, sampling)
-    elif args.no_cache or (len(prompts) == 1 and
-                           len(prompts[0]) + args.max_new_tokens - 1 > cfg.max_seq_len):
+    elif args.no_cache or (len(prompts) == 1 and not fits_context(
+            cfg.max_seq_len, len(prompts[0]), args.max_new_tokens)):
         # Longer than the context: the reference decoder slides its window (no cache).
         out = generate(model, torch.tensor(prompts), args.max_new_tokens, widths=widths,
                        heads=heads, use_cache=False, **sampling)
