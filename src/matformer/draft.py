@@ -164,16 +164,11 @@ def synced_clock(device: torch.device) -> float:
 
 def time_call(fn: Callable[[], object], device: torch.device, reps: int = 3) -> float:
     """Median seconds of ``reps`` timed calls of ``fn()`` after one untimed call (the typical
-    cost, as decoding will see it, rather than the best case)."""
-    fn()
-    times = []
-    for _ in range(reps):
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    cost, as decoding will see it, rather than the best case), through the package's one
+    timing routine (:func:`matformer.submodels.latency.measure`)."""
+    from .submodels.latency import measure
+
+    return statistics.median(measure([fn], repeats=reps, warmup=1, device=device)[0]) / 1e3
 
 
 @torch.no_grad()
