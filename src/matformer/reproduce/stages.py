@@ -191,10 +191,10 @@ def speculative(matlms: dict[str, MatFormerLM], bases: dict[str, MatFormerLM],
     """
     from ..generate import generate
     from ..speculative import SpecStats, speculative_generate
+    from ..submodels.latency import measure
 
     device = next(bases["XL"].parameters()).device
     prompts = [p.to(device) for p in _prompts(rc, data)]
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     n_new = min(rc.spec_new_tokens, rc.seq_len - rc.spec_prompt_len + 1)
     setups: dict[str, Callable[[torch.Tensor], tuple[torch.Tensor, SpecStats | None]]] = {}
 
@@ -214,22 +214,19 @@ def speculative(matlms: dict[str, MatFormerLM], bases: dict[str, MatFormerLM],
         setups[f"{name}:shared-cache"] = spec(m, draft="S", shared_cache=True)
     setups["baseline:XL"] = plain(bases["XL"])
     setups["baseline:external"] = spec(bases["XL"], draft_model=bases["S"])
-    times: dict[str, list[list[float]]] = {k: [[] for _ in prompts] for k in setups}
     outs: dict[str, list[Any]] = {k: [None] * len(prompts) for k in setups}
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with torch.no_grad():
-            for _ in range(rc.timing_repeats):
-                for i, p in enumerate(prompts):
-                    for key, fn in setups.items():
-                        sync()
-                        t0 = time.perf_counter()
-                        outs[key][i] = fn(p)
-                        sync()
-                        times[key][i].append(time.perf_counter() - t0)
-    finally:
-        torch.set_num_threads(old)
+    order = [(key, i) for i in range(len(prompts)) for key in setups]  # interleaved rounds
+
+    def call(key: str, i: int) -> Callable[[], None]:
+        def f() -> None:
+            outs[key][i] = setups[key](prompts[i])
+        return f
+
+    ms = measure([call(key, i) for key, i in order], repeats=rc.timing_repeats, warmup=0,
+                 threads=1, device=device)
+    times: dict[str, list[list[float]]] = {k: [[] for _ in prompts] for k in setups}
+    for (key, i), t in zip(order, ms, strict=True):
+        times[key][i] = [v / 1e3 for v in t]
     result: dict[str, Any] = {"prompts": len(prompts), "prompt_len": rc.spec_prompt_len,
                               "new_tokens": n_new, "draft_len": rc.draft_len, "threads": 1,
                               "repeats": rc.timing_repeats, "setups": {}}
