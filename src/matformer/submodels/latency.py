@@ -1,8 +1,9 @@
 """One way to measure the latency of submodels.
 
-Mix'n'Match sweeps (language models and ViTs), budget selection, ``sizes``, the server's
-registry and most benchmarks time their submodels through :func:`measure` (the drafter search,
-the reproduction's speculative stage and the Gemma 3n sweep still have timers of their own): a warm-up, then interleaved rounds (every function once
+Every latency figure measured ahead of use goes through :func:`measure`: Mix'n'Match sweeps
+(language models, ViTs, Gemma 3n slices), budget selection, ``sizes``, the server's registry,
+the drafter search's and adaptive decoding's costs, the reproduction's speculative stage (the
+counters of a live generation or of the server time that work itself): a warm-up, then interleaved rounds (every function once
 per round, so drift in machine load spreads over all of them instead of biasing the last ones),
 ``torch.cuda.synchronize`` around each call on CUDA, a fixed torch thread count, and the median
 with its spread (quartiles) rather than a single or a best time.
