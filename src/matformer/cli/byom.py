@@ -15,7 +15,7 @@ from typing import Any
 from ..elastify import DEFAULT_CONTEXT
 from ..recipe import TEACHERS, TRAIN_ONLY
 from .args import NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, RATIOS, Number
-from .common import Result, add_command, add_training_args, train_config
+from .common import Result, add_budgets, add_command, add_training_args, train_config
 
 EXAMPLES = """\
 examples:
@@ -87,10 +87,7 @@ def add_sweep_hf(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--repeats", type=POSITIVE_INT, default=5, help="latency rounds (median)")
     p.add_argument("--prefill-len", type=POSITIVE_INT, default=128, help="latency: prompt tokens")
     p.add_argument("--no-progress", action="store_true")
-    b = p.add_argument_group("budget (lowest loss within all given limits)")
-    b.add_argument("--max-params", type=POSITIVE, help="text-model parameters")
-    b.add_argument("--max-flops", type=POSITIVE, help="matmul FLOPs per token")
-    b.add_argument("--max-latency-ms", type=POSITIVE, help="measured prefill latency (ms)")
+    add_budgets(p, params="text-model parameters, e.g. 3e9")
     p.add_argument("--slice-to", type=Path, help="write the picked slice to this folder")
     p.add_argument("--json", action="store_true")
 

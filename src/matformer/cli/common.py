@@ -159,6 +159,21 @@ def add_latency(p: argparse.ArgumentParser, *, prefill: bool) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
+def add_budgets(p: argparse.ArgumentParser, *, per: str = "token",
+                latency: str = "measured prefill latency (ms)", decode: bool = False,
+                params: str = "total parameters, e.g. 3e6") -> argparse._ArgumentGroup:
+    """The budget flags of every command that picks a submodel (declared once): parameters,
+    FLOPs per ``per``, measured latency and, with ``decode``, decode-step latency."""
+    b = p.add_argument_group("budget (the best submodel within every given limit)")
+    b.add_argument("--max-params", type=POSITIVE, help=params)
+    b.add_argument("--max-flops", type=POSITIVE, help=f"forward FLOPs per {per}")
+    b.add_argument("--max-latency-ms", type=POSITIVE, help=latency)
+    if decode:
+        b.add_argument("--max-decode-ms", type=POSITIVE,
+                       help="measured decode-step latency (ms)")
+    return b
+
+
 def add_any_width(p: argparse.ArgumentParser) -> None:
     """``--any-width``: one rule for every command that takes ``--widths``: only widths of the
     trained nested set run unless it is given."""

@@ -11,10 +11,11 @@ from typing import Any
 
 import torch
 
-from .args import POSITIVE, SEED, Choices, check_latency_budgets, one_submodel
+from .args import SEED, Choices, check_latency_budgets, one_submodel
 from .common import (
     Result,
     add_any_width,
+    add_budgets,
     add_command,
     add_eval_data,
     add_latency,
@@ -42,11 +43,7 @@ examples:
 
 
 def _add_budgets(p: argparse.ArgumentParser) -> None:
-    b = p.add_argument_group("budget (pick the lowest-loss submodel that fits all given limits)")
-    b.add_argument("--max-params", type=POSITIVE, help="total parameters, e.g. 3e6")
-    b.add_argument("--max-flops", type=POSITIVE, help="forward FLOPs per token")
-    b.add_argument("--max-latency-ms", type=POSITIVE, help="measured prefill latency (ms)")
-    b.add_argument("--max-decode-ms", type=POSITIVE, help="measured decode-step latency (ms)")
+    b = add_budgets(p, decode=True)
     b.add_argument("--sweep", type=Path, help="a stored mixnmatch.json (or its directory) to "
                    "pick from; default: evaluate the candidates that fit, now")
 

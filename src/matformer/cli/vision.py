@@ -12,7 +12,6 @@ from pathlib import Path
 
 from .args import (
     NON_NEGATIVE_INT,
-    POSITIVE,
     POSITIVE_INT,
     POSITIVE_INTS,
     RATIOS,
@@ -23,7 +22,14 @@ from .args import (
     check_latency_budgets,
     names,
 )
-from .common import Result, add_any_width, add_command, add_latency, add_training_args
+from .common import (
+    Result,
+    add_any_width,
+    add_budgets,
+    add_command,
+    add_latency,
+    add_training_args,
+)
 
 EXAMPLES = """\
 examples:
@@ -155,9 +161,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-latency", action="store_true")
     add_latency(p, prefill=False)
     p.add_argument("--seed", type=SEED, default=0, help="seed of the random pattern")
-    p.add_argument("--max-params", type=POSITIVE, help="budget: total parameters")
-    p.add_argument("--max-flops", type=POSITIVE, help="budget: FLOPs per image")
-    p.add_argument("--max-latency-ms", type=POSITIVE, help="budget: measured latency (ms)")
+    add_budgets(p, per="image", latency="measured latency (ms)")
     _data_args(p)
     p.set_defaults(check_args=check_latency_budgets)
 
