@@ -139,10 +139,12 @@ def test_untrained_widths_need_any_width_everywhere(model_dir, capsys):
     """One rule for every command that takes --widths: eval and consistency refuse a width
     outside the nested set (as export-hf, export-gguf and mixnmatch do) unless --any-width."""
     for cmd in (["eval", model_dir, "--widths", "17"],
-                ["consistency", model_dir, "--widths", "17"]):
-        rc, _, err = _run(capsys, *cmd, "--batches", "1", "--batch-size", "2")
+                ["consistency", model_dir, "--widths", "17"],
+                ["generate", model_dir, "--widths", "17", "--max-new-tokens", "2"]):
+        extra = [] if cmd[0] == "generate" else ["--batches", "1", "--batch-size", "2"]
+        rc, _, err = _run(capsys, *cmd, *extra)
         assert rc == 2 and "not in the nested set" in err and "--any-width" in err, err
-        rc, _, err = _run(capsys, *cmd, "--batches", "1", "--batch-size", "2", "--any-width")
+        rc, _, err = _run(capsys, *cmd, *extra, "--any-width")
         assert rc == 0, err
 
 

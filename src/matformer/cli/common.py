@@ -174,6 +174,16 @@ def add_budgets(p: argparse.ArgumentParser, *, per: str = "token",
     return b
 
 
+def add_submodel(p: argparse.ArgumentParser,
+                 granularity: str = "a uniform granularity by name (S, M, ...)") -> None:
+    """The flags that choose one submodel, declared once: ``--granularity`` or ``--widths``
+    (checked against the nested set unless ``--any-width``), and ``--skip-attention``."""
+    p.add_argument("--granularity", help=granularity)
+    p.add_argument("--widths", help="per-layer FFN widths: one int, or one per layer")
+    add_any_width(p)
+    add_skip_attention(p)
+
+
 def add_any_width(p: argparse.ArgumentParser) -> None:
     """``--any-width``: one rule for every command that takes ``--widths``: only widths of the
     trained nested set run unless it is given."""

@@ -25,7 +25,7 @@ from .args import (
 from .common import (
     Result,
     add_command,
-    add_skip_attention,
+    add_submodel,
     load_checkpoint,
     skip_attention_heads,
 )
@@ -60,9 +60,7 @@ examples:
                    help="each --prompt is a user message, rendered with the model's own chat "
                    "template (an imported instruct model's); generation ends at its end-of-turn "
                    "token")
-    p.add_argument("--granularity", help="submodel by name (default: the full model)")
-    p.add_argument("--widths", help="per-layer FFN widths: one int, or one per layer")
-    add_skip_attention(p)
+    add_submodel(p, "submodel by name (default: the full model)")
     p.add_argument("--max-new-tokens", type=NON_NEGATIVE_INT, default=200,
                    help="tokens to generate")
     p.add_argument("--temperature", type=NON_NEGATIVE, default=0.8, help="0 = greedy")
@@ -108,13 +106,15 @@ def generate(args: argparse.Namespace) -> Result:
     from ..generate import fits_context, generate, generate_stream
     from ..runner import RunnerPool
     from ..speculative import SpecStats
+    from ..submodels.candidates import check_widths
 
     model, tokenizer = load_checkpoint(args.checkpoint)
     model = model.to(DTYPES[args.dtype]).eval()
     cfg = model.config
     widths: Any = args.granularity
     if args.widths:
-        widths = parse_widths(args.widths, cfg.n_layer)
+        widths = check_widths(cfg, parse_widths(args.widths, cfg.n_layer),
+                              nested=not args.any_width)
     heads = skip_attention_heads(
         args, model, args.granularity if cfg.nest_heads and args.granularity else None)
     texts, eos_id = args.prompt or ["\n"], tokenizer.eos_id

@@ -12,12 +12,12 @@ from .common import (
     add_command,
     add_eval_data,
     add_latency,
+    add_submodel,
     load_checkpoint,
 )
 from .submodels import (
     _add_budgets,
     _add_force,
-    _add_submodel,
     _budgets,
     _heads_note,
     _submodel_heads,
@@ -53,7 +53,7 @@ def add_export_gguf(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--name", help="model name stored in the file (default: the submodel's)")
     p.add_argument("--check", action="store_true", help="load the file with llama-cpp-python "
                    "and compare its logits with ours")
-    _add_submodel(p)
+    add_submodel(p)
     _add_budgets(p)
     add_eval_data(p, batches=20)
     add_latency(p, prefill=True)

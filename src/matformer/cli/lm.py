@@ -27,7 +27,7 @@ from .common import (
     add_any_width,
     add_command,
     add_eval_data,
-    add_skip_attention,
+    add_submodel,
     add_training_args,
     check_lm_train,
     checkpoint_batches,
@@ -92,10 +92,7 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     p = add_command(
         sub, "eval", "validation loss/perplexity of every granularity or widths", EXAMPLES)
     p.add_argument("checkpoint", type=Path, help="checkpoint or run directory")
-    p.add_argument("--granularity", help="only this granularity (default: all)")
-    p.add_argument("--widths", help="per-layer FFN widths: one int, or one per layer")
-    add_any_width(p)
-    add_skip_attention(p)
+    add_submodel(p, "only this granularity (default: all)")
     add_eval_data(p, batches=None)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(check_args=one_submodel)

@@ -19,7 +19,7 @@ from .common import (
     add_command,
     add_eval_data,
     add_latency,
-    add_skip_attention,
+    add_submodel,
     checkpoint_batches,
     load_checkpoint,
     skip_attention_heads,
@@ -51,13 +51,6 @@ def _add_budgets(p: argparse.ArgumentParser) -> None:
 def _add_force(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true",
                    help="replace an existing --out (as a whole, atomically; never the input)")
-
-
-def _add_submodel(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--granularity", help="a uniform granularity by name (S, M, ...)")
-    p.add_argument("--widths", help="per-layer FFN widths: one int, or one per layer")
-    add_any_width(p)
-    add_skip_attention(p)
 
 
 def add_mixnmatch(sub: argparse._SubParsersAction) -> None:
@@ -117,7 +110,7 @@ def add_extract(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, required=True, help="new checkpoint directory")
     _add_force(p)
     p.add_argument("--name", help="granularity name stored in the config (default: derived)")
-    _add_submodel(p)
+    add_submodel(p)
     _add_budgets(p)
     add_eval_data(p, batches=20)
     add_latency(p, prefill=True)
@@ -146,7 +139,7 @@ def add_export_hf(sub: argparse._SubParsersAction) -> None:
     p.add_argument("checkpoint", type=Path)
     p.add_argument("--out", type=Path, required=True, help="new folder")
     _add_force(p)
-    _add_submodel(p)
+    add_submodel(p)
     p.add_argument("--no-pad", action="store_true",
                    help="refuse per-layer widths instead of zero-padding them")
     p.add_argument("--check", action="store_true",
