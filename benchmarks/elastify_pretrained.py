@@ -81,11 +81,13 @@ def table(rows: list[tuple[str, dict[str, Any]]]) -> str:
              "| recipe | tokens | granularity | train corpus | vs original XL | second corpus "
              "| vs original XL |", "|---|---:|---|---:|---:|---:|---:|"]
 
+    def cell(v: float, ref: float) -> str:
+        return "— | —" if math.isnan(v) else f"{v:.4f} | {v - ref:+.4f}"
+
     def add(label: str, tokens: str, train: dict[str, float], other: dict[str, float]) -> None:
         for n in names:
-            lines.append(f"| {label} | {tokens} | {n} | {train[n]:.4f} | "
-                         f"{train[n] - orig_train:+.4f} | {other[n]:.4f} | "
-                         f"{other[n] - orig_other:+.4f} |")
+            lines.append(f"| {label} | {tokens} | {n} | {cell(train[n], orig_train)} | "
+                         f"{cell(other[n], orig_other)} |")
 
     add("naive prefix", "0", first["naive"], {n: math.nan for n in names})
     add("reordered only", "0", first["reordered"], first["eval_data"]["reordered"])
