@@ -23,8 +23,8 @@ import torch
 from torch import Tensor
 
 from .cache import KVCache
-from .model import MatFormerLM, WidthSpec, eval_mode
-from .runner import HeadSpec, RunnerPool, SubmodelRunner
+from .model import HeadSpec, MatFormerLM, WidthSpec, eval_mode
+from .runner import RunnerPool, SubmodelRunner
 
 log = logging.getLogger(__name__)
 

@@ -78,6 +78,9 @@ RowChunks = tuple[Tensor | None, list[tuple[int, int, int]]]
 #: What callers may pass as ``widths``: None (full model), a granularity name or index, one int
 #: for every layer, one int per layer, or a :class:`RowWidths` (one submodel per batch row).
 WidthSpec = None | str | int | Sequence[int]
+#: Attention heads of a submodel: None (every head), a head-nested granularity's name, one
+#: count for every layer, or one per layer (0: the layer's attention is skipped).
+HeadSpec = None | str | int | Sequence[int]
 
 
 class RMSNorm(nn.Module):

@@ -33,7 +33,7 @@ from __future__ import annotations
 import logging
 import time
 import types
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -41,11 +41,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .cache import KVCache
-from .model import MatFormerLM, WidthSpec, rope_tables
+from .model import HeadSpec, MatFormerLM, WidthSpec, rope_tables
 
 log = logging.getLogger(__name__)
 
-HeadSpec = None | str | int | Sequence[int]
 #: Query lengths a compiled runner is specialised to: a call of ``T`` tokens runs the shortest
 #: that fits, padded (decoding steps, drafts and verification windows share a few graphs); a
 #: longer call, or a prefill (``last_only``) of more than one token, runs eagerly.

@@ -41,8 +41,8 @@ from .draft import (
     nested_heads,
     synced_clock,
 )
-from .generate import HeadSpec, _check_sampling, logits_to_probs, prefill
-from .model import MatFormerLM, WidthSpec, eval_mode
+from .generate import _check_sampling, logits_to_probs, prefill
+from .model import HeadSpec, MatFormerLM, WidthSpec, eval_mode
 from .runner import RunnerPool, SubmodelRunner
 from .speculative_sampling import accept_reject, greedy_accept
 

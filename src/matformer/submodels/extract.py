@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -10,10 +9,8 @@ import torch
 from torch import nn
 
 from .. import checkpoint as ckpt
-from ..model import WidthSpec
+from ..model import HeadSpec, WidthSpec
 from .candidates import describe
-
-HeadSpec = str | int | Sequence[int] | None
 
 #: Why head-nested submodels keep every head's weights (see :func:`extract`).
 HEADS_NOTE = ("attention keeps all {n} heads per layer, those past the first {h} zeroed (their "

@@ -35,10 +35,9 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from ..checkpoint import CheckpointError, materialize
 from ..config import ModelConfig
-from ..model import MatFormerLM, WidthSpec
+from ..model import HeadSpec, MatFormerLM, WidthSpec
 from ..outputs import atomic_output
 from ..tokenizer import EOS_TOKEN, Tokenizer
-from .extract import HeadSpec
 
 log = logging.getLogger(__name__)
 
