@@ -28,7 +28,7 @@ examples:
       --skip-set "[20, 21, 22, 23, 24]" --config-table configs.csv --max-params 3e9 \\
       --slice-to hf/e4b-for-me
   matformer elastify hf/my-llama --out runs/elastic --data my_text.txt --steps 300
-  matformer elastify SmolLM2-135M-Instruct.Q4_1.gguf --out runs/smol --data shakespeare \
+  matformer elastify SmolLM2-135M-Instruct.Q4_1.gguf --out runs/smol --data shakespeare \\
       --eval-data bible --distill 0.5           # a GGUF file; forgetting measured on the Bible
 """
 
