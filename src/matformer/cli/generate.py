@@ -103,9 +103,7 @@ examples:
 
 def generate(args: argparse.Namespace) -> Result:
     from ..config import parse_widths
-    from ..generate import fits_context, generate, generate_stream
     from ..runner import RunnerPool
-    from ..speculative import SpecStats
     from ..submodels.candidates import check_widths
 
     model, tokenizer = load_checkpoint(args.checkpoint)
@@ -117,61 +115,16 @@ def generate(args: argparse.Namespace) -> Result:
                               nested=not args.any_width)
     heads = skip_attention_heads(
         args, model, args.granularity if cfg.nest_heads and args.granularity else None)
-    texts, eos_id = args.prompt or ["\n"], tokenizer.eos_id
-    if args.chat:
-        if tokenizer.chat_template is None:
-            raise ValueError(f"--chat: {args.checkpoint} has no chat template (a model trained "
-                             "here is a plain text model; drop --chat)")
-        texts = [tokenizer.render_chat([{"role": "user", "content": t}]) for t in texts]
-        if tokenizer.eos_token is not None:  # the end of a turn, e.g. <|im_end|>
-            eos_id = tokenizer.backend.token_to_id(tokenizer.eos_token)
-    prompts = [tokenizer.encode(p) or [tokenizer.eos_id] for p in texts]
-    gen = torch.Generator().manual_seed(args.seed)
+    prompts, eos_id = _prompts(args, tokenizer)
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                    eos_id=eos_id, generator=gen)
+                    eos_id=eos_id, generator=torch.Generator().manual_seed(args.seed))
     runners = RunnerPool(model, compile=args.compile)
-    draft: Any = args.draft
-    draft_len, draft_heads = args.draft_len, None
-    if draft == "auto":
-        if args.draft_model:
-            raise ValueError("--draft auto searches submodels of the same weights; "
-                             "drop --draft-model")
-        found, draft_len = _auto_drafter(args, model, tokenizer, widths, heads, runners)
-        draft, draft_heads = found or (None, None)
-    speculative = draft is not None or args.draft_model is not None
-    if speculative and (len(prompts) > 1 or args.no_cache):
-        raise ValueError("speculative decoding takes one --prompt and needs the KV cache")
-    stats: SpecStats | None = None
-    pieces: Any  # each piece: the new tokens of every row
-    t0 = time.perf_counter()  # every path is timed: the uncached one decodes right here
-    if speculative:
-        stats = SpecStats()
-        pieces = _speculative_pieces(args, model, tokenizer, prompts[0], draft, draft_heads,
-                                     draft_len, widths, heads, runners, stats, sampling)
-    elif args.no_cache or (len(prompts) == 1 and not fits_context(
-            cfg.max_seq_len, len(prompts[0]), args.max_new_tokens)):
-        # Longer than the context: the reference decoder slides its window (no cache).
-        out = generate(model, torch.tensor(prompts), args.max_new_tokens, widths=widths,
-                       heads=heads, use_cache=False, **sampling)
-        pieces = [out[:, len(prompts[0]):].tolist()]
-    else:
-        pieces = ([[t] for t in step.tolist()] for step in generate_stream(
-            model, prompts, args.max_new_tokens, widths=widths, heads=heads, runners=runners,
-            **sampling))
-    new: list[list[int]] = [[] for _ in prompts]
+    drafter = _drafter(args, model, tokenizer, widths, heads, runners)  # before the clock
+    t0 = time.perf_counter()  # every path is timed: the uncached one decodes right away
+    pieces, stats = _pieces(args, model, tokenizer, prompts, widths, heads, runners, sampling,
+                            drafter)
     streaming = args.stream and len(prompts) == 1 and not args.json
-    head = [] if args.chat else prompts[0]  # a chat shows the answer alone
-    shown = tokenizer.decode(head, skip_special_tokens=True) if streaming else ""
-    print(shown, end="", flush=True)  # streaming: the text is printed as it grows
-    for piece in pieces:
-        for row, tokens in zip(new, piece, strict=True):
-            row.extend(tokens)
-        if streaming:
-            text = tokenizer.decode(head + new[0], skip_special_tokens=True)
-            print(text[len(shown):], end="", flush=True)
-            shown = text
-    if streaming:
-        print()
+    new = _collect(pieces, prompts, tokenizer, streaming, [] if args.chat else prompts[0])
     elapsed = time.perf_counter() - t0
     texts = [tokenizer.decode(n if args.chat else p + n, skip_special_tokens=True)
              for p, n in zip(prompts, new, strict=True)]  # a chat: the answer alone
@@ -192,6 +145,78 @@ def generate(args: argparse.Namespace) -> Result:
                      f"{stats.rounds} rounds")
         print(line, file=sys.stderr)
     return result, "" if streaming else "\n\n".join(texts)
+
+
+def _prompts(args: argparse.Namespace, tokenizer: Any) -> tuple[list[list[int]], int]:
+    """The prompts' token ids and the id that ends generation: with ``--chat``, each prompt
+    rendered as a user message by the model's own template, ending at its end-of-turn token."""
+    texts, eos_id = args.prompt or ["\n"], tokenizer.eos_id
+    if args.chat:
+        if tokenizer.chat_template is None:
+            raise ValueError(f"--chat: {args.checkpoint} has no chat template (a model trained "
+                             "here is a plain text model; drop --chat)")
+        texts = [tokenizer.render_chat([{"role": "user", "content": t}]) for t in texts]
+        if tokenizer.eos_token is not None:  # the end of a turn, e.g. <|im_end|>
+            eos_id = tokenizer.backend.token_to_id(tokenizer.eos_token)
+    return [tokenizer.encode(p) or [tokenizer.eos_id] for p in texts], eos_id
+
+
+def _drafter(args: argparse.Namespace, model: Any, tokenizer: Any, widths: Any, heads: Any,
+             runners: Any) -> tuple[Any, Any, Any]:
+    """(draft, draft heads, draft length) as given, or found by ``--draft auto``'s search."""
+    if args.draft != "auto":
+        return args.draft, None, args.draft_len
+    if args.draft_model:
+        raise ValueError("--draft auto searches submodels of the same weights; "
+                         "drop --draft-model")
+    found, draft_len = _auto_drafter(args, model, tokenizer, widths, heads, runners)
+    draft, draft_heads = found or (None, None)
+    return draft, draft_heads, draft_len
+
+
+def _pieces(args: argparse.Namespace, model: Any, tokenizer: Any, prompts: list[list[int]],
+            widths: Any, heads: Any, runners: Any, sampling: dict[str, Any],
+            drafter: tuple[Any, Any, Any]) -> tuple[Any, Any]:
+    """The new tokens as they come (each piece: the new tokens of every row) and, for
+    speculative decoding, its statistics: speculative, uncached past the context, or cached."""
+    from ..generate import fits_context, generate, generate_stream
+    from ..speculative import SpecStats
+
+    draft, draft_heads, draft_len = drafter
+    if draft is not None or args.draft_model is not None:
+        if len(prompts) > 1 or args.no_cache:
+            raise ValueError("speculative decoding takes one --prompt and needs the KV cache")
+        stats = SpecStats()
+        return _speculative_pieces(args, model, tokenizer, prompts[0], draft, draft_heads,
+                                   draft_len, widths, heads, runners, stats, sampling), stats
+    if args.no_cache or (len(prompts) == 1 and not fits_context(
+            model.config.max_seq_len, len(prompts[0]), args.max_new_tokens)):
+        # Longer than the context: the reference decoder slides its window (no cache).
+        out = generate(model, torch.tensor(prompts), args.max_new_tokens, widths=widths,
+                       heads=heads, use_cache=False, **sampling)
+        return [out[:, len(prompts[0]):].tolist()], None
+    return ([[t] for t in step.tolist()] for step in generate_stream(
+        model, prompts, args.max_new_tokens, widths=widths, heads=heads, runners=runners,
+        **sampling)), None
+
+
+def _collect(pieces: Any, prompts: list[list[int]], tokenizer: Any, streaming: bool,
+             head: list[int]) -> list[list[int]]:
+    """Every row's new tokens; when ``streaming``, the text (after ``head``) printed as it
+    grows."""
+    new: list[list[int]] = [[] for _ in prompts]
+    shown = tokenizer.decode(head, skip_special_tokens=True) if streaming else ""
+    print(shown, end="", flush=True)
+    for piece in pieces:
+        for row, tokens in zip(new, piece, strict=True):
+            row.extend(tokens)
+        if streaming:
+            text = tokenizer.decode(head + new[0], skip_special_tokens=True)
+            print(text[len(shown):], end="", flush=True)
+            shown = text
+    if streaming:
+        print()
+    return new
 
 
 def _speculative_pieces(args: argparse.Namespace, model: Any, tokenizer: Any, prompt: list[int],
