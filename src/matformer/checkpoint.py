@@ -38,16 +38,15 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_model
 from torch import nn
 
+from .chat_template import CONFIG_FILE as TOKENIZER_CONFIG
 from .config import ModelConfig
 from .outputs import atomic_output, clean_leftovers, disk_full
-from .tokenizer import CONFIG_FILE as TOKENIZER_CONFIG_FILE
 from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
 CONFIG, WEIGHTS, TOKENIZER, MANIFEST, TRAIN_STATE = (
     "config.json", "model.safetensors", "tokenizer.json", "manifest.json", "train_state.pt")
-TOKENIZER_CONFIG = TOKENIZER_CONFIG_FILE
 LATEST, CHECKPOINTS = "latest", "checkpoints"
 
 

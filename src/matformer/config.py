@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .outputs import write_text_atomic
+
 ACTIVATIONS = ("swiglu", "gelu", "relu2")
 
 #: The paper's default nesting: FFN widths {1/8, 1/4, 1/2, 1} x d_ff, named S, M, L, XL.
@@ -254,7 +256,7 @@ class ModelConfig:
         return dataclass_from_dict(cls, data)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        write_text_atomic(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> ModelConfig:

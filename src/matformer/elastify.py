@@ -39,6 +39,7 @@ from torch import Tensor
 from .config import DEFAULT_NAMES, DEFAULT_RATIOS
 from .metrics import evaluate_granularities
 from .model import MatFormerLM, autocast, eval_mode
+from .outputs import write_text_atomic
 
 if TYPE_CHECKING:
     from .distributed import DistEnv
@@ -50,7 +51,7 @@ REPORT = "elastify.json"
 
 DEFAULT_CONTEXT = 512
 """Training windows when none is asked for: a pretrained model's own context (8,192 tokens for
-SmolLM2) makes every step minutes long on a CPU."""
+SmolLM2) makes every step far longer on a CPU."""
 
 
 def _hidden(ffn: torch.nn.Module, x: Tensor) -> Tensor:
@@ -150,8 +151,7 @@ def losses(model: MatFormerLM, batches: Sequence[tuple[Tensor, Tensor]], *,
 def write_report(run_dir: str | Path, report: dict[str, Any]) -> Path:
     """Store the elastify facts beside the run's checkpoints."""
     path = Path(run_dir) / REPORT
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2) + "\n")
+    write_text_atomic(path, json.dumps(report, indent=2) + "\n")
     return path
 
 
@@ -180,25 +180,21 @@ def elastify(folder: str | Path, run_dir: str | Path, cfg: TrainConfig, *,
     stage: ``naive`` prefix slicing, ``reordered`` (its full model is the original model),
     ``elastified``; with ``eval_data`` also ``eval_data.reordered`` / ``eval_data.elastified``
     on that second corpus, which the run never trains on (where forgetting shows). Losses are
-    measured on the same held-out windows at every stage, in ``cfg.precision`` (bf16 autocast
-    is several times faster than fp32 on CPUs with AMX; every stage shares its rounding).
+    measured on the same held-out windows at every stage, in ``cfg.precision`` (every stage
+    shares its rounding).
 
     ``cfg.teacher == "original"`` distils from the original: it is saved once as the run's
     ``teacher`` checkpoint (so a resumed run finds it). ``max_loss_increase`` (nats) stops
     training when the full model's validation loss rises that far above the original's
     (:class:`~matformer.train.LossGuardError`; the last good checkpoint is kept).
 
-    With ``train=False`` nothing is trained (``cfg`` then only gives data, batch size, context
-    and seed): the (reordered) model is saved as a checkpoint as it is.
+    ``train=False``: nothing is trained; the (reordered) model is saved as it is.
     """
     from . import checkpoint as ckpt
-    from . import distributed as dist
     from .data import prepare_data
-    from .metrics import evaluate_loss
     from .outputs import check_output
     from .submodels.hf import import_model
     from .task import LMTask
-    from .train import TEACHER_DIR, run
 
     # a new folder (or an empty one), never one holding the input or anything else
     run_dir = check_output(run_dir, sources=[folder])
@@ -217,41 +213,65 @@ def elastify(folder: str | Path, run_dir: str | Path, cfg: TrainConfig, *,
         "source": str(folder), "data": cfg.data, "ratios": list(ratios), "names": list(names),
         "widths": {n: model.config.ffn_widths(n)[0] for n in names}, "seq_len": seq_len,
         "val_tokens": sum(y.numel() for _, y in val), "train_config": cfg.to_dict(),
-        "eval_precision": cfg.precision, "naive": losses(model, val, precision=cfg.precision)}
-    log.info("naive prefix slicing: %s", report["naive"])
-    if reorder:
-        calib = [data.train_batch(i, cfg.batch_size, seq_len, cfg.seed + 7919)
-                 for i in range(calib_batches)]
-        report["reorder"] = {"calibration_tokens": sum(x.numel() for x, _ in calib),
-                             **reorder_by_importance(model, calib)}
-    report["reordered"] = losses(model, val, precision=cfg.precision)
-    log.info("after reordering: %s", report["reordered"])
-    if other is not None:
-        report["eval_data"] = {"data": eval_data, "val_tokens": sum(y.numel() for _, y in other),
-                               "reordered": losses(model, other, precision=cfg.precision)}
+        "eval_precision": cfg.precision}
+    calib = ([data.train_batch(i, cfg.batch_size, seq_len, cfg.seed + 7919)
+              for i in range(calib_batches)] if reorder else None)
+    _before_training(model, calib, val, other, eval_data, cfg.precision, report)
     if train:
-        full = names[-1]
-        if max_loss_increase is not None:  # measured as the trainer will measure it
-            start = evaluate_loss(model, val[: cfg.eval_batches], widths=full,
-                                  precision=cfg.precision)
-            cfg = dataclasses.replace(cfg, max_val_loss=start + max_loss_increase)
-            report["max_val_loss"] = round(cfg.max_val_loss, 4)
-        if cfg.teacher == "original":
-            teacher = materialize_copy(model)
-            ckpt.save_checkpoint(run_dir / TEACHER_DIR, teacher, tokenizer,
-                                 metadata={"role": "the frozen original that teaches"})
-            del teacher
-        env = env or dist.DistEnv()
-        trainer, _, _, seconds = run(model, task, cfg, run_dir, env, progress=progress)
-        model = dist.unwrap(trainer.model)
-        report |= {"steps": trainer.step, "train_tokens": trainer.step * cfg.batch_size * seq_len,
-                   "seconds": round(seconds, 1), "elastified": losses(model, val, precision=cfg.precision)}
-        if other is not None:
-            report["eval_data"]["elastified"] = losses(model, other, precision=cfg.precision)
-        report["checkpoint"] = str(ckpt.resolve(run_dir))
+        _train(model, task, cfg, run_dir, val, other, max_loss_increase, env, progress, report)
     else:
         meta = {"data": cfg.data, "val_fraction": cfg.val_fraction, "seq_len": seq_len}
         report["checkpoint"] = str(ckpt.save_checkpoint(run_dir, model, tokenizer,
                                                          metadata=meta))
     write_report(run_dir, report)
     return report
+
+
+Batches = list[tuple[Tensor, Tensor]]
+
+
+def _before_training(model: MatFormerLM, calib: Batches | None, val: Batches,
+                     other: Batches | None, other_spec: str | None, precision: str,
+                     report: dict[str, Any]) -> None:
+    """The ``naive`` losses, the reordering on ``calib`` (None: none) and the ``reordered``
+    losses, on the training corpus and on the second one, into ``report``."""
+    report["naive"] = losses(model, val, precision=precision)
+    log.info("naive prefix slicing: %s", report["naive"])
+    if calib is not None:
+        report["reorder"] = {"calibration_tokens": sum(x.numel() for x, _ in calib),
+                             **reorder_by_importance(model, calib)}
+    report["reordered"] = losses(model, val, precision=precision)
+    log.info("after reordering: %s", report["reordered"])
+    if other is not None:
+        report["eval_data"] = {"data": other_spec, "val_tokens": sum(y.numel() for _, y in other),
+                               "reordered": losses(model, other, precision=precision)}
+
+
+def _train(model: MatFormerLM, task: Any, cfg: TrainConfig, run_dir: Path, val: Batches,
+           other: Batches | None, max_loss_increase: float | None, env: DistEnv | None,
+           progress: bool, report: dict[str, Any]) -> None:
+    """Train (the guard's limit measured as the trainer will measure it, the teacher saved
+    first) and add the ``elastified`` losses to ``report``."""
+    from . import checkpoint as ckpt
+    from . import distributed as dist
+    from .metrics import evaluate_loss
+    from .train import TEACHER_DIR, run
+
+    if max_loss_increase is not None:
+        start = evaluate_loss(model, val[: cfg.eval_batches], widths=model.config.names[-1],
+                              precision=cfg.precision)
+        cfg = dataclasses.replace(cfg, max_val_loss=start + max_loss_increase)
+        report["max_val_loss"] = round(cfg.max_val_loss, 4)
+    if cfg.teacher == "original":
+        ckpt.save_checkpoint(run_dir / TEACHER_DIR, model, task.tokenizer,
+                             metadata={"role": "the frozen original that teaches"})
+    trainer, _, _, seconds = run(model, task, cfg, run_dir, env or dist.DistEnv(),
+                                 progress=progress)
+    model = dist.unwrap(trainer.model)
+    report |= {"steps": trainer.step,
+               "train_tokens": trainer.step * cfg.batch_size * task.tokens_per_sample,
+               "seconds": round(seconds, 1),
+               "elastified": losses(model, val, precision=cfg.precision)}
+    if other is not None:
+        report["eval_data"]["elastified"] = losses(model, other, precision=cfg.precision)
+    report["checkpoint"] = str(ckpt.resolve(run_dir))

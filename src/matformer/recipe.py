@@ -117,11 +117,12 @@ class TrainConfig:
             v = getattr(self, name)
             if v is not None:
                 object.__setattr__(self, name, tuple(float(x) for x in v))
-        if self.parallel not in dist.PARALLEL:
-            raise ValueError(f"TrainConfig.parallel={self.parallel!r}: choose one of "
-                             f"{dist.PARALLEL}")
-        if self.mode not in MODES:
-            raise ValueError(f"TrainConfig.mode={self.mode!r}: choose one of {MODES}")
+        for name, choices in (("parallel", dist.PARALLEL), ("mode", MODES),
+                              ("teacher", TEACHERS), ("train_only", TRAIN_ONLY),
+                              ("precision", ("bf16", "fp32"))):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r}: choose one of "
+                                 f"{choices}")
         for name in ("steps", "batch_size", "grad_accum", "eval_interval", "eval_batches",
                      "ckpt_interval", "keep_checkpoints", "warmup_steps", "seed", "seq_len"):
             v = getattr(self, name)
@@ -159,20 +160,13 @@ class TrainConfig:
         if self.distill and self.mode == "baseline":
             raise ValueError("TrainConfig.distill needs a nested model (mode sample or joint): "
                              "a baseline has no full model to learn from")
-        if self.teacher not in TEACHERS:
-            raise ValueError(f"TrainConfig.teacher={self.teacher!r}: choose one of {TEACHERS}")
         if self.teacher == "original" and not self.distill:
             raise ValueError("TrainConfig.teacher='original' needs distill > 0 (the weight of "
                              "the teacher's loss)")
-        if self.train_only not in TRAIN_ONLY:
-            raise ValueError(f"TrainConfig.train_only={self.train_only!r}: choose one of "
-                             f"{TRAIN_ONLY}")
         if self.max_val_loss is not None and not (math.isfinite(self.max_val_loss)
                                                   and self.max_val_loss > 0):
             raise ValueError(f"TrainConfig.max_val_loss={self.max_val_loss!r}: need a finite "
                              "number > 0, or None")
-        if self.precision not in ("bf16", "fp32"):
-            raise ValueError(f"TrainConfig.precision={self.precision!r}: choose 'bf16' or 'fp32'")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

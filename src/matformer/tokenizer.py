@@ -39,6 +39,7 @@ from typing import Any
 from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
+from .chat_template import read_config, render
 from .outputs import write_text_atomic
 
 logger = logging.getLogger(__name__)
@@ -46,11 +47,6 @@ logger = logging.getLogger(__name__)
 EOS_TOKEN = "<|endoftext|>"
 """The end-of-text special token, appended after every document."""
 
-CONFIG_FILE = "tokenizer_config.json"
-"""Beside ``tokenizer.json``: the chat template and end-of-turn token (transformers' keys)."""
-
-CHAT_TEMPLATE_FILE = "chat_template.jinja"
-"""Where transformers 5 keeps a chat template; read when present, never written by us."""
 
 MIN_BPE_VOCAB_SIZE = 257
 """Smallest BPE vocabulary: 256 byte tokens plus ``<|endoftext|>``."""
@@ -276,22 +272,8 @@ class Tokenizer:
         """
         if self._chat_template is None:
             raise ValueError("this tokenizer has no chat template")
-        from jinja2 import TemplateError
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        def raise_exception(message: str) -> None:
-            raise TemplateError(message)
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.filters["tojson"] = lambda x, indent=None: json.dumps(x, ensure_ascii=False,
-                                                                  indent=indent)
-        env.globals["raise_exception"] = raise_exception
-        try:
-            return env.from_string(self._chat_template).render(
-                messages=[dict(m) for m in messages], add_generation_prompt=add_generation_prompt,
-                eos_token=self._eos_token or EOS_TOKEN, bos_token="")
-        except TemplateError as e:
-            raise ValueError(f"the chat template failed: {e}") from e
+        return render(self._chat_template, messages, eos_token=self._eos_token or EOS_TOKEN,
+                      add_generation_prompt=add_generation_prompt)
 
     @property
     def backend(self) -> HFTokenizer:
@@ -367,11 +349,11 @@ class Tokenizer:
         Args:
             path: Destination file.
         """
-        _write_atomic(Path(path), self.to_json())
+        write_text_atomic(path, self.to_json())
 
     def save_config(self, path: str | os.PathLike[str]) -> None:
         """Write :attr:`config` as a ``tokenizer_config.json`` file at ``path``."""
-        _write_atomic(Path(path), json.dumps(self.config, indent=2, ensure_ascii=False) + "\n")
+        write_text_atomic(path, json.dumps(self.config, indent=2, ensure_ascii=False) + "\n")
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Tokenizer:
@@ -418,59 +400,11 @@ class InvalidTextError(ValueError):
 def check_text(text: str) -> None:
     """InvalidTextError naming the position of a lone surrogate (what Python makes of bytes
     that are not UTF-8 on a command line, or of a ``"\\ud800"`` escape in JSON)."""
+    if text.isascii():  # the common case, at no cost
+        return
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
         raise InvalidTextError(f"the text is not valid Unicode: a lone surrogate "
                                f"{text[e.start]!a} at character {e.start} (invalid UTF-8 "
                                "bytes?)") from None
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(path, text)
-
-
-def _token_content(value: Any) -> str | None:
-    """A special token as transformers' configs spell it: a string or ``{"content": ...}``."""
-    if isinstance(value, Mapping):
-        value = value.get("content")
-    return value if isinstance(value, str) and value else None
-
-
-def read_config(folder: str | os.PathLike[str]) -> dict[str, Any]:
-    """The chat template and end token of the tokenizer in ``folder``, from transformers'
-    files: ``chat_template.jinja`` (transformers 5), else ``tokenizer_config.json``'s
-    ``chat_template`` (a string, or a list of named templates: the one named ``default``), and
-    its ``eos_token``. Keyword arguments for :class:`Tokenizer`; empty when neither file is
-    there.
-
-    Raises:
-        ValueError: A file is there but cannot be read as what it should be.
-    """
-    folder = Path(folder)
-    out: dict[str, Any] = {}
-    cfg_file = folder / CONFIG_FILE
-    if cfg_file.is_file():
-        try:
-            cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"cannot read {cfg_file}: {e}") from e
-        if not isinstance(cfg, dict):
-            raise ValueError(f"{cfg_file} is not a JSON object")
-        template = cfg.get("chat_template")
-        if isinstance(template, list):
-            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
-            template = named.get("default")
-        if isinstance(template, str) and template:
-            out["chat_template"] = template
-        eos = _token_content(cfg.get("eos_token"))
-        if eos is not None and eos != EOS_TOKEN:
-            out["eos_token"] = eos
-    jinja = folder / CHAT_TEMPLATE_FILE
-    if jinja.is_file():
-        try:
-            out["chat_template"] = jinja.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise ValueError(f"cannot read {jinja}: {e}") from e
-    return out

@@ -102,7 +102,7 @@ model instead of starting from noise. Its weights already sit near a good minimu
 learning rate is small (1e-4, not 3e-3: a from-scratch rate took SmolLM2-135M's validation
 loss from 4.06 to 7.35 nats in five steps), weight decay is off (it would pull the pretrained
 weights towards zero) and windows are 512 tokens (a model's 8,192-token context makes each step
-minutes long on a CPU). Distillation from the original (--distill W: the imported model, frozen,
+far longer on a CPU). Distillation from the original (--distill W: the imported model, frozen,
 teaches every granularity) keeps the full model what it was while the smaller ones learn to
 imitate it; on SmolLM2 it kept more than cross-entropy on text the run never saw, at 1.85x the
 step time (docs/byom.md).

@@ -34,7 +34,6 @@ import ast
 import csv
 import json
 import logging
-import os
 import re
 import shutil
 from collections.abc import Iterator, Sequence
@@ -45,7 +44,7 @@ from typing import Any
 
 import torch
 
-from ..outputs import make_temp
+from ..outputs import atomic_output, check_output
 
 log = logging.getLogger(__name__)
 
@@ -392,16 +391,14 @@ def slice_hf(src: str | Path, dst: str | Path, widths: Sequence[int],
     failure never leaves a half-written folder there.
     """
     src, dst = Path(src), Path(dst)
-    if dst.exists() and any(dst.iterdir()):
-        raise ValueError(f"{dst} exists and is not empty; choose a new output folder")
+    check_output(dst, sources=[src])  # before reading anything
     config = json.loads((src / "config.json").read_text())
     text = text_config(config)
     plan = plan_slice(text, widths, skip)
     hpl = int(text.get("hidden_size_per_layer_input", 256))
     files, _ = _shards(src)
     prefix = _prefix_of(src, files)
-    tmp = make_temp(dst, directory=True)
-    try:
+    with atomic_output(dst, sources=[src]) as tmp:
         total, params = _write_shards(src, tmp, files, prefix, plan, hpl)
         new_text = sliced_text_config(text, plan)
         config = {**config, "text_config": new_text} if "text_config" in config else new_text
@@ -412,12 +409,6 @@ def slice_hf(src: str | Path, dst: str | Path, widths: Sequence[int],
                 "num_kv_shared_layers": new_text["num_kv_shared_layers"],
                 "stored_params": params, "stored_bytes": total}
         (tmp / SLICE_INFO).write_text(json.dumps(info, indent=2) + "\n")
-        if dst.exists():
-            dst.rmdir()
-        os.replace(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     info["out"] = str(dst)
     return info
 

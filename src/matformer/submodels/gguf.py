@@ -157,6 +157,14 @@ def _vocab(tokenizer: Tokenizer, vocab_size: int) -> tuple[list[str], list[int],
     return tokens, [int(t) for t in types], merges
 
 
+def _pre(tokenizer: Tokenizer) -> str:
+    """llama.cpp's pre-tokenizer type for ``tokenizer`` (GGUFExportError when it has none)."""
+    try:
+        return llamacpp_pre(json.loads(tokenizer.to_json()))
+    except PreTokenizerError as e:
+        raise GGUFExportError(str(e)) from e
+
+
 def _tensors(model: MatFormerLM) -> dict[str, Tensor]:
     """GGUF tensor name -> weight (fp32, CPU), q/k rows permuted for llama.cpp's RoPE."""
     cfg = model.config
@@ -319,11 +327,7 @@ def export_gguf(model: MatFormerLM, tokenizer: Tokenizer, out: str | Path, *,
     sub = model if widths is None and heads is None else extract(model, widths, heads=hs)
     cfg = sub.config
     arch = architecture(cfg)
-    vocab = _vocab(tokenizer, cfg.vocab_size)
-    try:
-        pre = llamacpp_pre(json.loads(tokenizer.to_json()))
-    except PreTokenizerError as e:
-        raise GGUFExportError(str(e)) from e
+    vocab, pre = _vocab(tokenizer, cfg.vocab_size), _pre(tokenizer)
     with atomic_file(out) as tmp:
         stored = _write_gguf(tmp, sub, arch, dtype, name or cfg.names[-1], vocab, tokenizer,
                              pre)

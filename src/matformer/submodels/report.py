@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..outputs import write_text_atomic
+
 log = logging.getLogger(__name__)
 
 COLORS = {"rule": "tab:blue", "decreasing": "tab:orange", "inc-dec": "tab:green",
@@ -239,7 +241,7 @@ def write_report(result: dict[str, Any], out: str | Path, *, xs: Sequence[Axis] 
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "mixnmatch.json", "plot": out / "mixnmatch.png",
              "markdown": out / "mixnmatch.md"}
-    paths["json"].write_text(json.dumps(result, indent=1) + "\n")
+    write_text_atomic(paths["json"], json.dumps(result, indent=1) + "\n")
     plot_sweep(result, paths["plot"], xs=xs, ys=ys,
                title=f"{title}: {result.get('checkpoint', '')}")
     rows = sorted(result["candidates"], key=lambda r: (r["params"], r[ys[0].order or ys[0].key]))
@@ -247,7 +249,7 @@ def write_report(result: dict[str, Any], out: str | Path, *, xs: Sequence[Axis] 
             markdown_table(rows + result.get("baselines", []), columns)]
     if "analysis" in result:
         text += ["\n## Analysis\n", "```json", json.dumps(result["analysis"], indent=1), "```\n"]
-    paths["markdown"].write_text("\n".join(text))
+    write_text_atomic(paths["markdown"], "\n".join(text))
     log.info("wrote %s", ", ".join(str(p) for p in paths.values()))
     return paths
 
