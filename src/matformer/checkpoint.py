@@ -40,7 +40,7 @@ from torch import nn
 
 from .chat_template import CONFIG_FILE as TOKENIZER_CONFIG
 from .config import ModelConfig
-from .outputs import atomic_output, clean_leftovers, disk_full
+from .outputs import OutputError, atomic_output, clean_leftovers, disk_full, write_text_atomic
 from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -339,12 +339,9 @@ def save_run_checkpoint(run_dir: Path, step: int, model: nn.Module,
     rel = Path(CHECKPOINTS) / f"step_{step:06d}"
     path = save_checkpoint(run_dir / rel, model, tokenizer, train_state=train_state,
                            metadata=metadata, overwrite=True)
-    tmp = run_dir / f".{LATEST}.tmp"
     try:
-        tmp.write_text(f"{rel.as_posix()}\n")
-        os.replace(tmp, run_dir / LATEST)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
+        write_text_atomic(run_dir / LATEST, f"{rel.as_posix()}\n")
+    except (OSError, OutputError) as e:
         raise CheckpointError(f"cannot update {run_dir / LATEST}: {e}; it still names the "
                               "previous checkpoint") from e
     history = sorted((s, p) for s, p in step_dirs(run_dir / CHECKPOINTS).items() if s <= step)

@@ -1,5 +1,6 @@
 """Safe outputs: directories are written through :func:`atomic_output`, files through
-:func:`atomic_file` (a few writers of run files still manage their own temporary names).
+:func:`atomic_file` / :func:`write_text_atomic` (a run's ``metrics.jsonl`` is appended to,
+line by line, and rewritten atomically when a resume truncates it).
 
 One rule: never delete or overwrite what the user did not ask to replace.
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from ..outputs import write_text_atomic
 from .common import Result, model_overrides, train_config
 
 VISION_FILE = "vision.json"  # training-only data settings of a run (augmentation)
@@ -111,7 +112,7 @@ def _train(args: argparse.Namespace) -> Result:
             model = MatViT(mcfg)
             if env.is_main:
                 mark_run_dir(out)  # the run's first file: its folder is now a run
-                (out / VISION_FILE).write_text(json.dumps(vis, indent=2) + "\n")
+                write_text_atomic(out / VISION_FILE, json.dumps(vis, indent=2) + "\n")
         mcfg = model.config
         task = VisionTask(data, mcfg, max_shift=vis["max_shift"])
         trainer, wrapped, final, elapsed = run(model, task, cfg, out, env, resume=args.resume,
@@ -251,10 +252,11 @@ def _retrieve(args: argparse.Namespace) -> Result:
     files = {"json": out / "retrieval.json", "plot": out / "retrieval.png",
              "markdown": out / "retrieval.md"}
     result["files"] = {k: str(v) for k, v in files.items()}
-    files["json"].write_text(json.dumps(result, indent=1) + "\n")
+    write_text_atomic(files["json"], json.dumps(result, indent=1) + "\n")
     plot_retrieval(result, files["plot"])
     gal = "MatViT XL" + (f" / baseline {bases[-1].config.names[0]}" if bases else "")
-    files["markdown"].write_text(
+    write_text_atomic(
+        files["markdown"],
         f"# Adaptive retrieval: {result['checkpoint']}\n\nGallery: {result['gallery']} "
         f"training images embedded by {gal}; queries: {result['queries']} held-out images. "
         f"Chance: {100 * rows[0]['chance']:.1f}%.\n\n![retrieval]({files['plot'].name})\n\n"

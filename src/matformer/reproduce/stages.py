@@ -178,6 +178,29 @@ def _prompts(rc: ReproConfig, data: TokenDataset) -> list[torch.Tensor]:
             for s in starts]
 
 
+def _time_setups(setups: dict[str, Callable[[torch.Tensor], Any]], prompts: list[torch.Tensor],
+                 repeats: int, device: torch.device
+                 ) -> tuple[dict[str, list[Any]], dict[str, list[list[float]]]]:
+    """Every setup on every prompt, ``repeats`` interleaved rounds on one thread
+    (:func:`~matformer.submodels.latency.measure`): the outputs and the seconds per call."""
+    from ..submodels.latency import measure
+
+    outs: dict[str, list[Any]] = {k: [None] * len(prompts) for k in setups}
+    order = [(key, i) for i in range(len(prompts)) for key in setups]
+
+    def call(key: str, i: int) -> Callable[[], None]:
+        def f() -> None:
+            outs[key][i] = setups[key](prompts[i])
+        return f
+
+    ms = measure([call(key, i) for key, i in order], repeats=repeats, warmup=0, threads=1,
+                 device=device)
+    times: dict[str, list[list[float]]] = {k: [[] for _ in prompts] for k in setups}
+    for (key, i), t in zip(order, ms, strict=True):
+        times[key][i] = [v / 1e3 for v in t]
+    return outs, times
+
+
 def speculative(matlms: dict[str, MatFormerLM], bases: dict[str, MatFormerLM],
                 rc: ReproConfig, data: TokenDataset) -> dict[str, Any]:
     """Greedy speculative decoding on held-out prefixes, one torch thread, measured here
@@ -191,7 +214,6 @@ def speculative(matlms: dict[str, MatFormerLM], bases: dict[str, MatFormerLM],
     """
     from ..generate import generate
     from ..speculative import SpecStats, speculative_generate
-    from ..submodels.latency import measure
 
     device = next(bases["XL"].parameters()).device
     prompts = [p.to(device) for p in _prompts(rc, data)]
@@ -214,19 +236,7 @@ def speculative(matlms: dict[str, MatFormerLM], bases: dict[str, MatFormerLM],
         setups[f"{name}:shared-cache"] = spec(m, draft="S", shared_cache=True)
     setups["baseline:XL"] = plain(bases["XL"])
     setups["baseline:external"] = spec(bases["XL"], draft_model=bases["S"])
-    outs: dict[str, list[Any]] = {k: [None] * len(prompts) for k in setups}
-    order = [(key, i) for i in range(len(prompts)) for key in setups]  # interleaved rounds
-
-    def call(key: str, i: int) -> Callable[[], None]:
-        def f() -> None:
-            outs[key][i] = setups[key](prompts[i])
-        return f
-
-    ms = measure([call(key, i) for key, i in order], repeats=rc.timing_repeats, warmup=0,
-                 threads=1, device=device)
-    times: dict[str, list[list[float]]] = {k: [[] for _ in prompts] for k in setups}
-    for (key, i), t in zip(order, ms, strict=True):
-        times[key][i] = [v / 1e3 for v in t]
+    outs, times = _time_setups(setups, prompts, rc.timing_repeats, device)
     result: dict[str, Any] = {"prompts": len(prompts), "prompt_len": rc.spec_prompt_len,
                               "new_tokens": n_new, "draft_len": rc.draft_len, "threads": 1,
                               "repeats": rc.timing_repeats, "setups": {}}
