@@ -215,7 +215,7 @@ def variants(model: MatFormerLM, tokenizer: Any, args: argparse.Namespace,
         best = rows[0]
         if best.best_k > 0:
             out.append(Variant(f"spec auto ({best.name})->XL adaptive{tag}", spec(
-                model, n, p, draft=best.widths, draft_heads=best.heads, adaptive=True,
+                model, n, p, draft=best.submodel, adaptive=True,
                 max_draft_len=args.max_draft_len)))
     return out, extra
 
@@ -290,7 +290,7 @@ def report(vs: list[Variant], model: MatFormerLM, extra: dict[str, Any],
         print(f"  {'drafter':<16}{'widths':<28}{'accept':>7}{'draft ms':>9}{'best k':>7}"
               f"{'vs plain':>9}")
         for r in rows:
-            print(f"  {r.name:<16}{','.join(map(str, r.widths)):<28}{r.acceptance:>7.1%}"
+            print(f"  {r.name:<16}{','.join(map(str, r.submodel.widths)):<28}{r.acceptance:>7.1%}"
                   f"{r.draft_ms:>9.2f}{r.best_k:>7}{r.speedup:>8.2f}x")
 
 

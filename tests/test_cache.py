@@ -12,17 +12,15 @@ from matformer.generate import generate, generate_stream, left_pad, logits_to_pr
 ATOL = 2e-5  # fp32; observed differences are ~1e-7
 
 
-def _decode_logits(model, x, widths=None, heads=None, chunks=(5,)):
+def _decode_logits(model, x, widths=None, chunks=(5,)):
     """Logits of x computed through a cache: prefill chunks, then one token at a time."""
     cache = KVCache.for_model(model, x.shape[0], x.shape[1])
     outs, pos = [], 0
     for n in chunks:
-        outs.append(model(x[:, pos:pos + n], widths=widths, heads=heads, cache=cache,
-                          start_pos=pos))
+        outs.append(model(x[:, pos:pos + n], widths=widths, cache=cache, start_pos=pos))
         pos += n
     while pos < x.shape[1]:
-        outs.append(model(x[:, pos:pos + 1], widths=widths, heads=heads, cache=cache,
-                          start_pos=pos))
+        outs.append(model(x[:, pos:pos + 1], widths=widths, cache=cache, start_pos=pos))
         pos += 1
     return torch.cat(outs, 1), cache
 
@@ -44,8 +42,8 @@ def test_cached_decoding_gqa_and_nested_heads(heads) -> None:
     # 8 query heads, 4 kv heads; S/M/L/XL use 2/4/6/8 query heads = 1/2/3/4 kv heads
     model = tiny_model(n_head=8, n_kv_head=4, nest_heads=True, init_std=0.1).eval()
     x = random_tokens(2, 16)
-    full = model(x, widths=heads, heads=heads)
-    got, cache = _decode_logits(model, x, heads, heads, chunks=(4,))
+    full = model(x, widths=heads)  # a granularity name brings its nested heads
+    got, cache = _decode_logits(model, x, heads, chunks=(4,))
     torch.testing.assert_close(got, full, atol=ATOL, rtol=0)
     kvh = {None: 4, "S": 1, "M": 2}[heads]  # a drafter writes only its own kv heads
     k, v = torch.stack(cache.keys), torch.stack(cache.values)  # (n_layer, B, kvh, len, hd)
@@ -164,9 +162,10 @@ def test_runner_equals_model_forward(widths, heads) -> None:
     nest = heads is not None
     model = tiny_model(n_head=8 if nest else 2, n_kv_head=4 if nest else None, nest_heads=nest,
                        tie_embeddings=False, init_std=0.1).eval()
-    runner = SubmodelRunner(model, widths, heads)
+    sub = model.submodel(widths, heads)
+    runner = SubmodelRunner(model, sub)
     x = random_tokens(2, 16)
-    ref, _ = _decode_logits(model, x, widths, heads, chunks=(6, 3))
+    ref, _ = _decode_logits(model, x, sub, chunks=(6, 3))
     cache = KVCache.for_model(model, 2, 16)
     got = [runner(x[:, :6], cache, 0), runner(x[:, 6:9], cache, 6)]
     got += [runner(x[:, i:i + 1], cache, i) for i in range(9, 16)]

@@ -144,11 +144,11 @@ def test_flops_match_a_flop_counter(overrides: dict, widths: object, heads: obje
     torch.manual_seed(0)
     model = MatFormerLM(tiny_config(**overrides)).eval()
     cfg, T = model.config, 16
-    ws, hs = model.resolve_widths(widths), model.resolve_heads(heads)
+    sub = model.submodel(widths, heads)
     with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
-        model(torch.randint(0, cfg.vocab_size, (1, T)), widths=widths, heads=heads)
-    masked = sum(2 * h * cfg.head_dim * T * T for h in cfg._layer_heads(hs))
-    assert T * cfg.flops_per_token(ws, T, heads=hs) + masked == counter.get_total_flops()
+        model(torch.randint(0, cfg.vocab_size, (1, T)), widths=sub)
+    masked = sum(2 * h * cfg.head_dim * T * T for h in sub.heads)
+    assert T * cfg.flops_per_token(sub, T) + masked == counter.get_total_flops()
 
 
 # ----------------------------------------------------------------------------- serialisation

@@ -11,7 +11,7 @@ from helpers import clone, random_tokens, tiny_model, write_corpus
 
 from matformer.checkpoint import save_checkpoint
 from matformer.cli import main
-from matformer.metrics import Submodel, evaluate_consistency, granularity_consistency
+from matformer.metrics import evaluate_consistency, granularity_consistency
 from matformer.tokenizer import Tokenizer
 
 SPREAD = dict(tie_embeddings=False, init_std=0.1)
@@ -45,19 +45,20 @@ def test_separate_models_against_a_reference() -> None:
     ref = tiny_model(**SPREAD)
     same = clone(ref)
     other = tiny_model(seed=5, **SPREAD)
-    rows = evaluate_consistency({"same": Submodel(same), "other": Submodel(other)},
-                                Submodel(ref), _batches(), precision="fp32")
+    rows = evaluate_consistency({"same": (same, None), "other": (other, None)},
+                                (ref, None), _batches(), precision="fp32")
     assert rows["same"]["hard"] == 1.0 and rows["same"]["soft_kl"] == pytest.approx(0, abs=1e-6)
     assert rows["other"]["hard"] < 0.5 and rows["other"]["soft_kl"] > rows["same"]["soft_kl"]
     assert ref.training  # train/eval mode restored
     with pytest.raises(ValueError, match="no validation batches"):
-        evaluate_consistency({"x": Submodel(ref)}, Submodel(ref), [])
+        evaluate_consistency({"x": (ref, None)}, (ref, None), [])
 
 
 def test_nested_heads_granularities_use_their_heads() -> None:
     model = tiny_model(n_head=8, n_kv_head=4, nest_heads=True, **SPREAD)
     rows = granularity_consistency(model, _batches(1))
-    direct = evaluate_consistency({"S": Submodel(model, "S", "S")}, Submodel(model), _batches(1))
+    direct = evaluate_consistency({"S": (model, model.submodel("S", "S"))}, (model, None),
+                                  _batches(1))
     assert rows["S"]["hard"] == direct["S"]["hard"]
     assert rows["S"]["soft_kl"] == pytest.approx(direct["S"]["soft_kl"])
 
@@ -104,8 +105,7 @@ def test_cli_consistency_counts_nested_heads(tmp_path: Path,
     rows = json.loads(capsys.readouterr().out)["matformer"]
     cfg = model.config
     for name in cfg.names:
-        want = cfg.num_params(cfg.ffn_widths(name), embedding=False,
-                              heads=model.resolve_heads(name))
+        want = cfg.num_params(cfg.submodel(name), embedding=False)  # its nested heads too
         assert rows[name]["non_embedding_params"] == want
     assert rows["8,64"]["non_embedding_params"] == cfg.num_params((8, 64), embedding=False)
     assert rows["S"]["non_embedding_params"] < cfg.num_params(cfg.ffn_widths("S"),

@@ -107,16 +107,18 @@ def test_skipped_attention_passes_the_residual_to_the_ffn():
     model = _model4()
     block = model.blocks[1]
     x = torch.randn(2, 7, 32)
-    cos, sin = model.rope_cos[:7], model.rope_sin[:7]
+    at = model.positions(7, None, 0)
     with torch.no_grad():
         ref = x + block.ffn(block.ffn_norm(x))
-        torch.testing.assert_close(block(x, cos, sin, n_head=0), ref, rtol=0, atol=0)
+        torch.testing.assert_close(block(x, at, 64, 0), ref, rtol=0, atol=0)
         # the whole model: as if the layer's attention output were exactly 0
         zeroed = copy.deepcopy(model)
         zeroed.blocks[1].attn.o_proj.weight.zero_()
         ids = random_tokens(2, 20, vocab=257)
-        torch.testing.assert_close(model(ids, heads=HEADS), zeroed(ids), rtol=0, atol=0)
-        a = generate(model, ids[:, :5], 12, widths=WIDTHS, heads=HEADS, temperature=0.0)
+        skipped = model.submodel(None, HEADS)
+        torch.testing.assert_close(model(ids, widths=skipped), zeroed(ids), rtol=0, atol=0)
+        a = generate(model, ids[:, :5], 12, widths=model.submodel(WIDTHS, HEADS),
+                     temperature=0.0)
         b = generate(zeroed, ids[:, :5], 12, widths=WIDTHS, temperature=0.0)
     assert torch.equal(a, b)
 
@@ -128,33 +130,33 @@ def test_runner_skips_attention_like_forward():
     model = _model4(n_kv_head=2)
     heads = (0, 4, 0)
     ids = random_tokens(1, 12, vocab=257)
-    runner = SubmodelRunner(model, WIDTHS, heads)
+    runner = SubmodelRunner(model, model.submodel(WIDTHS, heads))
     cache = KVCache.for_model(model, 1, 16)
     with torch.no_grad():
         got = torch.cat([runner(ids[:, :8], cache, 0), runner(ids[:, 8:], cache, 8)], 1)
-        torch.testing.assert_close(got, model(ids, widths=WIDTHS, heads=heads))
+        torch.testing.assert_close(got, model(ids, widths=model.submodel(WIDTHS, heads)))
 
 
 def test_extract_skipped_attention_drops_its_weights_and_round_trips(tmp_path):
     from matformer.config import ModelConfig
 
     model = _model4()
-    sub = extract(model, WIDTHS, heads=HEADS)
+    sub = extract(model, model.submodel(WIDTHS, HEADS))
     assert sub.config.skip_attention == (1,) and sub.blocks[1].attn is None
     assert not [k for k in sub.state_dict() if k.startswith(("blocks.1.attn", "blocks.1.attn_"))]
-    assert sub.num_params() == model.num_params(WIDTHS, heads=HEADS) == sum(
+    assert sub.num_params() == model.num_params(model.submodel(WIDTHS, HEADS)) == sum(
         p.numel() for p in sub.parameters())
     assert sub.num_params() < model.num_params(WIDTHS)
-    assert sub.resolve_heads(None) == HEADS and sub.resolve_heads(4) == HEADS
+    assert sub.submodel().heads == HEADS and sub.submodel(None, 4).heads == HEADS
     with pytest.raises(ValueError, match=r"layers \[1\] of this model have no attention"):
-        sub.resolve_heads((4, 4, 4))
+        sub.submodel(None, (4, 4, 4))
     assert ModelConfig.from_dict(sub.config.to_dict()) == sub.config
     assert "skip_attention" not in model.config.to_dict()  # unchanged files without skips
     ckpt.save_checkpoint(tmp_path / "sub", sub, Tokenizer.byte_level())
     back = load_checkpoint(tmp_path / "sub")[0]
     x = random_tokens(2, 16, vocab=257)
     with torch.no_grad():
-        ref = model(x, widths=WIDTHS, heads=HEADS)
+        ref = model(x, widths=model.submodel(WIDTHS, HEADS))
         assert torch.equal(sub(x), ref) and torch.equal(back(x), ref)
 
 
@@ -176,7 +178,8 @@ def test_export_hf_refuses_skipped_attention(tmp_path):
     from matformer.submodels.hf import ExportError, export_hf
 
     with pytest.raises(ExportError, match=r"skips the attention of layers \[1\].*export-gguf"):
-        export_hf(_model4(), Tokenizer.byte_level(), tmp_path / "hf", heads=HEADS)
+        m = _model4()
+        export_hf(m, Tokenizer.byte_level(), tmp_path / "hf", widths=m.submodel(None, HEADS))
     assert not (tmp_path / "hf").exists()
 
 
@@ -186,9 +189,11 @@ def test_gguf_refuses_what_llama_cpp_cannot_run(tmp_path):
 
     tok = Tokenizer.byte_level()
     with pytest.raises(GGUFExportError, match="layer 0 skips its attention"):
-        export_gguf(_model4(), tok, tmp_path / "a.gguf", heads=(0, 4, 4))
+        m = _model4()
+        export_gguf(m, tok, tmp_path / "a.gguf", widths=m.submodel(None, (0, 4, 4)))
     with pytest.raises(GGUFExportError, match="only deci"):
-        export_gguf(_model4(activation="relu2"), tok, tmp_path / "c.gguf", heads=HEADS)
+        m = _model4(activation="relu2")
+        export_gguf(m, tok, tmp_path / "c.gguf", widths=m.submodel(None, HEADS))
     assert not list(tmp_path.iterdir())
 
 
@@ -266,9 +271,9 @@ def test_budget_pick_of_an_attention_skipping_row_extracts_that_skip(tmp_path, c
     run = ckpt.save_checkpoint(tmp_path / "run", model, Tokenizer.byte_level())
     cfg = model.config
     rows = [{"name": "M", "widths": list(cfg.ffn_widths("M")), "val_loss": 2.0,
-             **mm.static_cost(cfg, cfg.ffn_widths("M"), 64)},
+             **mm.static_cost(cfg, cfg.submodel("M"), 64)},
             {"name": "XL-attn1", "widths": list(cfg.ffn_dims), "heads": list(HEADS),
-             "val_loss": 1.0, **mm.static_cost(cfg, cfg.ffn_dims, 64, HEADS)}]
+             "val_loss": 1.0, **mm.static_cost(cfg, cfg.submodel(None, HEADS), 64)}]
     (tmp_path / "mixnmatch.json").write_text(json.dumps({"candidates": rows}))
     assert main(["extract", str(run), "--max-params", str(rows[1]["params"]), "--sweep",
                  str(tmp_path), "--out", str(tmp_path / "sub"), "--json"]) == 0

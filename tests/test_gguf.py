@@ -13,7 +13,7 @@ from helpers import random_tokens, tiny_model, write_corpus
 from matformer import checkpoint as ckpt
 from matformer.cli import main
 from matformer.generate import generate
-from matformer.model import apply_rope, rope_tables
+from matformer.model import rotate, signed_rope_tables
 from matformer.submodels.gguf import (
     GGUFExportError,
     architecture,
@@ -47,16 +47,16 @@ def _model(vocab: int, **overrides):
 def test_rope_permute_matches_pair_layout():
     """Rotating permuted rows in consecutive pairs equals rotating the originals by halves."""
     hd, n_head = 8, 2
-    x = torch.randn(1, n_head, 5, hd)
-    cos, sin = rope_tables(hd, 5, 100.0)
-    ours = apply_rope(x, cos, sin)  # rotate-half layout
+    x = torch.randn(1, 5, n_head, hd)  # (B, T, heads, hd)
+    cos, sin = signed_rope_tables(hd, 5, 100.0)
+    ours = rotate(x, cos[:, None], sin[:, None])  # rotate-half layout
     perm = rope_permute(torch.arange(n_head * hd).float()[:, None], n_head).long().flatten()
-    xp = x.transpose(1, 2).reshape(1, 5, n_head * hd)[..., perm].reshape(1, 5, n_head, hd)
+    xp = x.reshape(1, 5, n_head * hd)[..., perm].reshape(1, 5, n_head, hd)
     ang = torch.outer(torch.arange(5).float(), 1.0 / 100.0 ** (torch.arange(0, hd, 2) / hd))
     even, odd = xp[..., 0::2], xp[..., 1::2]
     c, s = ang.cos()[None, :, None], ang.sin()[None, :, None]
     pairs = torch.stack([even * c - odd * s, even * s + odd * c], -1).flatten(-2)
-    expect = ours.transpose(1, 2).reshape(1, 5, n_head * hd)[..., perm].reshape(1, 5, n_head, hd)
+    expect = ours.reshape(1, 5, n_head * hd)[..., perm].reshape(1, 5, n_head, hd)
     torch.testing.assert_close(pairs, expect)
 
 
@@ -77,19 +77,20 @@ def test_rope_permute_matches_pair_layout():
 @needs_llama
 def test_llama_cpp_logits_equal_ours(tmp_path, bpe, overrides, widths, heads, arch):
     model = _model(bpe.vocab_size, **overrides)
-    info = export_gguf(model, bpe, tmp_path / "m.gguf", widths=widths, heads=heads)
+    sub = model.submodel(widths, heads)
+    info = export_gguf(model, bpe, tmp_path / "m.gguf", widths=sub)
     assert info["architecture"] == arch
-    assert info["ffn_widths"] == list(model.resolve_widths(widths))
-    hs = model.resolve_heads(heads)
-    assert info["skip_attention"] == [i for i, h in enumerate(hs or ()) if not h]
-    assert info["heads"] == (None if hs is None else list(hs))
+    assert info["ffn_widths"] == list(sub.widths)
+    assert info["skip_attention"] == [i for i, h in enumerate(sub.heads) if not h]
+    full_heads = sub.heads == model.config.attention_heads
+    assert info["heads"] == (None if full_heads else list(sub.heads))
     ids = random_tokens(1, 40, vocab=bpe.vocab_size, seed=1)
     llm = load_llama(tmp_path / "m.gguf", logits_all=True)
     llm.eval(ids[0].tolist())
     got = np.array(llm.scores[:40])
     llm.close()
     with torch.no_grad():
-        ref = model(ids, widths=widths, heads=heads)[0].numpy()
+        ref = model(ids, widths=sub)[0].numpy()
     np.testing.assert_allclose(got, ref, rtol=0, atol=5e-5)  # |logits| ~4, seen: <1e-5
 
 
@@ -99,18 +100,17 @@ def test_llama_cpp_logits_equal_ours(tmp_path, bpe, overrides, widths, heads, ar
 @needs_llama
 def test_llama_cpp_greedy_continuation_and_tokenisation(tmp_path, bpe, widths, heads):
     model = _model(bpe.vocab_size)
-    export_gguf(model, bpe, tmp_path / "m.gguf", widths=widths, heads=heads)
+    sub = model.submodel(widths, heads)
+    export_gguf(model, bpe, tmp_path / "m.gguf", widths=sub)
     llm = load_llama(tmp_path / "m.gguf")
     prompt = "the king sat on"
     ids = bpe.encode(prompt)
     assert llm.tokenize(prompt.encode(), add_bos=False, special=False) == ids
     n_new = 24
     with torch.no_grad():
-        ours = generate(model, [ids], n_new, widths=widths, heads=heads,
-                        temperature=0.0)[0, len(ids):]
+        ours = generate(model, [ids], n_new, widths=sub, temperature=0.0)[0, len(ids):]
         # The test is only meaningful if no step is a near-tie at fp32 precision.
-        logits = model(torch.cat([torch.tensor(ids), ours])[None, :-1], widths=widths,
-                       heads=heads)[0]
+        logits = model(torch.cat([torch.tensor(ids), ours])[None, :-1], widths=sub)[0]
         top2 = logits[len(ids) - 1:].topk(2, -1).values
         assert (top2[:, 0] - top2[:, 1]).min() > 1e-3
     theirs = []
@@ -213,13 +213,13 @@ def test_cli_check(tmp_path, saved, capsys):
     assert main(["export-gguf", str(tmp_path / "nested"), "--granularity", "S", "--check",
                  "--json", "--out", str(tmp_path / "s.gguf")]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert info["heads"] == list(nested.resolve_heads("S")) and "zeroed" in info["note"]
+    assert info["heads"] == list(nested.submodel("S").heads) and "zeroed" in info["note"]
     ids = random_tokens(1, 24, vocab=257, seed=2)
     from matformer.submodels.gguf import llama_logits
 
     got = llama_logits(tmp_path / "s.gguf", ids[0].tolist())
     with torch.no_grad():
-        ref = nested(ids, widths="S", heads="S")[0].numpy()
+        ref = nested(ids, widths="S")[0].numpy()
     np.testing.assert_allclose(got, ref, rtol=0, atol=5e-5)
 
 

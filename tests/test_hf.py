@@ -51,7 +51,7 @@ def test_round_trip_logits(tmp_path, overrides, widths, arch):
     with torch.no_grad():
         ref = model(x, widths=widths)
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
-    ws = model.resolve_widths(widths)
+    ws = model.submodel(widths).widths
     assert info["padded"] == (len(set(ws)) > 1)
     assert hf.config.intermediate_size == max(ws)
     back, tok = import_hf(tmp_path / "hf")  # padding trimmed: the per-layer model comes back

@@ -65,7 +65,7 @@ def test_rule_prefers_least_slope_over_extremes():
 
 def test_costs_are_monotone_in_size():
     cfg = tiny_config(n_layer=4)
-    costs = [mm.static_cost(cfg, c.widths, 32) for c in mm.rule_candidates(cfg)]
+    costs = [mm.static_cost(cfg, c, 32) for c in mm.rule_candidates(cfg)]
     for key in ("params", "non_embedding_params", "flops_per_token"):
         vals = [c[key] for c in costs]
         assert vals == sorted(vals) and len(set(vals)) == len(vals), key
@@ -185,7 +185,7 @@ def test_extract_equals_in_place_submodel(widths, overrides):
     x = random_tokens(2, 20)
     with torch.no_grad():
         torch.testing.assert_close(sub(x), model(x, widths=widths), rtol=0, atol=1e-6)
-    ws = model.resolve_widths(widths)
+    ws = model.submodel(widths).widths
     assert sub.config.ffn_dims == ws and sub.config.ratios == (1.0,)
     assert sub.config.d_ff == (ws[0] if len(set(ws)) == 1 else ws)
     assert sub.num_params() == model.num_params(widths)

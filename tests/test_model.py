@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import clone, random_tokens, tiny_config, tiny_model
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from matformer.model import MatFormerLM, NestedFFN, lm_loss
 
@@ -50,7 +51,7 @@ def test_slicing_equals_masking(activation: str) -> None:
     idx = random_tokens(2, 16)
     with torch.no_grad():
         for spec in ("S", "M", "L", 3, 63, (8, 40), (1, 64), (64, 5)):
-            widths = model.resolve_widths(spec)
+            widths = model.submodel(spec).widths
             sliced = model(idx, widths=spec)
             full_masked = _mask_ffn(model, widths)(idx)
             torch.testing.assert_close(sliced, full_masked, atol=ATOL, rtol=0)
@@ -83,13 +84,14 @@ def test_head_nesting_equals_masking_mha() -> None:
     with torch.no_grad():
         for name in model.config.names:
             heads = model.config.head_counts(name)
-            got = model(idx, heads=name)
+            got = model(idx, widths=model.submodel(None, name))
             ref = _mask_heads(model, heads)(idx)
             torch.testing.assert_close(got, ref, atol=ATOL, rtol=0)
-        got = model(idx, widths="M", heads=(1, 3))
-        ref = _mask_heads(_mask_ffn(model, model.resolve_widths("M")), (1, 3))(idx)
+        got = model(idx, widths=model.submodel("M", (1, 3)))
+        ref = _mask_heads(_mask_ffn(model, model.submodel("M").widths), (1, 3))(idx)
         torch.testing.assert_close(got, ref, atol=ATOL, rtol=0)
-        assert not torch.allclose(model(idx, heads=1), model(idx), atol=1e-4)
+        assert not torch.allclose(model(idx, widths=model.submodel(None, 1)), model(idx),
+                                  atol=1e-4)
 
 
 def test_head_nesting_equals_masking_gqa() -> None:
@@ -99,7 +101,7 @@ def test_head_nesting_equals_masking_gqa() -> None:
     model = tiny_model(cfg, seed=3).eval()
     idx = random_tokens(2, 12)
     with torch.no_grad():
-        got = model(idx, widths="S", heads="S")
+        got = model(idx, widths="S")  # a granularity name brings its nested heads
         ref = _mask_heads(_mask_ffn(model, cfg.ffn_widths("S")), (2, 2))(idx)
         torch.testing.assert_close(got, ref, atol=ATOL, rtol=0)
         # zeroing the *second* kv head too changes nothing: the 2 remaining heads never read it
@@ -107,7 +109,8 @@ def test_head_nesting_equals_masking_gqa() -> None:
         for block in kv_masked.blocks:
             block.attn.k_proj.weight[cfg.head_dim:] = 0
             block.attn.v_proj.weight[cfg.head_dim:] = 0
-        torch.testing.assert_close(model(idx, heads=2), kv_masked(idx), atol=ATOL, rtol=0)
+        torch.testing.assert_close(model(idx, widths=model.submodel(None, 2)), kv_masked(idx),
+                                   atol=ATOL, rtol=0)
 
 
 # ----------------------------------------------------------------------------- gradient locality
@@ -141,7 +144,7 @@ def test_gradient_locality(activation: str) -> None:
 def test_gradient_locality_heads() -> None:
     model = tiny_model(n_head=4, nest_heads=True, seed=5)
     idx, tgt = random_tokens(2, 8, seed=1), random_tokens(2, 8, seed=2)
-    lm_loss(model(idx, heads="S"), tgt).backward()  # 1 head of 4
+    lm_loss(model(idx, widths=model.submodel(None, "S")), tgt).backward()  # 1 head of 4
     hd = model.config.head_dim
     for block in model.blocks:
         for proj in ("q_proj", "k_proj", "v_proj"):
@@ -198,7 +201,7 @@ def test_dense_baseline_equals_submodel(activation: str, d_ff: int | tuple, gran
      (65, r"width 65 at layer 0 is out of range"),
      ((8, 65), r"width 65 at layer 1 is out of range"),
      ((8, -1), r"width -1 at layer 1"),
-     ((8, 8, 8), r"widths \(8, 8, 8\) has 3 entries; the model has 2 layers"),
+     ((8, 8, 8), r"widths \[8, 8, 8\] has 3 entries; the model has 2 layers"),
      ((8,), "has 1 entries"),
      ("XXL", r"unknown granularity 'XXL': this model has \['S', 'M', 'L', 'XL'\]")],
 )
@@ -211,12 +214,12 @@ def test_bad_widths(widths: object, pattern: str) -> None:
 def test_bad_heads() -> None:
     model = tiny_model()
     with pytest.raises(ValueError, match="does not nest attention heads"):
-        model(random_tokens(1, 4), heads="S")
+        model.submodel(None, "S")
     with pytest.raises(ValueError, match=r"need 2 counts in 0\.\.2 \(0 skips the layer.s attention\)"):
-        model(random_tokens(1, 4), heads=3)
+        model.submodel(None, 3)
     gqa = tiny_model(n_head=4, n_kv_head=2)
     with pytest.raises(ValueError, match="multiple of the GQA group size 2"):
-        gqa(random_tokens(1, 4), heads=(1, 2))
+        gqa.submodel(None, (1, 2))
 
 
 def test_sequence_too_long() -> None:
@@ -229,8 +232,10 @@ def test_sequence_too_long() -> None:
 def test_width_specs_agree() -> None:
     model = tiny_model().eval()
     idx = random_tokens(1, 8)
-    assert model.resolve_widths("S") == (8, 8) == model.resolve_widths(0 + 8)
-    assert model.resolve_widths([8, 16]) == (8, 16)
+    assert model.submodel("S").widths == (8, 8) == model.submodel(0 + 8).widths
+    assert model.submodel([8, 16]).widths == (8, 16)
+    assert model.submodel("S") == model.submodel(8)  # the name is a label, not identity
+    assert model.submodel("S") in {model.submodel((8, 8))}
     with torch.no_grad():
         assert torch.equal(model(idx, widths="S"), model(idx, widths=(8, 8)))
         assert torch.equal(model(idx, widths="S"), model(idx, widths=8))
@@ -239,45 +244,45 @@ def test_width_specs_agree() -> None:
 # ----------------------------------------------------------------------------- less compute
 
 
-def test_smaller_widths_use_sliced_weights(monkeypatch: pytest.MonkeyPatch) -> None:
+class _MatmulWeights(TorchDispatchMode):
+    """Records the right-hand operand (the weight, as ``x @ w``) of every matrix product."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weights: list[torch.Tensor] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.mm.default:
+            self.weights.append(args[1])
+        elif func is torch.ops.aten.addmm.default:
+            self.weights.append(args[2])
+        return func(*args, **(kwargs or {}))
+
+
+def test_smaller_widths_use_sliced_weights() -> None:
     model = tiny_model(n_head=4, nest_heads=True).eval()
-    shapes: list[tuple[int, ...]] = []
-    real_linear = F.linear
-
-    def recording_linear(x, weight, bias=None):
-        shapes.append(tuple(weight.shape))
-        return real_linear(x, weight, bias)
-
-    monkeypatch.setattr(torch.nn.functional, "linear", recording_linear)
-    with torch.no_grad():
-        model(random_tokens(1, 8), widths="S", heads="S")
+    with torch.no_grad(), _MatmulWeights() as rec:
+        model(random_tokens(1, 8), widths="S")  # its nested heads too: 1 of 4
+    shapes = [tuple(w.shape) for w in rec.weights]
     d, hd = 32, model.config.head_dim
     # per block: q, k, v, o, then up, gate, down (swiglu); then the lm_head
-    block = [(hd, d), (hd, d), (hd, d), (d, hd), (8, d), (8, d), (d, 8)]
-    assert shapes == block * 2 + [(64, d)]
+    block = [(d, hd), (d, hd), (d, hd), (hd, d), (d, 8), (d, 8), (8, d)]
+    assert shapes == block * 2 + [(d, 64)]
 
-    shapes.clear()
-    with torch.no_grad():
+    with torch.no_grad(), _MatmulWeights() as rec:
         model(random_tokens(1, 8), widths=(16, 40))
-    ffn_shapes = [s for s in shapes if s not in ((4 * hd, d), (d, 4 * hd), (64, d))]
-    assert ffn_shapes == [(16, d), (16, d), (d, 16), (40, d), (40, d), (d, 40)]
-    assert all(s[0] <= 64 and s[1] <= 64 for s in shapes)
+    shapes = [tuple(w.shape) for w in rec.weights]
+    ffn_shapes = [s for s in shapes if s not in ((d, 4 * hd), (4 * hd, d), (d, 64))]
+    assert ffn_shapes == [(d, 16), (d, 16), (16, d), (d, 40), (d, 40), (40, d)]
 
 
-def test_sliced_weights_are_views_not_copies(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_sliced_weights_are_views_not_copies() -> None:
     model = tiny_model().eval()
-    ptrs: list[int] = []
-    real_linear = F.linear
-
-    def recording_linear(x, weight, bias=None):
-        ptrs.append(weight.untyped_storage().data_ptr())
-        return real_linear(x, weight, bias)
-
-    monkeypatch.setattr(torch.nn.functional, "linear", recording_linear)
-    with torch.no_grad():
+    with torch.no_grad(), _MatmulWeights() as rec:
         model(random_tokens(1, 4), widths="S")
     owned = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    assert ptrs and set(ptrs) <= owned
+    ptrs = {w.untyped_storage().data_ptr() for w in rec.weights}
+    assert ptrs and ptrs <= owned
 
 
 # ----------------------------------------------------------------------------- tying / meta

@@ -19,13 +19,14 @@ from helpers import random_tokens, tiny_model
 
 from matformer.cache import KVCache
 from matformer.checkpoint import save_checkpoint
+from matformer.config import Submodel
 from matformer.generate import generate
 from matformer.model import MatFormerLM, RowWidths
 from matformer.serve import build_registry, load_server, uvicorn_server
 from matformer.serve.cache import SlotCache
 from matformer.serve.metrics import Metrics
 from matformer.serve.policy import AutoPolicy
-from matformer.serve.registry import Submodel
+from matformer.serve.registry import Servable
 from matformer.serve.scheduler import Event, QueueFull, Request, Scheduler
 from matformer.tokenizer import Tokenizer
 
@@ -88,8 +89,9 @@ def test_slot_cache_rows_at_their_own_positions_match_solo_decoding() -> None:
 
 
 # ----------------------------------------------------------------------------- auto policy
-def _subs(n: int = 4) -> list[Submodel]:
-    return [Submodel(f"m{i}", (8 * 2 ** i,) * 2, 1000 * (i + 1), "granularity", f"g{i}",
+def _subs(n: int = 4) -> list[Servable]:
+    return [Servable(f"m{i}", Submodel((8 * 2 ** i,) * 2, (2, 2)), 1000 * (i + 1), "granularity",
+                     f"g{i}",
                      {"decode_ms": 1.0 + i}) for i in range(n)]
 
 
@@ -160,7 +162,7 @@ def test_registry_names_granularities_and_pareto_mixes() -> None:
     names = [s.name for s in subs]
     assert names[:4] == ["demo-S", "demo-M", "demo-L", "demo-XL"]
     assert len(names) == 5 and names[4].startswith("demo-mix-") and names[4].endswith("K")
-    assert subs[4].widths == (8, 64) and subs[4].decode_ms == 1.7
+    assert subs[4].submodel.widths == (8, 64) and subs[4].decode_ms == 1.7
     assert subs[0].latency == {"prefill_ms": 1.0, "decode_ms": 0.5}
     bad = {"candidates": [{"name": "x", "widths": [8, 8, 8], "params": 1}]}
     with pytest.raises(ValueError, match="do not fit"):
@@ -228,7 +230,7 @@ def test_a_cancelled_waiting_request_leaves_the_queue_at_once() -> None:
     assert sched.metrics.get("requests_total", outcome="cancelled", submodel=sub.name) == 1
 
 
-def _recorded(prompt: list[int], n: int, sub: Submodel | None, **kw: Any
+def _recorded(prompt: list[int], n: int, sub: Servable | None, **kw: Any
               ) -> tuple[Request, list[Event]]:
     """A request (greedy and past end-of-text unless ``kw`` says otherwise) and the list its
     events go to."""
@@ -276,7 +278,7 @@ def test_running_auto_requests_step_down_with_the_policy() -> None:
 def test_a_row_that_fails_to_sample_ends_alone(monkeypatch: pytest.MonkeyPatch) -> None:
     """A sampling failure in one row of a batch answers that request with an error; the
     greedy row beside it decodes to its end, token for token as generate() alone."""
-    import matformer.serve.scheduler as scheduler_module
+    import matformer.serve.executor as executor_module
 
     def broken(*args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("sampling broke")
@@ -289,12 +291,12 @@ def test_a_row_that_fails_to_sample_ends_alone(monkeypatch: pytest.MonkeyPatch) 
     with torch.no_grad():
         sched._prefill(greedy)
         sched._prefill(sampled)
-        monkeypatch.setattr(scheduler_module, "sample_next", broken)
+        monkeypatch.setattr(executor_module, "sample_next", broken)
         while sched._rows:
             sched._decode_step()
     assert got_sampled[-1].kind == "error" and "sampling broke" in got_sampled[-1].text
     assert got_greedy[-1].kind == "done" and got_greedy[-1].finish_reason == "length"
-    want = generate(model, torch.tensor([[1, 2, 3]]), 6, widths=s.widths, temperature=0)
+    want = generate(model, torch.tensor([[1, 2, 3]]), 6, widths=s.submodel, temperature=0)
     text = _streamed_text(got_greedy) + (got_greedy[-1].text or "")
     assert text == Tokenizer.byte_level().decode(want[0, 3:].tolist())
 
@@ -313,7 +315,8 @@ def test_submit_refuses_what_cannot_run() -> None:
 def test_a_failing_request_gets_an_error_and_the_scheduler_goes_on() -> None:
     model = tiny_model(vocab_size=257).eval()
     sched = _scheduler(model, max_batch=2)
-    broken = Submodel("broken", (999, 999), 0, "granularity", "?")  # widths out of range
+    broken = Servable("broken", Submodel((999, 999), (2, 2)), 0, "granularity",
+                      "?")  # widths out of range
     got: list[Event] = []
     done = threading.Event()
 

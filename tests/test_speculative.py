@@ -290,7 +290,7 @@ def test_drafter_acceptance_weighs_each_prompt_by_its_own_length(model) -> None:
     from matformer.draft import drafter_acceptance
 
     short, long = random_tokens(1, 3, seed=1)[0], random_tokens(1, 9, seed=2)[0]
-    xl, drafters = model.resolve_widths(None), {"S": (model.resolve_widths("S"), None)}
+    xl, drafters = model.submodel(), {"S": model.submodel("S")}
     def acc(prompts):
         return drafter_acceptance(model, prompts, xl, drafters, new_tokens=8)["S"]
     one = [acc([short]), acc([long])]
@@ -304,23 +304,20 @@ def test_drafter_search_respects_nested_and_skipped_heads() -> None:
     from matformer.draft import search_drafter
 
     model = tiny_model(n_head=4, nest_heads=True, **SPREAD).eval()
-    target, th = "M", (0, model.resolve_heads("M")[1])
+    th = (0, model.submodel("M").heads[1])
+    target = model.submodel("M", th)
     prompts = [random_tokens(1, 5, seed=s)[0] for s in range(2)]
-    rows = search_drafter(model, prompts, target=model.resolve_widths(target), target_heads=th,
-                          new_tokens=6, max_draft_len=2, reps=1)
+    rows = search_drafter(model, prompts, target=target, new_tokens=6, max_draft_len=2, reps=1)
     assert rows and {"S"} <= {r.name for r in rows}
-    want = generate(model, random_tokens(1, 5, seed=9), 8, widths=target, heads=th,
-                    temperature=0)
+    want = generate(model, random_tokens(1, 5, seed=9), 8, widths=target, temperature=0)
     for r in rows:
-        heads = r.heads or (4, 4)
-        assert all(h <= t for h, t in zip(heads, th, strict=True)), (r.name, r.heads)
-        out, _ = speculative_generate(model, random_tokens(1, 5, seed=9), 8, draft=r.widths,
-                                      draft_heads=r.heads, target=target, target_heads=th,
-                                      draft_len=2, temperature=0)
+        assert r.submodel.nested_in(target), (r.name, r.submodel)
+        out, _ = speculative_generate(model, random_tokens(1, 5, seed=9), 8, draft=r.submodel,
+                                      target=target, draft_len=2, temperature=0)
         assert torch.equal(out, want), r.name
     # a granularity named as drafter takes its heads capped at the target's
     out, _ = speculative_generate(model, random_tokens(1, 5, seed=9), 8, draft="S",
-                                  target=target, target_heads=th, draft_len=2, temperature=0)
+                                  target=target, draft_len=2, temperature=0)
     assert torch.equal(out, want)
 
 

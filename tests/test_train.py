@@ -200,7 +200,7 @@ def test_joint_gradient_is_weighted_mean(tmp_path: Path) -> None:
 def _recorded_widths(model: MatFormerLM) -> list[Any]:
     seen: list[Any] = []
     model.register_forward_pre_hook(
-        lambda mod, args, kwargs: seen.append((kwargs.get("widths"), kwargs.get("heads"))),
+        lambda mod, args, kwargs: seen.append(kwargs.get("widths")),
         with_kwargs=True)
     return seen
 
@@ -223,7 +223,8 @@ def test_grad_accum_matches_single_batch(tmp_path: Path) -> None:
     for step in range(3):
         r1, r2 = one.train_step(), two.train_step()
         planned = granularities_for_step(step, two.cfg, NAMES)[0][0]
-        assert seen[-2:] == [(planned, None), (planned, None)]  # both micro-batches, same one
+        assert seen[-2:] == [two.raw.submodel(planned)] * 2  # both micro-batches, same one
+        assert seen[-1].name == planned
         assert list(r1["loss"]) == list(r2["loss"]) == [planned]
         assert r1["loss"][planned] == pytest.approx(r2["loss"][planned], rel=1e-5)
         for n, g in grads["one"][-1].items():
@@ -240,7 +241,8 @@ def test_nested_heads_are_trained_per_granularity(tmp_path: Path) -> None:
     trainer = make_trainer(tmp_path, model=model, mode="joint")
     seen = _recorded_widths(model)
     trainer.train_step()
-    assert seen == [(n, n) for n in NAMES]
+    assert seen == model.config.granularities()  # each with its own nested heads
+    assert [s.name for s in seen] == list(NAMES) and seen[0].heads != seen[-1].heads
 
 
 def test_baseline_mode_trains_one_dense_model(tmp_path: Path) -> None:

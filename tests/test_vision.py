@@ -113,22 +113,22 @@ def test_cost_counts_the_heads_that_run(kw: dict[str, Any], heads: Any) -> None:
     from torch.utils.flop_counter import FlopCounterMode
 
     model = tiny_vit(**{"n_head": 4, "d_model": 32, **kw}).eval()
-    hs = model.resolve_heads(heads)
+    sub_s = model.submodel("S", heads)
     with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
-        model(images(1), widths="S", heads=heads)
-    ws = model.resolve_widths("S")
-    assert model.config.flops_per_image(ws, heads=hs) == counter.get_total_flops()
+        model(images(1), widths=sub_s)
+    assert model.config.flops_per_image(sub_s) == counter.get_total_flops()
     # An extracted copy holds every head of a layer that has attention, the dropped ones
     # zeroed (a dense config's head size is d_model / n_head): the count of heads that run is
     # what it holds less those zeros.
-    sub = extract(model, "S", heads=heads)
+    sub = extract(model, sub_s)
     held = sum(p.numel() for p in sub.parameters())
-    kept = tuple(model.config.n_head if h else 0 for h in model.config._layer_heads(hs))
-    assert sub.num_params() == model.num_params("S", heads=kept) == held
+    kept = tuple(model.config.n_head if h else 0 for h in sub_s.heads)
+    assert sub.num_params() == model.num_params(model.submodel("S", kept)) == held
     zeroed = sum(int((p == 0).sum()) for n, p in sub.named_parameters() if ".attn." in n)
-    assert model.num_params("S", heads=heads) == held - zeroed
+    assert model.num_params(sub_s) == held - zeroed
     if heads is not None:  # fewer heads than the full attention: fewer FLOPs
-        assert model.config.flops_per_image(ws, heads=hs) < model.config.flops_per_image(ws)
+        all_heads = model.submodel(sub_s.widths)
+        assert model.config.flops_per_image(sub_s) < model.config.flops_per_image(all_heads)
 
 
 # ----------------------------------------------------------------------------- nesting
@@ -137,7 +137,7 @@ def test_cost_counts_the_heads_that_run(kw: dict[str, Any], heads: Any) -> None:
 def test_slicing_equals_masking(activation: str, widths: Any) -> None:
     """A submodel run on weight slices equals the full model with the other units zeroed."""
     model = tiny_vit(activation=activation).eval()
-    ws = model.resolve_widths(widths)
+    ws = model.submodel(widths).widths
     masked = tiny_vit(activation=activation).eval()
     with torch.no_grad():
         for block, w in zip(masked.blocks, ws, strict=True):
@@ -171,7 +171,6 @@ def test_attention_is_bidirectional() -> None:
     x2[:, :, -2:, -2:] += 0.5  # change only the last patch
     with torch.no_grad():
         assert (model.embed(x) - model.embed(x2)).abs().max() > 1e-4
-    assert all(not b.attn.causal for b in model.blocks)
 
 
 def test_bad_image_shape_and_widths() -> None:
@@ -184,7 +183,7 @@ def test_bad_image_shape_and_widths() -> None:
 
 def test_nested_heads_run() -> None:
     model = tiny_vit(nest_heads=True, n_head=4)  # heads S/M/L/XL: 1/2/3/4
-    assert model(images(2), widths="S", heads="S").shape == (2, 3)
+    assert model(images(2), widths="S").shape == (2, 3)  # S's nested heads too
 
 
 # ----------------------------------------------------------------------------- extract / ckpt
@@ -199,7 +198,7 @@ def test_extract_equals_in_place_submodel(pos: str, widths: Any) -> None:
         again = extract(sub, (8, 8, 8))  # closure: extract from an extracted ViT
         torch.testing.assert_close(again(x), model(x, widths="S"), rtol=0, atol=1e-6)
     assert type(sub) is MatViT and isinstance(sub.config, ViTConfig)
-    assert sub.config.ratios == (1.0,) and sub.config.ffn_dims == model.resolve_widths(widths)
+    assert sub.config.ratios == (1.0,) and sub.config.ffn_dims == model.submodel(widths).widths
 
 
 @pytest.mark.parametrize("pos", ["learned", "sincos"])
@@ -457,14 +456,15 @@ def test_select_most_accurate_under_budget() -> None:
 
 
 def test_forward_latency_runs_each_setups_heads() -> None:
-    """A (model, widths, heads) setup is timed with its heads (a depth candidate's)."""
+    """A (model, submodel) setup is timed with its heads (a depth candidate's)."""
     from matformer.submodels.latency import forward_latency
 
     model = tiny_vit(n_head=4, d_model=32)
     seen: list[Any] = []
-    model.register_forward_pre_hook(lambda m, args, kw: seen.append(kw.get("heads")),
-                                    with_kwargs=True)
-    rows = forward_latency([(model, "S"), (model, "S", (0, 4, 2))], [images(1)] * 2,
-                           repeats=1, warmup=0)
+    model.register_forward_pre_hook(
+        lambda m, args, kw: seen.append(model.submodel(kw.get("widths")).heads),
+        with_kwargs=True)
+    rows = forward_latency([(model, "S"), (model, model.submodel("S", (0, 4, 2)))],
+                           [images(1)] * 2, repeats=1, warmup=0)
     assert len(rows) == 2 and all(r["latency_ms"] > 0 for r in rows)
-    assert set(seen) == {None, (0, 4, 2)}
+    assert set(seen) == {(4, 4, 4), (0, 4, 2)}

@@ -117,7 +117,8 @@ class KVCache:
         """Rotary tables and attention mask for a forward over slots ``start_pos..+T``.
 
         Returns:
-            ``cos, sin`` of shape (T, hd), or (B, 1, T, hd) with padding; and a boolean mask
+            ``cos, sin`` of shape (T, 1, hd), or (B, T, 1, hd) with padding (the layout of
+            :func:`~matformer.model.rotate`); and a boolean mask
             (B or 1, 1, T, start_pos + T), True where a query may attend, or None when every
             key is visible (one query, no padding).
         """
@@ -128,14 +129,14 @@ class KVCache:
         dev = self.start.device
         if not self._padded:
             if T == 1:
-                return rope_cos[start_pos:end], rope_sin[start_pos:end], None
+                return rope_cos[start_pos:end, None], rope_sin[start_pos:end, None], None
             q = torch.arange(start_pos, end, device=dev)[:, None]
             mask = torch.arange(end, device=dev)[None, :] <= q  # (T, end) causal
-            return rope_cos[start_pos:end], rope_sin[start_pos:end], mask[None, None]
+            return rope_cos[start_pos:end, None], rope_sin[start_pos:end, None], mask[None, None]
         # Rotary positions count from each row's first real token (padding slots clamp to 0).
         slots = torch.arange(start_pos, end, device=dev)
         pos = (slots[None, :] - self.start[:, None]).clamp_min(0)  # (B, T)
-        cos, sin = rope_cos[pos][:, None], rope_sin[pos][:, None]  # (B, 1, T, hd)
+        cos, sin = rope_cos[pos][:, :, None], rope_sin[pos][:, :, None]  # (B, T, 1, hd)
         keys = torch.arange(end, device=dev)[None, None, :]  # (1, 1, end)
         q = slots[None, :, None]  # (1, T, 1)
         # A padding query sees only itself, so no row of the softmax is empty (NaN-free).

@@ -1,8 +1,9 @@
-"""Model configuration: one frozen, validated dataclass, presets, and granularity -> widths.
+"""Model configuration: one frozen, validated dataclass, presets, and the submodel value.
 
-A MatFormer is one set of weights; a submodel is nothing but a tuple of per-layer FFN widths
-(and, with head nesting on, per-layer attention head counts). This module turns the names people
-use ("S", "XL") into those tuples, and checks every number before a tensor is allocated.
+A MatFormer is one set of weights; a submodel is nothing but per-layer FFN widths and per-layer
+attention head counts (:class:`Submodel`). :meth:`ModelConfig.submodel` is the one place that
+turns what people write ("S", "XL", ``256``, ``[128, 128, 256, 512]``) into that value and
+checks every number, before a tensor is allocated.
 """
 
 from __future__ import annotations
@@ -24,6 +25,58 @@ DEFAULT_RATIOS = (0.125, 0.25, 0.5, 1.0)
 DEFAULT_NAMES = ("S", "M", "L", "XL")
 #: MatLM-Attn (arXiv 2310.07707, App. F.2): heads n/4, n/2, 3n/4, n for S..XL when head nesting is on.
 DEFAULT_HEAD_RATIOS = (0.25, 0.5, 0.75, 1.0)
+
+
+@dataclass(frozen=True, eq=False)
+class Submodel:
+    """Which submodel of a MatFormer runs: resolved once, then passed everywhere.
+
+    Attributes:
+        widths: FFN hidden units of every layer (a prefix of the layer's FFN; 0 skips it).
+        heads: Query heads of every layer (a prefix of its heads; 0 skips its attention).
+        name: A label for people (``"S"``, ``"4xM+2xL"``); not part of equality or hashing,
+            so the same widths and heads are one submodel whatever they are called.
+    """
+
+    widths: tuple[int, ...]
+    heads: tuple[int, ...]
+    name: str = field(default="", compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
+        object.__setattr__(self, "heads", tuple(int(h) for h in self.heads))
+        if len(self.widths) != len(self.heads):
+            raise ValueError(f"Submodel has {len(self.widths)} widths but {len(self.heads)} "
+                             "head counts; give one of each per layer")
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Submodel):
+            return NotImplemented
+        return (self.widths, self.heads) == (other.widths, other.heads)
+
+    def __hash__(self) -> int:
+        return hash((self.widths, self.heads))
+
+    @property
+    def n_layer(self) -> int:
+        return len(self.widths)
+
+    def nested_in(self, other: Submodel) -> bool:
+        """True when no layer of this submodel is wider (FFN or heads) than in ``other``."""
+        return all(a <= b for a, b in zip(self.widths + self.heads, other.widths + other.heads,
+                                          strict=True))
+
+    def __str__(self) -> str:
+        return self.name or f"widths {list(self.widths)}, heads {list(self.heads)}"
+
+
+#: What callers may pass to pick a submodel: a :class:`Submodel`, None (the full model), a
+#: granularity name, one FFN width for every layer, or one per layer.
+SubmodelSpec = None | str | int | Sequence[int] | Submodel
+#: Attention heads of a submodel given apart from its widths: None (the granularity's heads when
+#: widths is a granularity name and heads are nested, else every head), a head-nested
+#: granularity's name, one count for every layer, or one per layer (0: attention skipped).
+HeadSpec = None | str | int | Sequence[int]
 
 
 def _fail(field_name: str, value: Any, allowed: str) -> ValueError:
@@ -206,40 +259,112 @@ class ModelConfig:
         """Query heads of every layer: ``n_head``, or 0 where ``skip_attention`` lists it."""
         return tuple(0 if i in self.skip_attention else self.n_head for i in range(self.n_layer))
 
-    def _layer_heads(self, heads: Sequence[int] | None) -> tuple[int, ...]:
-        return self.attention_heads if heads is None else tuple(heads)
+    # ----------------------------------------------------------------- submodels
+    def submodel(self, spec: SubmodelSpec = None, heads: HeadSpec = None) -> Submodel:
+        """Resolve and check a submodel: the one place names, ints and lists become widths.
 
-    def num_params(self, widths: tuple[int, ...] | None = None, *, embedding: bool = True,
-                   heads: Sequence[int] | None = None) -> int:
-        """Parameter count of the submodel with these FFN widths (full model if None) and
-        per-layer query heads (``heads``; None: :attr:`attention_heads`). A layer without
-        attention (0 heads) has no attention weights and no attention norm."""
-        widths = self.ffn_dims if widths is None else widths
+        Args:
+            spec: A :class:`Submodel` (returned as is, after a shape check), None (the full
+                model), a granularity name (its widths and, when heads are nested, its heads),
+                one FFN width for every layer, or one per layer (0 skips a layer's FFN).
+            heads: Heads apart from the widths (see :data:`HeadSpec`); not with a Submodel.
+
+        Raises:
+            ValueError: naming the bad value and what is allowed.
+        """
+        if isinstance(spec, Submodel):
+            if heads is not None:
+                raise ValueError("heads are part of a Submodel; give them to "
+                                 "ModelConfig.submodel when making it, not beside it")
+            if spec.n_layer != self.n_layer:
+                raise ValueError(f"{spec} has {spec.n_layer} layers; the model has "
+                                 f"{self.n_layer}")
+            self._check_widths(spec.widths)
+            self._check_heads(spec.heads)
+            return spec
+        name = ""
+        if spec is None:
+            widths, name = self.ffn_dims, self.names[-1]
+        elif isinstance(spec, str):
+            widths, name = self.ffn_widths(spec), spec
+            if heads is None and self.nest_heads:
+                heads = spec
+        else:
+            widths = ((int(spec),) * self.n_layer if isinstance(spec, int)
+                      else tuple(int(w) for w in spec))
+            self._check_widths(widths)
+        return Submodel(widths, self._resolve_heads(heads), name)
+
+    def granularities(self) -> list[Submodel]:
+        """Every named granularity, smallest first."""
+        return [self.submodel(name) for name in self.names]
+
+    def _check_widths(self, widths: tuple[int, ...]) -> None:
+        if len(widths) != self.n_layer:
+            raise ValueError(f"widths {list(widths)} has {len(widths)} entries; the model has "
+                             f"{self.n_layer} layers")
+        for i, (w, full) in enumerate(zip(widths, self.ffn_dims, strict=True)):
+            if not 0 <= w <= full:
+                raise ValueError(f"width {w} at layer {i} is out of range: allowed 0..{full} "
+                                 "(0 skips the layer's FFN)")
+
+    def _resolve_heads(self, heads: HeadSpec) -> tuple[int, ...]:
+        skip = self.skip_attention
+        if heads is None:
+            return self.attention_heads
+        if isinstance(heads, str):
+            counts = self.head_counts(heads)
+            if counts is None:
+                raise ValueError(f"heads {heads!r}: this model does not nest attention heads "
+                                 "(nest_heads=False)")
+            return counts
+        if isinstance(heads, int):
+            counts = tuple(0 if i in skip else heads for i in range(self.n_layer))
+        else:
+            counts = tuple(int(h) for h in heads)
+        self._check_heads(counts)
+        return counts
+
+    def _check_heads(self, counts: tuple[int, ...]) -> None:
+        group = self.n_head // self.kv_heads
+        if len(counts) != self.n_layer or any(
+                not 0 <= h <= self.n_head or h % group for h in counts):
+            raise ValueError(f"heads {list(counts)}: need {self.n_layer} counts in "
+                             f"0..{self.n_head} (0 skips the layer's attention), each a "
+                             f"multiple of the GQA group size {group}")
+        bad = [i for i in self.skip_attention if counts[i]]
+        if bad:
+            raise ValueError(f"heads {list(counts)}: layers {bad} of this model have no "
+                             f"attention (skip_attention={list(self.skip_attention)}); give 0 "
+                             "heads there")
+
+    # ----------------------------------------------------------------- costs
+    def num_params(self, sub: SubmodelSpec = None, *, embedding: bool = True) -> int:
+        """Parameter count of a submodel (the full model if None). A layer without attention
+        (0 heads) has no attention weights and no attention norm."""
+        sub = self.submodel(sub)
         d, hd, group = self.d_model, self.head_dim, self.n_head // self.kv_heads
         mats = 3 if self.activation == "swiglu" else 2
         blocks = sum(d * hd * (2 * h + 2 * (h // group)) + (d if h else 0) + mats * d * w + d
-                     for w, h in zip(widths, self._layer_heads(heads), strict=True))
+                     for w, h in zip(sub.widths, sub.heads, strict=True))
         emb = self.vocab_size * d * (1 if self.tie_embeddings else 2)
         return blocks + d + (emb if embedding else 0)
 
-    def matrix_params(self, widths: tuple[int, ...] | None = None, *,
-                      heads: Sequence[int] | None = None) -> int:
+    def matrix_params(self, sub: SubmodelSpec = None) -> int:
         """The blocks' matrix-product weights (one multiply-add each per token): the
         non-embedding parameters less the norm gains (two per layer with attention, one
         without, and the final norm)."""
-        hs = self._layer_heads(heads)
-        norms = sum(self.d_model * (2 if h else 1) for h in hs) + self.d_model
-        return self.num_params(widths, embedding=False, heads=hs) - norms
+        sub = self.submodel(sub)
+        norms = sum(self.d_model * (2 if h else 1) for h in sub.heads) + self.d_model
+        return self.num_params(sub, embedding=False) - norms
 
-    def flops_per_token(self, widths: tuple[int, ...] | None = None, seq_len: int | None = None,
-                        *, heads: Sequence[int] | None = None) -> int:
+    def flops_per_token(self, sub: SubmodelSpec = None, seq_len: int | None = None) -> int:
         """Forward FLOPs per token (2 per multiply-add), attention over ``seq_len`` included."""
+        sub = self.submodel(sub)
         seq_len = self.max_seq_len if seq_len is None else seq_len
-        hs = self._layer_heads(heads)
-        matmul = self.matrix_params(widths, heads=hs)
         head = self.vocab_size * self.d_model
-        attn = sum(2 * h * self.head_dim * seq_len for h in hs)  # QK^T and AV, causal avg
-        return 2 * (matmul + head) + attn
+        attn = sum(2 * h * self.head_dim * seq_len for h in sub.heads)  # QK^T and AV
+        return 2 * (self.matrix_params(sub) + head) + attn
 
     # ----------------------------------------------------------------- (de)serialisation
     def to_dict(self) -> dict[str, Any]:

@@ -29,14 +29,11 @@ import torch
 from torch import Tensor
 
 from .cache import KVCache
+from .config import Submodel, SubmodelSpec
 from .model import MatFormerLM
 from .runner import RunnerPool, SubmodelRunner
 
 log = logging.getLogger(__name__)
-
-#: A submodel of a search: (per-layer FFN widths, per-layer query heads or None for all heads).
-Sub = tuple[tuple[int, ...], tuple[int, ...] | None]
-
 
 def expected_tokens(k: int, alpha: float) -> float:
     """Mean tokens a round of ``k`` drafts emits at per-token acceptance ``alpha``."""
@@ -206,27 +203,26 @@ def measure_costs(drafters: dict[Any, SubmodelRunner], target: SubmodelRunner, d
 
 @dataclass
 class DrafterRow:
-    """One searched drafter: its widths (and heads), measured acceptance and costs, and its
-    best draft length."""
+    """One searched drafter: the submodel, its measured acceptance and costs, and its best
+    draft length."""
 
     name: str
-    widths: tuple[int, ...]
+    submodel: Submodel
     acceptance: float
     draft_ms: float
     best_k: int
     tokens_per_s: float
     speedup: float
     per_k: dict[int, float] = field(default_factory=dict)  # k -> expected tokens/s
-    heads: tuple[int, ...] | None = None  # per-layer query heads; None: all
 
 
-def rank_drafters(acceptance: dict[str, float], drafters: dict[str, Sub],
+def rank_drafters(acceptance: dict[str, float], drafters: dict[str, Submodel],
                   costs: dict[str, DraftCosts], max_draft_len: int) -> list[DrafterRow]:
     """Rank drafters by the expected tokens/s of their best draft length (pure arithmetic).
 
     Args:
         acceptance: Per-token acceptance of each drafter (name -> rate).
-        drafters: Each drafter's (widths, heads).
+        drafters: Each drafter's submodel.
         costs: Each drafter's costs against the same target (``verify`` is the target's).
         max_draft_len: Longest draft considered.
 
@@ -238,55 +234,41 @@ def rank_drafters(acceptance: dict[str, float], drafters: dict[str, Sub],
         c = costs[name]
         per_k = {k: expected_tokens(k, alpha) / c.round_cost(k) for k in range(max_draft_len + 1)}
         k = choose_draft_len(alpha, c, max_draft_len)
-        widths, heads = drafters[name]
-        rows.append(DrafterRow(name, widths, alpha, 1e3 * c.draft_token, k, per_k[k],
-                               per_k[k] / per_k[0], per_k, heads))
+        rows.append(DrafterRow(name, drafters[name], alpha, 1e3 * c.draft_token, k, per_k[k],
+                               per_k[k] / per_k[0], per_k))
     return sorted(rows, key=lambda r: (-r.tokens_per_s, r.best_k))
 
 
-def nested_heads(model: MatFormerLM, heads: Sequence[int] | None,
-                 target_heads: Sequence[int] | None) -> tuple[int, ...] | None:
-    """``heads`` (None: all) capped layer by layer at ``target_heads`` (None: all), so that a
-    drafter never has more heads than its target, nor attention where the target skips it.
-    None when every layer keeps all its heads."""
-    cfg = model.config
-    full = (cfg.n_head,) * cfg.n_layer
-    capped = tuple(min(h, t) for h, t in zip(heads or full, target_heads or full, strict=True))
-    return None if capped == full else capped
+def capped(draft: Submodel, target: Submodel) -> Submodel:
+    """``draft`` with its heads capped layer by layer at the target's, so that a drafter never
+    has more heads than its target, nor attention where the target skips it."""
+    heads = tuple(min(h, t) for h, t in zip(draft.heads, target.heads, strict=True))
+    return Submodel(draft.widths, heads, draft.name)
 
 
-def drafter_candidates(model: MatFormerLM, target: tuple[int, ...],
-                       target_heads: tuple[int, ...] | None = None, max_rule: int = 6
-                       ) -> dict[str, Sub]:
+def drafter_candidates(model: MatFormerLM, target: Submodel, max_rule: int = 6
+                       ) -> dict[str, Submodel]:
     """Uniform granularities and up to ``max_rule`` Mix'n'Match rule candidates (spread evenly
-    over their sizes) that are nested in, and smaller than, the target ``(target,
-    target_heads)``. A head-nested model's granularities keep their own heads; every
-    candidate's heads are capped at the target's (:func:`nested_heads`)."""
+    over their sizes) that are nested in, and smaller than, the target. A head-nested model's
+    granularities keep their own heads; every candidate's heads are capped at the target's
+    (:func:`capped`)."""
     from .submodels.candidates import candidates
 
-    cfg = model.config
-    th = nested_heads(model, target_heads, None)
-
-    def sub(c: Any) -> Sub:
-        own = model.resolve_heads(c.name) if cfg.nest_heads and c.pattern == "uniform" else None
-        return c.widths, nested_heads(model, own, th)
-
-    fits = [c for c in candidates(cfg)
-            if all(w <= t for w, t in zip(c.widths, target, strict=True))
-            and sub(c) != (target, th)]
-    out = {c.name: sub(c) for c in fits if c.pattern == "uniform"}
-    rule = [c for c in fits if c.pattern == "rule" and sub(c) not in out.values()]
+    fits = [capped(c, target) for c in candidates(model.config)
+            if all(w <= t for w, t in zip(c.widths, target.widths, strict=True))]
+    fits = [c for c in fits if c != target]
+    names = set(model.config.names)
+    out = {c.name: c for c in fits if c.name in names}
+    rule = [c for c in fits if c.name not in names and c not in out.values()]
     step = max(1, math.ceil(len(rule) / max_rule)) if rule else 1
-    out |= {c.name: sub(c) for c in rule[::step][:max_rule]}
+    out |= {c.name: c for c in rule[::step][:max_rule]}
     return out
 
 
 @torch.no_grad()
 def greedy_acceptance(model: MatFormerLM, sequences: Sequence[Tensor],
-                      prompt_lens: Sequence[int], widths: tuple[int, ...],
-                      heads: tuple[int, ...] | None = None) -> float:
-    """Per-token greedy acceptance of drafter ``(widths, heads)`` along the target's own
-    continuations.
+                      prompt_lens: Sequence[int], drafter: Submodel) -> float:
+    """Per-token greedy acceptance of ``drafter`` along the target's own continuations.
 
     ``sequences[i]`` holds ``prompt_lens[i]`` prompt ids, then the target's greedy output; a
     drafted token is accepted iff it equals the target's, so the acceptance is the drafter's
@@ -294,32 +276,30 @@ def greedy_acceptance(model: MatFormerLM, sequences: Sequence[Tensor],
     """
     hits = total = 0
     for seq, T in zip(sequences, prompt_lens, strict=True):
-        pred = model(seq[None, :-1], widths=widths, heads=heads)[0, T - 1:].argmax(-1)
+        pred = model(seq[None, :-1], widths=drafter)[0, T - 1:].argmax(-1)
         hits += int((pred == seq[T:]).sum())
         total += seq.numel() - T
     return hits / max(total, 1)
 
 
 @torch.no_grad()
-def drafter_acceptance(model: MatFormerLM, prompts: Sequence[Tensor], target: tuple[int, ...],
-                       drafters: dict[str, Sub], *, target_heads: tuple[int, ...] | None = None,
-                       new_tokens: int = 32, runners: RunnerPool | None = None
+def drafter_acceptance(model: MatFormerLM, prompts: Sequence[Tensor], target: Submodel,
+                       drafters: dict[str, Submodel], *, new_tokens: int = 32, runners: RunnerPool | None = None
                        ) -> dict[str, float]:
     """Greedy acceptance of each drafter: the target greedily continues each held-out prompt
     (1-D ids) by ``new_tokens``, and a drafter's acceptance is its agreement along those
     continuations (:func:`greedy_acceptance`)."""
     from .generate import generate
 
-    seqs = [generate(model, p.reshape(1, -1), new_tokens, widths=target, heads=target_heads,
-                     temperature=0, runners=runners)[0] for p in prompts]
+    seqs = [generate(model, p.reshape(1, -1), new_tokens, widths=target, temperature=0,
+                     runners=runners)[0] for p in prompts]
     lens = [p.numel() for p in prompts]
-    return {n: greedy_acceptance(model, seqs, lens, w, h) for n, (w, h) in drafters.items()}
+    return {n: greedy_acceptance(model, seqs, lens, d) for n, d in drafters.items()}
 
 
 @torch.no_grad()
-def drafter_costs(model: MatFormerLM, target: tuple[int, ...], drafters: dict[str, Sub], *,
-                  context: int, target_heads: tuple[int, ...] | None = None,
-                  max_draft_len: int = 8, runners: RunnerPool | None = None, reps: int = 7
+def drafter_costs(model: MatFormerLM, target: Submodel, drafters: dict[str, Submodel], *,
+                  context: int, max_draft_len: int = 8, runners: RunnerPool | None = None, reps: int = 7
                   ) -> dict[str, DraftCosts]:
     """Measured costs (frozen) of every drafter against ``target`` at position ``context`` of a
     filled cache: :func:`measure_costs` over ``reps`` interleaved rounds of 3 calls each. The
@@ -328,26 +308,25 @@ def drafter_costs(model: MatFormerLM, target: tuple[int, ...], drafters: dict[st
     ctx = model.config.max_seq_len
     pos = min(context, ctx - 2)
     cache = KVCache.for_model(model, 1, pool.cache_len(min(pos + max_draft_len + 1, ctx)))
-    target_runner = pool.get(target, target_heads)
+    target_runner = pool.get(target)
     target_runner(torch.zeros(1, pos, dtype=torch.long, device=cache.device), cache, 0,
                   last_only=True)
-    return measure_costs({name: pool.get(w, h) for name, (w, h) in drafters.items()},
+    return measure_costs({name: pool.get(d) for name, d in drafters.items()},
                          target_runner, cache, cache, pos, max_draft_len + 1, rounds=reps,
                          reps=3, frozen=True)
 
 
 @torch.no_grad()
 def search_drafter(model: MatFormerLM, prompts: Sequence[Tensor], *,
-                   target: tuple[int, ...] | None = None,
-                   target_heads: str | int | Sequence[int] | None = None, new_tokens: int = 32,
+                   target: SubmodelSpec = None, new_tokens: int = 32,
                    max_draft_len: int = 8, runners: RunnerPool | None = None,
-                   drafters: dict[str, Sub] | None = None, reps: int = 7) -> list[DrafterRow]:
-    """Rank drafters (and draft lengths) for ``target`` (and ``target_heads``) by expected
-    tokens/s on this machine.
+                   drafters: dict[str, Submodel] | None = None, reps: int = 7
+                   ) -> list[DrafterRow]:
+    """Rank drafters (and draft lengths) for ``target`` by expected tokens/s on this machine.
 
     Acceptance: :func:`drafter_acceptance` on the held-out ``prompts``. Costs:
     :func:`drafter_costs` at the middle of the target's continuations. ``drafters`` (name ->
-    (widths, heads)): default :func:`drafter_candidates`.
+    submodel): default :func:`drafter_candidates`.
 
     Returns:
         :func:`rank_drafters` rows, best first (a best ``k`` of 0: do not draft).
@@ -355,16 +334,15 @@ def search_drafter(model: MatFormerLM, prompts: Sequence[Tensor], *,
     if not prompts:
         raise ValueError("the drafter search needs at least one held-out prompt")
     pool = RunnerPool.of(model, runners)
-    tw, th = model.resolve_widths(target), model.resolve_heads(target_heads)
-    drafters = drafter_candidates(model, tw, th) if drafters is None else drafters
+    target = model.config.submodel(target)
+    drafters = drafter_candidates(model, target) if drafters is None else drafters
     if not drafters:
-        raise ValueError(f"no submodel is nested in, and smaller than, the target (widths "
-                         f"{tw}, heads {th or 'all'}): nothing can draft for it")
-    acceptance = drafter_acceptance(model, prompts, tw, drafters, target_heads=th,
-                                    new_tokens=new_tokens, runners=pool)
+        raise ValueError(f"no submodel is nested in, and smaller than, the target ({target}): "
+                         "nothing can draft for it")
+    acceptance = drafter_acceptance(model, prompts, target, drafters, new_tokens=new_tokens,
+                                    runners=pool)
     context = max(p.numel() for p in prompts) + new_tokens // 2
-    costs = drafter_costs(model, tw, drafters, context=context, target_heads=th,
-                          max_draft_len=max_draft_len, runners=pool, reps=reps)
+    costs = drafter_costs(model, target, drafters, context=context, max_draft_len=max_draft_len, runners=pool, reps=reps)
     rows = rank_drafters(acceptance, drafters, costs, max_draft_len)
     log.info("drafter search: best %s (k=%d, %.2fx plain)", rows[0].name, rows[0].best_k,
              rows[0].speedup)

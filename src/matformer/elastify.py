@@ -33,12 +33,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .config import DEFAULT_NAMES, DEFAULT_RATIOS
 from .metrics import evaluate_granularities
-from .model import MatFormerLM, autocast, eval_mode
+from .model import MatFormerLM, attention, autocast, eval_mode, hidden, rms_norm
 from .outputs import write_text_atomic
 
 if TYPE_CHECKING:
@@ -54,12 +53,19 @@ DEFAULT_CONTEXT = 512
 SmolLM2) makes every step far longer on a CPU."""
 
 
-def _hidden(ffn: torch.nn.Module, x: Tensor) -> Tensor:
-    """The FFN's hidden activations (..., d_ff) for its input ``x``."""
-    up = F.linear(x, ffn.up_proj.weight)
-    if ffn.gate_proj is not None:
-        return F.silu(F.linear(x, ffn.gate_proj.weight)) * up
-    return F.gelu(up) if ffn.activation == "gelu" else F.relu(up).square()
+def _add_hidden(model: MatFormerLM, idx: Tensor, sums: list[Tensor]) -> None:
+    """The full model's forward on ``idx``, layer by layer through the model's own functions,
+    adding each layer's absolute FFN hidden activations (summed over tokens) to ``sums``."""
+    B, T = idx.shape
+    sub, at = model.submodel(), model.positions(T, None, 0)
+    x = model.embed(idx).reshape(B * T, -1)  # (B * T, C)
+    for i, (block, w, h) in enumerate(zip(model.blocks, sub.widths, sub.heads, strict=True)):
+        L = block.weights(w, h)
+        if L.n_head:
+            x = attention(x, L, B, T, at, i)
+        act = hidden(rms_norm(x, L.ffn_norm, L.eps), L.gate, L.up, L.activation)
+        sums[i].add_(act.float().abs().sum(0).double().cpu())
+        x = x + act @ L.down
 
 
 @torch.no_grad()
@@ -68,24 +74,12 @@ def unit_importance(model: MatFormerLM, batches: Iterable[tuple[Tensor, Tensor]]
     """Per layer, each FFN unit's mean contribution ``E|h_i| * ||W_down[:, i]||`` (full model)."""
     sums = [torch.zeros(b.ffn.d_ff, dtype=torch.float64) for b in model.blocks]
     count = 0
-
-    def hook(i: int) -> Any:
-        def fn(module: torch.nn.Module, args: tuple[Any, ...], out: Tensor) -> None:
-            h = _hidden(module, args[0]).float().abs()
-            sums[i].add_(h.flatten(0, -2).sum(0).double().cpu())
-        return fn
-
-    handles = [b.ffn.register_forward_hook(hook(i)) for i, b in enumerate(model.blocks)]
     device = next(model.parameters()).device
-    try:
-        with eval_mode(model):
-            for x, _ in batches:
-                with autocast(precision, device):
-                    model(x.to(device))
-                count += x.numel()
-    finally:
-        for h in handles:
-            h.remove()
+    with eval_mode(model):
+        for x, _ in batches:
+            with autocast(precision, device):
+                _add_hidden(model, x.to(device), sums)
+            count += x.numel()
     if count == 0:
         raise ValueError("no calibration batches")
     return [(s / count).float() * b.ffn.down_proj.weight.detach().float().norm(dim=0).cpu()

@@ -23,7 +23,8 @@ import torch
 from torch import Tensor
 
 from .cache import KVCache
-from .model import HeadSpec, MatFormerLM, WidthSpec, eval_mode
+from .config import SubmodelSpec
+from .model import MatFormerLM, eval_mode
 from .runner import RunnerPool, SubmodelRunner
 
 log = logging.getLogger(__name__)
@@ -106,8 +107,8 @@ def _as_batch(prompt: Tensor | Sequence[Sequence[int]], prompt_lengths: Sequence
     return ids, lengths if len(set(lengths.tolist())) > 1 else None
 
 
-def prefill(model: MatFormerLM, prompt: Tensor, cache: KVCache, *, widths: WidthSpec = None,
-            heads: HeadSpec = None, prompt_lengths: Tensor | None = None,
+def prefill(model: MatFormerLM, prompt: Tensor, cache: KVCache, *, widths: SubmodelSpec = None,
+            prompt_lengths: Tensor | None = None,
             runner: SubmodelRunner | None = None) -> Tensor:
     """Run the (left-padded) prompts through ``model`` into ``cache``; last-position logits.
 
@@ -121,7 +122,7 @@ def prefill(model: MatFormerLM, prompt: Tensor, cache: KVCache, *, widths: Width
     cache.set_prompt_lengths(prompt_lengths, T)
     if runner is not None and not cache.padded:
         return runner(prompt, cache, 0, last_only=True)[:, -1]
-    return model(prompt, widths=widths, heads=heads, cache=cache, start_pos=0)[:, -1]
+    return model(prompt, widths=widths, cache=cache, start_pos=0)[:, -1]
 
 
 def _stream_batch(model: MatFormerLM, prompt: Tensor | Sequence[Sequence[int]],
@@ -146,7 +147,7 @@ def _stream_batch(model: MatFormerLM, prompt: Tensor | Sequence[Sequence[int]],
 
 @torch.no_grad()
 def generate_stream(model: MatFormerLM, prompt: Tensor | Sequence[Sequence[int]],
-                    max_new_tokens: int, *, widths: WidthSpec = None, heads: HeadSpec = None,
+                    max_new_tokens: int, *, widths: SubmodelSpec = None,
                     temperature: float = 1.0, top_k: int | None = None,
                     top_p: float | None = None, eos_id: int | None = None,
                     generator: torch.Generator | None = None,
@@ -160,7 +161,7 @@ def generate_stream(model: MatFormerLM, prompt: Tensor | Sequence[Sequence[int]]
         prompt: (B, T) ids, left-padded when ``prompt_lengths`` is given, or a list of token
             lists of any lengths (left-padded here).
         max_new_tokens: Upper bound on new tokens per row.
-        widths, heads: The submodel (see :meth:`MatFormerLM.forward`).
+        widths: The submodel (see :meth:`MatFormerLM.forward`).
         temperature, top_k, top_p, generator: Sampling (see :func:`sample_next`).
         eos_id: Rows that emit it keep emitting it; the stream ends when every row has.
         prompt_lengths: Real tokens per row of a left-padded (B, T) prompt.
@@ -178,13 +179,13 @@ def generate_stream(model: MatFormerLM, prompt: Tensor | Sequence[Sequence[int]]
     if max_new_tokens == 0:
         return
     B, T = ids.shape
-    ws, hs = model.resolve_widths(widths), model.resolve_heads(heads)
+    sub = model.config.submodel(widths)
     pool = RunnerPool.of(model, runners, compile=compile)
-    runner = pool.get(ws, hs)
+    runner = pool.get(sub)
     if cache is None:
         cache = KVCache.for_model(model, B, pool.cache_len(max(need, T)))
     with eval_mode(model):
-        logits = prefill(model, ids.to(cache.device), cache, widths=ws, heads=hs,
+        logits = prefill(model, ids.to(cache.device), cache, widths=sub,
                          prompt_lengths=lengths, runner=runner)
         lean = not cache.padded
         done = torch.zeros(B, dtype=torch.bool, device=logits.device)
@@ -200,8 +201,7 @@ def generate_stream(model: MatFormerLM, prompt: Tensor | Sequence[Sequence[int]]
             if lean:
                 logits = runner(nxt[:, None], cache, T + step)[:, -1]
             else:
-                logits = model(nxt[:, None], widths=ws, heads=hs, cache=cache,
-                               start_pos=T + step)[:, -1]
+                logits = model(nxt[:, None], widths=sub, cache=cache, start_pos=T + step)[:, -1]
 
 
 def fits_context(context: int, prompt_len: int, max_new_tokens: int) -> bool:
@@ -213,9 +213,9 @@ def fits_context(context: int, prompt_len: int, max_new_tokens: int) -> bool:
 
 @torch.no_grad()
 def generate(model: MatFormerLM, prompt: Tensor | Sequence[Sequence[int]], max_new_tokens: int,
-             *, widths: WidthSpec = None, temperature: float = 1.0, top_k: int | None = None,
+             *, widths: SubmodelSpec = None, temperature: float = 1.0, top_k: int | None = None,
              top_p: float | None = None, eos_id: int | None = None,
-             generator: torch.Generator | None = None, heads: HeadSpec = None,
+             generator: torch.Generator | None = None,
              prompt_lengths: Sequence[int] | Tensor | None = None,
              use_cache: bool | None = None, runners: RunnerPool | None = None,
              compile: bool | None = None) -> Tensor:
@@ -238,40 +238,40 @@ def generate(model: MatFormerLM, prompt: Tensor | Sequence[Sequence[int]], max_n
         if not use_cache:
             log.info("prompt + new tokens exceed the context: uncached sliding-window decoding")
     if use_cache:
-        steps = list(generate_stream(model, ids, max_new_tokens, widths=widths, heads=heads,
+        steps = list(generate_stream(model, ids, max_new_tokens, widths=widths,
                                      temperature=temperature, top_k=top_k, top_p=top_p,
                                      eos_id=eos_id, generator=generator, prompt_lengths=lengths,
                                      runners=runners, compile=compile))
         return torch.cat([ids.to(steps[0].device), torch.stack(steps, 1)], 1) if steps else ids
     if lengths is not None:
         raise ValueError("left-padded prompts need the KV cache (use_cache=True)")
-    return _generate_uncached(model, ids, max_new_tokens, widths=widths, heads=heads,
+    return _generate_uncached(model, ids, max_new_tokens, widths=widths,
                               temperature=temperature, top_k=top_k, top_p=top_p, eos_id=eos_id,
                               generator=generator)
 
 
 @torch.no_grad()
 def _generate_uncached(model: MatFormerLM, prompt: Tensor, max_new_tokens: int, *,
-                       widths: WidthSpec, heads: HeadSpec, temperature: float,
+                       widths: SubmodelSpec, temperature: float,
                        top_k: int | None, top_p: float | None, eos_id: int | None,
                        generator: torch.Generator | None) -> Tensor:
     """The reference decoder: each step re-runs the model on the (cropped) context."""
     with eval_mode(model):
-        return _decode_uncached(model, prompt, max_new_tokens, widths=widths, heads=heads,
+        return _decode_uncached(model, prompt, max_new_tokens, widths=widths,
                                 temperature=temperature, top_k=top_k, top_p=top_p,
                                 eos_id=eos_id, generator=generator)
 
 
 def _decode_uncached(model: MatFormerLM, prompt: Tensor, max_new_tokens: int, *,
-                     widths: WidthSpec, heads: HeadSpec, temperature: float,
+                     widths: SubmodelSpec, temperature: float,
                      top_k: int | None, top_p: float | None, eos_id: int | None,
                      generator: torch.Generator | None) -> Tensor:
     ctx = model.config.max_seq_len
-    ws, hs = model.resolve_widths(widths), model.resolve_heads(heads)
+    sub = model.config.submodel(widths)
     out = prompt
     done = torch.zeros(prompt.shape[0], dtype=torch.bool, device=prompt.device)
     for _ in range(max_new_tokens):
-        logits = model(out[:, -ctx:], widths=ws, heads=hs)[:, -1]
+        logits = model(out[:, -ctx:], widths=sub)[:, -1]
         nxt = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p,
                           generator=generator)
         if eos_id is not None:

@@ -6,17 +6,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from .model import MatFormerLM, WidthSpec, autocast, eval_mode, lm_loss
+from .config import SubmodelSpec
+from .model import MatFormerLM, autocast, eval_mode, lm_loss
 
 
 @torch.no_grad()
 def evaluate_loss(model: MatFormerLM, batches: Iterable[tuple[Tensor, Tensor]], *,
-                  widths: WidthSpec = None, heads: str | int | tuple[int, ...] | None = None,
+                  widths: SubmodelSpec = None,
                   precision: str = "fp32") -> float:
     """Mean next-token loss (nats) of one submodel over ``batches``, token-weighted."""
     device = next(model.parameters()).device
@@ -25,7 +25,7 @@ def evaluate_loss(model: MatFormerLM, batches: Iterable[tuple[Tensor, Tensor]], 
         for x, y in batches:
             x, y = x.to(device), y.to(device)
             with autocast(precision, device):
-                logits = model(x, widths=widths, heads=heads)
+                logits = model(x, widths=widths)
             total += lm_loss(logits, y).item() * y.numel()
             count += y.numel()
     if count == 0:
@@ -37,10 +37,8 @@ def evaluate_granularities(model: MatFormerLM, batches: Iterable[tuple[Tensor, T
                            precision: str = "fp32") -> dict[str, float]:
     """Validation loss of every named granularity (heads nested too when the model does)."""
     cached = list(batches)  # iterate the same batches for every granularity
-    cfg = model.config
-    return {name: evaluate_loss(model, cached, widths=name,
-                                heads=name if cfg.nest_heads else None, precision=precision)
-            for name in cfg.names}
+    return {sub.name: evaluate_loss(model, cached, widths=sub, precision=precision)
+            for sub in model.config.granularities()}
 
 
 def perplexity(loss: float) -> float:
@@ -48,21 +46,9 @@ def perplexity(loss: float) -> float:
 
 
 # --------------------------------------------------------------------------- consistency
-@dataclass(frozen=True)
-class Submodel:
-    """One model plus the widths/heads that pick a submodel of it; calling it gives logits."""
-
-    model: MatFormerLM
-    widths: WidthSpec = None
-    heads: str | int | tuple[int, ...] | None = None
-
-    def __call__(self, idx: Tensor) -> Tensor:
-        return self.model(idx, widths=self.widths, heads=self.heads)
-
-
 @torch.no_grad()
-def evaluate_consistency(candidates: Mapping[str, Submodel], reference: Submodel,
-                         batches: Iterable[tuple[Tensor, Tensor]], *,
+def evaluate_consistency(candidates: Mapping[str, tuple[MatFormerLM, SubmodelSpec]],
+                         reference: tuple[MatFormerLM, SubmodelSpec], batches: Iterable[tuple[Tensor, Tensor]], *,
                          precision: str = "fp32") -> dict[str, dict[str, float]]:
     """How closely each candidate's next-token predictions follow the reference's (sec. 3.4).
 
@@ -72,22 +58,26 @@ def evaluate_consistency(candidates: Mapping[str, Submodel], reference: Submodel
       reference's (the paper reports it in %);
     * ``soft_kl``: mean KL(reference || candidate) of the next-token distributions, in nats.
 
-    The reference runs once per batch, whatever the number of candidates.
+    Candidates and reference are (model, submodel) pairs: submodels of one model, or other
+    models (independently trained baselines). The reference runs once per batch, whatever the
+    number of candidates.
     """
-    models = {id(s.model): s.model for s in (*candidates.values(), reference)}
-    device = next(reference.model.parameters()).device
+    pairs = {name: (m, m.config.submodel(s)) for name, (m, s) in candidates.items()}
+    ref_model, ref_sub = reference[0], reference[0].config.submodel(reference[1])
+    models = {id(m): m for m, _ in (*pairs.values(), reference)}
+    device = next(ref_model.parameters()).device
     sums = {name: [0.0, 0.0] for name in candidates}
     count = 0
     with eval_mode(*models.values()):
         for x, _ in batches:
             x = x.to(device)
             with autocast(precision, device):
-                ref = reference(x)
+                ref = ref_model(x, widths=ref_sub)
             ref_logp = ref.float().log_softmax(-1)
             ref_top = ref_logp.argmax(-1)
-            for name, sub in candidates.items():
+            for name, (m, sub) in pairs.items():
                 with autocast(precision, device):
-                    logits = sub(x)
+                    logits = m(x, widths=sub)
                 logp = logits.float().log_softmax(-1)
                 sums[name][0] += (logp.argmax(-1) == ref_top).sum().item()
                 sums[name][1] += (ref_logp.exp() * (ref_logp - logp)).sum().item()
@@ -99,16 +89,13 @@ def evaluate_consistency(candidates: Mapping[str, Submodel], reference: Submodel
 
 
 def granularity_consistency(model: MatFormerLM, batches: Iterable[tuple[Tensor, Tensor]], *,
-                            extra: Mapping[str, WidthSpec] | None = None,
+                            extra: Mapping[str, SubmodelSpec] | None = None,
                             precision: str = "fp32") -> dict[str, dict[str, float]]:
     """Consistency of every named granularity (and any ``extra`` widths) with the full model.
 
     With nested heads a granularity also uses its head count; ``extra`` widths use every head.
     The full model appears too (hard 1.0, soft 0.0), as a check.
     """
-    cfg = model.config
-    candidates = {name: Submodel(model, name, name if cfg.nest_heads else None)
-                  for name in cfg.names}
-    for name, widths in (extra or {}).items():
-        candidates[name] = Submodel(model, model.resolve_widths(widths))
-    return evaluate_consistency(candidates, Submodel(model), batches, precision=precision)
+    candidates = {s.name: (model, s) for s in model.config.granularities()}
+    candidates |= {name: (model, w) for name, w in (extra or {}).items()}
+    return evaluate_consistency(candidates, (model, None), batches, precision=precision)

@@ -33,16 +33,17 @@ import torch
 from torch import Tensor
 
 from .cache import KVCache
+from .config import Submodel, SubmodelSpec
 from .draft import (
     Acceptance,
     DraftCosts,
+    capped,
     choose_draft_len,
     measure_costs,
-    nested_heads,
     synced_clock,
 )
 from .generate import _check_sampling, logits_to_probs, prefill
-from .model import HeadSpec, MatFormerLM, WidthSpec, eval_mode
+from .model import MatFormerLM, eval_mode
 from .runner import RunnerPool, SubmodelRunner
 from .speculative_sampling import accept_reject, greedy_accept
 
@@ -92,26 +93,13 @@ class SpecStats:
         return out
 
 
-def _heads(model: MatFormerLM, widths: WidthSpec, heads: HeadSpec) -> tuple[int, ...] | None:
-    """Head counts; a granularity name given as widths also picks its heads when nested."""
-    if heads is None and isinstance(widths, str) and model.config.nest_heads:
-        heads = widths
-    return model.resolve_heads(heads)
-
-
-def _check_draft(model: MatFormerLM, draft: tuple[int, ...], target: tuple[int, ...],
-                 draft_heads: tuple[int, ...] | None, target_heads: tuple[int, ...] | None
-                 ) -> None:
-    full = model.config.n_head
-    dh = draft_heads or (full,) * len(draft)
-    th = target_heads or (full,) * len(target)
-    if any(d > t for d, t in zip(draft, target, strict=True)) or any(
-            d > t for d, t in zip(dh, th, strict=True)):
-        raise ValueError(f"the draft submodel (widths {draft}, heads {dh}) must be nested in the "
-                         f"target (widths {target}, heads {th}): no layer may be wider")
-    if draft == target and dh == th:
-        raise ValueError(f"draft and target are the same submodel (widths {draft}); "
-                         "drafting with the target itself cannot speed anything up")
+def _check_draft(draft: Submodel, target: Submodel) -> None:
+    if not draft.nested_in(target):
+        raise ValueError(f"the draft submodel ({draft}) must be nested in the target "
+                         f"({target}): no layer may be wider")
+    if draft == target:
+        raise ValueError(f"draft and target are the same submodel ({draft}); drafting with the "
+                         "target itself cannot speed anything up")
 
 
 @dataclass
@@ -125,13 +113,17 @@ class _Setup:
     tcache: KVCache
     dcache: KVCache
     mode: str
-    key: tuple  # (draft widths, draft heads, target widths, target heads, mode): cached costs
+
+    @property
+    def key(self) -> tuple:
+        """What the pool's measured costs and acceptance are kept under."""
+        return (self.draft.submodel, self.target.submodel, self.mode)
 
 
-def _setup(model: MatFormerLM, prompt: Tensor, max_new_tokens: int, draft: WidthSpec,
-           target: WidthSpec, draft_heads: HeadSpec, target_heads: HeadSpec,
-           draft_model: MatFormerLM | None, shared_cache: bool, runners: RunnerPool,
-           draft_runners: RunnerPool | None, cache: KVCache | None) -> tuple[_Setup, Tensor]:
+def _setup(model: MatFormerLM, prompt: Tensor, max_new_tokens: int, draft: SubmodelSpec,
+           target: SubmodelSpec, draft_model: MatFormerLM | None, shared_cache: bool,
+           runners: RunnerPool, draft_runners: RunnerPool | None, cache: KVCache | None
+           ) -> tuple[_Setup, Tensor]:
     """Check the arguments; pick runners and caches. Returns the setup and the 1-D prompt."""
     ids = prompt.reshape(-1) if prompt.dim() == 1 or prompt.shape[0] == 1 else None
     if ids is None or ids.numel() == 0:
@@ -141,14 +133,13 @@ def _setup(model: MatFormerLM, prompt: Tensor, max_new_tokens: int, draft: Width
     if T + max_new_tokens - 1 > ctx:
         raise ValueError(f"prompt ({T} tokens) + max_new_tokens ({max_new_tokens}) - 1 exceeds "
                          f"the context max_seq_len={ctx}")
-    tw, th = model.resolve_widths(target), _heads(model, target, target_heads)
+    tsub = model.config.submodel(target)
     if draft_model is None:
         drafter, dpool = model, runners
-        draft = model.config.names[0] if draft is None else draft
-        dw, dh = model.resolve_widths(draft), _heads(model, draft, draft_heads)
-        if draft_heads is None:  # derived heads never exceed the target's, nor attend where
-            dh = nested_heads(model, dh, th)  # it skips attention (given heads are checked)
-        _check_draft(model, dw, tw, dh, th)
+        dsub = model.config.submodel(model.config.names[0] if draft is None else draft)
+        if not isinstance(draft, Submodel):  # heads a name implies never exceed the target's
+            dsub = capped(dsub, tsub)
+        _check_draft(dsub, tsub)
         mode = "shared-cache" if shared_cache else "two-cache"
     else:
         if shared_cache:
@@ -160,12 +151,11 @@ def _setup(model: MatFormerLM, prompt: Tensor, max_new_tokens: int, draft: Width
             raise ValueError("prompt + max_new_tokens exceed the drafter's context")
         drafter, mode = draft_model, "external"
         dpool = RunnerPool.of(draft_model, draft_runners, compile=runners.compile)
-        dw, dh = drafter.resolve_widths(draft), _heads(drafter, draft, draft_heads)
+        dsub = drafter.config.submodel(draft)
     n_slots = max(T + max_new_tokens - 1, T)
     tcache = KVCache.for_model(model, 1, runners.cache_len(n_slots)) if cache is None else cache
     dcache = tcache if shared_cache else KVCache.for_model(drafter, 1, dpool.cache_len(n_slots))
-    setup = _Setup(model, drafter, runners.get(tw, th), dpool.get(dw, dh), tcache, dcache, mode,
-                   (dw, dh, tw, th, mode))
+    setup = _Setup(model, drafter, runners.get(tsub), dpool.get(dsub), tcache, dcache, mode)
     return setup, ids
 
 
@@ -259,8 +249,8 @@ def _acceptance(s: _Setup, pool: RunnerPool, greedy: bool,
 @torch.no_grad()
 def speculative_stream(
     model: MatFormerLM, prompt: Tensor, max_new_tokens: int, *,
-    draft: WidthSpec = None, target: WidthSpec = None, draft_heads: HeadSpec = None,
-    target_heads: HeadSpec = None, draft_model: MatFormerLM | None = None,
+    draft: SubmodelSpec = None, target: SubmodelSpec = None,
+    draft_model: MatFormerLM | None = None,
     shared_cache: bool = False, draft_len: int = 4, adaptive: bool = False,
     max_draft_len: int = 16, temperature: float = 0.0, top_k: int | None = None,
     top_p: float | None = None, eos_id: int | None = None,
@@ -275,9 +265,9 @@ def speculative_stream(
         model: The target's weights (and the drafter's, unless ``draft_model`` is given).
         prompt: (1, T) or (T,) ids.
         max_new_tokens: Tokens to generate (fewer if ``eos_id`` appears).
-        draft: Drafter widths; default: ``model``'s smallest granularity, or the full
-            ``draft_model``. ``draft_heads`` likewise for nested heads.
-        target: Target widths; default: the full model. ``target_heads`` likewise.
+        draft: The drafter submodel; default: ``model``'s smallest granularity, or the full
+            ``draft_model``. Heads a granularity name implies are capped at the target's.
+        target: The target submodel; default: the full model.
         draft_model: A separately trained drafter (same vocabulary) with its own cache.
         shared_cache: One cache for drafter and target (nested drafter only).
         draft_len: Tokens drafted per round (not used with ``adaptive``).
@@ -298,8 +288,8 @@ def speculative_stream(
     _check_sampling(temperature, top_k, top_p)
     _check_lengths(draft_len, max_draft_len, max_new_tokens)
     pool = RunnerPool.of(model, runners, compile=compile)
-    s, ids = _setup(model, prompt, max_new_tokens, draft, target, draft_heads, target_heads,
-                    draft_model, shared_cache, pool, draft_runners, cache)
+    s, ids = _setup(model, prompt, max_new_tokens, draft, target, draft_model, shared_cache,
+                    pool, draft_runners, cache)
     stats = SpecStats() if stats is None else stats
     stats.mode = s.mode
     if max_new_tokens == 0:

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from torch import Tensor, nn
 
-from .config import ModelConfig
+from .config import ModelConfig, Submodel
 from .data import TokenDataset
 from .metrics import evaluate_granularities
 from .model import MatFormerLM, lm_loss
@@ -44,8 +44,7 @@ class Task(Protocol):
     def batch(self, step: int, batch_size: int, seed: int, rank: int, world_size: int
               ) -> tuple[Tensor, Tensor]: ...
 
-    def loss(self, model: nn.Module, x: Tensor, y: Tensor, name: str, heads: str | None
-             ) -> Tensor: ...
+    def loss(self, model: nn.Module, x: Tensor, y: Tensor, sub: Submodel) -> Tensor: ...
 
     def evaluate(self, model: nn.Module, cfg: TrainConfig) -> dict[str, float]: ...
 
@@ -76,15 +75,13 @@ class LMTask:
         return self.data.train_batch(step, batch_size, self.seq_len, seed, rank=rank,
                                      world_size=world_size)
 
-    def loss(self, model: nn.Module, x: Tensor, y: Tensor, name: str, heads: str | None
-             ) -> Tensor:
-        return lm_loss(model(x, widths=name, heads=heads), y)
+    def loss(self, model: nn.Module, x: Tensor, y: Tensor, sub: Submodel) -> Tensor:
+        return lm_loss(model(x, widths=sub), y)
 
-    def distill_loss(self, model: nn.Module, x: Tensor, y: Tensor, name: str,
-                     heads: str | None, teacher_logits: Tensor, weight: float
-                     ) -> tuple[Tensor, Tensor]:
+    def distill_loss(self, model: nn.Module, x: Tensor, y: Tensor, sub: Submodel,
+                     teacher_logits: Tensor, weight: float) -> tuple[Tensor, Tensor]:
         """``((1 - weight) CE + weight KL(teacher || submodel), CE)`` of one submodel."""
-        logits = model(x, widths=name, heads=heads)
+        logits = model(x, widths=sub)
         ce = lm_loss(logits, y)
         return (1 - weight) * ce + weight * kl_to_teacher(logits, teacher_logits), ce
 

@@ -215,7 +215,7 @@ class Trainer:
         micro = cfg.grad_accum
         losses = {name: 0.0 for name, _ in plan}
         n_backward, k = micro * len(plan), 0
-        heads = self.raw.config.nest_heads
+        subs = {s.name: s for s in self.raw.config.granularities()}
         full = self.names[-1]
         # who learns from a teacher: every granularity from the original, else the smaller ones
         taught = {name for name, _ in plan if cfg.distill > 0
@@ -228,15 +228,14 @@ class Trainer:
                     teacher = (self.teacher or self.model)(xm).float()
             for name, weight in plan:
                 k += 1
-                h = name if heads else None
                 # Gradients are synchronised across ranks once, on the last backward of the step.
                 with dist.gradient_sync(self.model, enabled=k == n_backward):
                     with autocast(cfg.precision, env.device):
                         if teacher is not None and name in taught:
-                            loss, ce = self._distill_loss(self.model, xm, ym, name, h,
+                            loss, ce = self._distill_loss(self.model, xm, ym, subs[name],
                                                           teacher, cfg.distill)
                         else:
-                            loss = ce = self._loss(self.model, xm, ym, name, h)
+                            loss = ce = self._loss(self.model, xm, ym, subs[name])
                     (loss * weight / micro).backward()
                 losses[name] += ce.item() / micro  # logged: the cross-entropy alone
         norm = None

@@ -197,16 +197,38 @@ def add_skip_attention(p: argparse.ArgumentParser) -> None:
                    "elasticity; untrained, so measure what it costs)")
 
 
-def skip_attention_heads(args: argparse.Namespace, model: Any, heads: Any) -> Any:
-    """``heads`` with 0 at the layers ``--skip-attention`` names (unchanged without it)."""
-    if not getattr(args, "skip_attention", None):
-        return heads
-    from ..config import parse_layers
+def chosen_submodel(args: argparse.Namespace, model: Any, default: Any = None) -> Any:
+    """The :class:`~matformer.config.Submodel` that :func:`add_submodel`'s flags name:
+    ``--granularity`` (its heads too when heads are nested) or ``--widths`` (checked against
+    the trained nested set unless ``--any-width``), else ``default`` (a spec; None: the full
+    model), with ``--skip-attention``'s layers at 0 heads. None when no flag and no
+    ``default`` name one."""
+    from ..config import parse_widths
+    from ..submodels.candidates import check_widths
 
     cfg = model.config
+    if args.widths and args.granularity:
+        raise ValueError("give --granularity or --widths, not both")
+    if args.widths:
+        spec = check_widths(cfg, parse_widths(args.widths, cfg.n_layer), nested=not args.any_width)
+    elif args.granularity:
+        spec = args.granularity
+    elif default is None and not getattr(args, "skip_attention", None):
+        return None
+    else:
+        spec = default
+    return with_skipped_attention(args, cfg, cfg.submodel(spec))
+
+
+def with_skipped_attention(args: argparse.Namespace, cfg: Any, sub: Any) -> Any:
+    """``sub`` with 0 heads at the layers ``--skip-attention`` names (unchanged without it)."""
+    if not getattr(args, "skip_attention", None):
+        return sub
+    from ..config import Submodel, parse_layers
+
     skip = parse_layers(args.skip_attention, cfg.n_layer)
-    counts = model.resolve_heads(heads) or (cfg.n_head,) * cfg.n_layer
-    return tuple(0 if i in skip else h for i, h in enumerate(counts))
+    heads = tuple(0 if i in skip else h for i, h in enumerate(sub.heads))
+    return cfg.submodel(Submodel(sub.widths, heads, sub.name))
 
 
 def load_checkpoint(path: Any) -> tuple[Any, Any]:

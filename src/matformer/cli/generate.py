@@ -26,8 +26,8 @@ from .common import (
     Result,
     add_command,
     add_submodel,
+    chosen_submodel,
     load_checkpoint,
-    skip_attention_heads,
 )
 
 #: ``generate --dtype`` choices.
@@ -102,27 +102,18 @@ examples:
 
 
 def generate(args: argparse.Namespace) -> Result:
-    from ..config import parse_widths
     from ..runner import RunnerPool
-    from ..submodels.candidates import check_widths
 
     model, tokenizer = load_checkpoint(args.checkpoint)
     model = model.to(DTYPES[args.dtype]).eval()
-    cfg = model.config
-    widths: Any = args.granularity
-    if args.widths:
-        widths = check_widths(cfg, parse_widths(args.widths, cfg.n_layer),
-                              nested=not args.any_width)
-    heads = skip_attention_heads(
-        args, model, args.granularity if cfg.nest_heads and args.granularity else None)
+    sub = chosen_submodel(args, model) or model.config.submodel()
     prompts, eos_id = _prompts(args, tokenizer)
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                     eos_id=eos_id, generator=torch.Generator().manual_seed(args.seed))
     runners = RunnerPool(model, compile=args.compile)
-    drafter = _drafter(args, model, tokenizer, widths, heads, runners)  # before the clock
+    drafter = _drafter(args, model, tokenizer, sub, runners)  # before the clock
     t0 = time.perf_counter()  # every path is timed: the uncached one decodes right away
-    pieces, stats = _pieces(args, model, tokenizer, prompts, widths, heads, runners, sampling,
-                            drafter)
+    pieces, stats = _pieces(args, model, tokenizer, prompts, sub, runners, sampling, drafter)
     streaming = args.stream and len(prompts) == 1 and not args.json
     new = _collect(pieces, prompts, tokenizer, streaming, [] if args.chat else prompts[0])
     elapsed = time.perf_counter() - t0
@@ -135,7 +126,7 @@ def generate(args: argparse.Namespace) -> Result:
         info.update(stats.as_dict())
     if runners.compile:
         info["compile_seconds"] = runners.compile_seconds
-    result = {"widths": list(model.resolve_widths(widths)), "text": texts[0], "texts": texts,
+    result = {"widths": list(sub.widths), "text": texts[0], "texts": texts,
               "stats": info}
     if args.stats and not args.json:
         line = f"{n_new} tokens in {elapsed:.2f}s ({info['tokens_per_second']:.1f} tokens/s)"
@@ -161,43 +152,40 @@ def _prompts(args: argparse.Namespace, tokenizer: Any) -> tuple[list[list[int]],
     return [tokenizer.encode(p) or [tokenizer.eos_id] for p in texts], eos_id
 
 
-def _drafter(args: argparse.Namespace, model: Any, tokenizer: Any, widths: Any, heads: Any,
-             runners: Any) -> tuple[Any, Any, Any]:
-    """(draft, draft heads, draft length) as given, or found by ``--draft auto``'s search."""
+def _drafter(args: argparse.Namespace, model: Any, tokenizer: Any, target: Any,
+             runners: Any) -> tuple[Any, int]:
+    """(draft, draft length) as given, or found by ``--draft auto``'s search."""
     if args.draft != "auto":
-        return args.draft, None, args.draft_len
+        return args.draft, args.draft_len
     if args.draft_model:
         raise ValueError("--draft auto searches submodels of the same weights; "
                          "drop --draft-model")
-    found, draft_len = _auto_drafter(args, model, tokenizer, widths, heads, runners)
-    draft, draft_heads = found or (None, None)
-    return draft, draft_heads, draft_len
+    return _auto_drafter(args, model, tokenizer, target, runners)
 
 
 def _pieces(args: argparse.Namespace, model: Any, tokenizer: Any, prompts: list[list[int]],
-            widths: Any, heads: Any, runners: Any, sampling: dict[str, Any],
-            drafter: tuple[Any, Any, Any]) -> tuple[Any, Any]:
+            sub: Any, runners: Any, sampling: dict[str, Any],
+            drafter: tuple[Any, int]) -> tuple[Any, Any]:
     """The new tokens as they come (each piece: the new tokens of every row) and, for
     speculative decoding, its statistics: speculative, uncached past the context, or cached."""
     from ..generate import fits_context, generate, generate_stream
     from ..speculative import SpecStats
 
-    draft, draft_heads, draft_len = drafter
+    draft, draft_len = drafter
     if draft is not None or args.draft_model is not None:
         if len(prompts) > 1 or args.no_cache:
             raise ValueError("speculative decoding takes one --prompt and needs the KV cache")
         stats = SpecStats()
-        return _speculative_pieces(args, model, tokenizer, prompts[0], draft, draft_heads,
-                                   draft_len, widths, heads, runners, stats, sampling), stats
+        return _speculative_pieces(args, model, tokenizer, prompts[0], draft, draft_len, sub,
+                                   runners, stats, sampling), stats
     if args.no_cache or (len(prompts) == 1 and not fits_context(
             model.config.max_seq_len, len(prompts[0]), args.max_new_tokens)):
         # Longer than the context: the reference decoder slides its window (no cache).
-        out = generate(model, torch.tensor(prompts), args.max_new_tokens, widths=widths,
-                       heads=heads, use_cache=False, **sampling)
+        out = generate(model, torch.tensor(prompts), args.max_new_tokens, widths=sub,
+                       use_cache=False, **sampling)
         return [out[:, len(prompts[0]):].tolist()], None
     return ([[t] for t in step.tolist()] for step in generate_stream(
-        model, prompts, args.max_new_tokens, widths=widths, heads=heads, runners=runners,
-        **sampling)), None
+        model, prompts, args.max_new_tokens, widths=sub, runners=runners, **sampling)), None
 
 
 def _collect(pieces: Any, prompts: list[list[int]], tokenizer: Any, streaming: bool,
@@ -220,8 +208,8 @@ def _collect(pieces: Any, prompts: list[list[int]], tokenizer: Any, streaming: b
 
 
 def _speculative_pieces(args: argparse.Namespace, model: Any, tokenizer: Any, prompt: list[int],
-                        draft: Any, draft_heads: Any, draft_len: int, widths: Any, heads: Any,
-                        runners: Any, stats: Any, sampling: dict[str, Any]) -> Any:
+                        draft: Any, draft_len: int, target: Any, runners: Any, stats: Any,
+                        sampling: dict[str, Any]) -> Any:
     """The speculative branch of ``generate``: each round's tokens, as one-row pieces."""
     from ..config import parse_widths
     from ..speculative import speculative_stream
@@ -241,18 +229,17 @@ def _speculative_pieces(args: argparse.Namespace, model: Any, tokenizer: Any, pr
                              "(integers separated by commas)")
         draft = parse_widths(draft, dcfg.n_layer)
     return ([t.tolist()] for t in speculative_stream(
-        model, torch.tensor(prompt), args.max_new_tokens, draft=draft, target=widths,
-        draft_heads=draft_heads, target_heads=heads, draft_model=draft_model,
-        shared_cache=args.shared_cache,
+        model, torch.tensor(prompt), args.max_new_tokens, draft=draft, target=target,
+        draft_model=draft_model, shared_cache=args.shared_cache,
         draft_len=draft_len, adaptive=args.adaptive,
         max_draft_len=max(args.max_draft_len, draft_len), stats=stats, runners=runners,
         **sampling))
 
 
 def _auto_drafter(args: argparse.Namespace, model: Any, tokenizer: Any, target: Any,
-                  target_heads: Any, runners: Any) -> tuple[Any, int]:
-    """``--draft auto``: search drafters on held-out prompts; ((widths, heads) or None, draft
-    length)."""
+                  runners: Any) -> tuple[Any, int]:
+    """``--draft auto``: search drafters on held-out prompts; (the best Submodel or None,
+    draft length)."""
     from ..checkpoint import read_metadata
     from ..data import validation_batches
     from ..draft import search_drafter
@@ -261,14 +248,13 @@ def _auto_drafter(args: argparse.Namespace, model: Any, tokenizer: Any, target: 
                                     model.config.max_seq_len, batch_size=1, max_batches=4)
     prompts = [x[0, :32].to(next(model.parameters()).device) for x, _ in batches]
     new = min(32, model.config.max_seq_len - 33)
-    tw = model.resolve_widths(target)
-    rows = search_drafter(model, prompts, target=tw, target_heads=target_heads,
-                          new_tokens=new, runners=runners, max_draft_len=args.max_draft_len)
+    rows = search_drafter(model, prompts, target=target, new_tokens=new, runners=runners,
+                          max_draft_len=args.max_draft_len)
     if args.draft_table:
         print(f"{'drafter':<18}{'widths':<34}{'accept':>7}{'draft ms':>9}{'best k':>7}"
               f"{'tok/s':>9}{'vs plain':>9}", file=sys.stderr)
         for r in rows:
-            print(f"{r.name:<18}{','.join(map(str, r.widths)):<34}{r.acceptance:>7.1%}"
+            print(f"{r.name:<18}{','.join(map(str, r.submodel.widths)):<34}{r.acceptance:>7.1%}"
                   f"{r.draft_ms:>9.2f}{r.best_k:>7}{r.tokens_per_s:>9.1f}{r.speedup:>8.2f}x",
                   file=sys.stderr)
     best = rows[0]
@@ -276,6 +262,7 @@ def _auto_drafter(args: argparse.Namespace, model: Any, tokenizer: Any, target: 
         print("--draft auto: no drafter is expected to beat plain decoding here; decoding "
               "without one", file=sys.stderr)
         return None, args.draft_len
-    print(f"--draft auto: {best.name} ({','.join(map(str, best.widths))}), k={best.best_k}, "
+    print(f"--draft auto: {best.name} ({','.join(map(str, best.submodel.widths))}), "
+          f"k={best.best_k}, "
           f"expected {best.speedup:.2f}x plain", file=sys.stderr)
-    return (best.widths, best.heads), best.best_k
+    return best.submodel, best.best_k

@@ -13,6 +13,7 @@ from .common import (
     add_eval_data,
     add_latency,
     add_submodel,
+    chosen_submodel,
     load_checkpoint,
 )
 from .submodels import (
@@ -20,7 +21,6 @@ from .submodels import (
     _add_force,
     _budgets,
     _heads_note,
-    _submodel_heads,
     picked_submodel,
 )
 
@@ -66,8 +66,7 @@ CHECK_TEXT = ("To be, or not to be: that is the question.\n  In 2024, 1,234.5 ap
               "(about 7%)!  Caf\u00e9 na\u00efve \u4f60\u597d, it's we'll   done.\n\n")
 
 
-def _check(path: Path, model: Any, tokenizer: Any, widths: Any, heads: Any = None
-           ) -> dict[str, Any]:
+def _check(path: Path, model: Any, tokenizer: Any, sub: Any) -> dict[str, Any]:
     """llama.cpp against us: max |logit difference| on 32 tokens of a fixed random text, and
     whether both tokenise :data:`CHECK_TEXT` to the same ids."""
     import torch
@@ -79,7 +78,7 @@ def _check(path: Path, model: Any, tokenizer: Any, widths: Any, heads: Any = Non
                         generator=torch.Generator().manual_seed(0))
     got = llama_logits(path, ids[0].tolist())
     with torch.no_grad():
-        ref = model(ids, widths=widths, heads=heads)[0].float().numpy()
+        ref = model(ids, widths=sub)[0].float().numpy()
     llm = load_llama(path)
     try:
         theirs = llm.tokenize(CHECK_TEXT.encode(), add_bos=False, special=False)
@@ -102,15 +101,17 @@ def export_gguf(args: argparse.Namespace) -> Result:
     # before any (possibly slow) budget sweep; never over the checkpoint it reads
     check_output(args.out, overwrite=args.force, sources=ckpt.inputs(args.checkpoint))
     model, tokenizer = load_checkpoint(args.checkpoint)
-    chosen = widths = None
+    chosen = sub = None
     if args.widths or args.granularity or any(v is not None for v in _budgets(args).values()):
-        widths, chosen = picked_submodel(args, model, tokenizer)
-    heads = _submodel_heads(args, model)  # a head-nested granularity keeps its own heads
-    info = export_gguf(model, tokenizer, args.out, widths=widths, heads=heads, dtype=args.dtype,
+        sub, chosen = picked_submodel(args, model, tokenizer)
+    else:
+        sub = chosen_submodel(args, model)  # --skip-attention alone: the full model's widths
+    info = export_gguf(model, tokenizer, args.out, widths=sub, dtype=args.dtype,
                        overwrite=args.force, name=args.name)
     notes = []
+    heads = None if sub is None else _heads_note(model, sub)
     if heads is not None:
-        info["heads"], note = _heads_note(model, heads)
+        info["heads"], note = heads
         notes = [note] if note else []
     elif info["skip_attention"]:  # a checkpoint built without some layers' attention
         notes = [f"no attention in layers {info['skip_attention']} (deci attention-free "
@@ -122,7 +123,7 @@ def export_gguf(args: argparse.Namespace) -> Result:
                      "differently there (docs/llamacpp.md)")
     info["selected"] = chosen
     if args.check:
-        info |= _check(args.out, model, tokenizer, widths, heads)
+        info |= _check(args.out, model, tokenizer, sub)
     types = ", ".join(f"{n} {t}" for t, n in info["tensor_types"].items())
     lines = [f"exported {info['architecture']} ({info['params'] / 1e6:.3f}M params, FFN widths "
              f"{','.join(map(str, info['ffn_widths']))}) to {info['out']}: "

@@ -31,10 +31,11 @@ from .common import (
     add_training_args,
     check_lm_train,
     checkpoint_batches,
+    chosen_submodel,
     lm_model_config,
     load_checkpoint,
-    skip_attention_heads,
     train_config,
+    with_skipped_attention,
 )
 
 
@@ -206,32 +207,24 @@ def _loss_table(losses: dict[str, float], data: Any, vocab_size: int) -> str:
 
 def evaluate(args: argparse.Namespace) -> Result:
     from .. import checkpoint as ckpt
-    from ..config import parse_widths
     from ..metrics import evaluate_loss, perplexity
-    from ..submodels.candidates import check_widths
+    from ..submodels.extract import heads_record
 
     model, tokenizer = load_checkpoint(args.checkpoint)
     batches, info = checkpoint_batches(args, model, tokenizer)
     cfg = model.config
-    if args.widths:
-        targets = {"custom": check_widths(cfg, parse_widths(args.widths, cfg.n_layer),
-                                          nested=not args.any_width)}
-    elif args.granularity:
-        targets = {args.granularity: cfg.ffn_widths(args.granularity)}
-    else:
-        targets = {name: cfg.ffn_widths(name) for name in cfg.names}
+    one = chosen_submodel(args, model) if args.widths or args.granularity else None
+    targets = ([one] if one is not None else
+               [with_skipped_attention(args, cfg, s) for s in cfg.granularities()])
     rows = []
-    for name, widths in targets.items():
-        heads = skip_attention_heads(args, model,
-                                     name if cfg.nest_heads and name in cfg.names else None)
-        loss = evaluate_loss(model, batches, widths=widths, heads=heads, precision=args.precision)
-        hs = model.resolve_heads(heads)
-        rows.append({"name": name, "widths": list(model.resolve_widths(widths)),
-                     "params": cfg.num_params(widths, heads=hs),
-                     "non_embedding_params": cfg.num_params(widths, embedding=False, heads=hs),
+    for sub in targets:
+        loss = evaluate_loss(model, batches, widths=sub, precision=args.precision)
+        rows.append({"name": sub.name or "custom", "widths": list(sub.widths),
+                     "params": cfg.num_params(sub),
+                     "non_embedding_params": cfg.num_params(sub, embedding=False),
                      "val_loss": loss, "perplexity": perplexity(loss)})
-        if hs is not None:
-            rows[-1]["heads"] = list(hs)
+        if heads_record(model, sub) is not None:
+            rows[-1]["heads"] = list(sub.heads)
     result = {"checkpoint": str(ckpt.resolve(args.checkpoint)), **info, "results": rows}
     lines = [f"{result['checkpoint']} on {info['data']} ({result['val_tokens']:,} validation "
              f"tokens in windows of {info['seq_len']})",
@@ -251,7 +244,7 @@ def evaluate(args: argparse.Namespace) -> Result:
 def consistency(args: argparse.Namespace) -> Result:
     from .. import checkpoint as ckpt
     from ..config import parse_widths
-    from ..metrics import Submodel, evaluate_consistency, granularity_consistency
+    from ..metrics import evaluate_consistency, granularity_consistency
     from ..submodels.candidates import check_widths
 
     model, tokenizer = load_checkpoint(args.checkpoint)
@@ -266,20 +259,16 @@ def consistency(args: argparse.Namespace) -> Result:
     batches, info = checkpoint_batches(args, model, tokenizer)
     rows = granularity_consistency(model, batches, extra=extra, precision=args.precision)
     for name, r in rows.items():
-        w = model.resolve_widths(extra.get(name, name if name in cfg.names else None))
-        # a head-nested granularity is measured with its own heads; extra widths keep all
-        h = model.resolve_heads(name if cfg.nest_heads and name in cfg.names else None)
-        r.update(widths=list(w), non_embedding_params=cfg.num_params(w, embedding=False,
-                                                                     heads=h))
+        sub = cfg.submodel(extra.get(name, name if name in cfg.names else None))
+        r.update(widths=list(sub.widths), non_embedding_params=cfg.num_params(sub, embedding=False))
     base_rows: dict[str, dict[str, Any]] = {}
     if bases:
         names = [b.config.names[-1] for b, _ in bases]
         if len(set(names)) != len(names):
             names = [f"{n}#{i}" for i, n in enumerate(names)]
-        base_rows = evaluate_consistency({n: Submodel(b) for n, (b, _) in zip(names, bases,
-                                                                             strict=True)},
-                                         Submodel(bases[-1][0]), batches,
-                                         precision=args.precision)
+        base_rows = evaluate_consistency({n: (b, None) for n, (b, _) in zip(names, bases,
+                                                                           strict=True)},
+                                         (bases[-1][0], None), batches, precision=args.precision)
         for n, (b, _) in zip(names, bases, strict=True):
             base_rows[n]["non_embedding_params"] = b.config.num_params(embedding=False)
     result = {"checkpoint": str(ckpt.resolve(args.checkpoint)), "data": info["data"],

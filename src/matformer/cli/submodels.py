@@ -21,8 +21,8 @@ from .common import (
     add_latency,
     add_submodel,
     checkpoint_batches,
+    chosen_submodel,
     load_checkpoint,
-    skip_attention_heads,
 )
 
 MIXNMATCH_EXAMPLES = """\
@@ -167,33 +167,16 @@ def _budgets(args: argparse.Namespace) -> dict[str, float | None]:
                                           "max_decode_ms")}
 
 
-def _submodel_widths(args: argparse.Namespace, model: Any) -> Any:
-    from ..config import parse_widths
-    from ..submodels.candidates import check_widths
+def _heads_note(model: Any, sub: Any) -> tuple[list[int], str] | None:
+    """Per-layer head counts of a submodel whose heads differ from the model's own (a
+    head-nested granularity, or 0 where attention is skipped) and what shipping it means;
+    None when they do not differ."""
+    from ..submodels.extract import HEADS_NOTE, heads_record
 
-    if args.widths and args.granularity:
-        raise ValueError("give --granularity or --widths, not both")
-    if args.widths:
-        return check_widths(model.config, parse_widths(args.widths, model.config.n_layer),
-                            nested=not args.any_width)
-    return args.granularity
-
-
-def _submodel_heads(args: argparse.Namespace, model: Any) -> Any:
-    """The heads of the submodel eval measures: a head-nested model's granularity keeps its
-    own head count; per-layer widths keep every head (as eval and the sweep run them);
-    ``--skip-attention`` sets the layers it names to 0."""
-    heads = args.granularity if model.config.nest_heads and args.granularity else None
-    return skip_attention_heads(args, model, heads)
-
-
-def _heads_note(model: Any, heads: Any) -> tuple[list[int], str]:
-    """Per-layer head counts of a submodel (a head-nested granularity, or counts with 0 where
-    attention is skipped) and what shipping it means."""
-    from ..submodels.extract import HEADS_NOTE
-
+    counts = heads_record(model, sub)
+    if counts is None:
+        return None
     n = model.config.n_head
-    counts = list(model.resolve_heads(heads))
     kept = [h for h in counts if h]
     notes = [HEADS_NOTE.format(n=n, h=min(kept))] if kept and min(kept) < n else []
     skipped = [i for i, h in enumerate(counts) if not h]
@@ -287,7 +270,7 @@ def mixnmatch(args: argparse.Namespace) -> Result:
 
 def picked_submodel(args: argparse.Namespace, model: Any, tokenizer: Any
                     ) -> tuple[Any, dict[str, Any] | None]:
-    """The submodel a command with extract's flags asks for: (widths, chosen sweep row).
+    """The submodel a command with extract's flags asks for: (Submodel, chosen sweep row).
 
     A budget picks the lowest-loss candidate that fits (from ``--sweep`` or evaluated now);
     otherwise ``--granularity``/``--widths`` name it; one of them is required.
@@ -323,15 +306,13 @@ def picked_submodel(args: argparse.Namespace, model: Any, tokenizer: Any
             batches, info = checkpoint_batches(args, model, tokenizer)
             chosen = choose(model, batches, mm.candidates(model.config), budgets,
                             seq_len=info["seq_len"], **_sweep_kw(args))
-        if chosen.get("heads"):  # a depth candidate that skips attention (read below)
-            args.skip_attention = ",".join(str(i) for i, h in enumerate(chosen["heads"])
-                                           if not h)
-        return tuple(chosen["widths"]), chosen
-    widths = _submodel_widths(args, model)
-    if widths is None:
+        sub = model.config.submodel(tuple(chosen["widths"]), heads=chosen.get("heads"))
+        return sub, chosen
+    sub = chosen_submodel(args, model)
+    if sub is None:
         raise ValueError("choose a submodel: --granularity, --widths or a budget "
                          "(--max-params / --max-flops / --max-latency-ms)")
-    return widths, None
+    return sub, None
 
 
 def extract(args: argparse.Namespace) -> Result:
@@ -340,10 +321,9 @@ def extract(args: argparse.Namespace) -> Result:
 
     _check_out(args, args.checkpoint)
     model, tokenizer = load_checkpoint(args.checkpoint)
-    widths, chosen = picked_submodel(args, model, tokenizer)
-    heads = _submodel_heads(args, model)
-    path = save_extracted(args.out, model, tokenizer, widths, heads=heads,
-                          source=args.checkpoint, name=args.name, overwrite=args.force)
+    picked, chosen = picked_submodel(args, model, tokenizer)
+    path = save_extracted(args.out, model, tokenizer, picked, source=args.checkpoint,
+                          name=args.name, overwrite=args.force)
     sub = load_checkpoint(path)[0]
     size = (path / ckpt.WEIGHTS).stat().st_size
     full = (ckpt.resolve(args.checkpoint) / ckpt.WEIGHTS).stat().st_size
@@ -354,8 +334,9 @@ def extract(args: argparse.Namespace) -> Result:
     lines.append(f"extracted {res['name']} (FFN widths {','.join(map(str, res['widths']))}, "
                  f"{res['params'] / 1e6:.3f}M params) to {path}; weights {size / 1e6:.2f} MB "
                  f"vs {full / 1e6:.2f} MB for the source")
+    heads = _heads_note(model, picked)
     if heads is not None:
-        res["heads"], note = _heads_note(model, heads)
+        res["heads"], note = heads
         lines.append("note: " + note)
     return res, "\n".join(lines)
 
@@ -366,12 +347,12 @@ def export_hf(args: argparse.Namespace) -> Result:
 
     _check_out(args, args.checkpoint)
     model, tokenizer = load_checkpoint(args.checkpoint)
-    widths, heads = _submodel_widths(args, model), _submodel_heads(args, model)
-    info = export_hf(model, tokenizer, args.out, widths=widths, heads=heads,
-                     pad=not args.no_pad, overwrite=args.force,
-                     sources=ckpt.inputs(args.checkpoint))
+    sub = chosen_submodel(args, model)
+    info = export_hf(model, tokenizer, args.out, widths=sub, pad=not args.no_pad,
+                     overwrite=args.force, sources=ckpt.inputs(args.checkpoint))
+    heads = None if sub is None else _heads_note(model, sub)
     if heads is not None:
-        info["heads"], note = _heads_note(model, heads)
+        info["heads"], note = heads
         info["note"] += "; " + note
     if args.check:
         from transformers import AutoModelForCausalLM
@@ -381,7 +362,7 @@ def export_hf(args: argparse.Namespace) -> Result:
                           (2, min(32, model.config.max_seq_len)),
                           generator=torch.Generator().manual_seed(0))
         with torch.no_grad():  # against the submodel eval measures (its heads included)
-            diff = (hf(x).logits - model(x, widths=widths, heads=heads)).abs().max().item()
+            diff = (hf(x).logits - model(x, widths=sub)).abs().max().item()
         info["check_max_abs_logit_diff"] = diff
     lines = [f"exported {info['architecture']} ({info['params'] / 1e6:.3f}M params) to "
              f"{info['out']}: {info['note']}"]

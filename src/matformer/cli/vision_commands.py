@@ -119,13 +119,11 @@ def _train(args: argparse.Namespace) -> Result:
                                                progress=not args.no_progress)
         model = dist.unwrap(wrapped)
         rows = []
-        for name in mcfg.names:  # every rank runs the forward passes (FSDP gathers weights)
-            heads = name if mcfg.nest_heads else None
-            ev = evaluate_classifier(model, data.val_x, data.val_y, widths=name, heads=heads)
-            w = model.resolve_widths(name)
-            rows.append({"name": name, "widths": list(w),
-                         "params": model.num_params(w, heads=heads),
-                         "val_loss": final.get(name, ev["loss"]), "accuracy": ev["accuracy"]})
+        for sub in mcfg.granularities():  # every rank runs the forwards (FSDP gathers weights)
+            ev = evaluate_classifier(model, data.val_x, data.val_y, widths=sub)
+            rows.append({"name": sub.name, "widths": list(sub.widths),
+                         "params": model.num_params(sub),
+                         "val_loss": final.get(sub.name, ev["loss"]), "accuracy": ev["accuracy"]})
         dist.reshard(wrapped)
     if not env.is_main:
         return None, ""
@@ -158,12 +156,11 @@ def _eval(args: argparse.Namespace) -> Result:
     data = _dataset(args.checkpoints[0], args, models[0])
     x, y = (data.val_x, data.val_y) if args.split == "val" else (data.train_x, data.train_y)
 
-    def row(model: Any, name: str, widths: Any) -> dict[str, Any]:
-        heads = name if model.config.nest_heads and name in model.config.names else None
-        ev = evaluate_classifier(model, x, y, widths=widths, heads=heads,
-                                 precision=args.precision)
-        return {"name": name, "widths": list(model.resolve_widths(widths)),
-                **cost(model, widths, heads), "accuracy": ev["accuracy"], "loss": ev["loss"]}
+    def row(model: Any, name: str, spec: Any) -> dict[str, Any]:
+        sub = model.config.submodel(spec)  # a granularity name brings its nested heads
+        ev = evaluate_classifier(model, x, y, widths=sub, precision=args.precision)
+        return {"name": name, "widths": list(sub.widths), **cost(model, sub),
+                "accuracy": ev["accuracy"], "loss": ev["loss"]}
 
     labels = [s.strip() for s in args.labels.split(",")] if args.labels else [
         f"MatViT {_family(p)}" if len(m.config.names) > 1 else _family(p)
@@ -176,7 +173,7 @@ def _eval(args: argparse.Namespace) -> Result:
         cfg = model.config
         targets: dict[str, Any] = {}
         if args.granularity:
-            targets[args.granularity] = cfg.ffn_widths(args.granularity)
+            targets[args.granularity] = args.granularity
         for w in _widths_list(args, cfg, nested=not args.any_width):
             targets[",".join(map(str, w))] = w
         if not targets:

@@ -18,18 +18,12 @@ def size_table(model: MatFormerLM, batches: list, *, repeats: int = 5, context: 
     from ..submodels.latency import lm_latency
 
     cfg = model.config
-    names = cfg.names
-    # A head-nested granularity has its own heads: its loss, size and speed are all measured
-    # on them.
-    heads = [model.resolve_heads(n if cfg.nest_heads else None) for n in names]
-    rows = []
-    for name, h in zip(names, heads, strict=True):
-        w = cfg.ffn_widths(name)
-        rows.append({"name": name, "widths": list(w), "params": cfg.num_params(w, heads=h),
-                     "non_embedding_params": cfg.num_params(w, embedding=False, heads=h),
-                     "val_loss": evaluate_loss(model, batches, widths=w, heads=h,
-                                               precision=precision)})
-    lat = lm_latency([(model, cfg.ffn_widths(n), h) for n, h in zip(names, heads, strict=True)],
+    subs = cfg.granularities()  # a head-nested granularity is measured on its own heads
+    rows = [{"name": s.name, "widths": list(s.widths), "params": cfg.num_params(s),
+             "non_embedding_params": cfg.num_params(s, embedding=False),
+             "val_loss": evaluate_loss(model, batches, widths=s, precision=precision)}
+            for s in subs]
+    lat = lm_latency([(model, s) for s in subs],
                      prefill_len=context, decode_context=context, repeats=repeats,
                      threads=threads)
     for row, t in zip(rows, lat, strict=True):

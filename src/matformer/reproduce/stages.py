@@ -159,14 +159,14 @@ def consistency(matlms: dict[str, MatFormerLM], bases: dict[str, MatFormerLM],
                 batches: list) -> dict[str, Any]:
     """Hard/soft consistency of each MatLM's S/M/L with its XL, and of the dense baselines
     S/M/L with the dense XL (arXiv 2310.07707 sec. 3.4)."""
-    from ..metrics import Submodel, evaluate_consistency, granularity_consistency
+    from ..metrics import evaluate_consistency, granularity_consistency
 
     out: dict[str, Any] = {}
     for name, m in matlms.items():
         rows = granularity_consistency(m, batches)
         out[name] = {g: rows[g] for g in GRANULARITIES[:-1]}
     out["baseline"] = evaluate_consistency(
-        {g: Submodel(bases[g]) for g in GRANULARITIES[:-1]}, Submodel(bases["XL"]), batches)
+        {g: (bases[g], None) for g in GRANULARITIES[:-1]}, (bases["XL"], None), batches)
     return out
 
 

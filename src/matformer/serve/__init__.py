@@ -16,7 +16,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .registry import Submodel, build_registry, run_name, with_measured_latency
+from .registry import Servable, build_registry, run_name, with_measured_latency
 
 if TYPE_CHECKING:
     import uvicorn
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Submodel", "build_registry", "load_server", "run", "uvicorn_server"]
+__all__ = ["Servable", "build_registry", "load_server", "run", "uvicorn_server"]
 
 
 def load_server(checkpoint: str | Path, *, sweep: str | Path | None = None,

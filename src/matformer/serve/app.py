@@ -27,7 +27,7 @@ from ..tokenizer import InvalidTextError, Tokenizer
 from . import protocol as P
 from .metrics import server_metrics
 from .policy import AutoPolicy
-from .registry import AUTO, Submodel
+from .registry import AUTO, Servable
 from .scheduler import Event, QueueFull, Scheduler, ShuttingDown
 from .scheduler import Request as GenRequest
 
@@ -49,14 +49,11 @@ class Server:
         api_key: Required as a bearer token on ``/v1/*`` when set.
     """
 
-    def __init__(self, model: MatFormerLM, tokenizer: Tokenizer, submodels: Sequence[Submodel],
+    def __init__(self, model: MatFormerLM, tokenizer: Tokenizer, submodels: Sequence[Servable],
                  *, max_batch: int = 8, max_queue: int = 64,
                  latency_target_ms: float | None = None, api_key: str | None = None) -> None:
         if not submodels:
             raise ValueError("no submodels to serve")
-        if model.config.nest_heads:  # rows of one batch would need their own head counts
-            raise ValueError("serving a model with nested attention heads (nest_heads) is not "
-                             "supported yet: its submodels differ in heads, not only FFN widths")
         self.model, self.tokenizer, self.api_key = model, tokenizer, api_key
         self.submodels = {s.name: s for s in submodels}
         levels = sorted(submodels, key=lambda s: s.params)
@@ -65,7 +62,7 @@ class Server:
         self.scheduler = Scheduler(model, tokenizer, policy=self.policy, max_batch=max_batch,
                                    max_queue=max_queue, metrics=self.metrics)
 
-    def lookup(self, name: str) -> Submodel | None:
+    def lookup(self, name: str) -> Servable | None:
         """The submodel called ``name``; None for ``auto``; 404 for an unknown name."""
         if name == AUTO:
             return None
@@ -317,7 +314,7 @@ async def _generate(server: Server, http: Request, body: P._Common, ids: list[in
 
 
 async def _stream(req: GenRequest, events: asyncio.Queue[Event], rid: str, chat: bool,
-                  sub: Submodel, body: P._Common) -> AsyncIterator[str]:
+                  sub: Servable, body: P._Common) -> AsyncIterator[str]:
     """Server-sent events; a client that goes away cancels this generator, which frees the
     request's slot."""
     finished = False

@@ -66,7 +66,7 @@ class SlotCache(KVCache):
     # ----------------------------------------------------------------- used by the model
     def prepare(self, start_pos: int, T: int, rope_cos: Tensor, rope_sin: Tensor
                 ) -> tuple[Tensor, Tensor, Tensor]:
-        """Per-row rotary tables (B, 1, T, hd) and the additive mask (B, 1, T, end) of each
+        """Per-row rotary tables (B, T, 1, hd) and the additive mask (B, 1, T, end) of each
         row's own history; ``start_pos`` is unused (each slot knows its position)."""
         pos = self._pos
         if pos is None or pos.shape[1] != T:
@@ -78,7 +78,7 @@ class SlotCache(KVCache):
             # conversion in every layer
             mask = torch.zeros(visible.shape, dtype=rope_cos.dtype, device=pos.device)
             self._mask = mask.masked_fill_(~visible, float("-inf"))[:, None]
-        return rope_cos[pos][:, None], rope_sin[pos][:, None], self._mask
+        return rope_cos[pos][:, :, None], rope_sin[pos][:, :, None], self._mask
 
     def update(self, layer: int, start_pos: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Write (B, kvh, T, hd) keys/values at each selected row's positions; return the rows'

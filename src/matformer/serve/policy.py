@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .registry import Submodel
+from .registry import Servable
 
 
 class AutoPolicy:
@@ -30,7 +30,7 @@ class AutoPolicy:
         headroom: Fraction of the target below which stepping up is allowed.
     """
 
-    def __init__(self, levels: Sequence[Submodel], target_ms: float | None = None, *,
+    def __init__(self, levels: Sequence[Servable], target_ms: float | None = None, *,
                  queue_high: int = 4, patience: int = 3, headroom: float = 0.6) -> None:
         if not levels:
             raise ValueError("AutoPolicy needs at least one submodel")
@@ -46,7 +46,7 @@ class AutoPolicy:
         self._over = self._under = 0
 
     @property
-    def current(self) -> Submodel:
+    def current(self) -> Servable:
         return self.levels[self.level]
 
     def observe(self, queue_len: int, step_ms: float | None) -> int:
@@ -70,7 +70,7 @@ class AutoPolicy:
         self.level = len(self.levels) - 1
         self._over = self._under = 0
 
-    def choose(self, budget_ms: float | None = None) -> Submodel:
+    def choose(self, budget_ms: float | None = None) -> Servable:
         """The submodel for an ``auto`` request: the current level, or a smaller one whose
         measured per-token latency fits the request's budget (the cheapest when none does)."""
         if budget_ms is None:

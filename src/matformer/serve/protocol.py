@@ -21,7 +21,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..tokenizer import Tokenizer
-from .registry import Submodel
+from .registry import Servable
 from .scheduler import token_room
 
 ROLES = {"system": "System", "developer": "System", "user": "User", "assistant": "Assistant"}
@@ -173,19 +173,19 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
-def submodel_info(sub: Submodel, requested: str,
+def submodel_info(sub: Servable, requested: str,
                   history: list[tuple[str, int]] | None = None) -> dict[str, Any]:
     """Which submodel answered (an extension field in every response); the final response
     adds ``history``, the submodels in order with the tokens each generated (an ``auto``
     request may step down while it runs)."""
-    info = {"name": sub.name, "requested": requested, "widths": list(sub.widths),
+    info = {"name": sub.name, "requested": requested, "widths": list(sub.submodel.widths),
             "params": sub.params}
     if history is not None:
         info["history"] = [{"name": name, "tokens": n} for name, n in history]
     return info
 
 
-def completion_body(rid: str, chat: bool, sub: Submodel, requested: str, text: str,
+def completion_body(rid: str, chat: bool, sub: Servable, requested: str, text: str,
                     finish: str | None, usage: dict[str, int] | None,
                     history: list[tuple[str, int]] | None = None) -> dict[str, Any]:
     """A whole (non-streamed) response."""
@@ -198,7 +198,7 @@ def completion_body(rid: str, chat: bool, sub: Submodel, requested: str, text: s
             "usage": usage, "submodel": submodel_info(sub, requested, history)}
 
 
-def chunk_body(rid: str, chat: bool, sub: Submodel, requested: str, text: str | None,
+def chunk_body(rid: str, chat: bool, sub: Servable, requested: str, text: str | None,
                finish: str | None = None, usage: dict[str, int] | None = None,
                first: bool = False, history: list[tuple[str, int]] | None = None
                ) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from ..config import Submodel
 from ..model import MatFormerLM
 
 log = logging.getLogger(__name__)
@@ -22,12 +23,12 @@ AUTO = "auto"
 
 
 @dataclass(frozen=True)
-class Submodel:
-    """One servable submodel: a name and its widths, with what is known of its cost.
+class Servable:
+    """One servable submodel: a name and the submodel, with what is known of its cost.
 
     Attributes:
         name: What clients pass as ``model``.
-        widths: One FFN width per layer.
+        submodel: What runs (:class:`~matformer.config.Submodel`).
         params: Parameter count (embedding included).
         kind: ``granularity`` (S/M/L/XL) or ``mixnmatch`` (a sweep's Pareto-front config).
         description: The widths in the paper's notation (``"4xM+2xL"``) or the granularity.
@@ -36,7 +37,7 @@ class Submodel:
     """
 
     name: str
-    widths: tuple[int, ...]
+    submodel: Submodel
     params: int
     kind: str
     description: str
@@ -50,7 +51,8 @@ class Submodel:
     def card(self) -> dict[str, Any]:
         """The ``/v1/models`` entry (OpenAI fields plus ours)."""
         return {"id": self.name, "object": "model", "created": 0, "owned_by": "matformer",
-                "kind": self.kind, "description": self.description, "widths": list(self.widths),
+                "kind": self.kind, "description": self.description,
+                "widths": list(self.submodel.widths),
                 "params": self.params, "latency_ms": self.latency or None,
                 "val_loss": self.val_loss}
 
@@ -70,7 +72,7 @@ def size_label(params: int) -> str:
 
 
 def build_registry(model: MatFormerLM, run: str, sweep: dict[str, Any] | None = None
-                   ) -> list[Submodel]:
+                   ) -> list[Servable]:
     """S/M/L/XL (every granularity of the config), then the sweep's Pareto-front Mix'n'Match
     configs that are not a granularity already, ordered by parameters.
 
@@ -96,11 +98,9 @@ def build_registry(model: MatFormerLM, run: str, sweep: dict[str, Any] | None = 
         lat = {k: float(r[k]) for k in ("prefill_ms", "decode_ms") if k in r}
         return {"latency": lat, "val_loss": r.get("val_loss")}
 
-    subs = []
-    for g in cfg.names:
-        w = cfg.ffn_widths(g)
-        subs.append(Submodel(f"{run}-{g}", w, cfg.num_params(w), "granularity", g, **known(w)))
-    taken = {s.widths for s in subs}
+    subs = [Servable(f"{run}-{g.name}", g, cfg.num_params(g), "granularity", g.name,
+                     **known(g.widths)) for g in cfg.granularities()]
+    taken = {s.submodel.widths for s in subs}
     names = {s.name for s in subs}
     for r in sorted(rows, key=lambda r: r["params"]):
         w = tuple(r["widths"])
@@ -109,14 +109,15 @@ def build_registry(model: MatFormerLM, run: str, sweep: dict[str, Any] | None = 
         name = f"{run}-mix-{size_label(r['params'])}"
         if name in names:  # two configs of (nearly) the same size: tell them apart
             name = f"{name}-{r['name']}"
-        subs.append(Submodel(name, w, cfg.num_params(w), "mixnmatch", r["name"], **known(w)))
+        sub = cfg.submodel(w)
+        subs.append(Servable(name, sub, cfg.num_params(sub), "mixnmatch", r["name"], **known(w)))
         taken.add(w)
         names.add(name)
     return subs
 
 
 def with_measured_latency(model: MatFormerLM, subs: Sequence[Submodel], *, repeats: int = 5
-                          ) -> list[Submodel]:
+                          ) -> list[Servable]:
     """Measure batch-1 prefill/decode latency of the submodels that have none (interleaved)."""
     from ..submodels.latency import lm_latency
 
@@ -124,7 +125,7 @@ def with_measured_latency(model: MatFormerLM, subs: Sequence[Submodel], *, repea
     if not todo:
         return list(subs)
     log.info("measuring the latency of %d submodels", len(todo))
-    lat = lm_latency([(model, subs[i].widths) for i in todo], prefill_len=64, repeats=repeats)
+    lat = lm_latency([(model, subs[i].submodel) for i in todo], prefill_len=64, repeats=repeats)
     out = list(subs)
     for i, row in zip(todo, lat, strict=True):
         out[i] = replace(out[i], latency={k: round(row[k], 4)

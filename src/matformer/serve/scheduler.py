@@ -1,12 +1,13 @@
 """Continuous batching of requests for different submodels over one set of weights.
 
-One thread owns the model and a :class:`~matformer.serve.cache.SlotCache`. Each iteration it
-admits waiting requests into free slots (one prefill forward each, at the request's own
-widths), then runs *one* decode forward for every active row together: attention, norms,
-embeddings and the head once for the whole batch, each layer's FFN once per distinct width on
-the rows that use it (:class:`~matformer.model.RowWidths`). Requests join and leave between
-steps; a finished or cancelled request frees its slot at once (the last slot moves into the
-hole so active rows stay packed). ``auto`` requests get the submodel the
+Serving has three parts (as vLLM keeps them apart): this scheduler *decides* (which waiting
+request gets a free slot, which submodel an ``auto`` request runs, when a request ends or is
+dropped); the :class:`~matformer.serve.executor.Executor` *runs* (prefills, and one decode
+forward for every active row together through the model's one forward, mixed widths in one
+batch); a :class:`~matformer.serve.output.TextStream` per request turns tokens into text
+(detokenising, stop strings, end of text). One thread runs the loop. Requests join and leave
+between steps; a finished or cancelled request frees its slot at once (the last slot moves
+into the hole so active rows stay packed). ``auto`` requests get the submodel the
 :class:`~matformer.serve.policy.AutoPolicy` picks from the queue and the step time, and when the
 policy steps down, running ``auto`` requests step down with it at the next token: the cached
 K/V do not depend on FFN width, so the smaller submodel continues from them (as the nested
@@ -30,13 +31,13 @@ from typing import Any
 
 import torch
 
-from ..generate import sample_next
-from ..model import MatFormerLM, RowWidths
+from ..model import MatFormerLM
 from ..tokenizer import Tokenizer
-from .cache import SlotCache
+from .executor import Executor, sample
 from .metrics import Metrics, server_metrics
+from .output import TextStream
 from .policy import AutoPolicy
-from .registry import AUTO, Submodel
+from .registry import AUTO, Servable
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ class Event:
     text: str = ""
     finish_reason: str | None = None
     usage: dict[str, int] | None = None
-    submodel: Submodel | None = None
+    submodel: Servable | None = None
     #: ``done`` only: ``(submodel name, tokens it generated)`` in order; more than one entry
     #: when an ``auto`` request stepped down while it ran.
     history: list[tuple[str, int]] | None = None
@@ -87,7 +88,7 @@ class Request:
 
     prompt: list[int]
     max_tokens: int
-    submodel: Submodel | None
+    submodel: Servable | None
     emit: Callable[[Event], None]
     temperature: float = 1.0
     top_p: float | None = None
@@ -105,13 +106,12 @@ class Request:
 
 @dataclass
 class _Row:
-    """A request occupying a slot: what it generated and what it has sent."""
+    """A request occupying a slot: its submodel, generator and text."""
 
     req: Request
-    sub: Submodel
+    sub: Servable
     gen: torch.Generator
-    tokens: list[int] = field(default_factory=list)
-    sent: int = 0  # characters of the decoded text already emitted
+    text: TextStream
     first_token_at: float | None = None
     history: list[list] = field(default_factory=list)  # [submodel name, tokens] per switch
 
@@ -134,13 +134,12 @@ class Scheduler:
         if max_batch < 1 or max_queue < 0:
             raise ValueError(f"max_batch={max_batch} must be >= 1 and max_queue={max_queue} "
                              ">= 0")
-        self.model, self.tokenizer, self.policy = model.eval(), tokenizer, policy
+        self.tokenizer, self.policy = tokenizer, policy
         self.max_batch, self.max_queue = max_batch, max_queue
         self.metrics = metrics or server_metrics()
-        self.cache = SlotCache.for_model(model, max_batch)
+        self.executor = Executor(model, max_batch)
         self._queue: collections.deque[Request] = collections.deque()
         self._rows: list[_Row] = []
-        self._row_widths: RowWidths | None = None
         self._cond = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -158,7 +157,7 @@ class Scheduler:
         """Queue a request; raises QueueFull or ShuttingDown instead of waiting, and ValueError
         for a request that could not run (no prompt, max_tokens < 1, or more tokens than the
         context holds: the last token is never fed back, so prompt + max_tokens - 1 must fit)."""
-        ctx = self.cache.max_len
+        ctx = self.executor.context
         if not req.prompt or not 1 <= req.max_tokens <= token_room(len(req.prompt), ctx):
             raise ValueError(f"a request of {len(req.prompt)} prompt tokens and max_tokens="
                              f"{req.max_tokens} does not fit: need >= 1 of each and prompt + "
@@ -249,7 +248,6 @@ class Scheduler:
                 row.history.append([new.name, 0])
                 moved += 1
         if moved:
-            self._row_widths = None
             self.metrics.inc("auto_step_downs_total", moved)
         return moved
 
@@ -276,29 +274,18 @@ class Scheduler:
     def _prefill(self, req: Request) -> None:
         sub = req.submodel or self.policy.choose(req.latency_budget_ms)
         seed = req.seed if req.seed is not None else secrets.randbits(63)
-        row = _Row(req, sub, torch.Generator().manual_seed(seed), history=[[sub.name, 0]])
-        slot = len(self._rows)
-        self.cache.clear(slot)
-        self.cache.select(slot, 1, len(req.prompt))
-        ids = torch.tensor([req.prompt], dtype=torch.long, device=self.cache.device)
-        logits = self.model(ids, widths=sub.widths, cache=self.cache)[:, -1]
-        self.cache.advance()
+        text = TextStream(self.tokenizer, req.max_tokens, req.stop, req.ignore_eos)
+        row = _Row(req, sub, torch.Generator().manual_seed(seed), text, history=[[sub.name, 0]])
+        logits = self.executor.prefill(len(self._rows), req.prompt, sub.submodel)
         self._rows.append(row)
-        self._row_widths = None
         self.metrics.inc("prompt_tokens_total", len(req.prompt), submodel=sub.name)
         req.emit(Event("start", submodel=sub))
         self._take(row, self._sample(row, logits, int(logits.argmax(-1)[0])))
 
     def _decode_step(self) -> None:
-        n = len(self._rows)
-        if self._row_widths is None:  # the batch changed: regroup rows by width
-            self._row_widths = RowWidths([r.sub.widths for r in self._rows])
-        self.cache.select(0, n, 1)
-        ids = torch.tensor([[r.tokens[-1]] for r in self._rows], dtype=torch.long,
-                           device=self.cache.device)
-        logits = self.model(ids, widths=self._row_widths, cache=self.cache)[:, -1]
-        self.cache.advance()
-        self.metrics.observe("batch_size", n)
+        logits = self.executor.decode([r.text.tokens[-1] for r in self._rows],
+                                      [r.sub.submodel for r in self._rows])
+        self.metrics.observe("batch_size", len(self._rows))
         greedy = logits.argmax(-1).tolist()
         for b, row in enumerate(list(self._rows)):  # a row's failure ends that row alone
             try:
@@ -307,59 +294,29 @@ class Scheduler:
                 log.exception("sampling failed")
                 self._finish(row, "error", error=f"internal error: {e}")
 
-    def _sample(self, row: _Row, logits: torch.Tensor, greedy: int) -> int:
-        """The row's next token from its (1, vocab) logits, with that request's own sampling
-        settings and generator (``greedy``: the argmax, for temperature 0)."""
-        r = row.req
-        if r.temperature == 0:
-            return greedy
-        return int(sample_next(logits, temperature=r.temperature, top_p=r.top_p,
-                               generator=row.gen)[0])
+    @staticmethod
+    def _sample(row: _Row, logits: torch.Tensor, greedy: int) -> int:
+        return sample(logits, greedy, row.req.temperature, row.req.top_p, row.gen)
 
-    # ----------------------------------------------------------------- tokens -> text
     def _take(self, row: _Row, tok: int) -> None:
-        """Record a sampled token; emit the text that can no longer be part of a stop string;
-        finish the row on end-of-text, a stop string or max_tokens."""
-        req = row.req
+        """Record a sampled token; send the text it frees; finish the row when it ends it."""
         if row.first_token_at is None:
             row.first_token_at = time.perf_counter()
             self.metrics.observe("time_to_first_token_seconds",
-                                 row.first_token_at - req.arrived, submodel=row.sub.name)
-        row.tokens.append(tok)
+                                 row.first_token_at - row.req.arrived, submodel=row.sub.name)
         row.history[-1][1] += 1
-        if tok in self.tokenizer.stop_ids and not req.ignore_eos:
-            self._finish(row, "stop", text=self._text(row, drop_last=True))
-            return
-        text = self._text(row)
-        cut = min((i for i in (text.find(s, max(0, row.sent - len(s) + 1)) for s in req.stop)
-                   if i >= 0), default=-1)
-        if cut >= 0:
-            self._finish(row, "stop", text=text[:cut])
-            return
-        if len(row.tokens) >= req.max_tokens:
-            self._finish(row, "length", text=text)
-            return
-        safe = len(text.rstrip("\ufffd"))  # an incomplete UTF-8 sequence: wait for the rest
-        hold = 0
-        for s in req.stop:  # hold back a tail that may grow into a stop string
-            hold = max([hold] + [k for k in range(1, min(len(s), safe + 1))
-                                 if text[safe - k:safe] == s[:k]])
-        safe -= hold
-        if safe > row.sent:
-            req.emit(Event("delta", text=text[row.sent:safe]))
-            row.sent = safe
+        out = row.text.take(tok)
+        if out.text:
+            row.req.emit(Event("delta", text=out.text))
+        if out.finish is not None:
+            self._finish(row, out.finish)
 
-    def _text(self, row: _Row, drop_last: bool = False) -> str:
-        return self.tokenizer.decode(row.tokens[:-1] if drop_last else row.tokens)
-
-    def _finish(self, row: _Row, reason: str, *, text: str = "", error: str | None = None
-                ) -> None:
-        """Emit the rest of the text and the final event; free the row's slot."""
+    def _finish(self, row: _Row, reason: str, *, error: str | None = None) -> None:
+        """Emit the final event; free the row's slot."""
         req, sub = row.req, row.sub
-        if error is None and len(text) > row.sent:
-            req.emit(Event("delta", text=text[row.sent:]))
-        usage = {"prompt_tokens": len(req.prompt), "completion_tokens": len(row.tokens),
-                 "total_tokens": len(req.prompt) + len(row.tokens)}
+        n = len(row.text.tokens)
+        usage = {"prompt_tokens": len(req.prompt), "completion_tokens": n,
+                 "total_tokens": len(req.prompt) + n}
         history = [(name, n) for name, n in row.history]
         req.emit(Event("error", text=error, submodel=sub) if error is not None else
                  Event("done", finish_reason=reason, usage=usage, submodel=sub,
@@ -392,11 +349,10 @@ class Scheduler:
     def _remove(self, row: _Row) -> None:
         i, last = self._rows.index(row), len(self._rows) - 1
         if i != last:  # keep the active slots packed: the last one moves into the hole
-            self.cache.move(last, i)
+            self.executor.move(last, i)
             self._rows[i] = self._rows[last]
         self._rows.pop()
-        self.cache.clear(last)
-        self._row_widths = None
+        self.executor.free(last)
 
     def stats(self) -> dict[str, Any]:
         """A snapshot for ``/health``."""

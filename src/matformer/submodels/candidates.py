@@ -15,11 +15,11 @@ import logging
 import math
 import random
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import combinations_with_replacement, groupby, pairwise
 from typing import Any
 
-from ..config import ModelConfig
+from ..config import ModelConfig, Submodel
 
 log = logging.getLogger(__name__)
 
@@ -29,15 +29,20 @@ PATTERNS = ("rule", "decreasing", "inc-dec", "dec-inc", "random")
 MAX_ENUMERATION = 200_000
 
 
-@dataclass(frozen=True)
-class Candidate:
-    """A submodel to evaluate: a name, the pattern that produced it, one FFN width per layer
-    and, for a submodel that skips attention, one head count per layer (0: skipped)."""
+@dataclass(frozen=True, eq=False)
+class Candidate(Submodel):
+    """A submodel to evaluate, with the pattern that produced it (``uniform``, ``rule``, an
+    ablation order, ``explicit``, ``depth-ffn``/``depth-attn``). Equal to any submodel with the
+    same widths and heads."""
 
-    name: str
-    pattern: str
-    widths: tuple[int, ...]
-    heads: tuple[int, ...] | None = None
+    pattern: str = field(default="explicit", compare=False)
+
+
+def _candidate(cfg: Any, name: str, pattern: str, widths: Sequence[int],
+               heads: Sequence[int] | None = None) -> Candidate:
+    """A candidate with ``heads`` (default: every layer's own heads)."""
+    return Candidate(tuple(widths), tuple(cfg.attention_heads if heads is None else heads), name,
+                     pattern)
 
 
 # ----------------------------------------------------------------------------- widths
@@ -121,7 +126,7 @@ def rule_candidates(cfg: ModelConfig) -> list[Candidate]:
     out = []
     for params in sorted(best):
         widths = _levels_to_widths(cfg, best[params][1])
-        out.append(Candidate(describe(cfg, widths), "rule", widths))
+        out.append(_candidate(cfg, describe(cfg, widths), "rule", widths))
     return out
 
 
@@ -164,12 +169,12 @@ def depth_candidates(cfg: ModelConfig, base: str | int | None = None) -> list[Ca
     for i in range(cfg.n_layer):
         if widths[i] and sum(map(bool, widths)) > 1:
             w = (*widths[:i], 0, *widths[i + 1:])
-            out.append(Candidate(f"{name}-ffn{i}", "depth-ffn", w))
+            out.append(_candidate(cfg, f"{name}-ffn{i}", "depth-ffn", w))
     heads = cfg.attention_heads
     for i in range(cfg.n_layer):
         if heads[i]:
             h = (*heads[:i], 0, *heads[i + 1:])
-            out.append(Candidate(f"{name}-attn{i}", "depth-attn", widths, h))
+            out.append(_candidate(cfg, f"{name}-attn{i}", "depth-attn", widths, h))
     return out
 
 
@@ -187,7 +192,7 @@ def candidates(cfg: ModelConfig, patterns: Sequence[str] = ("rule",), *,
     if bad:
         raise ValueError(f"unknown pattern(s) {bad}; choose from {list(PATTERNS)}")
     rule = rule_candidates(cfg)
-    out = [Candidate(n, "uniform", cfg.ffn_widths(n)) for n in cfg.names]
+    out = [_candidate(cfg, n, "uniform", cfg.ffn_widths(n), cfg.head_counts(n)) for n in cfg.names]
     if "rule" in patterns:
         out += rule
     rng = random.Random(seed)
@@ -196,24 +201,18 @@ def candidates(cfg: ModelConfig, patterns: Sequence[str] = ("rule",), *,
         if pattern != "rule":
             for levels in mixed:
                 w = _levels_to_widths(cfg, _arrange(levels, pattern, rng))
-                out.append(Candidate(describe(cfg, w), pattern, w))
+                out.append(_candidate(cfg, describe(cfg, w), pattern, w))
     for w in widths:
         w = check_widths(cfg, w, nested=nested)
-        out.append(Candidate(describe(cfg, w), "explicit", w))
+        out.append(_candidate(cfg, describe(cfg, w), "explicit", w))
     if depth is not None:
         out += depth_candidates(cfg, depth)
-    unique: dict[tuple[tuple[int, ...], tuple[int, ...] | None], Candidate] = {}
-    for c in out:
-        unique.setdefault((c.widths, c.heads), c)
-    return list(unique.values())
+    return list(dict.fromkeys(out))  # equal widths and heads: the first one stays
 
 
 # ----------------------------------------------------------------------------- costs
-def static_cost(cfg: ModelConfig, widths: Sequence[int], seq_len: int,
-                heads: Sequence[int] | None = None) -> dict[str, int]:
-    """Parameters (total, non-embedding) and forward FLOPs per token at context ``seq_len``
-    (``heads``: per-layer head counts, 0 where attention is skipped; None: every head)."""
-    w = tuple(widths)
-    return {"params": cfg.num_params(w, heads=heads),
-            "non_embedding_params": cfg.num_params(w, embedding=False, heads=heads),
-            "flops_per_token": cfg.flops_per_token(w, seq_len, heads=heads)}
+def static_cost(cfg: ModelConfig, sub: Submodel, seq_len: int) -> dict[str, int]:
+    """Parameters (total, non-embedding) and forward FLOPs per token at context ``seq_len``."""
+    return {"params": cfg.num_params(sub),
+            "non_embedding_params": cfg.num_params(sub, embedding=False),
+            "flops_per_token": cfg.flops_per_token(sub, seq_len)}

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .. import checkpoint as ckpt
-from ..model import HeadSpec, WidthSpec
+from ..config import Submodel, SubmodelSpec
 from .candidates import describe
 
 #: Why head-nested submodels keep every head's weights (see :func:`extract`).
@@ -19,17 +19,16 @@ HEADS_NOTE = ("attention keeps all {n} heads per layer, those past the first {h}
 
 
 @torch.no_grad()
-def extract(model: nn.Module, widths: WidthSpec, *, heads: HeadSpec = None,
-            name: str | None = None) -> nn.Module:
-    """A standalone dense copy of the submodel ``(widths, heads)``: same class, weights copied.
+def extract(model: nn.Module, widths: SubmodelSpec, *, name: str | None = None) -> nn.Module:
+    """A standalone dense copy of a submodel: same class, weights copied.
 
     Its config lists one FFN width per layer (an int when uniform) with ``ratios=(1.0,)``, so
-    ``extract(m, w, heads=h)(x) == m(x, widths=w, heads=h)`` and every tool (eval, generate,
+    ``extract(m, sub)(x) == m(x, widths=sub)`` and every tool (eval, generate,
     extract, export) works on it again. Works for any model class of this package whose blocks
     live in ``blocks.<i>`` with ``ffn`` and ``attn`` (the LM and
     :class:`~matformer.vision.MatViT`).
 
-    ``heads`` (a head-nested model's granularity name, or counts): the heads past each layer's
+    Fewer heads than the model's (nested heads): the heads past each layer's
     count are kept but zeroed (query/key/value rows and output-projection columns), so they
     contribute exactly nothing. A dense config cannot hold fewer heads of the same size (its
     head size is ``d_model / n_head``), so attention costs what the full model's does.
@@ -37,13 +36,13 @@ def extract(model: nn.Module, widths: WidthSpec, *, heads: HeadSpec = None,
     ``skip_attention`` and its attention weights are not copied.
     """
     cfg = model.config
-    ws = model.resolve_widths(widths)
-    hs = model.resolve_heads(heads)
+    sub = cfg.submodel(widths)
+    ws, hs = sub.widths, sub.heads
     if name is None:
         name = describe(cfg, ws)
         name = name if ":" not in name else "custom"
     d_ff: int | tuple[int, ...] = ws[0] if len(set(ws)) == 1 else ws
-    skip = () if hs is None else tuple(i for i, h in enumerate(hs) if h == 0)
+    skip = tuple(i for i, h in enumerate(hs) if h == 0)
     sub_cfg = cfg.replace(d_ff=d_ff, ratios=(1.0,), names=(name,), nest_heads=False,
                           skip_attention=skip)
     hd, group = cfg.head_dim, cfg.n_head // cfg.kv_heads
@@ -56,37 +55,42 @@ def extract(model: nn.Module, widths: WidthSpec, *, heads: HeadSpec = None,
             w = ws[int(parts[1])]
             t = t[:, :w] if parts[3] == "down_proj" else t[:w]
         t = t.clone(memory_format=torch.contiguous_format)  # a copy, never a view
-        if parts[0] == "blocks" and parts[2] == "attn" and hs is not None:
+        if parts[0] == "blocks" and parts[2] == "attn":
             h = hs[int(parts[1])]
             if parts[3] == "o_proj":
                 t[:, h * hd:] = 0
             else:  # q rows of the dropped query heads, k/v rows of the kv heads only they read
                 t[(h if parts[3] == "q_proj" else h // group) * hd:] = 0
         state[key] = t
-    sub = ckpt.materialize(type(model), sub_cfg, state)
-    sub.train(model.training)
-    return sub
+    dense = ckpt.materialize(type(model), sub_cfg, state)
+    dense.train(model.training)
+    return dense
 
 
-def save_extracted(path: str | Path, model: nn.Module, tokenizer: Any, widths: WidthSpec, *,
-                   heads: HeadSpec = None, source: str | Path | None = None,
-                   name: str | None = None, overwrite: bool = False) -> Path:
-    """Extract ``(widths, heads)`` and save it as a checkpoint whose manifest records its origin
+def save_extracted(path: str | Path, model: nn.Module, tokenizer: Any, widths: SubmodelSpec,
+                   *, source: str | Path | None = None, name: str | None = None,
+                   overwrite: bool = False) -> Path:
+    """Extract a submodel and save it as a checkpoint whose manifest records its origin
     and keeps the source's data facts (so ``matformer eval`` on it needs no ``--data``).
 
     ``path`` is written atomically; an existing one is refused unless ``overwrite``, and it may
     never be ``source`` (or hold it).
     """
-    sub = extract(model, widths, heads=heads, name=name)
+    chosen = model.config.submodel(widths)
+    sub = extract(model, chosen, name=name)
     meta: dict[str, Any] = {}
     if source is not None:
         src = ckpt.read_metadata(source)
         meta = {k: src[k] for k in ("data", "val_fraction", "seq_len", "data_sha256", "classes")
                 if k in src}
-    hs = model.resolve_heads(heads)
     meta["origin"] = {"source": str(ckpt.resolve(source).resolve()) if source else None,
-                      "widths": list(sub.config.ffn_dims),
-                      "heads": list(hs) if hs is not None else None,
+                      "widths": list(sub.config.ffn_dims), "heads": heads_record(model, chosen),
                       "name": sub.config.names[0], "source_config": model.config.to_dict()}
     return ckpt.save_checkpoint(path, sub, tokenizer, metadata=meta, overwrite=overwrite,
                                 sources=[source] if source is not None else [])
+
+
+def heads_record(model: nn.Module, sub: Submodel) -> list[int] | None:
+    """The heads to record beside an extracted or exported submodel: None when every layer
+    keeps the model's own."""
+    return None if sub.heads == tuple(model.config.attention_heads) else list(sub.heads)

@@ -109,10 +109,25 @@ class SliceSpace:
     embedding: int
     hidden: int
     vocab: int
+    n_head: int = 1
 
     @property
     def n_layer(self) -> int:
         return len(self.full)
+
+    @property
+    def attention_heads(self) -> tuple[int, ...]:
+        """Every layer keeps all its query heads (a slice narrows FFNs and drops layers)."""
+        return (self.n_head,) * self.n_layer
+
+    def head_counts(self, g: int | str) -> None:
+        """Heads are not nested in a Gemma 3n slice."""
+        return None
+
+    def candidate(self, name: str, widths: Sequence[int]) -> Candidate:
+        """An explicit candidate: ``widths`` per layer, 0 drops the layer (its heads too)."""
+        w = tuple(int(v) for v in widths)
+        return Candidate(w, tuple(self.n_head if v else 0 for v in w), name, "explicit")
 
     @property
     def num_granularities(self) -> int:
@@ -153,7 +168,8 @@ class SliceSpace:
         shared = total - in_layers - n * (pl_embed + pl_proj)
         return cls(tuple(full), tuple(float(r) for r in ratios),
                    tuple(names or (f"{r:g}x" for r in ratios)), tuple(rest), 3 * h, pl_embed,
-                   pl_proj, shared, tm.embed_tokens.weight.numel(), h, cfg.vocab_size)
+                   pl_proj, shared, tm.embed_tokens.weight.numel(), h, cfg.vocab_size,
+                   cfg.num_attention_heads)
 
 
 def slice_candidates(space: SliceSpace, *, mixed: bool = True,
@@ -170,12 +186,9 @@ def slice_candidates(space: SliceSpace, *, mixed: bool = True,
                              f"has layers 0..{space.n_layer - 1})")
         for g, name in enumerate(space.names):
             w = tuple(0 if i in skip else v for i, v in enumerate(space.ffn_widths(g)))
-            out.append(Candidate(f"{name} skip {','.join(map(str, skip))}", "explicit", w))
-    out += [Candidate(name, "explicit", tuple(int(v) for v in w)) for name, w in explicit]
-    unique: dict[tuple[int, ...], Candidate] = {}
-    for c in out:
-        unique.setdefault(c.widths, c)
-    return list(unique.values())
+            out.append(space.candidate(f"{name} skip {','.join(map(str, skip))}", w))
+    out += [space.candidate(name, w) for name, w in explicit]
+    return list(dict.fromkeys(out))  # equal widths: the first one stays
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -218,15 +231,15 @@ def gemma3n_sweep(model: nn.Module, batches: Sequence[tuple[Tensor, Tensor]],
         plan_slice(text, plan.widths, plan.skip)
     model.eval()
 
-    def score(m: nn.Module, widths: Any) -> Row:
-        with in_place(model, widths):
+    def score(m: nn.Module, sub: Any) -> Row:
+        with in_place(model, sub.widths):
             loss = hf_loss(model, batches)
         return {"val_loss": loss, "perplexity": math.exp(min(loss, 700.0))}
 
-    def cost(m: nn.Module, widths: Any) -> Row:
+    def cost(m: nn.Module, sub: Any) -> Row:
         tokens = space.vocab * space.hidden  # the output head (tied to the embedding)
-        ne = space.num_params(widths, embedding=False)
-        return {"params": space.num_params(widths), "non_embedding_params": ne,
+        ne = space.num_params(sub.widths, embedding=False)
+        return {"params": space.num_params(sub.widths), "non_embedding_params": ne,
                 "flops_per_token": 2 * (ne + tokens)}
 
     def timer(setups: Sequence[tuple[nn.Module, Any]]) -> list[Row]:
@@ -240,7 +253,7 @@ def gemma3n_sweep(model: nn.Module, batches: Sequence[tuple[Tensor, Tensor]],
                     model(input_ids=x, use_cache=False)
             return run
 
-        times = measure([fn(w) for _, w in setups], repeats=repeats, threads=threads,
+        times = measure([fn(sub.widths) for _, sub in setups], repeats=repeats, threads=threads,
                         device=device)
         out = []
         for t in times:

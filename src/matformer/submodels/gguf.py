@@ -53,8 +53,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..config import ModelConfig
-from ..model import MatFormerLM, WidthSpec
+from ..config import ModelConfig, SubmodelSpec
+from ..model import MatFormerLM
 from ..outputs import atomic_file
 from ..tokenizer import EOS_TOKEN, Tokenizer
 from .pretokenizers import PreTokenizerError, llamacpp_pre
@@ -284,8 +284,7 @@ def _write_gguf(path: Path, sub: MatFormerLM, arch: str, dtype: str, name: str,
 # ----------------------------------------------------------------------------- export
 @torch.no_grad()
 def export_gguf(model: MatFormerLM, tokenizer: Tokenizer, out: str | Path, *,
-                widths: WidthSpec = None, heads: str | Sequence[int] | None = None,
-                dtype: str = "f32", overwrite: bool = False, name: str | None = None
+                widths: SubmodelSpec = None, dtype: str = "f32", overwrite: bool = False, name: str | None = None
                 ) -> dict[str, Any]:
     """Write the submodel ``widths`` of ``model`` as one GGUF file llama.cpp runs as it is.
 
@@ -294,11 +293,10 @@ def export_gguf(model: MatFormerLM, tokenizer: Tokenizer, out: str | Path, *,
         tokenizer: Its tokenizer; embedded in the file.
         out: Destination ``.gguf`` file.
         widths: The submodel (extracted first); None exports the model as it is (the full model
-            of a nested checkpoint).
-        heads: Per-layer head counts (or a head-nested model's granularity name), 0 where the
-            submodel skips a layer's attention. Fewer heads are exported as
+            of a nested checkpoint). Fewer heads (nested heads) are exported as
             :func:`~matformer.submodels.extract.extract` ships them: every head kept, those past
-            the count zeroed (the same function, at the full attention cost).
+            the count zeroed (the same function, at the full attention cost); 0 heads (a
+            skipped attention) as an attention-free layer.
         dtype: Storage of the weight matrices: f32 (exact), f16, bf16 or q8_0 (matrices whose
             rows are not a multiple of 32 values fall back to f16).
         overwrite: Replace an existing file (CLI: ``--force``).
@@ -312,19 +310,19 @@ def export_gguf(model: MatFormerLM, tokenizer: Tokenizer, out: str | Path, *,
         GGUFExportError: Unsupported activation/width combination, unknown dtype or an existing
             file without ``overwrite``.
     """
-    from .extract import extract
+    from .extract import extract, heads_record
 
     if dtype not in DTYPES:
         raise GGUFExportError(f"dtype {dtype!r}: choose one of {DTYPES}")
     out = Path(out)
     if out.exists() and not overwrite:
         raise GGUFExportError(f"{out} already exists; pass --force (overwrite=True) to replace it")
-    hs = model.resolve_heads(heads)
-    if hs is not None and hs[0] == 0:
+    chosen = model.config.submodel(widths)
+    if chosen.heads[0] == 0:
         raise GGUFExportError("heads: layer 0 skips its attention, which llama.cpp cannot load "
                               "(it takes every layer's head size from layer 0's head count); "
                               "skip attention in layers 1.. only")
-    sub = model if widths is None and heads is None else extract(model, widths, heads=hs)
+    sub = model if widths is None else extract(model, chosen)
     cfg = sub.config
     arch = architecture(cfg)
     vocab, pre = _vocab(tokenizer, cfg.vocab_size), _pre(tokenizer)
@@ -334,7 +332,7 @@ def export_gguf(model: MatFormerLM, tokenizer: Tokenizer, out: str | Path, *,
     dims = list(cfg.ffn_dims)
     info = {"out": str(out), "architecture": arch, "ffn_widths": dims, "dtype": dtype,
             "skip_attention": list(cfg.skip_attention),
-            "heads": None if hs is None else list(hs),
+            "heads": heads_record(model, chosen),
             "tensor_types": stored, "params": sub.num_params(),
             "bytes": out.stat().st_size, "vocab_size": cfg.vocab_size,
             "tokenizer_pre": pre, "chat_template": tokenizer.chat_template is not None}

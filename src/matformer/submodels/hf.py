@@ -34,8 +34,8 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer as HFTokenizer
 
 from ..checkpoint import CheckpointError, materialize
-from ..config import ModelConfig
-from ..model import HeadSpec, MatFormerLM, WidthSpec
+from ..config import ModelConfig, SubmodelSpec
+from ..model import MatFormerLM
 from ..outputs import atomic_output
 from ..tokenizer import EOS_TOKEN, Tokenizer
 
@@ -162,11 +162,11 @@ def save_hf_tokenizer(tokenizer: Tokenizer, out: Path, max_len: int | None = Non
 
 @torch.no_grad()
 def export_hf(model: MatFormerLM, tokenizer: Tokenizer, out: str | Path, *,
-              widths: WidthSpec = None, heads: HeadSpec = None, pad: bool = True,
+              widths: SubmodelSpec = None, pad: bool = True,
               overwrite: bool = False, sources: Iterable[str | Path] = ()) -> dict[str, Any]:
     """Write a transformers folder (config, safetensors weights, tokenizer) for a submodel.
 
-    ``widths`` (and, for a head-nested model, ``heads``) pick the submodel, extracted first
+    ``widths`` picks the submodel (a :class:`~matformer.config.Submodel` or a spec), extracted first
     (:func:`~matformer.submodels.extract.extract`); None exports the model as it is (the full
     model of a nested checkpoint). The folder is written atomically: an existing ``out`` is
     refused unless ``overwrite`` (then replaced as a whole: no stale file survives), and it
@@ -176,7 +176,7 @@ def export_hf(model: MatFormerLM, tokenizer: Tokenizer, out: str | Path, *,
 
     from .extract import extract
 
-    sub = model if widths is None and heads is None else extract(model, widths, heads=heads)
+    sub = model if widths is None else extract(model, widths)
     if sub.config.skip_attention:
         raise ExportError(f"the submodel skips the attention of layers "
                           f"{list(sub.config.skip_attention)}: transformers' Llama has attention "

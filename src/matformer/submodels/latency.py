@@ -19,10 +19,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..config import SubmodelSpec
 from ..model import eval_mode
 
-#: (model, widths) or (model, widths, heads): one submodel to time.
-Setup = tuple[nn.Module, Any] | tuple[nn.Module, Any, Any]
+#: One submodel to time: a model and a submodel of it (anything its config's ``submodel``
+#: accepts; None: the full model).
+Setup = tuple[nn.Module, SubmodelSpec]
 
 
 def _sync(device: torch.device | None) -> None:
@@ -75,9 +77,8 @@ def _device(model: nn.Module) -> torch.device:
 
 
 @torch.no_grad()
-def decode_step_fn(model: nn.Module, widths: Any, context: int, heads: Any = None
-                   ) -> Callable[[], Any]:
-    """One cached decode step of ``widths`` (and ``heads``) at position ``context``, through the
+def decode_step_fn(model: nn.Module, sub: SubmodelSpec, context: int) -> Callable[[], Any]:
+    """One cached decode step of ``sub`` at position ``context``, through the
     lean runner that :func:`~matformer.generate.generate` decodes with (the cache is filled
     once)."""
     from ..cache import KVCache
@@ -86,21 +87,20 @@ def decode_step_fn(model: nn.Module, widths: Any, context: int, heads: Any = Non
     device = _device(model)
     ctx = max(1, min(context, model.config.max_seq_len - 1))
     cache = KVCache.for_model(model, 1, ctx + 1)
-    runner = SubmodelRunner(model, widths, heads)
+    runner = SubmodelRunner(model, sub)
     runner(torch.zeros(1, ctx, dtype=torch.long, device=device), cache, 0, last_only=True)
     tok = torch.zeros(1, 1, dtype=torch.long, device=device)
     return lambda: runner(tok, cache, ctx)
 
 
-def prefill_fn(model: nn.Module, widths: Any, tokens: torch.Tensor, heads: Any = None
-               ) -> Callable[[], Any]:
+def prefill_fn(model: nn.Module, sub: SubmodelSpec, tokens: torch.Tensor) -> Callable[[], Any]:
     """A prefill of ``tokens`` (1, T) as :func:`~matformer.generate.generate` runs it: the lean
     runner fills a KV cache and projects the last position onto the vocabulary."""
     from ..cache import KVCache
     from ..runner import SubmodelRunner
 
     cache = KVCache.for_model(model, 1, tokens.shape[1])
-    runner = SubmodelRunner(model, widths, heads)
+    runner = SubmodelRunner(model, sub)
     return lambda: runner(tokens, cache, 0, last_only=True)
 
 
@@ -121,18 +121,17 @@ def lm_latency(setups: Sequence[Setup], *, prefill_len: int = 128, decode_steps:
                          ">= 1")
     fns: list[Callable[[], Any]] = []
     with eval_mode(*(s[0] for s in setups)):
-        for model, widths, *rest in setups:
+        for model, sub in setups:
             n = min(prefill_len, model.config.max_seq_len)
             x = torch.randint(0, model.config.vocab_size, (1, n),
                               generator=torch.Generator().manual_seed(0)).to(_device(model))
-            heads = rest[0] if rest else None
-            step = decode_step_fn(model, widths, decode_context, heads)
+            step = decode_step_fn(model, sub, decode_context)
 
             def decode(step: Callable[[], Any] = step) -> None:
                 for _ in range(decode_steps):
                     step()
 
-            fns += [prefill_fn(model, widths, x, heads), decode]
+            fns += [prefill_fn(model, sub, x), decode]
         times = measure(fns, repeats=repeats, warmup=warmup, threads=threads,
                         device=_device(setups[0][0]) if setups else None)
     return [{**_summarise("prefill", times[2 * i]),
@@ -144,11 +143,10 @@ def forward_latency(setups: Sequence[Setup], inputs: Sequence[torch.Tensor], *,
                     repeats: int = 7, warmup: int = 1, threads: int | None = None
                     ) -> list[dict[str, float]]:
     """Latency (ms, median and quartiles) of one forward of ``inputs[i]`` through each
-    (model, widths) or (model, widths, heads) setup, e.g. a batch of images through a ViT
-    submodel."""
-    with eval_mode(*(m for m, *_ in setups)):
-        fns = [lambda m=m, w=w, h=(rest[0] if rest else None), x=x: m(x, widths=w, heads=h)
-               for (m, w, *rest), x in zip(setups, inputs, strict=True)]
+    (model, submodel) setup, e.g. a batch of images through a ViT submodel."""
+    with eval_mode(*(m for m, _ in setups)):
+        fns = [lambda m=m, s=s, x=x: m(x, widths=s)
+               for (m, s), x in zip(setups, inputs, strict=True)]
         times = measure(fns, repeats=repeats, warmup=warmup, threads=threads,
                         device=_device(setups[0][0]) if setups else None)
     return [_summarise("latency", t) for t in times]

@@ -1,7 +1,7 @@
 """Sweeps over submodels: score and cost every candidate, Pareto fronts, picks under a budget.
 
-One machinery for language models and ViTs. A sweep calls ``score(model, widths)`` (validation
-loss for an LM, accuracy for a ViT) and ``cost(model, widths)`` (parameters, FLOPs) for every
+One machinery for language models and ViTs. A sweep calls ``score(model, sub)`` (validation
+loss for an LM, accuracy for a ViT) and ``cost(model, sub)`` (parameters, FLOPs) for every
 candidate and baseline, then times them all together (:mod:`matformer.submodels.latency`). An
 :class:`Objective` says which row column is minimised and which column each budget limits; the
 two families differ only there. :func:`lm_sweep` and :func:`choose` are the language model's
@@ -18,6 +18,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from ..config import Submodel
 from .candidates import Candidate, span, static_cost
 from .latency import Setup, lm_latency
 
@@ -46,17 +47,18 @@ VIT_OBJECTIVE = Objective("error", {"max_params": "params", "max_flops": "flops_
 
 
 def sweep(model: nn.Module, cands: Sequence[Candidate],
-          score: Callable[..., Row], cost: Callable[..., Row], *,
+          score: Callable[[nn.Module, Submodel | None], Row],
+          cost: Callable[[nn.Module, Submodel | None], Row], *,
           objective: Objective, baselines: Sequence[tuple[str, nn.Module]] = (),
           timer: Callable[[Sequence[Setup]], list[Row]] | None = None,
           progress: bool = True) -> list[Row]:
     """One row per candidate, then one per baseline (pattern ``"baseline"``).
 
-    ``score`` and ``cost`` are called as ``f(model, widths)``, and with ``heads=`` for a
-    candidate that has its own heads. A row holds name, pattern, widths, span, ``cost(...)``,
-    ``score(...)`` and, with a
-    ``timer``, the latency columns it returns (all setups timed in the same interleaved
-    rounds). Candidates get ``pareto_<cost>`` flags; baselines are outside the fronts.
+    ``score`` and ``cost`` are called as ``f(model, candidate)`` (``f(baseline, None)`` for a
+    baseline: its full model). A row holds name, pattern, widths, heads (where they differ
+    from the model's own), span, ``cost(...)``, ``score(...)`` and, with a ``timer``, the
+    latency columns it returns (all setups timed in the same interleaved rounds). Candidates
+    get ``pareto_<cost>`` flags; baselines are outside the fronts.
     """
     from tqdm.auto import tqdm
 
@@ -65,13 +67,11 @@ def sweep(model: nn.Module, cands: Sequence[Candidate],
     setups: list[Setup] = []
     bar = tqdm(cands, desc="mixnmatch", unit="submodel", disable=not progress)
     for c in bar:
-        kw = {} if c.heads is None else {"heads": c.heads}  # a candidate that skips attention
         rows.append({"name": c.name, "pattern": c.pattern, "widths": list(c.widths),
-                     "span": span(cfg, c.widths), **cost(model, c.widths, **kw),
-                     **score(model, c.widths, **kw)})
-        if c.heads is not None:
+                     "span": span(cfg, c.widths), **cost(model, c), **score(model, c)})
+        if c.heads != tuple(cfg.attention_heads):  # nested heads, or attention skipped
             rows[-1]["heads"] = list(c.heads)
-        setups.append((model, c.widths) if c.heads is None else (model, c.widths, c.heads))
+        setups.append((model, c))
         bar.set_postfix(name=c.name[:20], **{objective.loss: f"{rows[-1][objective.loss]:.4f}"})
     for name, bm in baselines:
         rows.append({"name": name, "pattern": "baseline", "widths": list(bm.config.ffn_dims),
@@ -157,12 +157,12 @@ def lm_sweep(model: nn.Module, batches: Sequence[tuple[Tensor, Tensor]],
 
     seq_len = seq_len or model.config.max_seq_len
 
-    def score(m: nn.Module, widths: Any, heads: Any = None) -> Row:
-        loss = evaluate_loss(m, batches, widths=widths, heads=heads, precision=precision)
+    def score(m: nn.Module, sub: Submodel | None) -> Row:
+        loss = evaluate_loss(m, batches, widths=sub, precision=precision)
         return {"val_loss": loss, "perplexity": perplexity(loss)}
 
-    def cost(m: nn.Module, widths: Any, heads: Any = None) -> Row:
-        return static_cost(m.config, m.resolve_widths(widths), seq_len, m.resolve_heads(heads))
+    def cost(m: nn.Module, sub: Submodel | None) -> Row:
+        return static_cost(m.config, m.config.submodel(sub), seq_len)
 
     def timer(setups: Sequence[Setup]) -> list[Row]:
         return lm_latency(setups, prefill_len=prefill_len, repeats=repeats, threads=threads)
@@ -180,7 +180,7 @@ def choose(model: nn.Module, batches: Sequence[tuple[Tensor, Tensor]],
     seq_len = seq_len or cfg.max_seq_len
     static = {k: v for k, v in budgets.items()
               if k in ("max_params", "max_flops") and v is not None}
-    rows = [{"name": c.name, **static_cost(cfg, c.widths, seq_len, c.heads), "val_loss": 0.0}
+    rows = [{"name": c.name, **static_cost(cfg, c, seq_len), "val_loss": 0.0}
             for c in cands]
     select(rows, **static)  # raises, naming the smallest achievable size, if nothing fits
     col = LM_OBJECTIVE.budgets

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..model import WidthSpec
+from ..config import SubmodelSpec
 from ..submodels.candidates import Candidate
 from ..submodels.latency import Setup, forward_latency
 from ..submodels.report import Axis, pyplot, write_report
@@ -68,19 +68,16 @@ def knn_retrieval(query: Tensor, query_y: Tensor, gallery: Tensor, gallery_y: Te
     return out
 
 
-def cost(model: MatViT, widths: WidthSpec = None,
-         heads: str | int | Sequence[int] | None = None) -> dict[str, int]:
-    """Parameters (total, non-embedding) and forward FLOPs per image of a submodel (and its
-    heads: a head-nested model's granularity name, or per-layer counts)."""
-    ws, hs = model.resolve_widths(widths), model.resolve_heads(heads)
+def cost(model: MatViT, widths: SubmodelSpec = None) -> dict[str, int]:
+    """Parameters (total, non-embedding) and forward FLOPs per image of a submodel."""
     cfg = model.config
-    return {"params": cfg.num_params(ws, heads=hs),
-            "non_embedding_params": cfg.num_params(ws, embedding=False, heads=hs),
-            "flops_per_image": cfg.flops_per_image(ws, heads=hs)}
+    sub = cfg.submodel(widths)
+    return {"params": cfg.num_params(sub), "non_embedding_params": cfg.num_params(sub, embedding=False),
+            "flops_per_image": cfg.flops_per_image(sub)}
 
 
-def retrieval(gallery_model: MatViT, queries: Sequence[tuple[str, MatViT, WidthSpec]],
-              data: ImageDataset, *, gallery_widths: WidthSpec = None,
+def retrieval(gallery_model: MatViT, queries: Sequence[tuple[str, MatViT, SubmodelSpec]],
+              data: ImageDataset, *, gallery_widths: SubmodelSpec = None,
               ks: Sequence[int] = (1, 5, 10), same_encoder: bool = True,
               precision: str = "fp32") -> list[dict[str, Any]]:
     """Adaptive retrieval: the training images (gallery) embedded once by ``gallery_model``
@@ -95,7 +92,7 @@ def retrieval(gallery_model: MatViT, queries: Sequence[tuple[str, MatViT, WidthS
     rows = []
     for name, model, widths in queries:
         q = embed_images(model, data.val_x, widths=widths, precision=precision)
-        row: dict[str, Any] = {"name": name, "widths": list(model.resolve_widths(widths)),
+        row: dict[str, Any] = {"name": name, "widths": list(model.submodel(widths).widths),
                                **cost(model, widths),
                                **knn_retrieval(q, data.val_y, gallery, data.train_y, ks)}
         if same_encoder:
@@ -115,14 +112,13 @@ def vit_sweep(model: MatViT, data: ImageDataset, cands: Sequence[Candidate], *,
     batch-1 latency of every candidate (then of each baseline) by :func:`matformer.submodels.sweep.sweep`;
     the Pareto fronts minimise the error."""
 
-    def score(m: MatViT, widths: WidthSpec, heads: Any = None) -> dict[str, float]:
-        ev = evaluate_classifier(m, data.val_x, data.val_y, widths=widths, heads=heads,
-                                 precision=precision)
+    def score(m: MatViT, sub: SubmodelSpec) -> dict[str, float]:
+        ev = evaluate_classifier(m, data.val_x, data.val_y, widths=sub, precision=precision)
         return {"accuracy": ev["accuracy"], "error": 1 - ev["accuracy"], "val_loss": ev["loss"]}
 
     def timer(setups: Sequence[Setup]) -> list[dict[str, float]]:
         inputs = [torch.rand(1, *m.config.image_shape,
-                             generator=torch.Generator().manual_seed(0)) for m, *_ in setups]
+                             generator=torch.Generator().manual_seed(0)) for m, _ in setups]
         return forward_latency(setups, inputs, repeats=repeats, threads=threads)
 
     return sweep(model, cands, score, cost, objective=VIT_OBJECTIVE, baselines=baselines,

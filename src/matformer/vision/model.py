@@ -17,7 +17,6 @@ the shared :class:`~matformer.train.Trainer`.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import ModelConfig
-from ..model import Block, MatFormerLM, RMSNorm, WidthSpec, autocast, eval_mode
+from ..config import ModelConfig, SubmodelSpec
+from ..model import Block, MatFormerLM, Positions, RMSNorm, autocast, eval_mode
 
 POS_EMBEDS = ("learned", "sincos")
 #: Fields a ViTConfig derives itself (kept for the dataclass machinery, not saved).
@@ -89,12 +88,10 @@ class ViTConfig(ModelConfig):
     def image_shape(self) -> tuple[int, int, int]:
         return (self.channels, self.image_size, self.image_size)
 
-    def num_params(self, widths: tuple[int, ...] | None = None, *, embedding: bool = True,
-                   heads: Sequence[int] | None = None) -> int:
-        """Parameters of the submodel ``widths`` (and per-layer query ``heads``, 0 where a
-        layer has no attention; None: :attr:`attention_heads`); ``embedding=False`` counts the
-        blocks and the final norm only (patch embedding, [CLS], positions and head excluded)."""
-        body = super().num_params(widths, embedding=False, heads=heads)
+    def num_params(self, sub: SubmodelSpec = None, *, embedding: bool = True) -> int:
+        """Parameters of a submodel; ``embedding=False`` counts the blocks and the final norm
+        only (patch embedding, [CLS], positions and head excluded)."""
+        body = super().num_params(sub, embedding=False)
         if not embedding:
             return body
         d = self.d_model
@@ -102,22 +99,19 @@ class ViTConfig(ModelConfig):
         pos = (self.num_patches + 1) * d if self.pos_embed == "learned" else 0
         return body + patch + d + pos + d * self.num_classes + self.num_classes
 
-    def flops_per_image(self, widths: tuple[int, ...] | None = None, *,
-                        heads: Sequence[int] | None = None) -> int:
+    def flops_per_image(self, sub: SubmodelSpec = None) -> int:
         """Forward FLOPs (2 per multiply-add) of one image: patch embedding, blocks with full
         (bidirectional) attention over all tokens in the layers (and heads) that have it, head."""
         t, d = self.num_patches + 1, self.d_model
-        hs = self._layer_heads(heads)
-        block_mats = self.matrix_params(widths, heads=hs)
+        sub = self.submodel(sub)
+        block_mats = self.matrix_params(sub)
         patch = self.num_patches * self.channels * self.patch_size ** 2 * d
-        attn = sum(2 * h * self.head_dim * t * t for h in hs)  # QK^T and AV
+        attn = sum(2 * h * self.head_dim * t * t for h in sub.heads)  # QK^T and AV
         return 2 * (block_mats * t + patch + d * self.num_classes + attn)
 
-    def flops_per_token(self, widths: tuple[int, ...] | None = None,
-                        seq_len: int | None = None, *,
-                        heads: Sequence[int] | None = None) -> int:
+    def flops_per_token(self, sub: SubmodelSpec = None, seq_len: int | None = None) -> int:
         """Per-token share of :meth:`flops_per_image` (``seq_len`` is ignored)."""
-        return self.flops_per_image(widths, heads=heads) // (self.num_patches + 1)
+        return self.flops_per_image(sub) // (self.num_patches + 1)
 
     def to_dict(self) -> dict[str, Any]:
         out = {k: v for k, v in super().to_dict().items() if k not in _DERIVED}
@@ -173,8 +167,7 @@ class MatViT(nn.Module):
     """
 
     # One definition of what a width / head spec means, shared with the language model.
-    resolve_widths = MatFormerLM.resolve_widths
-    resolve_heads = MatFormerLM.resolve_heads
+    submodel = MatFormerLM.submodel
     num_params = MatFormerLM.num_params
 
     def __init__(self, cfg: ViTConfig) -> None:
@@ -189,7 +182,7 @@ class MatViT(nn.Module):
             self.pos_embed = nn.Parameter(torch.empty(1, cfg.num_patches + 1, d))
         else:  # persistent, so meta-device loading and extract() copy it like a weight
             self.register_buffer("pos_embed", torch.empty(1, cfg.num_patches + 1, d))
-        self.blocks = nn.ModuleList(Block(cfg, w, causal=False, attention=i not in cfg.skip_attention)
+        self.blocks = nn.ModuleList(Block(cfg, w, attention=i not in cfg.skip_attention)
                                     for i, w in enumerate(cfg.ffn_dims))
         self.norm = RMSNorm(d, cfg.norm_eps)
         self.head = nn.Linear(d, cfg.num_classes)
@@ -216,33 +209,31 @@ class MatViT(nn.Module):
             pos = torch.cat([torch.zeros(1, cfg.d_model), sincos_2d(grid, cfg.d_model)])
             self.pos_embed.copy_(pos[None])
 
-    def embed(self, images: Tensor, *, widths: WidthSpec = None,
-              heads: str | int | tuple[int, ...] | None = None) -> Tensor:
+    def embed(self, images: Tensor, *, widths: SubmodelSpec = None) -> Tensor:
         """[CLS] embedding (B, d_model) of the submodel ``widths`` (after the final norm)."""
         cfg = self.config
         if images.dim() != 4 or tuple(images.shape[1:]) != cfg.image_shape:
             raise ValueError(f"images of shape {tuple(images.shape)} do not fit this model: "
                              f"expected (batch, {', '.join(map(str, cfg.image_shape))}) "
                              "(resize them, e.g. with the data loader's image_size)")
-        ws, hs = self.resolve_widths(widths), self.resolve_heads(heads)
+        sub = cfg.submodel(widths)
         x = self.patch_embed(images * 2.0 - 1.0).flatten(2).transpose(1, 2)  # (B, N, C)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
         x = x + self.pos_embed.to(x.dtype)  # (B, N + 1, C)
-        for i, block in enumerate(self.blocks):
-            x = block(x, None, None, ws[i], None if hs is None else hs[i])
+        at = Positions(None, None, causal=False)  # every patch sees every other; no rotation
+        for block, w, h in zip(self.blocks, sub.widths, sub.heads, strict=True):
+            x = block(x, at, w, h)
         return self.norm(x[:, 0])  # (B, C)
 
-    def forward(self, images: Tensor, *, widths: WidthSpec = None,
-                heads: str | int | tuple[int, ...] | None = None) -> Tensor:
-        """Class logits (B, num_classes) of the submodel ``widths`` (and ``heads``)."""
-        return self.head(self.embed(images, widths=widths, heads=heads))
+    def forward(self, images: Tensor, *, widths: SubmodelSpec = None) -> Tensor:
+        """Class logits (B, num_classes) of the submodel ``widths``."""
+        return self.head(self.embed(images, widths=widths))
 
 
 # ----------------------------------------------------------------------------- evaluation
 @torch.no_grad()
 def evaluate_classifier(model: MatViT, images: Tensor, labels: Tensor, *,
-                        widths: WidthSpec = None, heads: str | int | tuple[int, ...] | None = None,
-                        batch_size: int = 256, precision: str = "fp32") -> dict[str, float]:
+                        widths: SubmodelSpec = None, batch_size: int = 256, precision: str = "fp32") -> dict[str, float]:
     """Mean cross-entropy (``loss``), top-1 ``accuracy`` and ``n`` of one submodel."""
     if len(labels) == 0:
         raise ValueError("no images to evaluate on")
@@ -252,15 +243,15 @@ def evaluate_classifier(model: MatViT, images: Tensor, labels: Tensor, *,
         for i in range(0, len(labels), batch_size):
             x, y = images[i:i + batch_size].to(device), labels[i:i + batch_size].to(device)
             with autocast(precision, device):
-                logits = model(x, widths=widths, heads=heads).float()
+                logits = model(x, widths=widths).float()
             loss += F.cross_entropy(logits, y, reduction="sum").item()
             correct += (logits.argmax(-1) == y).sum().item()
     return {"loss": loss / len(labels), "accuracy": correct / len(labels), "n": len(labels)}
 
 
 @torch.no_grad()
-def embed_images(model: MatViT, images: Tensor, *, widths: WidthSpec = None,
-                 heads: str | int | tuple[int, ...] | None = None, batch_size: int = 256,
+def embed_images(model: MatViT, images: Tensor, *, widths: SubmodelSpec = None,
+                 batch_size: int = 256,
                  precision: str = "fp32") -> Tensor:
     """[CLS] embeddings (N, d_model) of ``images`` by one submodel, in fp32 on the CPU."""
     device = next(model.parameters()).device
@@ -268,6 +259,6 @@ def embed_images(model: MatViT, images: Tensor, *, widths: WidthSpec = None,
     with eval_mode(model):
         for i in range(0, len(images), batch_size):
             with autocast(precision, device):
-                out.append(model.embed(images[i:i + batch_size].to(device), widths=widths,
-                                       heads=heads).float().cpu())
+                out.append(model.embed(images[i:i + batch_size].to(device),
+                                       widths=widths).float().cpu())
     return torch.cat(out)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import ModelConfig
+from ..config import ModelConfig, Submodel
 from .data import ImageDataset, random_shift
 from .model import MatViT, ViTConfig, evaluate_classifier
 
@@ -70,17 +70,13 @@ class VisionTask:
         x = random_shift(self.data.train_x[idx], self.max_shift, gen)
         return x[rank::world_size], self.data.train_y[idx][rank::world_size]
 
-    def loss(self, model: nn.Module, x: Tensor, y: Tensor, name: str, heads: str | None
-             ) -> Tensor:
-        return F.cross_entropy(model(x, widths=name, heads=heads).float(), y)
+    def loss(self, model: nn.Module, x: Tensor, y: Tensor, sub: Submodel) -> Tensor:
+        return F.cross_entropy(model(x, widths=sub).float(), y)
 
     def evaluate(self, model: MatViT, cfg: Any) -> dict[str, float]:
         """Held-out cross-entropy of every granularity (accuracy: ``matformer vision eval``)."""
         n = min(len(self.data.val_y), cfg.eval_batches * cfg.batch_size)
         x, y = self.data.val_x[:n], self.data.val_y[:n]
-        mc = model.config
-        return {name: evaluate_classifier(model, x, y, widths=name,
-                                          heads=name if mc.nest_heads else None,
-                                          batch_size=cfg.batch_size,
-                                          precision=cfg.precision)["loss"]
-                for name in mc.names}
+        return {sub.name: evaluate_classifier(model, x, y, widths=sub, batch_size=cfg.batch_size,
+                                              precision=cfg.precision)["loss"]
+                for sub in model.config.granularities()}
