@@ -8,6 +8,7 @@ here before it surprises anyone at run time.
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import matformer
@@ -110,3 +111,45 @@ def test_submodels_need_no_trainer() -> None:
     for mod in graph:
         if mod.startswith("matformer.submodels"):
             assert not _reaches(graph, mod) & trainer, mod
+
+
+FLAG = re.compile(r"(?:^|[\s(`'\"/])--[a-z][a-z0-9-]*")
+
+
+def _raised_text(node: ast.Raise) -> str:
+    """Every string constant inside a raise statement (f-string parts included)."""
+    return " ".join(n.value for n in ast.walk(node)
+                    if isinstance(n, ast.Constant) and isinstance(n.value, str))
+
+
+def _flags_in_raises(path: Path) -> list[str]:
+    return [f"{path.relative_to(ROOT)}:{hit}" for hit in _flags_in_raises_at(path)]
+
+
+def test_only_the_command_line_speaks_of_flags() -> None:
+    """Errors raised outside ``cli/`` name the library's parameters, never command-line flags:
+    the command line says the same advice with its flags (``cli.main.FLAG_WORDS``)."""
+    core = [p for p in ROOT.rglob("*.py") if "cli" not in p.relative_to(ROOT).parts]
+    found = [hit for p in sorted(core) for hit in _flags_in_raises(p)]
+    assert found == []
+
+
+def test_the_flag_check_sees_a_flag(tmp_path: Path) -> None:
+    bad = tmp_path / "m.py"
+    bad.write_text('def f(x):\n    raise ValueError(f"{x} exists; pass --force")\n')
+    assert [h.split(": ")[-1] for h in _flags_in_raises_at(bad)] == ["--force"]
+
+
+def _flags_in_raises_at(path: Path) -> list[str]:
+    tree = ast.parse(path.read_text())
+    return [f"{n.lineno}: {m.group().strip()}" for n in ast.walk(tree)
+            if isinstance(n, ast.Raise) for m in FLAG.finditer(_raised_text(n))]
+
+
+def test_the_command_line_says_the_library_advice_in_flags() -> None:
+    from matformer.cli.main import describe_error
+    from matformer.outputs import OutputExistsError
+
+    e = OutputExistsError("output x already exists (a file); choose a new path, or pass "
+                          "overwrite=True to replace it")
+    assert describe_error(e).endswith("or pass --force to replace it")

@@ -74,7 +74,7 @@ def test_replace_existing_checkpoint(tmp_path: Path, tok: Tokenizer) -> None:
     path = tmp_path / "ck"
     save_checkpoint(path, tiny_model(seed=0), tok, train_state={"step": 1})
     new = tiny_model(seed=1, d_ff=(64, 32))
-    with pytest.raises(OutputExistsError, match=r"ck already exists .*pass --force"):
+    with pytest.raises(OutputExistsError, match=r"ck already exists .*pass overwrite=True"):
         save_checkpoint(path, new, tok)
     save_checkpoint(path, new, tok, overwrite=True)
     loaded, _ = load_checkpoint(path)

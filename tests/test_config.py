@@ -9,11 +9,11 @@ import pytest
 import torch
 from helpers import tiny_config
 
+from matformer.cli.args import parse_widths
 from matformer.config import (
     DEFAULT_NAMES,
     PRESETS,
     ModelConfig,
-    parse_widths,
     preset,
 )
 from matformer.model import MatFormerLM

@@ -161,7 +161,7 @@ def test_extract_skipped_attention_drops_its_weights_and_round_trips(tmp_path):
 
 
 def test_bad_skip_attention():
-    from matformer.config import parse_layers
+    from matformer.cli.args import parse_layers
 
     cfg = _model4().config
     with pytest.raises(ValueError, match=r"skip_attention=\(3,\) is invalid: must be distinct "

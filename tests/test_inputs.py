@@ -486,7 +486,7 @@ def test_decompression_bomb_is_an_unreadable_image(tmp_path: Path,
             Image.new("L", (4, 4), value).save(tmp_path / cls / f"{i}.png")
     Image.new("L", (16, 16), 0).save(tmp_path / "a" / "bomb.png")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 50)  # 256 pixels > 2 x 50: a "bomb"
-    with pytest.raises(ValueError, match=r"cannot read image .*bomb\.png.*--skip-unreadable"):
+    with pytest.raises(ValueError, match=r"cannot read image .*bomb\.png.*skip_unreadable=True"):
         load_image_folder(tmp_path, image_size=4, channels=1)
     data = load_image_folder(tmp_path, image_size=4, channels=1, skip_unreadable=True)
     assert len(data.train_y) + len(data.val_y) == 6

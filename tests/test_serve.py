@@ -24,7 +24,9 @@ from matformer.generate import generate
 from matformer.model import MatFormerLM, RowWidths
 from matformer.serve import build_registry, load_server, uvicorn_server
 from matformer.serve.cache import SlotCache
+from matformer.serve.executor import Executor
 from matformer.serve.metrics import Metrics
+from matformer.serve.output import TextStream
 from matformer.serve.policy import AutoPolicy
 from matformer.serve.registry import Servable
 from matformer.serve.scheduler import Event, QueueFull, Request, Scheduler
@@ -176,6 +178,52 @@ def test_registry_names_granularities_and_pareto_mixes() -> None:
         {"name": "XL-attn1", "pattern": "depth-attn", "widths": [64, 64], "heads": [2, 0],
          "params": 1, "val_loss": 9.0, "pareto_params": True, "decode_ms": 0.1}]
     assert build_registry(model, "demo", depth) == subs
+
+
+# ----------------------------------------------------------------------------- the three parts
+def test_text_stream_alone_holds_back_stop_prefixes_and_partial_characters() -> None:
+    """The output processor on its own: text that may still become a stop string, or the
+    first bytes of a multi-byte character, waits; a stop string ends the text before it."""
+    tok = Tokenizer.byte_level()
+    stream = TextStream(tok, max_tokens=50, stop=["END"])
+    sent = []
+    for t in tok.encode("ab EN"):
+        out = stream.take(t)
+        assert out.finish is None
+        sent.append(out.text)
+    assert "".join(sent) == "ab "  # "EN" may still grow into "END"
+    out = stream.take(tok.encode("D")[0])
+    assert (out.text, out.finish) == ("", "stop")  # nothing after "ab " is sent
+    euro = TextStream(tok, max_tokens=3)
+    first, second = (euro.take(b) for b in tok.encode("\u20ac")[:2])  # 3 bytes, 2 given
+    assert first.text == second.text == "" and first.finish is None
+    last = euro.take(tok.encode("\u20ac")[2])
+    assert (last.text, last.finish) == ("\u20ac", "length")
+    eos = TextStream(tok, max_tokens=9)
+    assert eos.take(tok.encode("a")[0]).text == "a"
+    assert (eos.take(tok.eos_id).finish, eos.tokens[-1]) == ("stop", tok.eos_id)
+
+
+def test_executor_alone_runs_a_mixed_batch_as_each_row_alone() -> None:
+    """The executor on its own: rows prefilled at their own submodels, then decoded together
+    in one mixed-width forward, give each row's own cached logits; a moved slot goes on."""
+    model = tiny_model(vocab_size=257).eval()
+    ex = Executor(model, slots=3)
+    subs = [model.submodel(w) for w in ("S", "XL", (8, 64))]
+    prompts = [[1, 2, 3], [4, 5], [6, 7, 8, 9]]
+    firsts = [int(ex.prefill(i, p, s).argmax())
+              for i, (p, s) in enumerate(zip(prompts, subs, strict=True))]
+    mixed = ex.decode(firsts, subs)
+    with torch.no_grad():
+        for b, (p, s) in enumerate(zip(prompts, subs, strict=True)):
+            alone = model(torch.tensor([[*p, firsts[b]]]), widths=s)[0, -1]
+            torch.testing.assert_close(mixed[b], alone, rtol=1e-5, atol=1e-5)
+    ex.move(2, 0)  # slot 2 takes slot 0's place: it decodes on from its own history
+    nxt = int(mixed[2].argmax())
+    again = ex.decode([nxt], subs[2:])
+    with torch.no_grad():
+        alone = model(torch.tensor([[*prompts[2], firsts[2], nxt]]), widths=subs[2])[0, -1]
+    torch.testing.assert_close(again[0], alone, rtol=1e-5, atol=1e-5)
 
 
 def _scheduler(model: MatFormerLM, **kw: Any) -> Scheduler:

@@ -340,7 +340,7 @@ def validation_batches(tokenizer: Tokenizer, meta: dict[str, Any], max_seq_len: 
     """
     corpus = data or meta.get("data")
     if corpus is None:
-        raise ValueError("the checkpoint does not record its training data; pass --data")
+        raise ValueError("the checkpoint does not record its training data; give data=SPEC")
     if batch_size < 1 or (max_batches is not None and max_batches < 1):
         raise ValueError(f"batch_size={batch_size} and batches={max_batches} must be >= 1")
     seq_len = eval_context(meta, max_seq_len, seq_len)
@@ -350,7 +350,7 @@ def validation_batches(tokenizer: Tokenizer, meta: dict[str, Any], max_seq_len: 
         raise ValueError(f"the corpus {corpus!r} has changed since the checkpoint was trained "
                          f"(sha256 {ds.digest[:12]}..., recorded {recorded[:12]}...): its "
                          "validation split is not the one training held out; restore the data, "
-                         "or pass --data to evaluate on other data")
+                         "or give data=SPEC to evaluate on other data")
     batches = list(ds.val_batches(batch_size, seq_len, max_batches))
     info = {"data": corpus, "seq_len": seq_len, "val_tokens": sum(y.numel() for _, y in batches),
             "unigram_entropy": unigram_entropy(ds.val, tokenizer.vocab_size)}

@@ -55,16 +55,16 @@ def check_output(target: str | Path, *, overwrite: bool = False,
         if real == s or real in s.parents:
             raise OutputExistsError(f"output {target} is the input {source} (or holds it): "
                                     "writing it would destroy the input; choose another output "
-                                    "path (--force does not allow this)")
+                                    "path (overwrite=True does not allow this)")
     for source, s in sources:
         if s in real.parents and _exists(target):
             raise OutputExistsError(f"output {target} is part of the input {source}: replacing "
                                     "it would corrupt the input; choose another output path "
-                                    "(--force does not allow this)")
+                                    "(overwrite=True does not allow this)")
     if _exists(target) and not _empty_dir(target) and not overwrite:
         what = "a non-empty directory" if target.is_dir() else "a file"
         raise OutputExistsError(f"output {target} already exists ({what}); choose a new path, "
-                                "or pass --force to replace it")
+                                "or pass overwrite=True to replace it")
     return target
 
 

@@ -56,7 +56,7 @@ def check_new_run_dir(run_dir: str | Path, extra: tuple[str, ...] = ()) -> None:
     ``run_dir`` may be missing, empty, or hold what a new run writes before its first checkpoint
     (:data:`FRESH_RUN_FILES` plus ``extra``, e.g. the vision run's settings file) next to the
     :data:`RUN_MARKER` that run wrote first: a run killed that early has nothing worth keeping.
-    A run with checkpoints needs ``--resume``; anything else (an extracted checkpoint, a folder
+    A run with checkpoints needs ``resume=True``; anything else (an extracted checkpoint, a folder
     of the user's files, even with names such as ``metrics.jsonl``) is not a run of ours.
 
     Raises:
@@ -66,22 +66,23 @@ def check_new_run_dir(run_dir: str | Path, extra: tuple[str, ...] = ()) -> None:
     if not (run_dir.exists() or run_dir.is_symlink()):
         return
     if not run_dir.is_dir():
-        raise ValueError(f"--out {run_dir} is a file, not a run directory; choose a new --out")
+        raise ValueError(f"{run_dir} is a file, not a run directory; choose another run "
+                         "directory")
     if (run_dir / ckpt.LATEST).exists() or (run_dir / ckpt.LATEST).is_symlink():
-        raise ValueError(f"{run_dir} already holds a run; pass --resume to continue it or choose "
-                         "another --out")
+        raise ValueError(f"{run_dir} already holds a run; pass resume=True to continue it or "
+                         "choose another run directory")
     steps = ckpt.step_dirs(run_dir / ckpt.CHECKPOINTS)
     if steps:
         raise ValueError(f"{run_dir} holds checkpoints (step {max(steps)} the newest) but no "
                          f"{ckpt.LATEST} file, so it cannot be resumed or safely started afresh; "
-                         "nothing was changed: choose a new --out")
+                         "nothing was changed: choose another run directory")
     ours = (*FRESH_RUN_FILES, *extra) if _marked(run_dir) else ()
     others = sorted(p.name for p in run_dir.iterdir()
                     if p.name not in ours and not _leftover_of(p.name, ours))
     if others:
         shown = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
-        raise ValueError(f"--out {run_dir} is not empty and not a training run (it holds "
-                         f"{shown}); nothing was changed: choose a new or empty --out")
+        raise ValueError(f"{run_dir} is not empty and not a training run (it holds {shown}); "
+                         "nothing was changed: choose a new or empty run directory")
 
 
 def data_facts(task: Any) -> dict[str, Any]:
@@ -117,7 +118,7 @@ def read_train_config(run_dir: str | Path, config_cls: type[T]) -> T:
     f = Path(run_dir) / TRAIN_CONFIG
     if not f.is_file():
         raise ValueError(f"{run_dir} has no {TRAIN_CONFIG}: there is no run to resume there "
-                         "(train without --resume to start one)")
+                         "(train without resume=True to start one)")
     try:
         return config_cls.from_dict(json.loads(f.read_text()))  # type: ignore[attr-defined]
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError, ValueError) as e:

@@ -165,7 +165,8 @@ class Trainer:
                 f"training diverged by step {self.step}: weights became NaN or infinite "
                 f"({', '.join(bad[:3]) or 'on another rank'}) although the loss was finite "
                 f"(lr={self.cfg.lr}, weight_decay={self.cfg.weight_decay}); step {self.step} "
-                f"was not saved and {self._last_good()}; lower --lr or check --weight-decay")
+                f"was not saved and {self._last_good()}; lower the learning rate (lr) or check "
+                f"the weight decay (weight_decay)")
 
     def _check_guard(self, record: dict[str, Any]) -> None:
         """LossGuardError when the full model's validation loss rose above the limit (the
@@ -251,7 +252,8 @@ class Trainer:
             raise NonFiniteError(
                 f"training diverged at step {step + 1}: {'; '.join(bad) or f'lr is {lr}'} "
                 f"(lr={lr}, weight_decay={cfg.weight_decay}); the optimizer step was not taken "
-                f"and {self._last_good()}; lower --lr or check --weight-decay")
+                f"and {self._last_good()}; lower the learning rate (lr) or check the weight "
+                "decay (weight_decay)")
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1

@@ -278,3 +278,30 @@ def check_generate(args: argparse.Namespace) -> None:
         args.draft_len = DRAFT_LEN
     if args.max_draft_len is None:
         args.max_draft_len = MAX_DRAFT_LEN
+
+
+def parse_widths(text: str, n_layer: int) -> tuple[int, ...]:
+    """Parse ``"256"`` (every layer) or ``"128,128,256,512"`` (one per layer)."""
+    try:
+        values = [int(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError as e:
+        raise ValueError(f"--widths {text!r}: expected integers separated by commas") from e
+    if len(values) == 1:
+        values *= n_layer
+    if len(values) != n_layer:
+        raise ValueError(f"--widths {text!r}: got {len(values)} values, the model has "
+                         f"{n_layer} layers (give 1 or {n_layer})")
+    return tuple(values)
+
+
+def parse_layers(text: str, n_layer: int, flag: str = "--skip-attention") -> tuple[int, ...]:
+    """Parse ``"3,4"``: distinct layer indices in ``0..n_layer-1``, returned ascending."""
+    try:
+        values = [int(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError as e:
+        raise ValueError(f"{flag} {text!r}: expected layer indices separated by commas") from e
+    bad = [v for v in values if not 0 <= v < n_layer]
+    if not values or bad or len(set(values)) != len(values):
+        raise ValueError(f"{flag} {text!r}: need distinct layer indices in 0..{n_layer - 1} "
+                         f"(the model has {n_layer} layers)")
+    return tuple(sorted(values))

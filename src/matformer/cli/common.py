@@ -184,6 +184,23 @@ def add_submodel(p: argparse.ArgumentParser,
     add_skip_attention(p)
 
 
+def add_extra_widths(p: argparse.ArgumentParser, help: str = "an extra submodel (repeatable): "
+                     "one FFN width for every layer, or one per layer") -> None:
+    """``--widths`` given any number of times, with ``--any-width`` (see :func:`extra_widths`)."""
+    p.add_argument("--widths", action="append", default=[], metavar="W", help=help)
+    add_any_width(p)
+
+
+def extra_widths(args: argparse.Namespace, cfg: Any) -> list[tuple[int, ...]]:
+    """The ``--widths`` of :func:`add_extra_widths`, parsed and checked against the trained
+    nested set unless ``--any-width``."""
+    from ..submodels.candidates import check_widths
+    from .args import parse_widths
+
+    return [check_widths(cfg, parse_widths(w, cfg.n_layer), nested=not args.any_width)
+            for w in args.widths]
+
+
 def add_any_width(p: argparse.ArgumentParser) -> None:
     """``--any-width``: one rule for every command that takes ``--widths``: only widths of the
     trained nested set run unless it is given."""
@@ -203,8 +220,8 @@ def chosen_submodel(args: argparse.Namespace, model: Any, default: Any = None) -
     the trained nested set unless ``--any-width``), else ``default`` (a spec; None: the full
     model), with ``--skip-attention``'s layers at 0 heads. None when no flag and no
     ``default`` name one."""
-    from ..config import parse_widths
     from ..submodels.candidates import check_widths
+    from .args import parse_widths
 
     cfg = model.config
     if args.widths and args.granularity:
@@ -224,7 +241,8 @@ def with_skipped_attention(args: argparse.Namespace, cfg: Any, sub: Any) -> Any:
     """``sub`` with 0 heads at the layers ``--skip-attention`` names (unchanged without it)."""
     if not getattr(args, "skip_attention", None):
         return sub
-    from ..config import Submodel, parse_layers
+    from ..config import Submodel
+    from .args import parse_layers
 
     skip = parse_layers(args.skip_attention, cfg.n_layer)
     heads = tuple(0 if i in skip else h for i, h in enumerate(sub.heads))

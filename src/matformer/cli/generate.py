@@ -211,8 +211,8 @@ def _speculative_pieces(args: argparse.Namespace, model: Any, tokenizer: Any, pr
                         draft: Any, draft_len: int, target: Any, runners: Any, stats: Any,
                         sampling: dict[str, Any]) -> Any:
     """The speculative branch of ``generate``: each round's tokens, as one-row pieces."""
-    from ..config import parse_widths
     from ..speculative import speculative_stream
+    from .args import parse_widths
 
     draft_model = None
     if args.draft_model:

@@ -24,14 +24,15 @@ from .args import (
 from .common import (
     EXAMPLES,
     Result,
-    add_any_width,
     add_command,
     add_eval_data,
+    add_extra_widths,
     add_submodel,
     add_training_args,
     check_lm_train,
     checkpoint_batches,
     chosen_submodel,
+    extra_widths,
     lm_model_config,
     load_checkpoint,
     train_config,
@@ -114,9 +115,7 @@ examples:
         "submodel) of the next-token distributions. With --baselines, the same numbers for "
         "independently trained dense models against the last of them (their XL), side by side.")
     p.add_argument("checkpoint", type=Path, help="checkpoint or run directory")
-    p.add_argument("--widths", action="append", default=[],
-                   help="also measure these per-layer FFN widths (repeatable)")
-    add_any_width(p)
+    add_extra_widths(p, "also measure these per-layer FFN widths (repeatable)")
     p.add_argument("--baselines", nargs="+", type=Path, metavar="CKPT",
                    help="dense baselines, one per granularity; the last is their reference")
     add_eval_data(p, batches=20)
@@ -243,14 +242,11 @@ def evaluate(args: argparse.Namespace) -> Result:
 
 def consistency(args: argparse.Namespace) -> Result:
     from .. import checkpoint as ckpt
-    from ..config import parse_widths
     from ..metrics import evaluate_consistency, granularity_consistency
-    from ..submodels.candidates import check_widths
 
     model, tokenizer = load_checkpoint(args.checkpoint)
     cfg = model.config
-    extra = {w: check_widths(cfg, parse_widths(w, cfg.n_layer), nested=not args.any_width)
-             for w in args.widths}
+    extra = dict(zip(args.widths, extra_widths(args, cfg), strict=True))
     bases = [load_checkpoint(b) for b in args.baselines or []]
     if len(bases) == 1:
         raise ValueError("--baselines needs at least two checkpoints (the last is the reference)")

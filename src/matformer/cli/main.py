@@ -100,8 +100,31 @@ USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, KeyError)
 _PEER_FAILED = "stopped because another process of this run failed (see its error)"
 
 
+#: The library's errors advise in its own terms (parameter names); on the command line the same
+#: advice names the flags. Only the command line speaks of flags.
+FLAG_WORDS = {
+    "overwrite=True": "--force",
+    "resume=True": "--resume",
+    "nested=False": "--any-width",
+    "skip_unreadable=True": "--skip-unreadable",
+    "data=SPEC": "--data SPEC",
+    "(pad=True)": "(drop --no-pad)",
+    "(lr)": "(--lr)",
+    "(weight_decay)": "(--weight-decay)",
+    "(seq_len)": "(--seq-len)",
+}
+
+
 def describe_error(e: BaseException) -> str:
-    """One line for an error that reached the command line: what failed and on what."""
+    """One line for an error that reached the command line: what failed and on what, with the
+    library's advice said in flags (:data:`FLAG_WORDS`)."""
+    text = _describe(e)
+    for words, flag in FLAG_WORDS.items():
+        text = text.replace(words, flag)
+    return text
+
+
+def _describe(e: BaseException) -> str:
     if isinstance(e, OSError) and e.strerror:
         text = e.strerror
         if e.filename is not None:

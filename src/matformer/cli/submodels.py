@@ -14,14 +14,15 @@ import torch
 from .args import SEED, Choices, check_latency_budgets, one_submodel
 from .common import (
     Result,
-    add_any_width,
     add_budgets,
     add_command,
     add_eval_data,
+    add_extra_widths,
     add_latency,
     add_submodel,
     checkpoint_batches,
     chosen_submodel,
+    extra_widths,
     load_checkpoint,
 )
 
@@ -66,9 +67,7 @@ def add_mixnmatch(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, help="output directory (default: CHECKPOINT/mixnmatch)")
     p.add_argument("--patterns", type=Choices(PATTERNS), default="rule",
                    help="candidate patterns (rule: the paper's; the others are ablations)")
-    p.add_argument("--widths", action="append", default=[],
-                   help="an extra candidate (repeatable): one int or one per layer")
-    add_any_width(p)
+    add_extra_widths(p, "an extra candidate (repeatable): one int or one per layer")
     p.add_argument("--depth", nargs="?", const="", metavar="GRANULARITY",
                    help="also try skipping one layer's FFN, and one layer's attention, at a "
                    "time in this granularity (default: the full model); untrained, so the "
@@ -217,7 +216,6 @@ def _describe_row(r: dict[str, Any], prefix: str = "") -> str:
 
 def mixnmatch(args: argparse.Namespace) -> Result:
     from .. import checkpoint as ckpt
-    from ..config import parse_widths
     from ..submodels import candidates as mm
     from ..submodels.latency import settings
     from ..submodels.report import line_analysis, load_sweep, markdown_table, write_report
@@ -230,7 +228,7 @@ def mixnmatch(args: argparse.Namespace) -> Result:
         model, tokenizer = load_checkpoint(args.checkpoint)
         cfg = model.config
         batches, info = checkpoint_batches(args, model, tokenizer)
-        extra = [parse_widths(w, cfg.n_layer) for w in args.widths]
+        extra = extra_widths(args, cfg)
         depth = None if args.depth is None else (args.depth or cfg.names[-1])
         cands = mm.candidates(cfg, [p.strip() for p in args.patterns.split(",") if p.strip()],
                               widths=extra, seed=args.seed, nested=not args.any_width,

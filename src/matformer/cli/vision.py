@@ -24,9 +24,9 @@ from .args import (
 )
 from .common import (
     Result,
-    add_any_width,
     add_budgets,
     add_command,
+    add_extra_widths,
     add_latency,
     add_training_args,
 )
@@ -113,9 +113,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "independently trained ViTs too, side by side by granularity name.")
     p.add_argument("checkpoints", nargs="+", type=Path, help="MatViT checkpoint(s) or run(s)")
     p.add_argument("--granularity", help="only this granularity")
-    p.add_argument("--widths", action="append", default=[],
-                   help="per-layer FFN widths (repeatable): one int, or one per layer")
-    add_any_width(p)
+    add_extra_widths(p, "per-layer FFN widths (repeatable): one int, or one per layer")
     p.add_argument("--baselines", nargs="+", type=Path, default=[], metavar="CKPT")
     p.add_argument("--labels", help="comma-separated names of the checkpoints' families "
                    "(default: their run directory names)")
@@ -133,8 +131,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("checkpoint", type=Path, help="MatViT checkpoint or run directory")
     p.add_argument("--baselines", nargs="+", type=Path, default=[], metavar="CKPT",
                    help="dense baselines, smallest to largest; the last embeds their gallery")
-    p.add_argument("--widths", action="append", default=[],
-                   help="an extra MatViT query encoder (repeatable)")
+    add_extra_widths(p, "an extra MatViT query encoder (repeatable)")
     p.add_argument("--mixnmatch", action="store_true",
                    help="also every Mix'n'Match candidate of the paper's rule")
     p.add_argument("--k", type=POSITIVE_INTS, default=(1, 5, 10), help="recall@k")
@@ -155,8 +152,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, help="output directory (default: CHECKPOINT/mixnmatch)")
     p.add_argument("--patterns", type=Choices(PATTERNS), default="rule",
                    help="candidate patterns (rule: the paper's; the others are ablations)")
-    p.add_argument("--widths", action="append", default=[], help="an extra candidate")
-    add_any_width(p)
+    add_extra_widths(p, "an extra candidate (repeatable)")
     p.add_argument("--baselines", nargs="+", type=Path, default=[], metavar="CKPT")
     p.add_argument("--no-latency", action="store_true")
     add_latency(p, prefill=False)

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from ..outputs import write_text_atomic
-from .common import Result, model_overrides, train_config
+from .common import Result, extra_widths, model_overrides, train_config
 
 VISION_FILE = "vision.json"  # training-only data settings of a run (augmentation)
 
@@ -50,13 +50,6 @@ def _dataset(path: Path, args: argparse.Namespace, model: Any) -> Any:
         raise ValueError(f"{spec!r} holds {data.num_classes} classes but {path} classifies "
                          f"{cfg.num_classes}: use the data it was trained on")
     return data
-
-
-def _widths_list(args: argparse.Namespace, cfg: Any, nested: bool = True) -> list[tuple]:
-    from ..config import parse_widths
-    from ..submodels.candidates import check_widths
-
-    return [check_widths(cfg, parse_widths(w, cfg.n_layer), nested=nested) for w in args.widths]
 
 
 def _same_data(models: list[Any]) -> None:
@@ -174,7 +167,7 @@ def _eval(args: argparse.Namespace) -> Result:
         targets: dict[str, Any] = {}
         if args.granularity:
             targets[args.granularity] = args.granularity
-        for w in _widths_list(args, cfg, nested=not args.any_width):
+        for w in extra_widths(args, cfg):
             targets[",".join(map(str, w))] = w
         if not targets:
             targets = {n: n for n in cfg.names}
@@ -212,7 +205,7 @@ def _retrieve(args: argparse.Namespace) -> Result:
     cfg = model.config
     queries = [(f"MatViT {n}", model, cfg.ffn_widths(n)) for n in cfg.names]
     groups = ["matvit"] * len(queries)
-    extra = _widths_list(args, cfg)
+    extra = extra_widths(args, cfg)
     if args.mixnmatch:
         extra += [c.widths for c in mm.rule_candidates(cfg) if len(set(c.widths)) > 1]
     for w in dict.fromkeys(extra):
@@ -279,7 +272,7 @@ def _mixnmatch(args: argparse.Namespace) -> Result:
     data = _dataset(args.checkpoint, args, model)
     cfg = model.config
     cands = mm.candidates(cfg, [p.strip() for p in args.patterns.split(",") if p.strip()],
-                          widths=_widths_list(args, cfg, nested=not args.any_width),
+                          widths=extra_widths(args, cfg),
                           seed=args.seed, nested=not args.any_width)
     rows = vit_sweep(model, data, cands, baselines=bases, latency=not args.no_latency,
                      repeats=args.repeats, precision=args.precision,

@@ -146,7 +146,8 @@ def aggregate(rc: ReproConfig, stages: Stages) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- plots
 def _scaling_lines(study: dict[str, Any] | None) -> list[str]:
     if not study:
-        return ["Not run (pass `--scaling`): no fit of Loss = a (N D)^b + c here."]
+        return ["Not run (the scaling stage was not asked for): no fit of Loss = a (N D)^b + c "
+                "here."]
     shapes = ", ".join(study["shapes"])
     lines = [f"Sizes {shapes} (seed 0; X grows with the width), every granularity of each; "
              "N = non-embedding parameters, D = training tokens (4X for the MatLM, X for a "

@@ -38,16 +38,16 @@ def reproduce(rc: ReproConfig, out: str | Path, *, device: str = "cpu",
     out = Path(out)
     cfg_file = out / "config.json"
     if out.is_dir() and any(out.iterdir()) and not cfg_file.is_file():
-        raise ValueError(f"--out {out} is not empty and holds no reproduction (no "
-                         f"{cfg_file.name}); nothing was changed: choose a new or empty --out")
+        raise ValueError(f"{out} is not empty and holds no reproduction (no {cfg_file.name}); "
+                         "nothing was changed: choose a new or empty output directory")
     if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file; choose a directory")
+        raise ValueError(f"{out} is a file; choose a directory")
     out.mkdir(parents=True, exist_ok=True)
     if cfg_file.is_file():
         old = ReproConfig.from_dict(json.loads(cfg_file.read_text()))
         if {**old.to_dict(), "seeds": 0} != {**rc.to_dict(), "seeds": 0}:
             raise ValueError(f"{out} holds a reproduction with other settings ({cfg_file}); "
-                             "rerun it with the same ones to resume, or choose a new --out")
+                             "rerun it with the same ones to resume, or choose a new output directory")
     write_text_atomic(cfg_file, json.dumps(rc.to_dict(), indent=1) + "\n")
     stages = Stages(out / "stages", progress)
     t0 = time.perf_counter()

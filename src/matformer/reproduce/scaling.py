@@ -77,7 +77,7 @@ def scaling(rc: ReproConfig, out: Path, stages: Stages,
     points: dict[str, list[tuple[float, float, float]]] = {"matlm": [], "baseline": []}
     rows = []
     if rc.shape not in SCALING_SHAPES:
-        raise ValueError(f"--scaling is defined for the shapes {sorted(SCALING_SHAPES)}, not "
+        raise ValueError(f"the scaling fit is defined for the shapes {sorted(SCALING_SHAPES)}, not "
                          f"{rc.shape!r}")
     shapes = SCALING_SHAPES[rc.shape]
     for shape in shapes:

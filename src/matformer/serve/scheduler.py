@@ -170,8 +170,8 @@ class Scheduler:
             free = self.max_batch - len(self._rows)
             if len(self._queue) >= self.max_queue + max(0, free):
                 self.metrics.inc("rejected_total", reason="queue_full")
-                raise QueueFull(f"{len(self._queue)} requests are waiting (--queue "
-                                f"{self.max_queue}); retry later")
+                raise QueueFull(f"{len(self._queue)} requests are waiting (the queue holds "
+                                f"{self.max_queue} beyond the free slots); retry later")
             self._queue.append(req)
             self.metrics.set("queued_requests", len(self._queue))
             self._cond.notify()

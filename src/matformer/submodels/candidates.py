@@ -68,8 +68,8 @@ def check_widths(cfg: ModelConfig, widths: Sequence[int], *, nested: bool = True
                              "(0 skips the layer's FFN)")
         if nested and w and w not in allowed[i]:
             raise ValueError(f"width {w} at layer {i} is not in the nested set {allowed[i]} "
-                             f"(granularities {list(cfg.names)}); pass nested=False "
-                             "(CLI: --any-width) to run an untrained prefix width anyway")
+                             f"(granularities {list(cfg.names)}); pass nested=False to run an "
+                             "untrained prefix width anyway")
     return widths
 
 

@@ -199,7 +199,7 @@ def text_batches(ids: Sequence[int], seq_len: int, batch_size: int, max_batches:
     n = (len(t) - 1) // seq_len
     if n < 1:
         raise ValueError(f"the text has {len(t)} tokens: fewer than one window of "
-                         f"{seq_len + 1}; give more text or a smaller --seq-len")
+                         f"{seq_len + 1}; give more text or a shorter window (seq_len)")
     x = t[: n * seq_len].view(n, seq_len)
     y = t[1: n * seq_len + 1].view(n, seq_len)
     out = [(x[i: i + batch_size], y[i: i + batch_size]) for i in range(0, n, batch_size)]

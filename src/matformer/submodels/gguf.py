@@ -98,7 +98,7 @@ def architecture(cfg: ModelConfig) -> str:
         raise GGUFExportError(
             f"per-layer FFN widths {list(widths)} with relu2: llama.cpp's only relu2 "
             "architecture with our layout (arcee) builds every layer at one FFN size, and deci "
-            "(per-layer sizes) is SwiGLU only; export a uniform width (--granularity) instead, "
+            "(per-layer sizes) is SwiGLU only; export a uniform width (a granularity) instead, "
             "or use export-hf (zero-padded)")
     raise GGUFExportError(
         f"activation {cfg.activation!r}: llama.cpp has no architecture with RMSNorm, RoPE and a "
@@ -316,7 +316,7 @@ def export_gguf(model: MatFormerLM, tokenizer: Tokenizer, out: str | Path, *,
         raise GGUFExportError(f"dtype {dtype!r}: choose one of {DTYPES}")
     out = Path(out)
     if out.exists() and not overwrite:
-        raise GGUFExportError(f"{out} already exists; pass --force (overwrite=True) to replace it")
+        raise GGUFExportError(f"{out} already exists; pass overwrite=True to replace it")
     chosen = model.config.submodel(widths)
     if chosen.heads[0] == 0:
         raise GGUFExportError("heads: layer 0 skips its attention, which llama.cpp cannot load "

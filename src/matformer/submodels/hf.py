@@ -78,7 +78,7 @@ def hf_config(cfg: ModelConfig, eos_id: int, *, pad: bool = True) -> tuple[Any, 
     padded = len(set(dims)) > 1
     if padded and not pad:
         raise ExportError(f"per-layer FFN widths {list(dims)}: {arch} has one intermediate_size "
-                          "per model; allow zero padding (exact, no speed gain; CLI: drop --no-pad) "
+                          "per model; allow zero padding (exact, no speed gain; pad=True) "
                           "to export")
     extra = {"matformer_ffn_widths": list(dims)} if padded else {}
     hf = _config_class(model_type)(

@@ -203,7 +203,7 @@ def load_image_folder(root: str | Path, image_size: int, channels: int = 3,
                 images.append(_read_image(f, image_size, channels))
             except ValueError as e:
                 if not skip_unreadable:
-                    raise ValueError(f"{e} (pass skip_unreadable=True / --skip-unreadable to "
+                    raise ValueError(f"{e} (pass skip_unreadable=True to "
                                      "skip such files)") from e
                 log.warning("skipping %s", e)
                 skipped.append(f)
