@@ -100,6 +100,8 @@ def test_layers() -> None:
                  "checkpoint", "metrics", "config", "distributed", "tokenizer", "families"):
         reached = _reaches(graph, f"matformer.{core}")
         assert not {m for m in reached if m.startswith("matformer.cli")}, core
+    # the block's arithmetic is functions of tensors: it reaches no other module of ours
+    assert _reaches(graph, "matformer.block") == set()
 
 
 def test_submodels_need_no_trainer() -> None:

@@ -14,6 +14,7 @@ from matformer import checkpoint as ckpt
 from matformer.checkpoint import CheckpointError, save_checkpoint
 from matformer.families import load_checkpoint
 from matformer.outputs import OutputExistsError
+from matformer.runs import RunDir
 from matformer.tokenizer import Tokenizer
 
 
@@ -59,7 +60,7 @@ def test_loaded_model_trains_with_tied_weights(tmp_path: Path, tok: Tokenizer) -
 
 def test_train_state_round_trip(tmp_path: Path, tok: Tokenizer) -> None:
     state = {"step": 7, "optimizer": {"x": torch.arange(3)}, "train_config": "{}"}
-    ckpt.save_run_checkpoint(tmp_path, 7, tiny_model(), tok, state)
+    RunDir(tmp_path).save_checkpoint(7, tiny_model(), tok, state)
     loaded = ckpt.load_train_state(tmp_path)
     assert loaded["step"] == 7 and torch.equal(loaded["optimizer"]["x"], torch.arange(3))
     save_checkpoint(tmp_path / "plain", tiny_model(), tok)
@@ -192,7 +193,7 @@ def test_resolve_follows_latest_and_keep_prunes(tmp_path: Path, tok: Tokenizer) 
     models = {}
     for step in (2, 4, 6):
         models[step] = tiny_model(seed=step)
-        out = ckpt.save_run_checkpoint(run, step, models[step], tok, {"step": step}, keep=2)
+        out = RunDir(run).save_checkpoint(step, models[step], tok, {"step": step}, keep=2)
         assert out == run / "checkpoints" / f"step_{step:06d}"
         assert (run / "latest").read_text() == f"checkpoints/step_{step:06d}\n"
         assert ckpt.resolve(run) == out
@@ -207,12 +208,12 @@ def test_resolve_follows_latest_and_keep_prunes(tmp_path: Path, tok: Tokenizer) 
 
 def test_keep_one(tmp_path: Path, tok: Tokenizer) -> None:
     for step in (1, 2, 3):
-        ckpt.save_run_checkpoint(tmp_path, step, tiny_model(), tok, {"step": step}, keep=1)
+        RunDir(tmp_path).save_checkpoint(step, tiny_model(), tok, {"step": step}, keep=1)
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_000003"]
 
 
 def test_latest_pointing_nowhere(tmp_path: Path, tok: Tokenizer) -> None:
-    ckpt.save_run_checkpoint(tmp_path, 1, tiny_model(), tok, {"step": 1})
+    RunDir(tmp_path).save_checkpoint(1, tiny_model(), tok, {"step": 1})
     (tmp_path / "latest").write_text("checkpoints/step_000099\n")
     with pytest.raises(CheckpointError, match=r"latest points to .*step_000099, which is not a"):
         ckpt.resolve(tmp_path)
@@ -220,10 +221,10 @@ def test_latest_pointing_nowhere(tmp_path: Path, tok: Tokenizer) -> None:
 
 def test_stale_temp_dirs_are_ignored(tmp_path: Path, tok: Tokenizer) -> None:
     """A crash mid-save leaves '.step_X.tmp-*'; pruning and resolve do not mistake it."""
-    ckpt.save_run_checkpoint(tmp_path, 1, tiny_model(), tok, {"step": 1})
+    RunDir(tmp_path).save_checkpoint(1, tiny_model(), tok, {"step": 1})
     (tmp_path / "checkpoints" / ".step_000002.tmp-abc").mkdir()
     for step in (2, 3):
-        ckpt.save_run_checkpoint(tmp_path, step, tiny_model(), tok, {"step": step}, keep=2)
+        RunDir(tmp_path).save_checkpoint(step, tiny_model(), tok, {"step": step}, keep=2)
     done = sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if
                   not p.name.startswith("."))
     assert done == ["step_000002", "step_000003"]

@@ -11,9 +11,9 @@ import torch
 from helpers import random_tokens, tiny_model, write_corpus
 
 from matformer import checkpoint as ckpt
+from matformer.block import rotate, signed_rope_tables
 from matformer.cli import main
 from matformer.generate import generate
-from matformer.model import rotate, signed_rope_tables
 from matformer.submodels.gguf import (
     GGUFExportError,
     architecture,

@@ -20,6 +20,7 @@ from matformer.config import ModelConfig
 from matformer.data import DEFAULT_EVAL_CONTEXT, eval_context
 from matformer.model import MatFormerLM
 from matformer.recipe import TrainConfig
+from matformer.runs import RunDir
 from matformer.submodels.hf import import_hf
 from matformer.submodels.pretokenizers import PreTokenizerError, hf_pretokenizer, llamacpp_pre
 from matformer.tokenizer import Tokenizer
@@ -292,7 +293,7 @@ def test_guard_stops_and_keeps_the_last_good_checkpoint(pretrained, tmp_path, ca
     assert limit is not None
     bad = [r["step"] for r in records if "val_loss" in r and r["val_loss"]["XL"] > limit]
     assert bad, records
-    kept = [s for s in ckpt.step_dirs(out / ckpt.CHECKPOINTS)]
+    kept = list(RunDir(out).steps())
     assert all(s < bad[0] for s in kept)  # nothing at or after the step that failed is saved
 
 

@@ -20,6 +20,7 @@ from matformer import checkpoint as ckpt
 from matformer import families
 from matformer.cli import main
 from matformer.outputs import OutputExistsError, atomic_output, clean_leftovers
+from matformer.runs import RunDir
 from matformer.submodels.extract import extract
 from matformer.task import LMTask
 from matformer.tokenizer import Tokenizer
@@ -250,13 +251,13 @@ def test_pruning_follows_the_runs_own_history(tmp_path: Path) -> None:
     for step in (500, 600):  # higher-numbered checkpoints of an earlier attempt, no latest
         ckpt.save_checkpoint(tmp_path / "checkpoints" / f"step_{step:06d}", tiny_model(), TOK)
     for step in (2, 4, 6):
-        path = ckpt.save_run_checkpoint(tmp_path, step, tiny_model(seed=step), TOK,
+        path = RunDir(tmp_path).save_checkpoint(step, tiny_model(seed=step), TOK,
                                         {"step": step}, keep=2)
         assert ckpt.resolve(tmp_path) == path  # latest's target is never pruned
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert names == ["step_000004", "step_000006", "step_000500", "step_000600"]
     (tmp_path / "latest").write_text("checkpoints/step_000004\n")  # a rollback
-    ckpt.save_run_checkpoint(tmp_path, 5, tiny_model(), TOK, {"step": 5}, keep=1)
+    RunDir(tmp_path).save_checkpoint(5, tiny_model(), TOK, {"step": 5}, keep=1)
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert names == ["step_000005", "step_000006", "step_000500", "step_000600"]
 

@@ -25,9 +25,10 @@ from matformer.data import TokenDataset
 from matformer.metrics import evaluate_granularities
 from matformer.model import MatFormerLM, lm_loss
 from matformer.recipe import TrainConfig, granularities_for_step, lr_at
+from matformer.runs import METRICS, TRAIN_CONFIG
 from matformer.task import LMTask
 from matformer.tokenizer import Tokenizer
-from matformer.train import METRICS, TRAIN_CONFIG, Trainer
+from matformer.train import Trainer
 
 NAMES = ("S", "M", "L", "XL")
 

@@ -118,7 +118,7 @@ class KVCache:
 
         Returns:
             ``cos, sin`` of shape (T, 1, hd), or (B, T, 1, hd) with padding (the layout of
-            :func:`~matformer.model.rotate`); and a boolean mask
+            :func:`~matformer.block.rotate`); and a boolean mask
             (B or 1, 1, T, start_pos + T), True where a query may attend, or None when every
             key is visible (one query, no padding).
         """

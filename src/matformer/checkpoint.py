@@ -9,12 +9,11 @@ time with a clear message) and, for training runs, ``train_state.pt`` (optimizer
 This module knows no model family: :mod:`matformer.families` picks the class from ``kind``.
 
 A training run directory keeps several: ``checkpoints/step_000100/`` ... plus a ``latest`` file
-naming the newest. Every checkpoint is first written to a temporary directory beside its final
-place and then renamed (:func:`matformer.outputs.atomic_output`: an existing directory is only
-replaced when asked, never when it is the command's input), and ``latest`` is replaced with
-``os.replace``; a crash at any moment leaves the previous good checkpoint where it was, and the
-leftovers of the interrupted write are cleaned when training starts or resumes. Pruning keeps
-the newest checkpoints of the run's own history and never touches ``latest``'s target.
+naming the newest (:class:`matformer.runs.RunDir` writes, prunes and cleans them; here
+:func:`resolve` only reads ``latest``). Every checkpoint is first written to a temporary
+directory beside its final place and then renamed (:func:`matformer.outputs.atomic_output`: an
+existing directory is only replaced when asked, never when it is the command's input); a crash
+at any moment leaves the previous good checkpoint where it was.
 
 Loading checks every file against the manifest first; ``train_state.pt`` is read with
 ``torch.load(weights_only=True)`` only after its checksum matched.
@@ -27,7 +26,6 @@ import json
 import logging
 import os
 import pickle
-import shutil
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import suppress
 from pathlib import Path
@@ -40,7 +38,7 @@ from torch import nn
 
 from .chat_template import CONFIG_FILE as TOKENIZER_CONFIG
 from .config import ModelConfig
-from .outputs import OutputError, atomic_output, clean_leftovers, disk_full, write_text_atomic
+from .outputs import atomic_output, disk_full
 from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -302,50 +300,3 @@ def load_train_state(path: str | Path) -> dict[str, Any]:
     if not isinstance(state, dict) or not isinstance(state.get("step"), int):
         raise CheckpointError(f"{f} is not a training state (no integer 'step')")
     return state
-
-
-def step_dirs(folder: Path) -> dict[int, Path]:
-    """``step_NNNNNN`` checkpoint directories of a run's ``checkpoints/`` by step."""
-    if not folder.is_dir():
-        return {}
-    return {int(p.name[5:]): p for p in folder.glob("step_*")
-            if p.name[5:].isdigit() and p.is_dir() and not p.is_symlink()}
-
-
-def clean_run_leftovers(run_dir: str | Path) -> list[str]:
-    """Remove what interrupted writes left in a run directory (``.step_*.tmp-*``,
-    ``.step_*.old-*``, ``.latest.tmp``, ``.metrics.jsonl.tmp-*``...); return their names.
-    Called when training starts or resumes."""
-    run_dir = Path(run_dir)
-    done = clean_leftovers(run_dir / CHECKPOINTS, ".step_*") + clean_leftovers(run_dir, ".*.tmp-*")
-    tmp = run_dir / f".{LATEST}.tmp"
-    if tmp.is_file():
-        tmp.unlink()
-        done.append(tmp.name)
-    return done
-
-
-def save_run_checkpoint(run_dir: Path, step: int, model: nn.Module,
-                        tokenizer: Tokenizer | None,
-                        train_state: dict[str, Any], keep: int = 2,
-                        metadata: dict[str, Any] | None = None) -> Path:
-    """Save ``checkpoints/step_NNNNNN`` in a run directory, point ``latest`` at it, prune old.
-
-    Pruning follows this run's history: of the checkpoints up to ``step`` the newest ``keep``
-    stay (all when ``keep`` <= 0); higher-numbered ones (left by an earlier attempt, or by a
-    rollback of ``latest``) and ``latest``'s target are never deleted. A step directory of the
-    same number (written before a crash, after the checkpoint ``latest`` named) is replaced.
-    """
-    rel = Path(CHECKPOINTS) / f"step_{step:06d}"
-    path = save_checkpoint(run_dir / rel, model, tokenizer, train_state=train_state,
-                           metadata=metadata, overwrite=True)
-    try:
-        write_text_atomic(run_dir / LATEST, f"{rel.as_posix()}\n")
-    except (OSError, OutputError) as e:
-        raise CheckpointError(f"cannot update {run_dir / LATEST}: {e}; it still names the "
-                              "previous checkpoint") from e
-    history = sorted((s, p) for s, p in step_dirs(run_dir / CHECKPOINTS).items() if s <= step)
-    for _, old in history[:-keep] if keep > 0 else []:
-        if old.resolve() != path.resolve():  # never latest's target
-            shutil.rmtree(old, ignore_errors=True)
-    return path

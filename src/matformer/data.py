@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from .corpora import corpus_digest, load_corpus
-from .outputs import atomic_file
+from .outputs import atomic_file, make_dir
 from .tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -296,7 +296,7 @@ def prepare_data(
     logger.info(
         "tokenised %r: %d train + %d val tokens in %.1fs", corpus, len(train), len(val), seconds
     )
-    folder.mkdir(parents=True, exist_ok=True)
+    make_dir(folder)
     _atomic_write(folder / "train.bin", train.tobytes())
     _atomic_write(folder / "val.bin", val.tobytes())
     meta = dict(format=_CACHE_FORMAT, corpus=corpus, documents=len(texts), dtype=dtype.name)

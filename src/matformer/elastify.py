@@ -35,9 +35,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from .block import attention, hidden, rms_norm
 from .config import DEFAULT_NAMES, DEFAULT_RATIOS
 from .metrics import evaluate_granularities
-from .model import MatFormerLM, attention, autocast, eval_mode, hidden, rms_norm
+from .model import MatFormerLM, autocast, eval_mode
 from .outputs import write_text_atomic
 
 if TYPE_CHECKING:

@@ -1,6 +1,9 @@
-"""Safe outputs: directories are written through :func:`atomic_output`, files through
-:func:`atomic_file` / :func:`write_text_atomic` (a run's ``metrics.jsonl`` is appended to,
-line by line, and rewritten atomically when a resume truncates it).
+"""Safe outputs, the one owner of the disk: directories are written through
+:func:`atomic_output`, files through :func:`atomic_file` / :func:`write_text_atomic` /
+:func:`save_figure`, folders made by :func:`make_dir` (a run's ``metrics.jsonl`` is appended
+to, line by line, and rewritten atomically when a resume truncates it). Inside the temporary
+folder of an :func:`atomic_output`, writers write as they like: nothing there is in place
+until the whole folder is renamed.
 
 One rule: never delete or overwrite what the user did not ask to replace.
 
@@ -25,6 +28,7 @@ import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +80,9 @@ def _empty_dir(path: Path) -> bool:
     return path.is_dir() and not path.is_symlink() and not any(path.iterdir())
 
 
-def _remove(path: Path) -> None:
+def remove_output(path: Path) -> None:
+    """Remove a file or folder this package wrote (a replaced output, a pruned checkpoint);
+    what cannot be removed is left."""
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
     else:
@@ -116,7 +122,7 @@ def _into_place(tmp: Path, target: Path) -> None:
     except BaseException:
         os.replace(old, target)
         raise
-    _remove(old)
+    remove_output(old)
 
 
 def make_temp(target: Path, *, directory: bool) -> Path:
@@ -230,6 +236,24 @@ def write_text_atomic(path: str | Path, text: str) -> None:
         os.fsync(f.fileno())
 
 
+def make_dir(path: str | Path) -> Path:
+    """Create the folder ``path`` and its missing parents (an existing folder is fine); an OS
+    error is an :class:`OutputError` naming it."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _failed(e, path) or OutputError(f"cannot create the folder {path}: {e}") from e
+    return path
+
+
+def save_figure(fig: Any, path: str | Path, **kw: Any) -> None:
+    """Save a matplotlib figure to ``path`` atomically (the format from its suffix)."""
+    path = Path(path)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", **kw)
+
+
 def clean_leftovers(folder: str | Path, pattern: str = ".*") -> list[str]:
     """Remove what interrupted atomic writes left in ``folder``; return the names handled.
 
@@ -243,11 +267,11 @@ def clean_leftovers(folder: str | Path, pattern: str = ".*") -> list[str]:
         return done
     for p in sorted(folder.glob(pattern)):
         if ".tmp-" in p.name:
-            _remove(p)
+            remove_output(p)
         elif ".old-" in p.name:
             dest = folder / p.name[1:].rsplit(".old-", 1)[0]
             if _exists(dest):
-                _remove(p)
+                remove_output(p)
             else:
                 os.replace(p, dest)
         else:

@@ -1,6 +1,6 @@
 """Decoding one fixed submodel through a KV cache, eager or compiled.
 
-There is one implementation of the block, :func:`matformer.model.layer`, on (B * T, C) rows
+There is one implementation of the block, :func:`matformer.block.layer`, on (B * T, C) rows
 multiplied by transposed weight views; :meth:`MatFormerLM.forward` runs it through each
 :class:`~matformer.model.Block` (taking the views per call, as training, FSDP and mixed-width
 batches need). Profiling cached decoding of the demo shape at batch 1 on one CPU thread
@@ -33,9 +33,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .block import Positions, layer, rms_norm
 from .cache import KVCache
 from .config import Submodel, SubmodelSpec
-from .model import MatFormerLM, Positions, layer, rms_norm
+from .model import MatFormerLM
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ CPP_WRAPPER = True
 class SubmodelRunner:
     """Logits of one fixed submodel for tokens written into a :class:`KVCache`.
 
-    The arithmetic is the model's own (:func:`matformer.model.layer`, the function every
+    The arithmetic is the model's own (:func:`matformer.block.layer`, the function every
     :class:`~matformer.model.Block` runs); what the runner adds is doing the per-submodel work
     once (the weight views) and, with ``compile``, static shapes for ``torch.compile``.
 

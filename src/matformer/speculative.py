@@ -315,10 +315,9 @@ def _decode(s: _Setup, pool: RunnerPool, ids: Tensor, max_new_tokens: int, stats
     logits = prefill(s.model, out[None, :T], s.tcache, runner=s.target)[0]
     stats.target_forwards += 1
     out[T] = sampler.first(logits)[0]
-    n = T + 1  # tokens in `out`; the last one is not in any cache yet
-    draft_valid = T if s.dcache is s.tcache else 0  # drafter cache slots holding the sequence
+    pos = _Position(n=T + 1, draft_valid=T if s.dcache is s.tcache else 0)
     if max_k is not None and max_new_tokens > 1:  # one token: no round, nothing to measure
-        costs = _costs(s, pool, n - 1, max_k, costs)
+        costs = _costs(s, pool, pos.n - 1, max_k, costs)
     generated, k, idle = 0, draft_len, 0
     tokens = out[T: T + 1].clone()
     while True:
@@ -336,38 +335,53 @@ def _decode(s: _Setup, pool: RunnerPool, ids: Tensor, max_new_tokens: int, stats
             if idle >= PROBE_EVERY:  # look again at the acceptance once in a while
                 k, idle = 1, 0
         k_now = min(k, max_new_tokens - generated - 1)
-        if k_now == 0:  # a plain decoding step, as cheap as generate()'s
-            tokens = sampler.first(s.target(out[None, n - 1: n], s.tcache, n - 1)[0, -1])
-            out[n] = tokens[0]
-            n += 1
-            if s.dcache is s.tcache:
-                draft_valid = n - 1
-            stats.target_forwards += 1
-            stats.rounds += 1
-            stats.draft_lens.append(0)
-            continue
-        t_draft = perf_counter()
-        draft_valid, draft_probs = _draft(s, out, n, draft_valid, k_now, sampler)
-        t_verify = synced_clock(device)
-        accepted = _verify(s, out, n, k_now, draft_probs, sampler)
-        a = accepted.numel() - 1  # drafts kept
-        if max_k is not None:
-            t_end = perf_counter()
-            costs.record_draft(t_verify - t_draft, k_now)
-            costs.record_verify(k_now + 1, t_end - t_verify)
-            acceptance.update(a, k_now)
-        out[n: n + a + 1] = accepted
-        n += a + 1
-        # Slots < n - 1 now hold the accepted sequence: the target's, and the drafter's too up
-        # to where it drafted. Anything later is stale and will be overwritten before it is read.
-        draft_valid = n - 1 if s.dcache is s.tcache else min(draft_valid, n - 1)
-        stats.draft_forwards += k_now
-        stats.target_forwards += 1
-        stats.rounds += 1
-        stats.drafted += k_now
-        stats.accepted += a
-        stats.draft_lens.append(k_now)
-        tokens = accepted
+        tokens = _round(s, out, pos, k_now, sampler, stats,
+                        (costs, acceptance) if max_k is not None else None)
+
+
+@dataclass
+class _Position:
+    """Where decoding stands: ``n`` tokens in ``out`` (the last one in no cache yet), and how
+    many drafter cache slots hold the sequence."""
+
+    n: int
+    draft_valid: int
+
+
+def _round(s: _Setup, out: Tensor, pos: _Position, k: int, sampler: _Sampler,
+           stats: SpecStats, adapt: tuple[DraftCosts, Acceptance] | None) -> Tensor:
+    """One round: ``k`` drafts and their verification (k = 0: a plain decoding step, as cheap
+    as generate()'s). Returns the emitted tokens; ``adapt`` records its costs and acceptance."""
+    n, shared = pos.n, s.dcache is s.tcache
+    stats.target_forwards += 1
+    stats.rounds += 1
+    stats.draft_lens.append(k)
+    if k == 0:
+        tokens = sampler.first(s.target(out[None, n - 1: n], s.tcache, n - 1)[0, -1])
+        out[n] = tokens[0]
+        pos.n = n + 1
+        if shared:
+            pos.draft_valid = n
+        return tokens
+    t_draft = perf_counter()
+    draft_valid, draft_probs = _draft(s, out, n, pos.draft_valid, k, sampler)
+    t_verify = synced_clock(out.device)
+    accepted = _verify(s, out, n, k, draft_probs, sampler)
+    a = accepted.numel() - 1  # drafts kept
+    if adapt is not None:
+        t_end = perf_counter()
+        adapt[0].record_draft(t_verify - t_draft, k)
+        adapt[0].record_verify(k + 1, t_end - t_verify)
+        adapt[1].update(a, k)
+    out[n: n + a + 1] = accepted
+    pos.n = n + a + 1
+    # Slots < n - 1 now hold the accepted sequence: the target's, and the drafter's too up
+    # to where it drafted. Anything later is stale and will be overwritten before it is read.
+    pos.draft_valid = pos.n - 1 if shared else min(draft_valid, pos.n - 1)
+    stats.draft_forwards += k
+    stats.drafted += k
+    stats.accepted += a
+    return accepted
 
 
 def _emit(tokens: Tensor, eos_id: int | None, stats: SpecStats) -> Tensor:

@@ -25,7 +25,6 @@ from tqdm.auto import tqdm
 from . import checkpoint as ckpt
 from . import distributed as dist
 from .model import autocast
-from .outputs import write_text_atomic
 from .recipe import (
     TrainConfig,
     check_plan,
@@ -35,7 +34,7 @@ from .recipe import (
     make_optimizer,
     set_hyperparameters,
 )
-from .runs import METRICS, TRAIN_CONFIG, check_same_data, data_facts, mark_run_dir
+from .runs import RunDir, check_same_data, data_facts
 from .task import Task
 
 log = logging.getLogger(__name__)
@@ -81,6 +80,7 @@ class Trainer:
         self.teacher = teacher.eval().requires_grad_(False) if teacher is not None else None
         freeze(self.raw, cfg)
         self.run_dir = Path(run_dir)
+        self.run = RunDir(self.run_dir)
         mcfg = self.raw.config
         task.check(mcfg)
         self.env = env or dist.DistEnv(device=next(self.raw.parameters()).device)
@@ -122,7 +122,7 @@ class Trainer:
         meta = {"data": self.cfg.data, "val_fraction": self.cfg.val_fraction,
                 "seq_len": self.task.tokens_per_sample, "step": self.step,
                 **data_facts(self.task)}
-        ckpt.save_run_checkpoint(self.run_dir, self.step, model, self.task.tokenizer, state,
+        self.run.save_checkpoint(self.step, model, self.task.tokenizer, state,
                                  keep=self.cfg.keep_checkpoints, metadata=meta)
 
     def resume(self) -> None:
@@ -145,15 +145,9 @@ class Trainer:
         set_hyperparameters(self.optimizer, self.cfg)
         self.step, self._pending = int(state["step"]), None
         if self.env.is_main:
-            self._truncate_metrics(self.step)
+            self.run.truncate_metrics(self.step)
         log.info("resumed %s at step %d", path, self.step)
 
-    def _last_good(self) -> str:
-        latest = self.run_dir / ckpt.LATEST
-        try:
-            return f"the last good checkpoint is kept: {latest} -> {latest.read_text().strip()}"
-        except OSError:
-            return "there is no earlier checkpoint"
 
     def _check_finite_weights(self) -> None:
         """NonFiniteError (on every rank) when a weight is NaN or infinite."""
@@ -165,7 +159,7 @@ class Trainer:
                 f"training diverged by step {self.step}: weights became NaN or infinite "
                 f"({', '.join(bad[:3]) or 'on another rank'}) although the loss was finite "
                 f"(lr={self.cfg.lr}, weight_decay={self.cfg.weight_decay}); step {self.step} "
-                f"was not saved and {self._last_good()}; lower the learning rate (lr) or check "
+                f"was not saved and {self.run.describe_latest()}; lower the learning rate (lr) or check "
                 f"the weight decay (weight_decay)")
 
     def _check_guard(self, record: dict[str, Any]) -> None:
@@ -179,27 +173,12 @@ class Trainer:
             raise LossGuardError(
                 f"stopped at step {self.step}: the validation loss of {self.names[-1]} rose to "
                 f"{full:.4f}, above the limit {limit:.4f} (max_val_loss); step {self.step} was "
-                f"not saved and {self._last_good()}; lower the learning rate (lr={self.cfg.lr}) "
+                f"not saved and {self.run.describe_latest()}; lower the learning rate (lr={self.cfg.lr}) "
                 "or distil from the original")
-
-    def _truncate_metrics(self, step: int) -> None:
-        """Drop records logged after ``step`` (they will be produced again)."""
-        f = self.run_dir / METRICS
-        if not f.exists():
-            return
-        kept = []
-        for line in f.read_text().splitlines():
-            try:
-                if json.loads(line).get("step", 0) <= step:
-                    kept.append(line)
-            except json.JSONDecodeError:  # a line torn by a kill mid-write
-                continue
-        write_text_atomic(f, "".join(line + "\n" for line in kept))  # a kill keeps them all
 
     def _log(self, record: dict[str, Any]) -> None:
         if self.env.is_main:
-            with (self.run_dir / METRICS).open("a") as f:
-                f.write(json.dumps(record) + "\n")
+            self.run.append_metrics(record)
 
     # ----------------------------------------------------------------- the loop
     def train_step(self) -> dict[str, Any]:
@@ -252,7 +231,7 @@ class Trainer:
             raise NonFiniteError(
                 f"training diverged at step {step + 1}: {'; '.join(bad) or f'lr is {lr}'} "
                 f"(lr={lr}, weight_decay={cfg.weight_decay}); the optimizer step was not taken "
-                f"and {self._last_good()}; lower the learning rate (lr) or check the weight "
+                f"and {self.run.describe_latest()}; lower the learning rate (lr) or check the weight "
                 "decay (weight_decay)")
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -268,18 +247,16 @@ class Trainer:
     def fit(self) -> dict[str, float]:
         """Train until ``cfg.steps``, evaluating and checkpointing on the way; return final eval."""
         cfg = self.cfg
-        latest = self.run_dir / ckpt.LATEST
-        if self.step == 0 and (latest.exists() or latest.is_symlink()):
-            raise ValueError(f"{self.run_dir} already holds a run ({latest}); call resume() to "
-                             "continue it, or train into another folder (starting over here "
-                             "would overwrite its checkpoints and metrics)")
+        if self.step == 0 and self.run.has_checkpoint():
+            raise ValueError(f"{self.run_dir} already holds a run ({self.run.latest}); call "
+                             "resume() to continue it, or train into another folder (starting "
+                             "over here would overwrite its checkpoints and metrics)")
         if self.env.is_main:
-            mark_run_dir(self.run_dir)  # before any other file of the run
-            ckpt.clean_run_leftovers(self.run_dir)  # of writes a kill interrupted
+            self.run.mark()  # before any other file of the run
+            self.run.clean_leftovers()  # of writes a kill interrupted
             # a new run killed before its first checkpoint; a step left unfinished logs again
-            self._truncate_metrics(self.step - (self._pending is not None))
-            write_text_atomic(self.run_dir / TRAIN_CONFIG,
-                              json.dumps(cfg.to_dict(), indent=2) + "\n")
+            self.run.truncate_metrics(self.step - (self._pending is not None))
+            self.run.write_train_config(cfg)
         self.model.train()
         tokens_per_step = cfg.batch_size * self.task.tokens_per_sample
         ema: dict[str, float] = {}

@@ -123,52 +123,63 @@ examples:
 
 
 # --------------------------------------------------------------------------- commands
+def _new_run(args: argparse.Namespace, env: Any) -> tuple[Any, Any, Any]:
+    """A new run's model, tokenizer (trained by one rank, read by all) and TrainConfig; the run
+    directory is checked on every rank before rank 0 marks it as a run."""
+    from .. import distributed as dist
+    from ..corpora import absolute_spec, load_corpus
+    from ..data import split_text
+    from ..model import MatFormerLM
+    from ..runs import RunDir
+    from ..tokenizer import Tokenizer
+    from ..train import TrainConfig
+
+    run = RunDir(args.out)
+    run.check_new()  # never overwrite what is not a fresh run of ours
+    dist.barrier()  # every rank has checked before rank 0 writes the first file
+    args.data = absolute_spec(args.data)  # resumes and evals read the same files
+    tokenizer_file = args.out / "tokenizer.json"
+    if env.is_main:  # one rank trains the tokenizer, the others read it
+        docs = load_corpus(args.data)
+        train_text = [split_text(doc, args.val_fraction)[0] for doc in docs]
+        tokenizer = (Tokenizer.train_bpe(train_text, args.vocab_size,
+                                         show_progress=None if not args.no_progress else False)
+                     if args.tokenizer == "bpe" else Tokenizer.byte_level())
+        run.mark()  # the run's first file: its folder is now a run
+        tokenizer.save(tokenizer_file)
+    dist.barrier()
+    tokenizer = Tokenizer.load(tokenizer_file)
+    mcfg = lm_model_config(args, tokenizer.vocab_size)
+    seq_len = args.seq_len or mcfg.max_seq_len
+    steps = args.steps
+    if args.tokens:
+        steps = max(1, math.ceil(args.tokens / (args.batch_size * seq_len)))
+    cfg = train_config(args, TrainConfig, steps=steps, grad_accum=args.grad_accum,
+                       seq_len=args.seq_len, eval_batches=args.eval_batches,
+                       distill=args.distill)
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    return MatFormerLM(mcfg), tokenizer, cfg
+
+
 def train(args: argparse.Namespace) -> Result:
     from .. import checkpoint as ckpt
     from .. import distributed as dist
-    from ..corpora import absolute_spec, load_corpus
-    from ..data import prepare_data, split_text
-    from ..model import MatFormerLM
-    from ..runs import check_new_run_dir, mark_run_dir, read_train_config
+    from ..data import prepare_data
+    from ..runs import RunDir
     from ..task import LMTask
-    from ..tokenizer import Tokenizer
     from ..train import TrainConfig, run
 
     with dist.session(args.device) as env:
         say = print if env.is_main else (lambda *a, **k: None)
         if args.resume:
-            cfg = read_train_config(args.out, TrainConfig)
+            cfg = RunDir(args.out).read_train_config(TrainConfig)
             if args.parallel:
                 cfg = dataclasses.replace(cfg, parallel=args.parallel)
             model, tokenizer = load_checkpoint(args.out)
             say(f"resuming {ckpt.resolve(args.out)} with its saved settings on "
                 f"{env.world_size} process(es)")
         else:
-            check_new_run_dir(args.out)  # never overwrite what is not a fresh run of ours
-            dist.barrier()  # every rank has checked before rank 0 writes the first file
-            args.data = absolute_spec(args.data)  # resumes and evals read the same files
-            tokenizer_file = args.out / "tokenizer.json"
-            if env.is_main:  # one rank trains the tokenizer, the others read it
-                docs = load_corpus(args.data)
-                train_text = [split_text(doc, args.val_fraction)[0] for doc in docs]
-                tokenizer = (Tokenizer.train_bpe(train_text, args.vocab_size,
-                                                 show_progress=None if not args.no_progress
-                                                 else False)
-                             if args.tokenizer == "bpe" else Tokenizer.byte_level())
-                mark_run_dir(args.out)  # the run's first file: its folder is now a run
-                tokenizer.save(tokenizer_file)
-            dist.barrier()
-            tokenizer = Tokenizer.load(tokenizer_file)
-            mcfg = lm_model_config(args, tokenizer.vocab_size)
-            seq_len = args.seq_len or mcfg.max_seq_len
-            steps = args.steps
-            if args.tokens:
-                steps = max(1, math.ceil(args.tokens / (args.batch_size * seq_len)))
-            cfg = train_config(args, TrainConfig, steps=steps, grad_accum=args.grad_accum,
-                               seq_len=args.seq_len, eval_batches=args.eval_batches,
-                               distill=args.distill)
-            torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-            model = MatFormerLM(mcfg)
+            model, tokenizer, cfg = _new_run(args, env)
         if env.is_main:  # tokenise once into the shared cache before the other ranks read it
             data = prepare_data(cfg.data, tokenizer, val_fraction=cfg.val_fraction)
         dist.barrier()

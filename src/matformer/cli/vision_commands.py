@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ..outputs import write_text_atomic
+from ..outputs import make_dir, write_text_atomic
 from .common import Result, extra_widths, model_overrides, train_config
 
 VISION_FILE = "vision.json"  # training-only data settings of a run (augmentation)
@@ -59,26 +59,47 @@ def _same_data(models: list[Any]) -> None:
 
 
 # ----------------------------------------------------------------------------- train
+def _new_vit(args: argparse.Namespace, data: Any, vis: dict[str, Any]) -> tuple[Any, Any]:
+    """A new run's MatViT (the preset, the image shape of ``vis``, the classes of ``data``,
+    the model flags) and its TrainConfig; the same initial weights on every rank."""
+    from ..train import TrainConfig
+    from ..vision import MatViT, vit_preset
+
+    over: dict[str, Any] = {"image_size": vis["image_size"], "channels": vis["channels"],
+                            "num_classes": data.num_classes}
+    over.update(model_overrides(args, ("patch_size", "pos_embed", "d_model", "n_layer",
+                                       "n_head", "activation", "d_ff")))
+    if args.d_model and not args.d_ff:
+        over["d_ff"] = 4 * args.d_model
+    mcfg = vit_preset(args.preset, **over)
+    if args.mode == "baseline":
+        mcfg = mcfg.dense(args.granularity)
+    cfg = train_config(args, TrainConfig, steps=args.steps, eval_batches=max(
+        1, math.ceil(len(data.val_y) / args.batch_size)))
+    torch.manual_seed(cfg.seed)
+    return MatViT(mcfg), cfg
+
+
 def _train(args: argparse.Namespace) -> Result:
     from .. import checkpoint as ckpt
     from .. import distributed as dist
     from ..corpora import absolute_spec
-    from ..runs import check_new_run_dir, mark_run_dir, read_train_config
+    from ..runs import RunDir
     from ..train import TrainConfig, run
-    from ..vision import VIT_PRESETS, MatViT, VisionTask, evaluate_classifier, vit_preset
+    from ..vision import VIT_PRESETS, VisionTask, evaluate_classifier
     from ..vision.data import EMBEDDED, load_images
 
     out: Path = args.out
     with dist.session(args.device) as env:
         if args.resume:
-            cfg = read_train_config(out, TrainConfig)
+            cfg = RunDir(out).read_train_config(TrainConfig)
             try:
                 vis = json.loads((out / VISION_FILE).read_text())
             except (OSError, ValueError) as e:
                 raise ValueError(f"cannot read {out / VISION_FILE}: {e}") from e
             model = _load_vit(out)
         else:
-            check_new_run_dir(out, extra=(VISION_FILE,))  # never overwrite what is not ours
+            RunDir(out).check_new(extra=(VISION_FILE,))  # never overwrite what is not ours
             dist.barrier()  # every rank has checked before rank 0 writes the first file
             args.data = absolute_spec(args.data, EMBEDDED)  # evals read the same files
             base = VIT_PRESETS[args.preset]
@@ -90,21 +111,9 @@ def _train(args: argparse.Namespace) -> Result:
         data = load_images(vis["data"], vis["image_size"], vis["channels"],
                            vis["val_fraction"], skip_unreadable=vis["skip_unreadable"])
         if not args.resume:
-            over: dict[str, Any] = {"image_size": vis["image_size"],
-                                    "channels": vis["channels"], "num_classes": data.num_classes}
-            over.update(model_overrides(args, ("patch_size", "pos_embed", "d_model", "n_layer",
-                                               "n_head", "activation", "d_ff")))
-            if args.d_model and not args.d_ff:
-                over["d_ff"] = 4 * args.d_model
-            mcfg = vit_preset(args.preset, **over)
-            if args.mode == "baseline":
-                mcfg = mcfg.dense(args.granularity)
-            cfg = train_config(args, TrainConfig, steps=args.steps, eval_batches=max(
-                1, math.ceil(len(data.val_y) / args.batch_size)))
-            torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-            model = MatViT(mcfg)
+            model, cfg = _new_vit(args, data, vis)
             if env.is_main:
-                mark_run_dir(out)  # the run's first file: its folder is now a run
+                RunDir(out).mark()  # the run's first file: its folder is now a run
                 write_text_atomic(out / VISION_FILE, json.dumps(vis, indent=2) + "\n")
         mcfg = model.config
         task = VisionTask(data, mcfg, max_shift=vis["max_shift"])
@@ -191,19 +200,17 @@ def _eval(args: argparse.Namespace) -> Result:
 
 
 # ----------------------------------------------------------------------------- retrieve
-def _retrieve(args: argparse.Namespace) -> Result:
-    from .. import checkpoint as ckpt
+def _retrieval_rows(args: argparse.Namespace, model: Any, bases: list[Any], data: Any
+                    ) -> list[dict[str, Any]]:
+    """Retrieval rows of every query encoder: the MatViT granularities (with their nested
+    heads), extra and Mix'n'Match widths, then the baselines against their largest's gallery;
+    each with its group and, unless --no-latency, its measured batch-1 latency."""
     from ..submodels import candidates as mm
     from ..submodels.latency import forward_latency
-    from ..submodels.report import markdown_table
-    from ..vision.evaluate import plot_retrieval, retrieval
+    from ..vision.evaluate import retrieval
 
-    model = _load_vit(args.checkpoint)
-    bases = [_load_vit(p) for p in args.baselines]
-    _same_data([model, *bases])
-    data = _dataset(args.checkpoint, args, model)
     cfg = model.config
-    queries = [(f"MatViT {n}", model, cfg.ffn_widths(n)) for n in cfg.names]
+    queries = [(f"MatViT {s.name}", model, s) for s in cfg.granularities()]
     groups = ["matvit"] * len(queries)
     extra = extra_widths(args, cfg)
     if args.mixnmatch:
@@ -226,8 +233,21 @@ def _retrieve(args: argparse.Namespace) -> Result:
         for r, lat in zip(rows, forward_latency(setups, inputs, repeats=args.repeats),
                           strict=True):
             r.update(lat)
+    return rows
+
+
+def _retrieve(args: argparse.Namespace) -> Result:
+    from .. import checkpoint as ckpt
+    from ..submodels.report import markdown_table
+    from ..vision.evaluate import plot_retrieval
+
+    model = _load_vit(args.checkpoint)
+    bases = [_load_vit(p) for p in args.baselines]
+    _same_data([model, *bases])
+    data = _dataset(args.checkpoint, args, model)
+    rows = _retrieval_rows(args, model, bases, data)
     out = args.out or args.checkpoint / "retrieval"
-    out.mkdir(parents=True, exist_ok=True)
+    make_dir(out)
     result = {"checkpoint": str(ckpt.resolve(args.checkpoint)), "data": repr(data),
               "gallery": len(data.train_y), "queries": len(data.val_y), "ks": list(args.k),
               "baseline_gallery": str(args.baselines[-1]) if bases else None, "rows": rows}

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ..outputs import save_figure
 from .stages import GRANULARITIES
 
 
@@ -45,7 +46,7 @@ def plot_losses(res: dict[str, Any], sweep: dict[str, Any] | None, path: Path) -
     ax.grid(alpha=0.3)
     fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncol=2, fontsize=8)
     ax.set_title("Loss vs size: nested recipes, baselines, Mix'n'Match")
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
     return path
 
@@ -72,7 +73,7 @@ def plot_consistency(res: dict[str, Any], path: Path) -> Path:
         ax.grid(alpha=0.3, axis="y")
     axes[0].legend(fontsize=8)
     fig.suptitle("Consistency with the XL model (arXiv 2310.07707 sec. 3.4)")
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
     return path
 
@@ -99,6 +100,6 @@ def plot_scaling(study: dict[str, Any], path: Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title("Scaling: Loss = a (N D)^b + c (arXiv 2310.07707 sec. 6)")
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
     return path

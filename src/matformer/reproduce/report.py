@@ -15,7 +15,7 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -87,60 +87,66 @@ def aggregate(rc: ReproConfig, stages: Stages) -> dict[str, Any]:
     ev = {s: {r.name: stages.get(f"eval-seed{s}-{r.name}")["losses"] for r in runs}
           for s in seeds}
     tr = {s: {r.name: stages.get(f"train-seed{s}-{r.name}") for r in runs} for s in seeds}
-    losses: dict[str, dict[str, Any]] = {}
-    for r in runs:
-        losses[r.name] = {g: {**stat([ev[s][r.name][g]["val_loss"] for s in seeds]),
-                              "non_embedding_params": ev[seeds[0]][r.name][g][
-                                  "non_embedding_params"]}
-                          for g in ev[seeds[0]][r.name]}
-    base = {g: f"base-{g}" for g in GRANULARITIES}
-    vs_base = {rec: {g: stat([ev[s][rec][g]["val_loss"] - ev[s][base[g]][g]["val_loss"]
-                              for s in seeds]) for g in GRANULARITIES} for rec in rc.recipes}
-    for rec in vs_base.values():
-        for d in rec.values():
-            d["verdict"] = verdict(d)
-    vs_sample = {rec: {g: stat([ev[s][rec][g]["val_loss"] - ev[s]["sample"][g]["val_loss"]
-                                for s in seeds]) for g in GRANULARITIES}
-                 for rec in rc.recipes if rec != "sample"}
-    for rec in vs_sample.values():
-        for d in rec.values():
-            d["verdict"] = verdict(d)
-    equal = {rec: {g: stat([ev[s][rec][g]["val_loss"] - ev[s][f"base-{g}-4x"][g]["val_loss"]
-                            for s in seeds]) for g in ("S", "XL")} for rec in rc.recipes}
-    for rec in equal.values():
-        for d in rec.values():
-            d["verdict"] = verdict(d)
-    cons = {s: stages.get(f"consistency-seed{s}") for s in seeds}
-    consistency: dict[str, Any] = {}
-    for fam in (*rc.recipes, "baseline"):
-        consistency[fam] = {g: {m: stat([cons[s][fam][g][m] for s in seeds])
-                                for m in ("hard", "soft_kl")} for g in GRANULARITIES[:-1]}
-    for rec in rc.recipes:
-        for g in GRANULARITIES[:-1]:
-            for m in ("hard", "soft_kl"):
-                d = stat([cons[s][rec][g][m] - cons[s]["baseline"][g][m] for s in seeds])
-                d["verdict"] = verdict(d)
-                consistency[rec][g][f"{m}_minus_baseline"] = d
+    losses = {r.name: {g: {**stat([ev[s][r.name][g]["val_loss"] for s in seeds]),
+                           "non_embedding_params": ev[seeds[0]][r.name][g][
+                               "non_embedding_params"]}
+                       for g in ev[seeds[0]][r.name]} for r in runs}
+
+    def minus(recipes: Sequence[str], grans: Sequence[str], other: Callable[[str, str], str]
+              ) -> dict[str, dict[str, dict[str, Any]]]:
+        """Per recipe and granularity: its loss less run ``other(recipe, g)``'s, with a
+        verdict."""
+        return {rec: {g: _judged([ev[s][rec][g]["val_loss"] - ev[s][other(rec, g)][g]["val_loss"]
+                                  for s in seeds]) for g in grans} for rec in recipes}
+
     spec = {s: stages.get(f"speculative-seed{s}") for s in seeds}
-    setups = spec[seeds[0]]["setups"]
-    speculative = {k: {m: stat([spec[s]["setups"][k][m] for s in seeds])
-                       for m in setups[k] if isinstance(setups[k][m], int | float)
-                       and not isinstance(setups[k][m], bool)}
-                   for k in setups}
-    for k in setups:
-        if "matches_target_greedy" in setups[k]:
-            speculative[k]["matches_target_greedy"] = all(
-                spec[s]["setups"][k]["matches_target_greedy"] for s in seeds)
     training = {r.name: {k: stat([tr[s][r.name][k] for s in seeds])
                          for k in ("train_seconds", "flops")} | {
                     "steps": tr[seeds[0]][r.name]["steps"],
                     "tokens": tr[seeds[0]][r.name]["tokens"], "kind": r.kind}
                 for r in runs}
-    return {"seeds": seeds, "losses": losses, "vs_baseline": vs_base, "vs_sample": vs_sample,
-            "equal_tokens": equal,
-            "consistency": consistency, "speculative": speculative,
+    return {"seeds": seeds, "losses": losses,
+            "vs_baseline": minus(rc.recipes, GRANULARITIES, lambda rec, g: f"base-{g}"),
+            "vs_sample": minus([r for r in rc.recipes if r != "sample"], GRANULARITIES,
+                               lambda rec, g: "sample"),
+            "equal_tokens": minus(rc.recipes, ("S", "XL"), lambda rec, g: f"base-{g}-4x"),
+            "consistency": _consistency(rc, [stages.get(f"consistency-seed{s}") for s in seeds]),
+            "speculative": _speculative([spec[s]["setups"] for s in seeds]),
             "speculative_settings": {k: v for k, v in spec[seeds[0]].items() if k != "setups"},
             "training": training}
+
+
+def _judged(values: Sequence[float]) -> dict[str, Any]:
+    """:func:`stat` of ``values`` with its :func:`verdict`."""
+    d = stat(values)
+    d["verdict"] = verdict(d)
+    return d
+
+
+def _consistency(rc: ReproConfig, per_seed: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Hard/soft consistency over seeds, each recipe's also less the baseline's, judged."""
+    out: dict[str, Any] = {
+        fam: {g: {m: stat([c[fam][g][m] for c in per_seed]) for m in ("hard", "soft_kl")}
+              for g in GRANULARITIES[:-1]} for fam in (*rc.recipes, "baseline")}
+    for rec in rc.recipes:
+        for g in GRANULARITIES[:-1]:
+            for m in ("hard", "soft_kl"):
+                out[rec][g][f"{m}_minus_baseline"] = _judged(
+                    [c[rec][g][m] - c["baseline"][g][m] for c in per_seed])
+    return out
+
+
+def _speculative(per_seed: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Every numeric measure of every speculative setup over seeds; whether greedy output
+    matched the target's in every seed."""
+    setups = per_seed[0]
+    out = {k: {m: stat([p[k][m] for p in per_seed]) for m in setups[k]
+               if isinstance(setups[k][m], int | float) and not isinstance(setups[k][m], bool)}
+           for k in setups}
+    for k in setups:
+        if "matches_target_greedy" in setups[k]:
+            out[k]["matches_target_greedy"] = all(p[k]["matches_target_greedy"] for p in per_seed)
+    return out
 
 
 # ----------------------------------------------------------------------------- plots
@@ -330,40 +336,9 @@ def _claims(rc: ReproConfig, res: dict[str, Any], sweep: dict[str, Any] | None) 
 
 def markdown(rc: ReproConfig, res: dict[str, Any], sweep: dict[str, Any] | None,
              meta: dict[str, Any]) -> str:
-    env = meta["environment"]
-    hw = env["hardware"]
-    mcfg = rc.model_config(meta["vocab_size"])
-    x_tokens = rc.base_steps * rc.batch_size * rc.seq_len
-    seeds = len(res["seeds"])
+    """The reproduction's report (``report.md``): setup, claims, tables and plots."""
     text = [
-        "# MatFormer reproduction (arXiv 2310.07707) at small scale", "",
-        f"Command: `{meta['command']}`  ",
-        f"Finished {meta['finished']}; stage time {meta['stage_seconds'] / 60:.1f} min in all "
-        f"(this invocation {meta['invocation_seconds'] / 60:.1f} min).  ",
-        f"Versions: Python {env['python']}, torch {env['torch']}, matformer {env['matformer']} "
-        f"({env['platform']}).  ",
-        f"Hardware: {hw['cpu']}, {hw['cpu_cores']} cores, device {hw['device']}"
-        + (f" ({hw['gpu']})" if "gpu" in hw else "") + f", {hw['torch_threads']} torch threads "
-        "for training; every speed measured with 1 thread.", "",
-        "## Setup", "",
-        f"- Model `{rc.shape}`: {mcfg.n_layer} layers, d_model {mcfg.d_model}, {mcfg.n_head} "
-        f"heads, FFN {mcfg.activation} d_ff {mcfg.d_ff}; S/M/L/XL = FFN widths "
-        + "/".join(str(mcfg.ffn_widths(g)[0]) for g in GRANULARITIES)
-        + f"; vocabulary {meta['vocab_size']} ({rc.tokenizer}).",
-        f"- Data `{rc.data}`, last {rc.val_fraction:.0%} of every document held out; "
-        f"validation on {res['val_tokens']:,} tokens ({rc.eval_batches} batches).",
-        f"- X = {rc.base_steps} steps x {rc.batch_size} x {rc.seq_len} = {x_tokens:,} tokens. "
-        f"AdamW lr {rc.lr}, weight decay {rc.weight_decay}, warm-up min(50, steps/10) then "
-        f"cosine to lr/10, {rc.precision}. Seeds: {seeds} (0..{seeds - 1}).",
-        "- **Matching rule (the paper's): equal total training compute.** Each dense baseline "
-        "trains on X tokens; a sampled MatLM on 4X (one granularity per step: the compute of "
-        "the four baselines together); `joint` on X tokens with all four granularities per "
-        "step (also the four baselines' compute). **Equal-tokens control:** dense S and XL on "
-        "4X tokens, what the sharing costs each model. Every run of a seed shares that seed's "
-        "data order and initialisation (the baseline XL starts from the MatLM's weights).",
-        "- Numbers are mean ± spread (sample standard deviation over seeds); a difference is "
-        "called (lower/higher) only when its mean exceeds its spread; with one seed nothing "
-        "is called.", "",
+        *_header(meta), *_setup(rc, res, meta),
         "## Claims at a glance", "", *_claims(rc, res, sweep), "",
         "## Validation loss (the paper's Table 6 layout)", "", *_loss_table(rc, res), "",
         "![loss vs parameters](loss_vs_params.png)", "",
@@ -391,6 +366,48 @@ def markdown(rc: ReproConfig, res: dict[str, Any], sweep: dict[str, Any] | None,
         "## Scaling", "", *_scaling_lines(meta.get("scaling")), "",
     ]
     return "\n".join(text)
+
+
+def _header(meta: dict[str, Any]) -> list[str]:
+    env = meta["environment"]
+    hw = env["hardware"]
+    return [
+        "# MatFormer reproduction (arXiv 2310.07707) at small scale", "",
+        f"Command: `{meta['command']}`  ",
+        f"Finished {meta['finished']}; stage time {meta['stage_seconds'] / 60:.1f} min in all "
+        f"(this invocation {meta['invocation_seconds'] / 60:.1f} min).  ",
+        f"Versions: Python {env['python']}, torch {env['torch']}, matformer {env['matformer']} "
+        f"({env['platform']}).  ",
+        f"Hardware: {hw['cpu']}, {hw['cpu_cores']} cores, device {hw['device']}"
+        + (f" ({hw['gpu']})" if "gpu" in hw else "") + f", {hw['torch_threads']} torch threads "
+        "for training; every speed measured with 1 thread.", ""]
+
+
+def _setup(rc: ReproConfig, res: dict[str, Any], meta: dict[str, Any]) -> list[str]:
+    mcfg = rc.model_config(meta["vocab_size"])
+    x_tokens = rc.base_steps * rc.batch_size * rc.seq_len
+    seeds = len(res["seeds"])
+    return [
+        "## Setup", "",
+        f"- Model `{rc.shape}`: {mcfg.n_layer} layers, d_model {mcfg.d_model}, {mcfg.n_head} "
+        f"heads, FFN {mcfg.activation} d_ff {mcfg.d_ff}; S/M/L/XL = FFN widths "
+        + "/".join(str(mcfg.ffn_widths(g)[0]) for g in GRANULARITIES)
+        + f"; vocabulary {meta['vocab_size']} ({rc.tokenizer}).",
+        f"- Data `{rc.data}`, last {rc.val_fraction:.0%} of every document held out; "
+        f"validation on {res['val_tokens']:,} tokens ({rc.eval_batches} batches).",
+        f"- X = {rc.base_steps} steps x {rc.batch_size} x {rc.seq_len} = {x_tokens:,} tokens. "
+        f"AdamW lr {rc.lr}, weight decay {rc.weight_decay}, warm-up min(50, steps/10) then "
+        f"cosine to lr/10, {rc.precision}. Seeds: {seeds} (0..{seeds - 1}).",
+        "- **Matching rule (the paper's): equal total training compute.** Each dense baseline "
+        "trains on X tokens; a sampled MatLM on 4X (one granularity per step: the compute of "
+        "the four baselines together); `joint` on X tokens with all four granularities per "
+        "step (also the four baselines' compute). **Equal-tokens control:** dense S and XL on "
+        "4X tokens, what the sharing costs each model. Every run of a seed shares that seed's "
+        "data order and initialisation (the baseline XL starts from the MatLM's weights).",
+        "- Numbers are mean ± spread (sample standard deviation over seeds); a difference is "
+        "called (lower/higher) only when its mean exceeds its spread; with one seed nothing "
+        "is called.", "",
+    ]
 
 
 def write_all(rc: ReproConfig, out: Path, stages: Stages, *, device: str, command: str,

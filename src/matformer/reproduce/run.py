@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..outputs import write_text_atomic
+from ..outputs import make_dir, write_text_atomic
 from .plan import ReproConfig
 from .report import write_all
 from .stages import (
@@ -42,7 +42,7 @@ def reproduce(rc: ReproConfig, out: str | Path, *, device: str = "cpu",
                          "nothing was changed: choose a new or empty output directory")
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out} is a file; choose a directory")
-    out.mkdir(parents=True, exist_ok=True)
+    make_dir(out)
     if cfg_file.is_file():
         old = ReproConfig.from_dict(json.loads(cfg_file.read_text()))
         if {**old.to_dict(), "seeds": 0} != {**rc.to_dict(), "seeds": 0}:

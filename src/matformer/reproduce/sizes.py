@@ -8,6 +8,7 @@ from typing import Any
 
 from ..metrics import evaluate_loss
 from ..model import MatFormerLM
+from ..outputs import save_figure
 
 
 def size_table(model: MatFormerLM, batches: list, *, repeats: int = 5, context: int = 64,
@@ -54,6 +55,6 @@ def plot_sizes(rows: list[dict[str, Any]], path: str | Path, title: str = "") ->
     ax.grid(alpha=0.3)
     ax.set_title(title or "What each size costs and gives")
     path = Path(path)
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
     return path

@@ -23,7 +23,7 @@ import torch
 from .. import checkpoint as ckpt
 from ..data import TokenDataset, load_corpus, prepare_data, split_text
 from ..model import MatFormerLM
-from ..outputs import write_text_atomic
+from ..outputs import make_dir, write_text_atomic
 from ..tokenizer import Tokenizer
 from .plan import ReproConfig, RunSpec
 
@@ -39,7 +39,7 @@ class Stages:
 
     def __init__(self, root: Path, progress: Progress | None = None) -> None:
         self.root = root
-        self.root.mkdir(parents=True, exist_ok=True)
+        make_dir(self.root)
         self.progress = progress or (lambda key, what, sec: None)
 
     def path(self, key: str) -> Path:

@@ -55,7 +55,7 @@ from torch import Tensor
 
 from ..config import ModelConfig, SubmodelSpec
 from ..model import MatFormerLM
-from ..outputs import atomic_file
+from ..outputs import atomic_file, check_output
 from ..tokenizer import EOS_TOKEN, Tokenizer
 from .pretokenizers import PreTokenizerError, llamacpp_pre
 
@@ -307,16 +307,14 @@ def export_gguf(model: MatFormerLM, tokenizer: Tokenizer, out: str | Path, *,
         Facts about the export: architecture, widths, parameter count, tensor types, bytes.
 
     Raises:
-        GGUFExportError: Unsupported activation/width combination, unknown dtype or an existing
-            file without ``overwrite``.
+        GGUFExportError: Unsupported activation/width combination or unknown dtype.
+        OutputExistsError: An existing file without ``overwrite``.
     """
     from .extract import extract, heads_record
 
     if dtype not in DTYPES:
         raise GGUFExportError(f"dtype {dtype!r}: choose one of {DTYPES}")
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise GGUFExportError(f"{out} already exists; pass overwrite=True to replace it")
+    out = check_output(out, overwrite=overwrite)
     chosen = model.config.submodel(widths)
     if chosen.heads[0] == 0:
         raise GGUFExportError("heads: layer 0 skips its attention, which llama.cpp cannot load "

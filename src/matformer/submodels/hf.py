@@ -147,7 +147,6 @@ def save_hf_tokenizer(tokenizer: Tokenizer, out: Path, max_len: int | None = Non
     """
     from transformers import PreTrainedTokenizerFast
 
-    out.mkdir(parents=True, exist_ok=True)
     tokenizer.save(out / "tokenizer.json")
     fast = PreTrainedTokenizerFast(tokenizer_file=str(out / "tokenizer.json"),
                                    eos_token=tokenizer.eos_token or EOS_TOKEN)

@@ -2,11 +2,12 @@
 
 Every latency figure measured ahead of use goes through :func:`measure`: Mix'n'Match sweeps
 (language models, ViTs, Gemma 3n slices), budget selection, ``sizes``, the server's registry,
-the drafter search's and adaptive decoding's costs, the reproduction's speculative stage (the
-counters of a live generation or of the server time that work itself): a warm-up, then interleaved rounds (every function once
-per round, so drift in machine load spreads over all of them instead of biasing the last ones),
-``torch.cuda.synchronize`` around each call on CUDA, a fixed torch thread count, and the median
-with its spread (quartiles) rather than a single or a best time.
+the drafter search's and adaptive decoding's costs, and the reproduction's speculative stage.
+(A live generation, the server and training count the time of their own work instead.)
+:func:`measure` does a warm-up, then interleaved rounds (every function once per round, so
+drift in machine load spreads over all of them instead of biasing the last ones),
+``torch.cuda.synchronize`` around each call on CUDA, a fixed torch thread count; callers take
+the median with its spread (quartiles) rather than a single or a best time.
 """
 
 from __future__ import annotations

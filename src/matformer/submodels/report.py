@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..outputs import write_text_atomic
+from ..outputs import make_dir, save_figure, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ def plot_sweep(result: dict[str, Any], path: str | Path, *, xs: Sequence[Axis] =
     fig.legend(handles, labels, loc="outside lower center", ncol=ncol, fontsize=9)
     fig.suptitle(title or f"Mix'n'Match sweep: {result.get('checkpoint', '')}", fontsize=11)
     path = Path(path)
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
     return path
 
@@ -238,7 +238,7 @@ def write_report(result: dict[str, Any], out: str | Path, *, xs: Sequence[Axis] 
     """Write ``mixnmatch.json``, ``mixnmatch.png`` and ``mixnmatch.md`` into ``out``; an
     ``analysis`` entry of the result is appended to the markdown."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    make_dir(out)
     paths = {"json": out / "mixnmatch.json", "plot": out / "mixnmatch.png",
              "markdown": out / "mixnmatch.md"}
     write_text_atomic(paths["json"], json.dumps(result, indent=1) + "\n")

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..config import SubmodelSpec
+from ..outputs import save_figure
 from ..submodels.candidates import Candidate
 from ..submodels.latency import Setup, forward_latency
 from ..submodels.report import Axis, pyplot, write_report
@@ -171,7 +172,7 @@ def plot_retrieval(result: dict[str, Any], path: str | Path, cost_key: str = "fl
     ax.set_title("Adaptive retrieval: XL embeds the gallery once, cheaper encoders the queries",
                  fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
     return Path(path)
 
@@ -196,7 +197,7 @@ def plot_accuracy(families: dict[str, list[dict[str, Any]]], path: str | Path,
     ax.grid(alpha=0.3)
     ax.legend(fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
     return Path(path)
 

@@ -24,8 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..block import Positions
 from ..config import ModelConfig, SubmodelSpec
-from ..model import Block, MatFormerLM, Positions, RMSNorm, autocast, eval_mode
+from ..model import Block, MatFormerLM, RMSNorm, autocast, eval_mode
 
 POS_EMBEDS = ("learned", "sincos")
 #: Fields a ViTConfig derives itself (kept for the dataclass machinery, not saved).
