@@ -10,7 +10,7 @@ matrices, never copies, so a smaller submodel does proportionally less work.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -56,7 +56,8 @@ def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     and ``sin`` (from :func:`signed_rope_tables`) are (T, 1, hd) or per row (B, T, 1, hd)."""
     B, T, h, hd = x.shape
     swapped = x.view(B, T, h, 2, hd // 2).flip(3).view(B, T, h, hd)
-    return (x * cos + swapped * sin).type_as(x)
+    out = x * cos + swapped * sin
+    return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
 @dataclass(frozen=True)
@@ -89,12 +90,13 @@ class Positions:
     Attributes:
         cos, sin: Rotary tables of the tokens (see :func:`rotate`), None for no rotation.
         causal: Without a cache: causal (the LM) or bidirectional (the ViT) attention.
-        cache: The caller's KV cache, or None (attend within the input only).
-        start: The cache slot of the first token: an int (K/V written through
-            ``cache.update``), or a 0-d tensor with ``keys``/``values`` (static shapes for a
-            compiled graph: K/V written by index into each layer's tensor, attention over the
-            first ``span`` slots).
+        cache: The caller's KV cache (K/V written through its ``update``), or None.
+        start: The cache slot of the first token.
+        keys, values: Instead of ``cache``: each layer's own cache tensors (unpadded, written
+            in place); with ``start`` a 0-d tensor, static shapes for a compiled graph (K/V
+            written by index, attention over the first ``span`` slots under ``mask``).
         mask: Attention mask for the cached path (boolean, True = visible; or additive).
+        fused: Residual adds fused into the matrix products (set from autocast: not there).
     """
 
     cos: Tensor | None
@@ -106,14 +108,18 @@ class Positions:
     keys: list[Tensor] | None = None
     values: list[Tensor] | None = None
     span: int = 0
+    fused: bool = field(init=False, default=True)
+
+    def __post_init__(self) -> None:
+        # x + a @ b as one addmm, except under autocast (checked once per forward, not per op)
+        autocast = any(torch.is_autocast_enabled(d) for d in ("cpu", "cuda"))
+        object.__setattr__(self, "fused", not autocast)
 
 
-def _add_mm(x: Tensor, a: Tensor, b: Tensor) -> Tensor:
-    """``x + a @ b``, fused where it is exact to do so: under autocast the fused form would
-    make the fp32 residual stream bf16."""
-    if torch.is_autocast_enabled(x.device.type):
-        return x + a @ b
-    return torch.addmm(x, a, b)
+def _add_mm(x: Tensor, a: Tensor, b: Tensor, fused: bool) -> Tensor:
+    """``x + a @ b``, fused into one ``addmm`` unless under autocast (where the fused form
+    would make the fp32 residual stream bf16)."""
+    return torch.addmm(x, a, b) if fused else x + a @ b
 
 
 def _attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
@@ -139,20 +145,26 @@ def attention(x: Tensor, L: LayerWeights, B: int, T: int, at: Positions, layer: 
     if at.cos is not None:
         q, k = rotate(q, at.cos, at.sin), rotate(k, at.cos, at.sin)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
-    if at.cache is None and at.keys is None:
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=at.causal, enable_gqa=kvh != h)
-    elif at.keys is not None:  # static shapes: an indexed write into a graph input (in place
-        # once compiled), attention over the first ``span`` slots under the causal mask
+    if at.keys is not None:  # the decoder's runner: each layer's own cache tensors
         kc, vc = at.keys[layer], at.values[layer]
         if kvh != kc.shape[1]:  # nested heads: the first kv heads only
             kc, vc = kc[:, :kvh], vc[:, :kvh]
-        pos = at.start + torch.arange(T, device=x.device)
-        kc[:, :, pos], vc[:, :, pos] = k, v
-        y = _attend(q, kc[:, :, : at.span], vc[:, :, : at.span], at.mask)
-    else:  # write this call's K/V at its slots, attend over every slot up to its end
+        if isinstance(at.start, Tensor):  # static shapes: an indexed write into a graph input
+            # (in place once compiled), attention over the first ``span`` slots, causal mask
+            pos = at.start + torch.arange(T, device=x.device)
+            kc[:, :, pos], vc[:, :, pos] = k, v
+            y = _attend(q, kc[:, :, : at.span], vc[:, :, : at.span], at.mask)
+        else:
+            end = at.start + T
+            kc[:, :, at.start:end], vc[:, :, at.start:end] = k, v
+            y = F.scaled_dot_product_attention(q, kc[:, :, :end], vc[:, :, :end],
+                                               attn_mask=at.mask, enable_gqa=kvh != h)
+    elif at.cache is not None:  # any KVCache (padded rows, a server's slots) through its API
         k, v = at.cache.update(layer, at.start, k, v)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=at.mask, enable_gqa=kvh != h)
-    return _add_mm(x, y.transpose(1, 2).reshape(B * T, h * hd), L.wo)
+    else:  # no cache: attend within the input
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=at.causal, enable_gqa=kvh != h)
+    return _add_mm(x, y.transpose(1, 2).reshape(B * T, h * hd), L.wo, at.fused)
 
 
 def hidden(x: Tensor, gate: Tensor | None, up: Tensor, activation: str) -> Tensor:
@@ -160,18 +172,19 @@ def hidden(x: Tensor, gate: Tensor | None, up: Tensor, activation: str) -> Tenso
     caller's."""
     u = x @ up  # (N, w)
     if gate is not None:
-        return F.silu(x @ gate) * u
+        g = F.silu(x @ gate)
+        return g.mul_(u) if not torch.is_grad_enabled() else g * u
     if activation == "gelu":
         return F.gelu(u)
     return F.relu(u).square()  # relu2: squared ReLU
 
 
-def ffn(x: Tensor, L: LayerWeights, B: int) -> Tensor:
+def ffn(x: Tensor, L: LayerWeights, B: int, at: Positions) -> Tensor:
     """``x`` plus the layer's FFN, on (B * T, C) rows; a mixed-width batch (``L.rows``) runs
     each row at its own width (see :class:`RowWidths`)."""
     n = rms_norm(x, L.ffn_norm, L.eps)
     if L.rows is None:
-        return _add_mm(x, hidden(n, L.gate, L.up, L.activation), L.down)
+        return _add_mm(x, hidden(n, L.gate, L.up, L.activation), L.down, at.fused)
     perm, chunks = L.rows
     n = n.view(B, -1, n.shape[-1])  # (B, T, C): rows of the batch are what get permuted
     if perm is not None:
@@ -191,5 +204,5 @@ def layer(x: Tensor, L: LayerWeights, B: int, T: int, at: Positions, index: int)
     if L.n_head:
         x = attention(x, L, B, T, at, index)
     if L.up.shape[1]:
-        x = ffn(x, L, B)
+        x = ffn(x, L, B, at)
     return x

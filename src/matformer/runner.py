@@ -84,12 +84,11 @@ class SubmodelRunner:
     def widths(self) -> tuple[int, ...]:
         return self.submodel.widths
 
-    def _forward(self, idx: Tensor, cache: KVCache | None, keys: list[Tensor] | None,
-                 values: list[Tensor] | None, start_pos: int | Tensor, last_only: bool,
-                 span: int = 0) -> Tensor:
-        """The model's layers on (B * T, C) rows. ``start_pos`` an int: eager, K/V through
-        ``cache``; a 0-d tensor: static shapes, K/V written by index into ``keys``/``values``
-        and attention over the first ``span`` slots under the causal mask."""
+    def _forward(self, idx: Tensor, keys: list[Tensor], values: list[Tensor],
+                 start_pos: int | Tensor, last_only: bool, span: int = 0) -> Tensor:
+        """The model's layers on (B * T, C) rows, K/V written into each layer's cache tensor.
+        ``start_pos`` an int: eager, attention over the slots in use; a 0-d tensor: static
+        shapes, attention over the first ``span`` slots under the causal mask."""
         B, T = idx.shape
         if isinstance(start_pos, Tensor):
             pos = start_pos + torch.arange(T, device=idx.device)  # (T,)
@@ -97,9 +96,9 @@ class SubmodelRunner:
                            mask=self.causal[pos][:, :span], keys=keys, values=values, span=span)
         else:
             end = start_pos + T
-            at = Positions(self.cos[start_pos:end], self.sin[start_pos:end], cache=cache,
-                           start=start_pos,
-                           mask=None if T == 1 else self.causal[start_pos:end, :end])
+            at = Positions(self.cos[start_pos:end], self.sin[start_pos:end], start=start_pos,
+                           mask=None if T == 1 else self.causal[start_pos:end, :end],
+                           keys=keys, values=values)
         x = F.embedding(idx.reshape(-1), self.embed)  # (B * T, C)
         for i, weights in enumerate(self.layers):
             x = layer(x, weights, B, T, at, i)
@@ -130,7 +129,7 @@ class SubmodelRunner:
         Tc = None if not self.compiled else next(
             (n for n in COMPILED_LENGTHS if n >= T and start_pos + n <= cache.max_len), None)
         if Tc is None or (last_only and Tc != T):  # eager: not compiled, or a long prefill
-            return self._forward(idx, cache, None, None, start_pos, last_only)
+            return self._forward(idx, cache.keys, cache.values, start_pos, last_only)
         if Tc != T:  # pad to the graph's length; the padding's K/V land in slots after the
             # call's own, which every later call writes before it reads them
             idx = torch.cat([idx, idx.new_zeros(idx.shape[0], Tc - T)], 1)
@@ -152,13 +151,13 @@ class SubmodelRunner:
                                   options=options)
             self._graphs[key] = graph
             t0 = time.perf_counter()
-            out = graph(idx, None, cache.keys, cache.values, pos, last_only, span)
+            out = graph(idx, cache.keys, cache.values, pos, last_only, span)
             seconds = time.perf_counter() - t0
             self.compile_seconds += seconds
             log.info("compiled %s for %d query position(s), %d cache slots, in %.1fs",
                      self.submodel, Tc, span, seconds)
         else:
-            out = graph(idx, None, cache.keys, cache.values, pos, last_only, span)
+            out = graph(idx, cache.keys, cache.values, pos, last_only, span)
         return out if Tc == T else out[:, :T]
 
 
