@@ -241,3 +241,73 @@ def test_a_tiny_temperature_samples_the_argmax() -> None:
         assert torch.isfinite(probs).all() and probs[0, 1] == 1
         assert int(sample_next(logits, temperature=t, top_p=0.9)[0]) == 1
     assert torch.allclose(logits_to_probs(logits, temperature=0.7), (logits / 0.7).softmax(-1))
+
+
+# ----------------------------------------------------------------------------- weight layouts
+def test_streaming_layout_keeps_the_model_and_its_files(tmp_path) -> None:
+    """A decoding pool's streaming layout moves storage only: same parameters, values and
+    logits, the tied head still tied, training still runs, and a checkpoint saved afterwards
+    is bit-exact and contiguous on disk."""
+    from matformer.checkpoint import save_checkpoint
+    from matformer.families import load_checkpoint
+    from matformer.runner import RunnerPool, streaming_layout
+    from matformer.tokenizer import Tokenizer
+
+    model = tiny_model(vocab_size=257, init_std=0.1).eval()
+    x = random_tokens(2, 12, vocab=257)
+    with torch.no_grad():
+        ref = model(x, widths="S")
+    params = {n: (p, p.detach().clone()) for n, p in model.named_parameters()}
+    pool = RunnerPool(model)  # fp32 on a CPU: the streaming layout by default
+    assert pool.layout == "stream" and not model.blocks[0].ffn.up_proj.weight.is_contiguous()
+    assert streaming_layout(model) == 0  # already there: nothing moves twice
+    assert model.lm_head.weight is model.embed.weight
+    for n, p in model.named_parameters():
+        assert p is params[n][0] and torch.equal(p, params[n][1]), n
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, widths="S"), ref, rtol=0, atol=1e-6)
+        greedy = generate(model, x[:1, :5], 8, widths="S", temperature=0, runners=pool)
+        assert torch.equal(greedy, generate(model, x[:1, :5], 8, widths="S", temperature=0,
+                                            use_cache=False))
+    save_checkpoint(tmp_path / "ck", model, Tokenizer.byte_level())
+    assert not model.blocks[0].ffn.up_proj.weight.is_contiguous()  # the model kept its layout
+    back = load_checkpoint(tmp_path / "ck")[0]
+    for (n, p), q in zip(model.named_parameters(), back.parameters(), strict=True):
+        assert torch.equal(p, q) and q.is_contiguous(), n
+    model.train()
+    loss = model(x).float().logsumexp(-1).mean()
+    loss.backward()  # gradients flow through the moved storage
+    assert model.blocks[0].ffn.up_proj.weight.grad.shape == (64, 32)
+
+
+def test_int8_weights_decode_close_to_fp32() -> None:
+    """Weight-only int8 (per-row scales): each weight within half a quantization step, the
+    pool's runners close to fp32 for every submodel (logits within 2% of their spread on
+    average,
+    the same greedy tokens on a model whose choices are not near-ties), bf16 caches."""
+    from matformer.block import Int8Weight
+    from matformer.runner import RunnerPool
+
+    w = torch.randn(16, 8)
+    q = Int8Weight.of(w)
+    err = (q.q[:, :q.n_in].float() * q.scale.float()[:, None] - w).abs()
+    assert q.q.shape[1] % 32 == 0 and not q.q[:, q.n_in:].any()  # rows padded with zeros
+    assert bool((err <= q.scale.float()[:, None] * 0.51 + 1e-3).all())
+    model = tiny_model(vocab_size=257, init_std=0.2).eval()
+    pool = RunnerPool(model, weights="int8")
+    x = random_tokens(1, 10, vocab=257)
+    for widths in (None, "S", (8, 64)):
+        cache = pool.new_cache(1, 10)
+        assert cache.dtype == torch.bfloat16
+        with torch.no_grad():
+            got = pool.get(widths)(x, cache, 0).float()
+            ref = model(x, widths=widths)
+        err = (got - ref).abs()  # int8 weights, and bf16 activations and logits
+        assert err.mean() < 0.02 * ref.std() and err.max() < 0.15 * ref.std(), widths
+    with torch.no_grad():
+        fp32 = generate(model, x[:, :4], 12, temperature=0)
+        assert torch.equal(generate(model, x[:, :4], 12, temperature=0, runners=pool), fp32)
+    with pytest.raises(ValueError, match="give prompts of one length"):
+        generate(model, [[1, 2, 3], [4]], 4, temperature=0, runners=pool)
+    with pytest.raises(ValueError, match="weights='int4'"):
+        RunnerPool(model, weights="int4")

@@ -60,6 +60,71 @@ def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
+#: The int8 kernel reads inputs in blocks: rows of ``q`` are zero-padded to a multiple of this
+#: (measured: other lengths, e.g. 40 or 72, read past the row).
+INT8_BLOCK = 32
+
+
+@dataclass(frozen=True)
+class Int8Weight:
+    """A matrix kept as int8 with one scale per output (weight-only quantization, as gpt-fast's
+    int8 and llama.cpp's q8_0 keep weights); products dequantize on the fly
+    (``aten._weight_int8pack_mm``: bf16 activations, a quarter of fp32's bytes streamed).
+
+    Stands where a block's ``(in, out)`` weight view stands: ``x @ w`` becomes
+    :func:`matmul` ``(x, w)``; ``shape`` is the view's.
+    """
+
+    q: Tensor  # (out, in rounded up to INT8_BLOCK) int8, contiguous, zeros past ``n_in``
+    scale: Tensor  # (out,) bf16
+    n_in: int
+
+    @classmethod
+    def of(cls, weight: Tensor) -> Int8Weight:
+        """Quantize an (out, in) weight row by row: scale = max |row| / 127 (rounded up to a
+        bf16, so that no value clips)."""
+        w = weight.detach().float()
+        exact = (w.abs().amax(1) / 127).clamp_min(1e-12)
+        scale = exact.to(torch.bfloat16)
+        scale = torch.where(scale.float() < exact, torch.nextafter(scale, scale + 1), scale)
+        q = torch.round(w / scale.float()[:, None]).clamp_(-127, 127).to(torch.int8)
+        return cls(_padded(q), scale, w.shape[1])
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.n_in, self.q.shape[0]))
+
+    def outputs(self, n: int) -> Int8Weight:
+        """The first ``n`` outputs (a prefix of rows: views)."""
+        return self if n == self.q.shape[0] else Int8Weight(self.q[:n], self.scale[:n],
+                                                            self.n_in)
+
+    def inputs(self, n: int) -> Int8Weight:
+        """The first ``n`` inputs (columns: the kernel reads contiguous rows, so a copy when
+        ``n`` is narrower than the matrix)."""
+        if n == self.n_in:
+            return self
+        return Int8Weight(_padded(self.q[:, :n]), self.scale, n)
+
+
+def _padded(q: Tensor) -> Tensor:
+    """``q`` contiguous, its rows zero-padded to a multiple of :data:`INT8_BLOCK`."""
+    pad = -q.shape[1] % INT8_BLOCK
+    return (F.pad(q, (0, pad)) if pad else q).contiguous()
+
+
+def matmul(x: Tensor, w: Tensor | Int8Weight) -> Tensor:
+    """``x @ w`` for a weight view or an :class:`Int8Weight` (activations then in bf16)."""
+    if isinstance(w, Tensor):
+        return x @ w
+    x = x.to(torch.bfloat16)
+    if x.shape[-1] != w.q.shape[1]:  # the padded inputs are zero
+        x = F.pad(x, (0, w.q.shape[1] - x.shape[-1]))
+    # the kernel reads its rows unchecked: a strided view (a prefill's last position) must
+    # become contiguous first
+    return torch.ops.aten._weight_int8pack_mm(x.contiguous(), w.q, w.scale)
+
+
 @dataclass(frozen=True)
 class LayerWeights:
     """One block of one submodel: views of its weights (prefix slices, transposed for
@@ -68,14 +133,14 @@ class LayerWeights:
     runner."""
 
     attn_norm: Tensor | None  # None: the layer skips attention
-    wq: Tensor | None  # (C, h * hd)
-    wk: Tensor | None  # (C, kvh * hd)
-    wv: Tensor | None
-    wo: Tensor | None  # (h * hd, C)
+    wq: Tensor | Int8Weight | None  # (C, h * hd)
+    wk: Tensor | Int8Weight | None  # (C, kvh * hd)
+    wv: Tensor | Int8Weight | None
+    wo: Tensor | Int8Weight | None  # (h * hd, C)
     ffn_norm: Tensor
-    gate: Tensor | None  # (C, w); None without a gate (gelu, relu2)
-    up: Tensor  # (C, w)
-    down: Tensor  # (w, C)
+    gate: Tensor | Int8Weight | None  # (C, w); None without a gate (gelu, relu2)
+    up: Tensor | Int8Weight  # (C, w)
+    down: Tensor | Int8Weight  # (w, C)
     n_head: int
     n_kv_head: int
     rows: RowChunks | None = None  # a mixed-width batch's plan (up/down at the widest row)
@@ -116,10 +181,12 @@ class Positions:
         object.__setattr__(self, "fused", not autocast)
 
 
-def _add_mm(x: Tensor, a: Tensor, b: Tensor, fused: bool) -> Tensor:
+def _add_mm(x: Tensor, a: Tensor, b: Tensor | Int8Weight, fused: bool) -> Tensor:
     """``x + a @ b``, fused into one ``addmm`` unless under autocast (where the fused form
-    would make the fp32 residual stream bf16)."""
-    return torch.addmm(x, a, b) if fused else x + a @ b
+    would make the fp32 residual stream bf16) or ``b`` is int8."""
+    if fused and isinstance(b, Tensor):
+        return torch.addmm(x, a, b)
+    return x + matmul(a, b)
 
 
 def _attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
@@ -139,9 +206,9 @@ def attention(x: Tensor, L: LayerWeights, B: int, T: int, at: Positions, layer: 
     h, kvh = L.n_head, L.n_kv_head
     hd = L.wq.shape[1] // h
     n = rms_norm(x, L.attn_norm, L.eps)
-    q = (n @ L.wq).view(B, T, h, hd)
-    k = (n @ L.wk).view(B, T, kvh, hd)
-    v = (n @ L.wv).view(B, T, kvh, hd)
+    q = matmul(n, L.wq).view(B, T, h, hd)
+    k = matmul(n, L.wk).view(B, T, kvh, hd)
+    v = matmul(n, L.wv).view(B, T, kvh, hd)
     if at.cos is not None:
         q, k = rotate(q, at.cos, at.sin), rotate(k, at.cos, at.sin)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
@@ -167,12 +234,13 @@ def attention(x: Tensor, L: LayerWeights, B: int, T: int, at: Positions, layer: 
     return _add_mm(x, y.transpose(1, 2).reshape(B * T, h * hd), L.wo, at.fused)
 
 
-def hidden(x: Tensor, gate: Tensor | None, up: Tensor, activation: str) -> Tensor:
+def hidden(x: Tensor, gate: Tensor | Int8Weight | None, up: Tensor | Int8Weight,
+           activation: str) -> Tensor:
     """The FFN's hidden activations (N, w) of (N, C) rows; the down projection is the
     caller's."""
-    u = x @ up  # (N, w)
+    u = matmul(x, up)  # (N, w)
     if gate is not None:
-        g = F.silu(x @ gate)
+        g = F.silu(matmul(x, gate))
         return g.mul_(u) if not torch.is_grad_enabled() else g * u
     if activation == "gelu":
         return F.gelu(u)

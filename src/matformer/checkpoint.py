@@ -88,8 +88,8 @@ def save_checkpoint(path: str | Path, model: nn.Module, tokenizer: Tokenizer | N
     path = Path(path)
     writers: list[tuple[str, Callable[[Path], Any]]] = [
         (CONFIG, model.config.save),
-        # save_model de-duplicates tied tensors (embedding and head) and writes contiguous copies.
-        (WEIGHTS, lambda f: save_model(model, str(f)))]
+        # save_model de-duplicates tied tensors (embedding and head)
+        (WEIGHTS, lambda f: _save_weights(model, f))]
     if tokenizer is not None:
         writers.append((TOKENIZER, tokenizer.save))
         if tokenizer.config:  # an imported model's chat template and end-of-turn token
@@ -114,6 +114,20 @@ def save_checkpoint(path: str | Path, model: nn.Module, tokenizer: Tokenizer | N
                                       ) from e
     log.info("saved checkpoint %s", path)
     return path
+
+
+def _save_weights(model: nn.Module, f: Path) -> None:
+    """``save_model``, with any weight held in another memory layout (a decoding pool's
+    :func:`~matformer.runner.streaming_layout`) written from a contiguous copy; the model
+    keeps its layout."""
+    moved = [(p, p.data) for p in model.parameters() if not p.is_contiguous()]
+    try:
+        for p, data in moved:
+            p.data = data.contiguous()
+        save_model(model, str(f))
+    finally:
+        for p, data in moved:
+            p.data = data
 
 
 def inputs(*paths: str | Path) -> list[Path]:

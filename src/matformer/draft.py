@@ -307,7 +307,7 @@ def drafter_costs(model: MatFormerLM, target: Submodel, drafters: dict[str, Subm
     pool = RunnerPool.of(model, runners)
     ctx = model.config.max_seq_len
     pos = min(context, ctx - 2)
-    cache = KVCache.for_model(model, 1, pool.cache_len(min(pos + max_draft_len + 1, ctx)))
+    cache = pool.new_cache(1, min(pos + max_draft_len + 1, ctx))
     target_runner = pool.get(target)
     target_runner(torch.zeros(1, pos, dtype=torch.long, device=cache.device), cache, 0,
                   last_only=True)

@@ -181,9 +181,12 @@ def generate_stream(model: MatFormerLM, prompt: Tensor | Sequence[Sequence[int]]
     B, T = ids.shape
     sub = model.config.submodel(widths)
     pool = RunnerPool.of(model, runners, compile=compile)
+    if lengths is not None and pool.weights != "model":
+        raise ValueError(f"prompts of different lengths (left-padded) run model.forward, not "
+                         f"the {pool.weights} weights of runners; give prompts of one length")
     runner = pool.get(sub)
     if cache is None:
-        cache = KVCache.for_model(model, B, pool.cache_len(max(need, T)))
+        cache = pool.new_cache(B, max(need, T))
     with eval_mode(model):
         logits = prefill(model, ids.to(cache.device), cache, widths=sub,
                          prompt_lengths=lengths, runner=runner)

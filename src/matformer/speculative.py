@@ -153,8 +153,8 @@ def _setup(model: MatFormerLM, prompt: Tensor, max_new_tokens: int, draft: Submo
         dpool = RunnerPool.of(draft_model, draft_runners, compile=runners.compile)
         dsub = drafter.config.submodel(draft)
     n_slots = max(T + max_new_tokens - 1, T)
-    tcache = KVCache.for_model(model, 1, runners.cache_len(n_slots)) if cache is None else cache
-    dcache = tcache if shared_cache else KVCache.for_model(drafter, 1, dpool.cache_len(n_slots))
+    tcache = runners.new_cache(1, n_slots) if cache is None else cache
+    dcache = tcache if shared_cache else dpool.new_cache(1, n_slots)
     setup = _Setup(model, drafter, runners.get(tsub), dpool.get(dsub), tcache, dcache, mode)
     return setup, ids
 

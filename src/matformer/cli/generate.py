@@ -30,8 +30,10 @@ from .common import (
     load_checkpoint,
 )
 
-#: ``generate --dtype`` choices.
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+#: ``generate --dtype`` choices: the dtype weights are cast to (int8: weight-only int8 copies
+#: made by the decoding pool, the model itself stays fp32).
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
+          "int8": torch.float32}
 
 
 def add_generate(sub: argparse._SubParsersAction) -> None:
@@ -74,8 +76,10 @@ examples:
     p.add_argument("--stats", action="store_true",
                    help="print tokens/s (and, speculative, acceptance) to stderr")
     p.add_argument("--json", action="store_true")
-    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"),
-                   help="weights and KV cache precision")
+    p.add_argument("--dtype", default="fp32", choices=tuple(DTYPES),
+                   help="weights and KV cache precision; int8: weight-only int8 matrices "
+                   "(per-row scales, as llama.cpp's q8_0), bf16 activations and cache: the "
+                   "fastest on a CPU (docs/benchmarks.md), unpadded batches")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the decode forward, a few graphs per submodel: "
                    "faster decoding once compiled (10-60 s per graph the first time, ~1 s "
@@ -108,9 +112,13 @@ def generate(args: argparse.Namespace) -> Result:
     model = model.to(DTYPES[args.dtype]).eval()
     sub = chosen_submodel(args, model) or model.config.submodel()
     prompts, eos_id = _prompts(args, tokenizer)
+    if args.dtype == "int8" and (args.no_cache or len({len(p) for p in prompts}) > 1):
+        raise ValueError("--dtype int8 decodes through the KV cache, prompts of one length: "
+                         "drop --no-cache, or give prompts that encode to the same length")
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                     eos_id=eos_id, generator=torch.Generator().manual_seed(args.seed))
-    runners = RunnerPool(model, compile=args.compile)
+    runners = RunnerPool(model, compile=args.compile,
+                         weights="int8" if args.dtype == "int8" else "model")
     drafter = _drafter(args, model, tokenizer, sub, runners)  # before the clock
     t0 = time.perf_counter()  # every path is timed: the uncached one decodes right away
     pieces, stats = _pieces(args, model, tokenizer, prompts, sub, runners, sampling, drafter)
