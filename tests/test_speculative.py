@@ -366,3 +366,30 @@ def test_stats_seconds_count_only_our_time(model, monkeypatch) -> None:
                                 stats=stats):
         clock[0] += 100.0  # the caller's time between yields
     assert stats.new_tokens == 10 and stats.seconds == 0.0
+
+
+def test_adaptive_costs_are_measured_once_per_machine_and_kept(model, monkeypatch, tmp_path):
+    """Adaptive decoding measures its drafting costs once for a model shape and drafter/target
+    pair on this machine and keeps them: a later generation with a fresh pool reads them back
+    instead of measuring again; another pair, or another shape, is measured."""
+    import matformer.speculative as spec
+    from matformer.draft import DraftCosts, load_costs, save_costs
+
+    monkeypatch.setenv("MATFORMER_CACHE", str(tmp_path))
+    calls = []
+    real = spec.measure_costs
+    monkeypatch.setattr(spec, "measure_costs", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x = random_tokens(1, 5, seed=3)
+    want = generate(model, x, 12, temperature=0)
+    for _ in range(2):  # a fresh pool each time: nothing kept in memory
+        out, _ = speculative_generate(model, x, 12, draft="S", adaptive=True, temperature=0)
+        assert torch.equal(out, want)
+    assert len(calls) == 1 and (tmp_path / "draft_costs.json").is_file()
+    speculative_generate(model, x, 12, draft="M", adaptive=True, temperature=0)
+    assert len(calls) == 2  # another drafter: its own costs
+    save_costs("k", DraftCosts(0.5, {1: 1.0, 2: 1.5}), tmp_path)
+    kept = load_costs("k", tmp_path)
+    assert kept.draft_token == 0.5 and kept.verify == {1: 1.0, 2: 1.5}
+    assert load_costs("other", tmp_path) is None
+    (tmp_path / "draft_costs.json").write_text("{broken")
+    assert load_costs("k", tmp_path) is None  # an unreadable file: measured again, no error

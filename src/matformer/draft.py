@@ -16,6 +16,8 @@ ranks (drafter, k) by expected tokens per second.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import statistics
@@ -23,6 +25,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,7 +33,9 @@ from torch import Tensor
 
 from .cache import KVCache
 from .config import Submodel, SubmodelSpec
+from .data import default_cache_dir
 from .model import MatFormerLM
+from .outputs import write_text_atomic
 from .runner import RunnerPool, SubmodelRunner
 
 log = logging.getLogger(__name__)
@@ -95,6 +100,51 @@ class DraftCosts:
         seen.append(seconds)
         self.verify[n] = statistics.median(seen)
         self._line = None
+
+
+#: Measured drafting costs kept between runs, in the cache folder (``$MATFORMER_CACHE``).
+COSTS_FILE = "draft_costs.json"
+
+
+def costs_key(model: MatFormerLM, draft: Submodel, target: Submodel, mode: str,
+              runner: SubmodelRunner, max_n: int) -> str:
+    """What a cost measurement depends on: the model's shape, the two submodels, the cache
+    mode, the compute dtype, compiled or eager, the longest verification, the thread count and
+    the machine (its processor, host name and torch). Weight values do not matter."""
+    import platform
+
+    parts = [json.dumps(model.config.to_dict(), sort_keys=True), str(draft.widths),
+             str(draft.heads), str(target.widths), str(target.heads), mode, str(runner.dtype),
+             f"compiled={runner.compiled}", f"max_n={max_n}",
+             f"threads={torch.get_num_threads()}", platform.node(), platform.processor(),
+             platform.machine(), torch.__version__]
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:24]
+
+
+def load_costs(key: str, cache_dir: Path | None = None) -> DraftCosts | None:
+    """Costs kept under ``key`` by :func:`save_costs`, or None (none kept, or unreadable)."""
+    f = (cache_dir or default_cache_dir()) / COSTS_FILE
+    try:
+        entry = json.loads(f.read_text())[key]
+        return DraftCosts(float(entry["draft_token"]),
+                          {int(n): float(c) for n, c in entry["verify"].items()})
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def save_costs(key: str, costs: DraftCosts, cache_dir: Path | None = None) -> None:
+    """Keep ``costs`` under ``key`` (atomically; other keys kept; a write that fails only
+    logs: the costs are measured again next time)."""
+    f = (cache_dir or default_cache_dir()) / COSTS_FILE
+    try:
+        kept = json.loads(f.read_text()) if f.is_file() else {}
+    except (OSError, ValueError):
+        kept = {}
+    kept[key] = {"draft_token": costs.draft_token, "verify": costs.verify}
+    try:
+        write_text_atomic(f, json.dumps(kept, indent=1) + "\n")
+    except (OSError, ValueError) as e:  # OutputError is a ValueError
+        log.warning("could not keep the measured drafting costs in %s: %s", f, e)
 
 
 @dataclass

@@ -39,7 +39,10 @@ from .draft import (
     DraftCosts,
     capped,
     choose_draft_len,
+    costs_key,
+    load_costs,
     measure_costs,
+    save_costs,
     synced_clock,
 )
 from .generate import _check_sampling, logits_to_probs, prefill
@@ -214,17 +217,26 @@ def _verify(s: _Setup, out: Tensor, n: int, k: int, draft_probs: Tensor | None,
 
 def _costs(s: _Setup, pool: RunnerPool, pos: int, max_draft_len: int,
            costs: DraftCosts | None) -> DraftCosts:
-    """The given cost model, else this pool's earlier measurement, else a fresh one."""
+    """The given cost model, else this pool's earlier one, else the one kept on this machine
+    for this model shape and pair (:func:`~matformer.draft.load_costs`), else a fresh
+    measurement, which is then kept: a generation pays for measuring once per machine, not
+    once per call."""
     if costs is not None:
         return costs
     found = pool.measured.get(("draft-costs", *s.key))
     if isinstance(found, DraftCosts):
         return found
-    measured = measure_costs({"draft": s.draft}, s.target, s.dcache, s.tcache, pos,
-                             max_draft_len + 1)["draft"]
+    key = costs_key(s.model, s.draft.submodel, s.target.submodel, s.mode, s.target,
+                    max_draft_len + 1)
+    measured = load_costs(key)
+    if measured is None:
+        measured = measure_costs({"draft": s.draft}, s.target, s.dcache, s.tcache, pos,
+                                 max_draft_len + 1)["draft"]
+        save_costs(key, measured)
+        log.info("measured costs: drafter token %.2f ms, verification %s",
+                 1e3 * measured.draft_token,
+                 {n: round(1e3 * c, 2) for n, c in measured.verify.items()})
     pool.measured[("draft-costs", *s.key)] = measured
-    log.info("measured costs: drafter token %.2f ms, verification %s", 1e3 * measured.draft_token,
-             {n: round(1e3 * c, 2) for n, c in measured.verify.items()})
     return measured
 
 
