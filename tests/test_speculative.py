@@ -393,3 +393,24 @@ def test_adaptive_costs_are_measured_once_per_machine_and_kept(model, monkeypatc
     assert load_costs("other", tmp_path) is None
     (tmp_path / "draft_costs.json").write_text("{broken")
     assert load_costs("k", tmp_path) is None  # an unreadable file: measured again, no error
+
+
+def test_drafter_search_tries_early_exits_too(model) -> None:
+    """Depth as well as width: every uniform granularity and the target itself cut after half
+    and three quarters of the layers (whole layers skipped at the end), all nested in the
+    target; such a drafter decodes the target's own greedy output."""
+    from matformer.draft import drafter_candidates
+
+    cfg = model.config  # 2 layers: the half is layer 0 alone; 3/4 rounds to all (left out)
+    target = model.submodel()
+    cands = drafter_candidates(model, target)
+    cuts = {n: c for n, c in cands.items() if "layers" in n}
+    assert set(cuts) == {f"{g}:1/2 layers" for g in ("S", "M", "L", "target")}
+    for c in cuts.values():
+        assert c.widths[1] == 0 and c.heads[1] == 0 and c.nested_in(target)
+    assert cuts["target:1/2 layers"].widths[0] == cfg.ffn_dims[0]
+    x = random_tokens(1, 5, seed=4)
+    want = generate(model, x, 10, temperature=0)
+    out, stats = speculative_generate(model, x, 10, draft=cuts["S:1/2 layers"],
+                                      shared_cache=True, draft_len=2, temperature=0)
+    assert torch.equal(out, want) and stats.drafted > 0

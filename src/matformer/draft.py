@@ -296,12 +296,19 @@ def capped(draft: Submodel, target: Submodel) -> Submodel:
     return Submodel(draft.widths, heads, draft.name)
 
 
-def drafter_candidates(model: MatFormerLM, target: Submodel, max_rule: int = 6
-                       ) -> dict[str, Submodel]:
-    """Uniform granularities and up to ``max_rule`` Mix'n'Match rule candidates (spread evenly
-    over their sizes) that are nested in, and smaller than, the target. A head-nested model's
-    granularities keep their own heads; every candidate's heads are capped at the target's
-    (:func:`capped`)."""
+#: Early exits the drafter search tries: the first half and three quarters of the layers.
+EXITS = (0.5, 0.75)
+
+
+def drafter_candidates(model: MatFormerLM, target: Submodel, max_rule: int = 6,
+                       exits: Sequence[float] = EXITS) -> dict[str, Submodel]:
+    """Submodels nested in, and smaller than, the target: the uniform granularities, up to
+    ``max_rule`` Mix'n'Match rule candidates (spread evenly over their sizes), and, for
+    depth, each uniform granularity and the target's own widths cut after a fraction of the
+    layers in ``exits`` (early exit, LayerSkip-style self-speculation: the later layers are
+    skipped, FFN and attention, and the shared norm and head read the last kept layer). A
+    head-nested model's granularities keep their own heads; every candidate's heads are capped
+    at the target's (:func:`capped`)."""
     from .submodels.candidates import candidates
 
     fits = [capped(c, target) for c in candidates(model.config)
@@ -312,6 +319,17 @@ def drafter_candidates(model: MatFormerLM, target: Submodel, max_rule: int = 6
     rule = [c for c in fits if c.name not in names and c not in out.values()]
     step = max(1, math.ceil(len(rule) / max_rule)) if rule else 1
     out |= {c.name: c for c in rule[::step][:max_rule]}
+    n = model.config.n_layer
+    for base in [*out.values(), Submodel(target.widths, target.heads, "target")]:
+        if base.name not in names and base.name != "target":
+            continue
+        for frac in exits:
+            keep = max(1, round(frac * n))
+            if keep < n:
+                cut = Submodel(base.widths[:keep] + (0,) * (n - keep),
+                               base.heads[:keep] + (0,) * (n - keep),
+                               f"{base.name}:{keep}/{n} layers")
+                out.setdefault(cut.name, cut)
     return out
 
 
