@@ -68,7 +68,7 @@ class SubmodelRunner:
     """
 
     def __init__(self, model: MatFormerLM, sub: SubmodelSpec = None, *,
-                 compile: bool = False,
+                 compile: bool | str = False,
                  int8: Callable[[Tensor], Int8Weight] | None = None) -> None:
         cfg = model.config
         self.submodel = cfg.submodel(sub)
@@ -86,8 +86,14 @@ class SubmodelRunner:
         self.sin = model.rope_sin.to(device=dev, dtype=dtype)[:, None]
         n = cfg.max_seq_len
         self.causal = torch.ones(n, n, dtype=torch.bool, device=dev).tril()  # (query, key)
+        if compile not in (False, True, "regional"):
+            raise ValueError(f"compile={compile!r}: choose False, True or 'regional'")
         self.compiled = compile
         self._graphs: dict[tuple[int, bool, int, int, int], Callable[..., Tensor]] = {}
+        #: ``compile="regional"``: one compiled graph of a layer, called for every layer of
+        #: the same shapes (compiles in seconds where a whole-model graph takes minutes)
+        self._layer_graph = None if compile != "regional" else torch.compile(
+            _own_code(_one_layer), dynamic=False, fullgraph=True, options=_options(dev))
         self.compile_seconds = 0.0
 
     @property
@@ -110,8 +116,13 @@ class SubmodelRunner:
                            mask=None if T == 1 else self.causal[start_pos:end, :end],
                            keys=keys, values=values)
         x = F.embedding(idx.reshape(-1), self.embed).to(self.dtype)  # (B * T, C)
-        for i, weights in enumerate(self.layers):
-            x = layer(x, weights, B, T, at, i)
+        if self._layer_graph is not None and isinstance(start_pos, Tensor):  # regional
+            for i, weights in enumerate(self.layers):
+                x = self._layer_graph(x, weights, keys[i], values[i], at.cos, at.sin, at.mask,
+                                      start_pos, span, B, T)
+        else:
+            for i, weights in enumerate(self.layers):
+                x = layer(x, weights, B, T, at, i)
         if last_only:
             x = x.view(B, T, -1)[:, -1]
             T = 1
@@ -154,12 +165,9 @@ class SubmodelRunner:
         key = (Tc, last_only, idx.shape[0], cache.max_len, span)
         graph = self._graphs.get(key)
         if graph is None:
-            # On CPU the graph's calls are made from C++ (no Python between kernels); see
-            # benchmarks/decode_step.py and docs/benchmarks.md for what it buys.
-            options = ({"cpp_wrapper": True} if CPP_WRAPPER and idx.device.type == "cpu"
-                       else None)
-            graph = torch.compile(_own_code(self._forward), dynamic=False, fullgraph=True,
-                                  options=options)
+            graph = (self._forward if self.compiled == "regional" else torch.compile(
+                _own_code(self._forward), dynamic=False, fullgraph=True,
+                options=_options(idx.device)))
             self._graphs[key] = graph
             t0 = time.perf_counter()
             out = graph(idx, cache.keys, cache.values, pos, last_only, span)
@@ -170,6 +178,20 @@ class SubmodelRunner:
         else:
             out = graph(idx, cache.keys, cache.values, pos, last_only, span)
         return out if Tc == T else out[:, :T]
+
+
+def _options(device: torch.device) -> dict[str, Any] | None:
+    """inductor options: on CPU the graph's calls are made from C++ (no Python between
+    kernels); see benchmarks/decode_step.py and docs/benchmarks.md for what it buys."""
+    return {"cpp_wrapper": True} if CPP_WRAPPER and device.type == "cpu" else None
+
+
+def _one_layer(x: Tensor, weights: LayerWeights, kc: Tensor, vc: Tensor, cos: Tensor,
+               sin: Tensor, mask: Tensor, start: Tensor, span: int, B: int, T: int) -> Tensor:
+    """One layer at static shapes, its own cache tensors given: what a regional compile
+    compiles once and runs for every layer."""
+    at = Positions(cos, sin, start=start, mask=mask, keys=[kc], values=[vc], span=span)
+    return layer(x, weights, B, T, at, 0)
 
 
 def _int8_layer(block: Any, width: int, heads: int,
@@ -198,14 +220,16 @@ def _round_up(n: int, cap: int) -> int:
 
 
 def _own_code(method: Callable[..., Tensor]) -> Callable[..., Tensor]:
-    """``method`` bound to a copy of its code object. Dynamo keeps compiled graphs per code
-    object and checks a call against the guards of each in turn; with a code object of its own,
-    every (submodel, query length, cache shape) graph is the only one there, so a call checks one
-    set of guards and no graph counts against another's recompilation limit."""
-    f = method.__func__  # type: ignore[attr-defined]
+    """``method`` (a bound method or a function) on a copy of its code object. Dynamo keeps
+    compiled graphs per code object and checks a call against the guards of each in turn; with
+    a code object of its own, every (submodel, query length, cache shape) graph is the only one
+    there, so a call checks one set of guards and no graph counts against another's
+    recompilation limit."""
+    f = getattr(method, "__func__", method)
     own = types.FunctionType(f.__code__.replace(), f.__globals__, f.__name__, f.__defaults__,
                              f.__closure__)
-    return types.MethodType(own, method.__self__)  # type: ignore[attr-defined]
+    bound = getattr(method, "__self__", None)
+    return own if bound is None else types.MethodType(own, bound)
 
 
 #: Weight layouts a pool can give the model: ``stream`` (each matrix's storage transposed, see
@@ -251,7 +275,7 @@ class RunnerPool:
             every runner; activations and caches in bf16; unpadded batches only).
     """
 
-    def __init__(self, model: MatFormerLM, *, compile: bool | None = None,
+    def __init__(self, model: MatFormerLM, *, compile: bool | str | None = None,
                  layout: str | None = None, weights: str = "model") -> None:
         if weights not in WEIGHTS:
             raise ValueError(f"weights={weights!r}: choose one of {WEIGHTS}")
@@ -277,7 +301,7 @@ class RunnerPool:
 
     @classmethod
     def of(cls, model: MatFormerLM, runners: RunnerPool | None, *,
-           compile: bool | None = None) -> RunnerPool:
+           compile: bool | str | None = None) -> RunnerPool:
         """``runners`` when given (it must run ``model``'s own weights), else a new pool."""
         if runners is None:
             return cls(model, compile=compile)
