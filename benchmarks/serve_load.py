@@ -199,6 +199,7 @@ def main() -> None:
     p.add_argument("--concurrency", type=int, default=8, help="clients in scenarios 1-3")
     p.add_argument("--levels", default="1,2,4,8,16", help="clients in scenario 4")
     p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--context", type=int, help="serve --context (default: the model's)")
     p.add_argument("--latency-target-ms", type=float, default=25.0,
                    help="auto's per-token latency target in scenario 4")
     p.add_argument("--threads", type=int, default=1, help="torch threads per server")
@@ -219,8 +220,10 @@ def main() -> None:
           f"{os.getloadavg()[0]:.1f}, torch {torch.__version__}, {args.threads} thread(s)/server,"
           f" {n} new tokens/request, max batch 8", flush=True)
     with contextlib.ExitStack() as stack:
+        ctx = ["--context", str(args.context)] if args.context else []
         url, pid = stack.enter_context(server(ckpt, "--latency-target-ms",
-                                              str(args.latency_target_ms), threads=args.threads))
+                                              str(args.latency_target_ms), *ctx,
+                                              threads=args.threads))
         models = httpx.get(url + "/v1/models").json()["data"]
         print("submodels: " + ", ".join(
             f"{m['id']} ({m['params'] / 1e6:.2f}M, decode {m['latency_ms']['decode_ms']:.2f} ms)"
@@ -232,7 +235,7 @@ def main() -> None:
         if not args.skip_processes:
             urls = {}
             for s in SIZES:
-                urls[s], p_ = stack.enter_context(server(ckpt, threads=args.threads))
+                urls[s], p_ = stack.enter_context(server(ckpt, *ctx, threads=args.threads))
                 pids.append(p_)
             plan.append(("mixed, 4 processes", [(urls[SIZES[i % 4]], f"demo-{SIZES[i % 4]}")
                                                 for i in range(per_round)], c))

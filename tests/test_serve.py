@@ -226,6 +226,19 @@ def test_executor_alone_runs_a_mixed_batch_as_each_row_alone() -> None:
     torch.testing.assert_close(again[0], alone, rtol=1e-5, atol=1e-5)
 
 
+def test_a_server_context_shorter_than_the_models_sizes_the_cache_and_bounds_requests(
+) -> None:
+    """``context`` (serve --context) sizes the slot cache below the model's context, and a
+    request that would not fit it is refused before it takes a slot."""
+    model = tiny_model(vocab_size=257, max_seq_len=64).eval()
+    sched = _scheduler(model, max_batch=2, context=16)
+    assert sched.executor.context == 16 and sched.executor.cache.keys[0].shape[2] == 16
+    sub = build_registry(model, "t")[0]
+    with pytest.raises(ValueError, match=r"prompt \+ max_tokens - 1 <= 16"):
+        sched.submit(Request([1] * 10, 8, sub, lambda ev: None))
+    sched.submit(Request([1] * 10, 7, sub, lambda ev: None))  # 10 + 7 - 1 = 16 fits
+
+
 def _scheduler(model: MatFormerLM, **kw: Any) -> Scheduler:
     subs = build_registry(model, "t")
     return Scheduler(model, Tokenizer.byte_level(), policy=AutoPolicy(subs), **kw)

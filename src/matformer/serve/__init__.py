@@ -39,7 +39,8 @@ def load_server(checkpoint: str | Path, *, sweep: str | Path | None = None,
             Pareto-front configs are served too, with its measured latency.
         name: Prefix of the submodel names (default: the run's directory name).
         measure_latency: Time the submodels the sweep gives no latency for (batch 1).
-        server_kw: ``max_batch``, ``max_queue``, ``latency_target_ms``, ``api_key``.
+        server_kw: ``max_batch``, ``max_queue``, ``latency_target_ms``, ``api_key``,
+            ``context``.
     """
     from ..families import load_checkpoint, model_kind
     from ..submodels.report import load_sweep

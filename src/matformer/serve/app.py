@@ -47,11 +47,14 @@ class Server:
         max_queue: Requests waiting beyond the free slots before 429.
         latency_target_ms: Per-token latency ``auto`` keeps (None: follow the queue only).
         api_key: Required as a bearer token on ``/v1/*`` when set.
+        context: Positions a request may use, prompt and completion (None: the model's
+            context); the KV cache holds ``max_batch x context`` of them.
     """
 
     def __init__(self, model: MatFormerLM, tokenizer: Tokenizer, submodels: Sequence[Servable],
                  *, max_batch: int = 8, max_queue: int = 64,
-                 latency_target_ms: float | None = None, api_key: str | None = None) -> None:
+                 latency_target_ms: float | None = None, api_key: str | None = None,
+                 context: int | None = None) -> None:
         if not submodels:
             raise ValueError("no submodels to serve")
         self.model, self.tokenizer, self.api_key = model, tokenizer, api_key
@@ -60,7 +63,7 @@ class Server:
         self.policy = AutoPolicy(levels, latency_target_ms, queue_high=max(1, max_batch // 2))
         self.metrics = server_metrics()
         self.scheduler = Scheduler(model, tokenizer, policy=self.policy, max_batch=max_batch,
-                                   max_queue=max_queue, metrics=self.metrics)
+                                   max_queue=max_queue, metrics=self.metrics, context=context)
 
     def lookup(self, name: str) -> Servable | None:
         """The submodel called ``name``; None for ``auto``; 404 for an unknown name."""
@@ -263,7 +266,7 @@ async def _generate(server: Server, http: Request, body: P._Common, ids: list[in
     stops = P.check_sampling(body) + list(chat_stops)
     if not ids:  # an empty prompt starts from a document boundary
         ids = [server.tokenizer.eos_id]
-    n = P.check_length(len(ids), max_tokens, server.model.config.max_seq_len, default, param)
+    n = P.check_length(len(ids), max_tokens, server.scheduler.executor.context, default, param)
     loop = asyncio.get_running_loop()
     events: asyncio.Queue[Event] = asyncio.Queue()
 

@@ -130,14 +130,14 @@ class Scheduler:
 
     def __init__(self, model: MatFormerLM, tokenizer: Tokenizer, *,
                  policy: AutoPolicy | None = None, max_batch: int = 8, max_queue: int = 64,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None, context: int | None = None) -> None:
         if max_batch < 1 or max_queue < 0:
             raise ValueError(f"max_batch={max_batch} must be >= 1 and max_queue={max_queue} "
                              ">= 0")
         self.tokenizer, self.policy = tokenizer, policy
         self.max_batch, self.max_queue = max_batch, max_queue
         self.metrics = metrics or server_metrics()
-        self.executor = Executor(model, max_batch)
+        self.executor = Executor(model, max_batch, context)
         self._queue: collections.deque[Request] = collections.deque()
         self._rows: list[_Row] = []
         self._cond = threading.Condition()
