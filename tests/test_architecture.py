@@ -155,3 +155,30 @@ def test_the_command_line_says_the_library_advice_in_flags() -> None:
     e = OutputExistsError("output x already exists (a file); choose a new path, or pass "
                           "overwrite=True to replace it")
     assert describe_error(e).endswith("or pass --force to replace it")
+
+
+RAW_WRITE = re.compile(r"\.write_text\(|\.write_bytes\(|\.open\([\"'][wa]|\bopen\([^)]*[\"'][wa]b?[\"']"
+                       r"|\.savefig\(|\.mkdir\(")
+
+
+def test_every_write_goes_through_outputs() -> None:
+    """Files, folders and plots are written by :mod:`matformer.outputs` (atomic files and
+    folders, the metrics log, folders, figures); no other module writes one directly."""
+    found = [f"{p.relative_to(ROOT)}:{i}: {line.strip()}"
+             for p in sorted(ROOT.rglob("*.py")) if p.name != "outputs.py"
+             for i, line in enumerate(p.read_text().splitlines(), 1)
+             if RAW_WRITE.search(line) and not line.lstrip().startswith("#")]
+    assert found == []
+
+
+def test_append_line_names_what_it_cannot_write(tmp_path: Path) -> None:
+    import pytest
+
+    from matformer.outputs import OutputError, append_line
+
+    log = tmp_path / "metrics.jsonl"
+    append_line(log, '{"step": 1}')
+    append_line(log, '{"step": 2}\n')
+    assert log.read_text() == '{"step": 1}\n{"step": 2}\n'
+    with pytest.raises(OutputError, match="cannot append to .*missing"):
+        append_line(tmp_path / "missing" / "metrics.jsonl", "{}")

@@ -38,7 +38,7 @@ from torch import nn
 
 from .chat_template import CONFIG_FILE as TOKENIZER_CONFIG
 from .config import ModelConfig
-from .outputs import atomic_output, disk_full
+from .outputs import atomic_output, disk_full, write_text_atomic
 from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -99,8 +99,8 @@ def save_checkpoint(path: str | Path, model: nn.Module, tokenizer: Tokenizer | N
 
     def manifest(f: Path) -> None:
         files = sorted(p.name for p in f.parent.iterdir())
-        f.write_text(json.dumps({"files": {n: _sha256(f.parent / n) for n in files},
-                                 "metadata": metadata or {}}, indent=2) + "\n")
+        write_text_atomic(f, json.dumps({"files": {n: _sha256(f.parent / n) for n in files},
+                                         "metadata": metadata or {}}, indent=2) + "\n")
 
     with atomic_output(path, overwrite=overwrite, sources=inputs(*sources)) as tmp:
         for name, write in [*writers, (MANIFEST, manifest)]:

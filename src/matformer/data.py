@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from .corpora import corpus_digest, load_corpus
-from .outputs import atomic_file, make_dir
+from .outputs import make_dir, write_bytes_atomic
 from .tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -241,11 +241,6 @@ def _cache_key(texts: list[str], tokenizer: Tokenizer, val_fraction: float) -> s
     return h.hexdigest()
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    with atomic_file(path) as tmp:
-        tmp.write_bytes(data)
-
-
 def _open_tokens(path: Path, dtype: np.dtype, length: int) -> np.ndarray:
     if path.stat().st_size != length * dtype.itemsize:
         raise ValueError(f"{str(path)!r} has the wrong size for {length} {dtype} tokens")
@@ -297,11 +292,11 @@ def prepare_data(
         "tokenised %r: %d train + %d val tokens in %.1fs", corpus, len(train), len(val), seconds
     )
     make_dir(folder)
-    _atomic_write(folder / "train.bin", train.tobytes())
-    _atomic_write(folder / "val.bin", val.tobytes())
+    write_bytes_atomic(folder / "train.bin", train.tobytes())
+    write_bytes_atomic(folder / "val.bin", val.tobytes())
     meta = dict(format=_CACHE_FORMAT, corpus=corpus, documents=len(texts), dtype=dtype.name)
     meta |= dict(train_tokens=len(train), val_tokens=len(val), val_fraction=val_fraction)
-    _atomic_write(meta_path, json.dumps(meta, indent=2).encode())
+    write_bytes_atomic(meta_path, json.dumps(meta, indent=2).encode())
     return TokenDataset(
         _open_tokens(folder / "train.bin", dtype, len(train)),
         _open_tokens(folder / "val.bin", dtype, len(val)),

@@ -1,7 +1,8 @@
 """Safe outputs, the one owner of the disk: directories are written through
 :func:`atomic_output`, files through :func:`atomic_file` / :func:`write_text_atomic` /
-:func:`save_figure`, folders made by :func:`make_dir` (a run's ``metrics.jsonl`` is appended
-to, line by line, and rewritten atomically when a resume truncates it). Inside the temporary
+:func:`write_bytes_atomic` / :func:`save_figure`, folders made by :func:`make_dir`, and a log
+appended to by :func:`append_line` (a run's ``metrics.jsonl``, rewritten atomically when a
+resume truncates it). Inside the temporary
 folder of an :func:`atomic_output`, writers write as they like: nothing there is in place
 until the whole folder is renamed.
 
@@ -228,12 +229,29 @@ def atomic_output(target: str | Path, *, overwrite: bool = False,
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
-    """Replace the file ``path`` with ``text`` atomically (a temporary file beside it, flushed,
+    """Replace the file ``path`` with ``text`` atomically (see :func:`write_bytes_atomic`)."""
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+    """Replace the file ``path`` with ``data`` atomically (a temporary file beside it, flushed,
     then renamed): a crash leaves the old content or the new one, never a torn file."""
-    with atomic_file(path) as tmp, tmp.open("w", encoding="utf-8") as f:
-        f.write(text)
+    with atomic_file(path) as tmp, tmp.open("wb") as f:
+        f.write(data)
         f.flush()
         os.fsync(f.fileno())
+
+
+def append_line(path: str | Path, line: str) -> None:
+    """Append one line to a log file (a run's ``metrics.jsonl``), flushed; a kill can tear at
+    most this line, which readers skip. A full disk is an :class:`OutputError` naming it."""
+    path = Path(path)
+    try:
+        with path.open("a", encoding="utf-8") as f:
+            f.write(line.rstrip("\n") + "\n")
+            f.flush()
+    except OSError as e:
+        raise _failed(e, path) or OutputError(f"cannot append to {path}: {e}") from e
 
 
 def make_dir(path: str | Path) -> Path:

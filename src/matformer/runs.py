@@ -17,7 +17,14 @@ from typing import Any, TypeVar
 from torch import nn
 
 from . import checkpoint as ckpt
-from .outputs import OutputError, clean_leftovers, make_dir, remove_output, write_text_atomic
+from .outputs import (
+    OutputError,
+    append_line,
+    clean_leftovers,
+    make_dir,
+    remove_output,
+    write_text_atomic,
+)
 from .tokenizer import Tokenizer
 
 T = TypeVar("T")
@@ -131,8 +138,7 @@ class RunDir:
             raise ValueError(f"{f} is not a valid training config: {e}") from e
 
     def append_metrics(self, record: dict[str, Any]) -> None:
-        with self.metrics_file.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_line(self.metrics_file, json.dumps(record))
 
     def truncate_metrics(self, step: int) -> None:
         """Drop records logged after ``step`` (they will be produced again) and lines torn by a

@@ -44,7 +44,7 @@ from typing import Any
 
 import torch
 
-from ..outputs import atomic_output, check_output
+from ..outputs import atomic_file, atomic_output, check_output, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -362,11 +362,12 @@ def _write_shards(src: Path, tmp: Path, files: Sequence[str], prefix: str, plan:
             params += t.numel()
         if not out:  # every tensor of this shard belonged to skipped layers
             continue
-        save_file(out, str(tmp / fname), metadata={"format": "pt"})
+        with atomic_file(tmp / fname) as f:
+            save_file(out, str(f), metadata={"format": "pt"})
         log.info("wrote %s (%d tensors)", fname, len(out))
         del out
     if len(files) > 1 or (src / "model.safetensors.index.json").exists():
-        (tmp / "model.safetensors.index.json").write_text(json.dumps(
+        write_text_atomic(tmp / "model.safetensors.index.json", json.dumps(
             {"metadata": {"total_size": total}, "weight_map": dict(sorted(
                 weight_map.items()))}, indent=2) + "\n")
     return total, params
@@ -402,13 +403,13 @@ def slice_hf(src: str | Path, dst: str | Path, widths: Sequence[int],
         total, params = _write_shards(src, tmp, files, prefix, plan, hpl)
         new_text = sliced_text_config(text, plan)
         config = {**config, "text_config": new_text} if "text_config" in config else new_text
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        write_text_atomic(tmp / "config.json", json.dumps(config, indent=2) + "\n")
         _copy_side_files(src, tmp, files)
         info = {"source": str(src), "widths": list(plan.widths), "skipped_layers": list(plan.skip),
                 "kept_layers": list(plan.kept), "num_hidden_layers": len(plan.kept),
                 "num_kv_shared_layers": new_text["num_kv_shared_layers"],
                 "stored_params": params, "stored_bytes": total}
-        (tmp / SLICE_INFO).write_text(json.dumps(info, indent=2) + "\n")
+        write_text_atomic(tmp / SLICE_INFO, json.dumps(info, indent=2) + "\n")
     info["out"] = str(dst)
     return info
 

@@ -36,7 +36,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from ..checkpoint import CheckpointError, materialize
 from ..config import ModelConfig, SubmodelSpec
 from ..model import MatFormerLM
-from ..outputs import atomic_output
+from ..outputs import atomic_output, write_text_atomic
 from ..tokenizer import EOS_TOKEN, Tokenizer
 
 log = logging.getLogger(__name__)
@@ -136,7 +136,7 @@ def _hf_state(model: MatFormerLM) -> dict[str, torch.Tensor]:
 def _patch_json(path: Path, **changes: Any) -> None:
     data = json.loads(path.read_text())
     data.update(changes)
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def save_hf_tokenizer(tokenizer: Tokenizer, out: Path, max_len: int | None = None) -> None:
