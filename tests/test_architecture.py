@@ -180,5 +180,5 @@ def test_append_line_names_what_it_cannot_write(tmp_path: Path) -> None:
     append_line(log, '{"step": 1}')
     append_line(log, '{"step": 2}\n')
     assert log.read_text() == '{"step": 1}\n{"step": 2}\n'
-    with pytest.raises(OutputError, match="cannot append to .*missing"):
+    with pytest.raises(OutputError, match=r"cannot append to .*missing"):
         append_line(tmp_path / "missing" / "metrics.jsonl", "{}")
