@@ -155,6 +155,15 @@ def test_the_command_line_says_the_library_advice_in_flags() -> None:
     e = OutputExistsError("output x already exists (a file); choose a new path, or pass "
                           "overwrite=True to replace it")
     assert describe_error(e).endswith("or pass --force to replace it")
+    # a command without --force keeps the library's words (elastify, slice-hf)
+    from matformer.cli.main import build_parser, command_flags
+
+    parser = build_parser()
+    assert "--force" in command_flags(parser, "extract")
+    assert "--resume" in command_flags(parser, "vision")  # vision train's, one level down
+    elastify = command_flags(parser, "elastify")
+    assert "--force" not in elastify
+    assert describe_error(e, elastify).endswith("or pass overwrite=True to replace it")
 
 
 RAW_WRITE = re.compile(r"\.write_text\(|\.write_bytes\(|\.open\([\"'][wa]|\bopen\([^)]*[\"'][wa]b?[\"']"

@@ -1,8 +1,8 @@
 """The one implementation of a Transformer block, on rows of weight views.
 
-Every forward in the package runs these functions: :class:`~matformer.model.Block` (training,
-evaluation, FSDP2's gathered weights, left-padded and mixed-width batches) takes the views of
-its weights per call; the decoder's :class:`~matformer.runner.SubmodelRunner` takes them once
+Every forward of the language model and the ViT runs these functions:
+:class:`~matformer.model.Block` (training, evaluation, FSDP2's gathered weights, left-padded
+and mixed-width batches) takes the views of its weights per call; the decoder's :class:`~matformer.runner.SubmodelRunner` takes them once
 per submodel and, compiled, calls the same functions with static shapes. Activations are
 (B * T, C) rows multiplied by transposed weight views (``rows @ w``): prefix slices of the full
 matrices, never copies, so a smaller submodel does proportionally less work.
@@ -249,7 +249,7 @@ def hidden(x: Tensor, gate: Tensor | Int8Weight | None, up: Tensor | Int8Weight,
 
 def ffn(x: Tensor, L: LayerWeights, B: int, at: Positions) -> Tensor:
     """``x`` plus the layer's FFN, on (B * T, C) rows; a mixed-width batch (``L.rows``) runs
-    each row at its own width (see :class:`RowWidths`)."""
+    each row at its own width (see :class:`~matformer.model.RowWidths`)."""
     n = rms_norm(x, L.ffn_norm, L.eps)
     if L.rows is None:
         return _add_mm(x, hidden(n, L.gate, L.up, L.activation), L.down, at.fused)
@@ -257,10 +257,14 @@ def ffn(x: Tensor, L: LayerWeights, B: int, at: Positions) -> Tensor:
     n = n.view(B, -1, n.shape[-1])  # (B, T, C): rows of the batch are what get permuted
     if perm is not None:
         n = n.index_select(0, perm)
-    out = torch.zeros_like(n)
-    for lo, hi, rows in chunks:
+    out = None
+    for lo, hi, rows in chunks:  # the first chunk (the narrowest width) covers every row
         gate = None if L.gate is None else L.gate[:, lo:hi]
-        out[:rows] += hidden(n[:rows], gate, L.up[:, lo:hi], L.activation) @ L.down[lo:hi]
+        part = hidden(n[:rows], gate, L.up[:, lo:hi], L.activation) @ L.down[lo:hi]
+        if out is None:
+            out = part
+        else:
+            out[:rows] += part
     if perm is not None:
         out = torch.empty_like(out).index_copy_(0, perm, out)
     return x + out.view_as(x)

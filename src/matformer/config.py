@@ -40,7 +40,7 @@ class Submodel:
 
     widths: tuple[int, ...]
     heads: tuple[int, ...]
-    name: str = field(default="", compare=False)
+    name: str = ""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
@@ -293,6 +293,8 @@ class ModelConfig:
             widths = ((int(spec),) * self.n_layer if isinstance(spec, int)
                       else tuple(int(w) for w in spec))
             self._check_widths(widths)
+        if heads is not None and heads != spec:
+            name = ""  # heads given apart: not the granularity the name would say
         return Submodel(widths, self._resolve_heads(heads), name)
 
     def granularities(self) -> list[Submodel]:

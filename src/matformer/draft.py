@@ -9,13 +9,14 @@ token and one target forward over ``k + 1`` tokens. Plain decoding is ``k = 0``:
 costs (:class:`DraftCosts`) and a running acceptance (:class:`Acceptance`), so drafting is used
 only where it is expected to pay on this machine, for this drafter and this text.
 
-:func:`search_drafter` does the same one level up: over candidate drafters (any Mix'n'Match
-submodel nested in the target) it measures acceptance on held-out prefixes and the costs, and
+:func:`search_drafter` does the same one level up: over candidate drafters (uniform and Mix'n'Match
+submodels nested in the target, and early exits of them) it measures acceptance on held-out prefixes and the costs, and
 ranks (drafter, k) by expected tokens per second.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -293,7 +294,7 @@ def capped(draft: Submodel, target: Submodel) -> Submodel:
     """``draft`` with its heads capped layer by layer at the target's, so that a drafter never
     has more heads than its target, nor attention where the target skips it."""
     heads = tuple(min(h, t) for h, t in zip(draft.heads, target.heads, strict=True))
-    return Submodel(draft.widths, heads, draft.name)
+    return dataclasses.replace(draft, heads=heads)  # a Candidate stays one
 
 
 #: Early exits the drafter search tries: the first half and three quarters of the layers.
@@ -314,15 +315,13 @@ def drafter_candidates(model: MatFormerLM, target: Submodel, max_rule: int = 6,
     fits = [capped(c, target) for c in candidates(model.config)
             if all(w <= t for w, t in zip(c.widths, target.widths, strict=True))]
     fits = [c for c in fits if c != target]
-    names = set(model.config.names)
-    out = {c.name: c for c in fits if c.name in names}
-    rule = [c for c in fits if c.name not in names and c not in out.values()]
+    out = {c.name: c for c in fits if c.pattern == "uniform"}
+    rule = [c for c in fits if c.pattern == "rule" and c not in out.values()]
     step = max(1, math.ceil(len(rule) / max_rule)) if rule else 1
     out |= {c.name: c for c in rule[::step][:max_rule]}
     n = model.config.n_layer
-    for base in [*out.values(), Submodel(target.widths, target.heads, "target")]:
-        if base.name not in names and base.name != "target":
-            continue
+    uniform = [c for c in out.values() if c.pattern == "uniform"]
+    for base in [*uniform, Submodel(target.widths, target.heads, "target")]:
         for frac in exits:
             keep = max(1, round(frac * n))
             if keep < n:

@@ -250,6 +250,7 @@ def _train(model: MatFormerLM, task: Any, cfg: TrainConfig, run_dir: Path, val: 
     from . import checkpoint as ckpt
     from . import distributed as dist
     from .metrics import evaluate_loss
+    from .runs import RunDir
     from .train import TEACHER_DIR, run
 
     if max_loss_increase is not None:
@@ -258,6 +259,7 @@ def _train(model: MatFormerLM, task: Any, cfg: TrainConfig, run_dir: Path, val: 
         cfg = dataclasses.replace(cfg, max_val_loss=start + max_loss_increase)
         report["max_val_loss"] = round(cfg.max_val_loss, 4)
     if cfg.teacher == "original":
+        RunDir(run_dir).mark()  # the run's first file, before the teacher beside it
         ckpt.save_checkpoint(run_dir / TEACHER_DIR, model, task.tokenizer,
                              metadata={"role": "the frozen original that teaches"})
     trainer, _, _, seconds = run(model, task, cfg, run_dir, env or dist.DistEnv(),

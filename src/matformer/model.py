@@ -1,8 +1,9 @@
 """The MatFormer language model: a decoder-only Transformer whose FFNs are nested.
 
 Every block's FFN hidden layer is ordered so that its first ``w`` units form a smaller FFN on
-their own. A submodel is picked per call by a tuple of per-layer widths; the forward pass then
-runs on *slices* (views) of the full weight matrices, so a smaller submodel really does less
+their own. A submodel is picked per call by a :class:`~matformer.config.Submodel` (per-layer
+widths and heads); the forward pass then runs on *slices* (views) of the full weight matrices
+(the block's arithmetic is :mod:`matformer.block`), so a smaller submodel really does less
 work, and no copy of the weights is ever made. Attention, norms, embeddings and the head are
 shared by every submodel. With ``nest_heads`` the attention heads are nested the same way.
 
@@ -140,7 +141,6 @@ class Block(nn.Module):
 
     def __init__(self, cfg: ModelConfig, d_ff: int, attention: bool = True) -> None:
         super().__init__()
-        self.eps, self.activation = cfg.norm_eps, cfg.activation
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps) if attention else None
         self.attn = Attention(cfg) if attention else None
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
@@ -154,14 +154,14 @@ class Block(nn.Module):
         up, down = ffn.up_proj.weight[:width].t(), ffn.down_proj.weight[:, :width].t()
         if attn is None or n_head == 0:
             return LayerWeights(None, None, None, None, None, self.ffn_norm.weight, gate, up,
-                                down, 0, 0, rows, self.eps, self.activation)
+                                down, 0, 0, rows, self.ffn_norm.eps, self.ffn.activation)
         hd = attn.head_dim
         kvh = n_head * attn.n_kv_head // attn.n_head
         return LayerWeights(self.attn_norm.weight, attn.q_proj.weight[: n_head * hd].t(),
                             attn.k_proj.weight[: kvh * hd].t(),
                             attn.v_proj.weight[: kvh * hd].t(),
                             attn.o_proj.weight[:, : n_head * hd].t(), self.ffn_norm.weight,
-                            gate, up, down, n_head, kvh, rows, self.eps, self.activation)
+                            gate, up, down, n_head, kvh, rows, self.ffn_norm.eps, self.ffn.activation)
 
     def forward(self, x: Tensor, at: Positions, width: int, n_head: int,
                 rows: RowChunks | None = None, index: int = 0) -> Tensor:

@@ -96,10 +96,6 @@ class SubmodelRunner:
             _own_code(_one_layer), dynamic=False, fullgraph=True, options=_options(dev))
         self.compile_seconds = 0.0
 
-    @property
-    def widths(self) -> tuple[int, ...]:
-        return self.submodel.widths
-
     def _forward(self, idx: Tensor, keys: list[Tensor], values: list[Tensor],
                  start_pos: int | Tensor, last_only: bool, span: int = 0) -> Tensor:
         """The model's layers on (B * T, C) rows, K/V written into each layer's cache tensor.
@@ -200,9 +196,11 @@ def _int8_layer(block: Any, width: int, heads: int,
     views; input columns of the output and down projections: copies when narrower)."""
     views = block.weights(width, heads)
     ffn, attn = block.ffn, block.attn
-    gate = None if ffn.gate_proj is None else int8(ffn.gate_proj.weight).outputs(width)
-    ffn_part = dict(gate=gate, up=int8(ffn.up_proj.weight).outputs(width),
-                    down=int8(ffn.down_proj.weight).inputs(width))
+    ffn_part: dict[str, Any] = {}
+    if width:  # a skipped FFN keeps its empty views (the layer passes them by)
+        gate = None if ffn.gate_proj is None else int8(ffn.gate_proj.weight).outputs(width)
+        ffn_part = dict(gate=gate, up=int8(ffn.up_proj.weight).outputs(width),
+                        down=int8(ffn.down_proj.weight).inputs(width))
     if not views.n_head:
         return dataclasses.replace(views, **ffn_part)
     hd = attn.head_dim

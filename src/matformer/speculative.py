@@ -377,7 +377,7 @@ def _round(s: _Setup, out: Tensor, pos: _Position, k: int, sampler: _Sampler,
         return tokens
     t_draft = perf_counter()
     draft_valid, draft_probs = _draft(s, out, n, pos.draft_valid, k, sampler)
-    t_verify = synced_clock(out.device)
+    t_verify = synced_clock(out.device) if adapt is not None else 0.0  # no sync to time nothing
     accepted = _verify(s, out, n, k, draft_probs, sampler)
     a = accepted.numel() - 1  # drafts kept
     if adapt is not None:

@@ -294,14 +294,16 @@ def parse_widths(text: str, n_layer: int) -> tuple[int, ...]:
     return tuple(values)
 
 
-def parse_layers(text: str, n_layer: int, flag: str = "--skip-attention") -> tuple[int, ...]:
+def parse_layers(text: str, n_layer: int) -> tuple[int, ...]:
     """Parse ``"3,4"``: distinct layer indices in ``0..n_layer-1``, returned ascending."""
     try:
         values = [int(v) for v in text.replace(" ", "").split(",") if v]
     except ValueError as e:
-        raise ValueError(f"{flag} {text!r}: expected layer indices separated by commas") from e
+        raise ValueError(f"--skip-attention {text!r}: expected layer indices separated by "
+                         "commas") from e
     bad = [v for v in values if not 0 <= v < n_layer]
     if not values or bad or len(set(values)) != len(values):
-        raise ValueError(f"{flag} {text!r}: need distinct layer indices in 0..{n_layer - 1} "
+        raise ValueError(f"--skip-attention {text!r}: need distinct layer indices in "
+                         f"0..{n_layer - 1} "
                          f"(the model has {n_layer} layers)")
     return tuple(sorted(values))

@@ -82,8 +82,10 @@ examples:
                    "fastest on a CPU (docs/benchmarks.md), unpadded batches")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the decode forward, a few graphs per submodel: "
-                   "faster decoding once compiled (10-60 s per graph the first time, ~1 s "
-                   "later from inductor's disk cache); default: on with CUDA, off on CPU")
+                   "faster decoding once compiled at the demo shape (none at SmolLM2-135M, "
+                   "where matrix products are the step: docs/benchmarks.md; 10-70 s per graph "
+                   "the first time, less later from inductor's disk cache); default: on "
+                   "with CUDA, off on CPU")
     p.add_argument("--compile-regional", action="store_true",
                    help="torch.compile one layer and reuse its graph for every layer: seconds "
                    "to compile even for deep models (SmolLM2-135M: 11 s cold, 5 s from "

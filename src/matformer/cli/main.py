@@ -14,7 +14,9 @@ import errno
 import json
 import logging
 import os
+import re
 import sys
+from collections.abc import Collection
 
 import torch
 
@@ -101,27 +103,43 @@ _PEER_FAILED = "stopped because another process of this run failed (see its erro
 
 
 #: The library's errors advise in its own terms (parameter names); on the command line the same
-#: advice names the flags. Only the command line speaks of flags.
+#: advice names the flag, where the command has that flag (else the library's words stay).
+#: Only the command line speaks of flags.
 FLAG_WORDS = {
     "overwrite=True": "--force",
     "resume=True": "--resume",
     "nested=False": "--any-width",
     "skip_unreadable=True": "--skip-unreadable",
     "data=SPEC": "--data SPEC",
-    "(pad=True)": "(drop --no-pad)",
+    "pad=True": "drop --no-pad",
     "(lr)": "(--lr)",
     "(weight_decay)": "(--weight-decay)",
     "(seq_len)": "(--seq-len)",
 }
 
 
-def describe_error(e: BaseException) -> str:
+def describe_error(e: BaseException, flags: Collection[str] | None = None) -> str:
     """One line for an error that reached the command line: what failed and on what, with the
-    library's advice said in flags (:data:`FLAG_WORDS`)."""
+    library's advice said in flags (:data:`FLAG_WORDS`), only those among ``flags`` (the
+    command's own; None: every flag)."""
     text = _describe(e)
-    for words, flag in FLAG_WORDS.items():
-        text = text.replace(words, flag)
+    for words, said in FLAG_WORDS.items():
+        flag = re.search(r"--[a-z-]+", said).group()  # type: ignore[union-attr]
+        if flags is None or flag in flags:
+            text = text.replace(words, said)
     return text
+
+
+def command_flags(parser: argparse.ArgumentParser, command: str | None = None) -> set[str]:
+    """Every option string of ``parser`` and of its subcommand ``command`` (all of them when
+    None), down through nested subcommands (``vision train``)."""
+    flags = set(parser._option_string_actions)
+    subs = parser._subparsers._group_actions if parser._subparsers else ()
+    for action in subs:
+        for name, child in action.choices.items():
+            if command is None or name == command:
+                flags |= command_flags(child)
+    return flags
 
 
 def _describe(e: BaseException) -> str:
@@ -172,8 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     of it says so and returns 1.
     """
     torch.set_flush_denormal(True)  # fp32 denormals make CPU matmuls ~150x slower
+    parser = build_parser()
     try:  # argparse prints usage errors (flag and allowed range) itself, and --help
-        args = build_parser().parse_args(argv)
+        args = parser.parse_args(argv)
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else int(e.code is not None)
     if args.threads is not None:
@@ -201,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
         if not isinstance(e, (*USER_ERRORS, CheckpointError)):
             raise  # a bug: its traceback is what a report needs
         log.debug("traceback", exc_info=True)
-        print(f"error: {who}{describe_error(e)}", file=sys.stderr)
+        flags = command_flags(parser, args.command)
+        print(f"error: {who}{describe_error(e, flags)}", file=sys.stderr)
         return 2
     if result is not None:  # None: a non-main rank of a distributed run
         if getattr(args, "json", False):

@@ -78,7 +78,8 @@ def _check_port(host: str, port: int) -> None:
     if port == 0:
         return
     try:
-        socket.create_server((host, port)).close()
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        socket.create_server((host, port), family=family).close()
     except OSError as e:
         raise ValueError(f"cannot listen on {host}:{port}: {e.strerror or e} (another server "
                          "there? choose another --port)") from e

@@ -29,7 +29,7 @@ class Executor:
         model: The one model (put in eval mode, never copied).
         slots: Rows decoded together (the cache's batch size).
         context: Positions each slot holds (prompt + generated tokens); None: the model's
-            context. The cache takes ``slots x context`` positions of K/V in every layer:
+            whole context. The cache takes ``slots x context`` positions of K/V in every layer:
             at SmolLM2-135M's 8,192 that is 3 GB for 8 slots.
     """
 
@@ -43,7 +43,7 @@ class Executor:
 
     @property
     def context(self) -> int:
-        """Positions a slot holds (the model's context)."""
+        """Positions a slot holds (``context``, or the model's whole context)."""
         return self.cache.max_len
 
     @torch.no_grad()

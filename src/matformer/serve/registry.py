@@ -116,7 +116,7 @@ def build_registry(model: MatFormerLM, run: str, sweep: dict[str, Any] | None = 
     return subs
 
 
-def with_measured_latency(model: MatFormerLM, subs: Sequence[Submodel], *, repeats: int = 5
+def with_measured_latency(model: MatFormerLM, subs: Sequence[Servable], *, repeats: int = 5
                           ) -> list[Servable]:
     """Measure batch-1 prefill/decode latency of the submodels that have none (interleaved)."""
     from ..submodels.latency import lm_latency

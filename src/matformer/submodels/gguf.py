@@ -356,7 +356,8 @@ def load_llama(path: str | Path, *, n_ctx: int = 0, threads: int = 1, logits_all
 
 def llama_logits(path: str | Path, ids: Sequence[int], *, threads: int = 1) -> np.ndarray:
     """Logits (T, vocab) llama.cpp computes for one sequence of token ids."""
-    llm = load_llama(path, threads=threads, logits_all=True)
+    # a context for these ids only (rounded up as llama.cpp does), not the file's whole one
+    llm = load_llama(path, n_ctx=-(-len(ids) // 256) * 256, threads=threads, logits_all=True)
     try:
         llm.eval(list(ids))
         return np.array(llm.scores[: len(ids)], dtype=np.float32)

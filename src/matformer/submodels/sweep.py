@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from ..config import Submodel
 from .candidates import Candidate, span, static_cost
+from .extract import heads_record
 from .latency import Setup, lm_latency
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,7 @@ def sweep(model: nn.Module, cands: Sequence[Candidate],
     for c in bar:
         rows.append({"name": c.name, "pattern": c.pattern, "widths": list(c.widths),
                      "span": span(cfg, c.widths), **cost(model, c), **score(model, c)})
-        if c.heads != tuple(cfg.attention_heads):  # nested heads, or attention skipped
+        if heads_record(model, c) is not None:  # nested heads, or attention skipped
             rows[-1]["heads"] = list(c.heads)
         setups.append((model, c))
         bar.set_postfix(name=c.name[:20], **{objective.loss: f"{rows[-1][objective.loss]:.4f}"})

@@ -4,8 +4,8 @@ The image is cut into ``patch_size`` squares, each linearly embedded (a strided 
 a learned [CLS] token is prepended and absolute positions (learned, or fixed 2-D sin-cos) are
 added. Then come the very same pre-norm :class:`~matformer.model.Block` s as the language model,
 with bidirectional attention, and the same :class:`~matformer.model.NestedFFN`: a submodel is
-a tuple of per-layer FFN widths, passed as ``forward(images, widths=...)``, exactly the LM's
-contract. The [CLS] token after the final norm is the image embedding (used for retrieval);
+a :class:`~matformer.config.Submodel` (or a spec of one), passed as
+``forward(images, widths=...)``, exactly the LM's contract. The [CLS] token after the final norm is the image embedding (used for retrieval);
 a linear head on it classifies.
 
 :class:`ViTConfig` *is a* :class:`~matformer.config.ModelConfig` with image fields, so granularity
