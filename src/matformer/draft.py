@@ -199,14 +199,11 @@ def choose_draft_len(alpha: float, costs: DraftCosts, max_draft_len: int,
     return best_k
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def synced_clock(device: torch.device) -> float:
     """``time.perf_counter()`` once the device has finished its queued work."""
-    _sync(device)
+    from .submodels.latency import sync
+
+    sync(device)
     return time.perf_counter()
 
 

@@ -7,7 +7,7 @@ batches need). Profiling cached decoding of the demo shape at batch 1 on one CPU
 (docs/generation.md, "Where the time goes") showed that at that size a decode step is a few
 hundred small operators, so per-call work counts. A :class:`SubmodelRunner` does the
 per-submodel part once: the submodel is resolved and checked, and its weight views are taken,
-when the runner is made; the rotary tables are cast and the causal mask built once; a prefill
+when the runner is made; the rotary tables are cast once; a prefill
 computes the vocabulary projection for the last position only.
 
 Left-padded batches are not handled here (``KVCache.padded``): callers use ``model.forward``
@@ -84,8 +84,6 @@ class SubmodelRunner:
         self.dtype = dtype = self.embed.dtype if int8 is None else torch.bfloat16
         self.cos = model.rope_cos.to(device=dev, dtype=dtype)[:, None]  # (max_len, 1, hd)
         self.sin = model.rope_sin.to(device=dev, dtype=dtype)[:, None]
-        n = cfg.max_seq_len
-        self.causal = torch.ones(n, n, dtype=torch.bool, device=dev).tril()  # (query, key)
         if compile not in (False, True, "regional"):
             raise ValueError(f"compile={compile!r}: choose False, True or 'regional'")
         self.compiled = compile
@@ -105,11 +103,12 @@ class SubmodelRunner:
         if isinstance(start_pos, Tensor):
             pos = start_pos + torch.arange(T, device=idx.device)  # (T,)
             at = Positions(self.cos[pos], self.sin[pos], start=start_pos,
-                           mask=self.causal[pos][:, :span], keys=keys, values=values, span=span)
+                           mask=_causal(pos, span), keys=keys, values=values, span=span)
         else:
             end = start_pos + T
             at = Positions(self.cos[start_pos:end], self.sin[start_pos:end], start=start_pos,
-                           mask=None if T == 1 else self.causal[start_pos:end, :end],
+                           mask=None if T == 1 else _causal(
+                               torch.arange(start_pos, end, device=idx.device), end),
                            keys=keys, values=values)
         x = F.embedding(idx.reshape(-1), self.embed).to(self.dtype)  # (B * T, C)
         if self._layer_graph is not None and isinstance(start_pos, Tensor):  # regional
@@ -174,6 +173,13 @@ class SubmodelRunner:
         else:
             out = graph(idx, cache.keys, cache.values, pos, last_only, span)
         return out if Tc == T else out[:, :T]
+
+
+def _causal(pos: Tensor, n: int) -> Tensor:
+    """The boolean (query, key) mask of queries at slots ``pos`` over key slots ``0..n-1``:
+    made per call (a few values), not kept as a context x context table per runner (64 MiB at
+    8,192 positions)."""
+    return torch.arange(n, device=pos.device)[None, :] <= pos[:, None]
 
 
 def _options(device: torch.device) -> dict[str, Any] | None:

@@ -28,7 +28,8 @@ from ..model import eval_mode
 Setup = tuple[nn.Module, SubmodelSpec]
 
 
-def _sync(device: torch.device | None) -> None:
+def sync(device: torch.device | None) -> None:
+    """Wait for ``device``'s queued work (CUDA); nothing elsewhere."""
     if device is not None and device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -62,10 +63,10 @@ def measure(fns: Sequence[Callable[[], Any]], *, repeats: int = 7, warmup: int =
         with torch.no_grad():
             for r in range(warmup + repeats):
                 for i, fn in enumerate(fns):
-                    _sync(dev)
+                    sync(dev)
                     t0 = time.perf_counter()
                     fn()
-                    _sync(dev)
+                    sync(dev)
                     if r >= warmup:
                         times[i].append((time.perf_counter() - t0) * 1e3)
     finally:
