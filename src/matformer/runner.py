@@ -177,8 +177,8 @@ class SubmodelRunner:
 
 def _causal(pos: Tensor, n: int) -> Tensor:
     """The boolean (query, key) mask of queries at slots ``pos`` over key slots ``0..n-1``:
-    made per call (a few values), not kept as a context x context table per runner (64 MiB at
-    8,192 positions)."""
+    made per call (a few values), not kept as a context x context table by every runner
+    (8,192 x 8,192 booleans at SmolLM2's context)."""
     return torch.arange(n, device=pos.device)[None, :] <= pos[:, None]
 
 
