@@ -339,3 +339,17 @@ def test_regional_compilation_decodes_as_eager() -> None:
     assert torch.equal(spec, generate(model, x, 8, temperature=0, compile=False))
     with pytest.raises(ValueError, match="compile='fast'"):
         RunnerPool(model, compile="fast").get("S")
+
+
+def test_int8_weights_run_a_model_with_a_layer_without_ffn() -> None:
+    """A depth-extracted model (a layer whose FFN width is 0) decodes with int8 weights: the
+    empty FFN is passed by, as in fp32."""
+    from matformer.runner import RunnerPool
+
+    model = tiny_model(vocab_size=257, d_ff=(64, 0), init_std=0.2).eval()
+    x = random_tokens(1, 6, vocab=257)
+    with torch.no_grad():
+        got = RunnerPool(model, weights="int8").get(None)
+        logits = got(x, RunnerPool(model, weights="int8").new_cache(1, 6), 0).float()
+        ref = model(x)
+    assert (logits - ref).abs().mean() < 0.02 * ref.std()
